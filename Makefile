@@ -1,0 +1,44 @@
+# Two commands a person needs:  make run  (napari with the plugin on the sample)
+#                               make test (the whole test suite, under Xvfb)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; use e.g. `make test TORCH="torch==2.13.0 --index-url <url>"` for another.
+TORCH ?= torch==2.13.0
+XVFB := xvfb-run -a -s "-screen 0 1600x1000x24"
+
+.PHONY: run test lint format sysdeps screenshot clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+sysdeps:
+	@bash scripts/sysdeps.sh
+
+run: sysdeps $(VENV)/.installed
+	@if [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
+		echo "no display found: starting napari on a virtual one (xvfb-run); nothing will be visible"; \
+		$(XVFB) $(PY) -m marsviewer; \
+	else \
+		$(PY) -m marsviewer; \
+	fi
+
+test: sysdeps $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(XVFB) $(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+
+screenshot: sysdeps $(VENV)/.installed
+	$(XVFB) $(PY) docs/screenshot.py docs/screenshot.png
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

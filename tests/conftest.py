@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic datasets and files in the competition format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer.formats import write_npz
+from trainer.synth import generate
+
+
+@pytest.fixture(scope="session")
+def small_sample():
+    """60 synthetic images with planted problems (generated once per test session)."""
+    return generate(60, 8, seed=3)
+
+
+@pytest.fixture
+def npz_path(tmp_path, small_sample):
+    """The small sample written as the real file is: float64 training_set and test_set."""
+    ds = small_sample.dataset
+    path = tmp_path / "mars_for_students.npz"
+    write_npz(path, ds.images, ds.masks, ds.test_images, dtype="float64")
+    return path
+
+
+def hand_masks() -> np.ndarray:
+    """Three 2x3 masks whose statistics are easy to count by hand."""
+    return np.array(
+        [
+            [[0, 1, 1], [2, 2, 4]],
+            [[1, 1, 1], [1, 1, 1]],
+            [[0, 1, 1], [2, 2, 4]],
+        ],
+        np.uint8,
+    )

@@ -1,0 +1,124 @@
+"""Image/mask folders: both layouts, colour images, the AI4Mars mapping, resizing, bad folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.dataset import DatasetError
+from trainer.formats import open_dataset, read_folder
+
+
+def save(path, arr, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr, np.uint8), mode).save(path)
+
+
+def make_pairs(root, n=3, shape=(8, 12), layout="subfolders", ext=".png"):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    masks = rng.integers(0, 5, (n, *shape), dtype=np.uint8)
+    for i in range(n):
+        if layout == "subfolders":
+            save(root / "images" / f"im{i:02d}{ext}", images[i])
+            save(root / "labels" / f"im{i:02d}.png", masks[i])
+        else:
+            save(root / f"im{i:02d}{ext}", images[i])
+            save(root / f"im{i:02d}_mask.png", masks[i])
+    return images, masks
+
+
+@pytest.mark.parametrize("layout", ["subfolders", "flat"])
+def test_layouts_match_by_stem(tmp_path, layout):
+    images, masks = make_pairs(tmp_path, layout=layout)
+    ds = read_folder(tmp_path)
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.masks, masks)
+    assert len(ds.names) == 3 and ds.names[0].endswith("im00")
+
+
+def test_open_dataset_dispatches_folders(tmp_path):
+    make_pairs(tmp_path)
+    assert len(open_dataset(tmp_path)) == 3
+
+
+def test_rgb_images_become_grayscale(tmp_path):
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red -> luma 76
+    save(tmp_path / "images" / "a.jpg", rgb)
+    save(tmp_path / "masks" / "a.png", np.ones((4, 6)))
+    ds = read_folder(tmp_path)
+    assert ds.images.shape == (1, 4, 6)
+    assert abs(int(ds.images[0, 0, 0]) - 76) <= 3
+
+
+def test_ai4mars_mapping(tmp_path):
+    save(tmp_path / "images" / "NLA_1.JPG", np.full((4, 4), 100))
+    save(tmp_path / "labels" / "NLA_1.png", np.array([[0, 1, 2, 3]] * 3 + [[255] * 4]))
+    ds = read_folder(tmp_path, mask_mapping="ai4mars")
+    np.testing.assert_array_equal(ds.masks[0], np.array([[1, 2, 3, 4]] * 3 + [[0] * 4]))
+
+
+def test_identity_mapping_refuses_ai4mars_values(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((4, 4)))
+    save(tmp_path / "labels" / "a.png", np.full((4, 4), 255))
+    with pytest.raises(DatasetError, match=r"a\.png: mask values \[255\].*identity.*0\.\.4"):
+        read_folder(tmp_path)
+
+
+def test_resize_to_most_common_size_masks_nearest(tmp_path):
+    for i, shape in enumerate([(8, 12), (8, 12), (16, 24)]):
+        save(tmp_path / "images" / f"{i}.png", np.full(shape, 50 * i))
+        mask = np.zeros(shape, np.uint8)
+        mask[:, shape[1] // 2 :] = 3
+        save(tmp_path / "masks" / f"{i}.png", mask)
+    ds = read_folder(tmp_path)
+    assert ds.images.shape == (3, 8, 12)
+    assert set(np.unique(ds.masks[2]).tolist()) == {0, 3}  # nearest neighbour: no new values
+    assert (ds.masks[2][:, :6] == 0).all() and (ds.masks[2][:, 6:] == 3).all()
+
+
+def test_explicit_size(tmp_path):
+    make_pairs(tmp_path)
+    ds = read_folder(tmp_path, size=(4, 6))
+    assert ds.images.shape == ds.masks.shape == (3, 4, 6)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DatasetError, match="no images found"):
+        read_folder(tmp_path)
+
+
+def test_image_without_mask(tmp_path):
+    make_pairs(tmp_path)
+    save(tmp_path / "images" / "orphan.png", np.zeros((8, 12)))
+    with pytest.raises(DatasetError, match=r"1 image\(s\) have no mask: images/orphan\.png"):
+        read_folder(tmp_path)
+
+
+def test_unreadable_image(tmp_path):
+    make_pairs(tmp_path)
+    (tmp_path / "images" / "im01.png").write_bytes(b"not a png at all")
+    with pytest.raises(DatasetError, match=r"im01\.png: unreadable image"):
+        read_folder(tmp_path)
+
+
+def test_mask_size_mismatch(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((4, 4)))
+    save(tmp_path / "masks" / "a.png", np.zeros((5, 4)))
+    with pytest.raises(DatasetError, match="expected the same size"):
+        read_folder(tmp_path)
+
+
+def test_unknown_mapping(tmp_path):
+    make_pairs(tmp_path)
+    with pytest.raises(DatasetError, match="valid: identity, ai4mars"):
+        read_folder(tmp_path, mask_mapping="cityscapes")
+
+
+def test_originals_untouched(tmp_path):
+    make_pairs(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
+    read_folder(tmp_path, size=(4, 6))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before

@@ -1,0 +1,77 @@
+"""The synthetic generator and dataset statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.conftest import hand_masks
+from trainer.stats import class_presence, dataset_stats, duplicate_mask_groups, format_stats, mask_stats
+from trainer.synth import generate
+
+
+def test_deterministic_and_seed_dependent():
+    a, b, c = generate(40, 4, seed=7), generate(40, 4, seed=7), generate(40, 4, seed=8)
+    np.testing.assert_array_equal(a.dataset.images, b.dataset.images)
+    np.testing.assert_array_equal(a.dataset.masks, b.dataset.masks)
+    np.testing.assert_array_equal(a.dataset.test_images, b.dataset.test_images)
+    assert a.truth == b.truth
+    assert not np.array_equal(a.dataset.images, c.dataset.images)
+
+
+def test_clean_images_do_not_depend_on_count():
+    small, large = (
+        generate(30, 0, seed=2, plant_problems=False),
+        generate(200, 0, seed=2, plant_problems=False),
+    )
+    np.testing.assert_array_equal(small.dataset.images, large.dataset.images[:30])
+
+
+def test_class_shares_near_the_real_data():
+    sample = generate(400, 0, seed=11, plant_problems=False)
+    share = np.bincount(sample.dataset.masks.ravel(), minlength=5) / sample.dataset.masks.size
+    # real: background 24.3%, soil 33.9%, bedrock 23.3%, sand 18.4%, big rock 0.13%
+    assert 0.15 < share[0] < 0.33
+    assert 0.24 < share[1] < 0.45
+    assert 0.14 < share[2] < 0.33
+    assert 0.10 < share[3] < 0.28
+    assert 0.0002 < share[4] < 0.006
+    with_rock = class_presence(sample.dataset.masks)[:, 4].mean()
+    assert 0.005 < with_rock < 0.08  # rare, but present
+
+
+def test_images_look_like_terrain_not_noise():
+    ds = generate(50, 0, seed=4, plant_problems=False).dataset
+    assert 40 < ds.images.mean() < 200 and ds.images.std() > 15
+    # Classes overlap in grey level: a per-pixel brightness threshold cannot separate them.
+    means = [ds.images[ds.masks == c].mean() for c in (1, 2, 3)]
+    assert max(means) - min(means) < 40
+
+
+def test_planted_problems_are_recorded():
+    s = generate(200, 0, seed=5)
+    out, bad = s.truth["outlier_group"], s.truth["corrupted"]
+    assert len(out) >= 3 and len(bad) >= 2 and not set(out) & set(bad)
+    masks = s.dataset.masks
+    assert all(np.array_equal(masks[i], masks[out[0]]) for i in out)
+    # The outlier group is the largest group of identical masks.
+    assert set(out) <= set(duplicate_mask_groups(masks)[0])
+    for i in bad:
+        assert (masks[i] != s.clean_masks[i]).mean() >= 0.08
+    ok = np.setdiff1d(np.arange(200), np.r_[out, bad])
+    np.testing.assert_array_equal(masks[ok], s.clean_masks[ok])
+
+
+def test_stats_exact_on_hand_made_masks():
+    st = mask_stats(hand_masks())
+    js = st.to_json()
+    assert js["images"] == 3
+    assert [c["pixels"] for c in js["classes"]] == [2, 10, 4, 0, 2]
+    assert [c["images"] for c in js["classes"]] == [2, 3, 2, 0, 2]
+    assert abs(js["classes"][1]["share"] - 10 / 18) < 1e-12
+    assert js["duplicate_mask_groups"] == [{"size": 2, "indices": [0, 2]}]
+    text = format_stats(st)
+    assert "Big Rock" in text and "2 images: 0, 2" in text
+
+
+def test_dataset_stats_matches_mask_stats(small_sample):
+    assert dataset_stats(small_sample.dataset) == mask_stats(small_sample.dataset.masks)

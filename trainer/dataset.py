@@ -1,0 +1,65 @@
+"""The one in-memory dataset every reader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .classes import CLASSES, NUM_CLASSES, TerrainClass
+
+
+class DatasetError(ValueError):
+    """A dataset could not be read. The message is meant for people: it names the
+    file, what was expected and what was found."""
+
+
+@dataclass
+class Dataset:
+    """Grayscale images with their masks, held as uint8 arrays.
+
+    Attributes
+    ----------
+    images : (N, H, W) uint8
+        Training images, 0..255.
+    masks : (N, H, W) uint8
+        Masks with class ids 0..4, aligned with ``images``.
+    test_images : (M, H, W) uint8 or None
+        Unlabelled images (the competition's ``test_set``), if any.
+    source : str
+        Where the data came from (a path, or ``"synthetic:seed=..."``).
+    names : list of str
+        One name per training image (file stems for folders, indices otherwise).
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    test_images: np.ndarray | None = None
+    source: str = ""
+    names: list[str] = field(default_factory=list)
+    classes: tuple[TerrainClass, ...] = CLASSES
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.masks.dtype != np.uint8:
+            raise TypeError("Dataset arrays must be uint8")
+        if self.images.ndim != 3 or self.images.shape != self.masks.shape:
+            raise ValueError(
+                f"images {self.images.shape} and masks {self.masks.shape} must both be (N, H, W)"
+            )
+        if self.test_images is not None and self.test_images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(
+                f"test images are {self.test_images.shape[1:]}, training images {self.images.shape[1:]}"
+            )
+        if not self.names:
+            self.names = [str(i) for i in range(len(self.images))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES

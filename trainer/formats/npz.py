@@ -1,0 +1,188 @@
+"""The competition ``.npz`` format.
+
+``training_set``: (N, 2, H, W), ``[:, 0]`` the image (0..255) and ``[:, 1]`` the mask
+(0..4); ``test_set`` (optional): (M, H, W) images. The real file stores float64 and is
+about 1 GB, so members are streamed out of the zip a few thousand images at a time and
+converted to uint8 as they come: no float64 copy of the whole array is ever held.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..classes import NUM_CLASSES
+from ..dataset import Dataset, DatasetError
+
+TRAIN_KEY = "training_set"
+TEST_KEY = "test_set"
+# About 32 MB of source values per chunk: big enough to be fast, small enough to be cheap.
+_CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def _check_values(chunk: np.ndarray, path: Path, what: str, hi: int, first_index: int) -> None:
+    """Refuse NaN, fractional or out-of-range values, naming the first bad image."""
+
+    def first_bad(bad: np.ndarray) -> int:
+        per_image = bad.reshape(len(bad), -1).any(axis=1)
+        return first_index + int(np.argmax(per_image))
+
+    if chunk.dtype.kind == "f":
+        finite = np.isfinite(chunk)
+        if not finite.all():
+            i = first_bad(~finite)
+            raise DatasetError(
+                f"{path}: {what} of image {i} contains NaN or infinite values; expected whole numbers 0..{hi}"
+            )
+        fractional = chunk != np.floor(chunk)
+        if fractional.any():
+            i = first_bad(fractional)
+            value = chunk[fractional][0]
+            raise DatasetError(
+                f"{path}: {what} of image {i} has the value {value!r}, which is not a whole "
+                f"number; expected whole numbers 0..{hi}"
+            )
+    lo_found, hi_found = chunk.min(), chunk.max()
+    if lo_found < 0 or hi_found > hi:
+        bad = (chunk < 0) | (chunk > hi)
+        i = first_bad(bad)
+        value = chunk[bad][0]
+        value = value.item() if hasattr(value, "item") else value
+        raise DatasetError(
+            f"{path}: {what} of image {i} has the value {value:g}; expected whole numbers 0..{hi}"
+        )
+
+
+def _read_header(f, path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: member {key!r} is not a numpy array ({exc})") from None
+    if dtype.kind not in "biuf":
+        raise DatasetError(f"{path}: {key!r} has dtype {dtype}; expected a numeric (integer or float) array")
+    return tuple(shape), fortran, dtype
+
+
+def _stream_member(
+    zf: zipfile.ZipFile,
+    path: Path,
+    key: str,
+    expect_ndim: int,
+    expect_desc: str,
+):
+    """Yield (first_index, chunk) of a member, checked for shape, never fully in memory."""
+    name = key + ".npy"
+    with zf.open(name) as f:
+        shape, fortran, dtype = _read_header(f, path, key)
+        if len(shape) != expect_ndim or (expect_ndim == 4 and shape[1] != 2):
+            raise DatasetError(f"{path}: {key!r} has shape {shape}; expected {expect_desc}")
+        if shape[0] == 0 or 0 in shape:
+            raise DatasetError(f"{path}: {key!r} is empty (shape {shape})")
+        yield shape
+        per_item = int(np.prod(shape[1:])) * dtype.itemsize
+        if fortran:
+            # Rare (only from hand-written files): read whole, then it is C order.
+            data = f.read()
+            if len(data) != per_item * shape[0]:
+                raise DatasetError(f"{path}: {key!r} is truncated")
+            arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F")
+            yield 0, np.ascontiguousarray(arr)
+            return
+        step = max(1, _CHUNK_BYTES // per_item)
+        for start in range(0, shape[0], step):
+            k = min(step, shape[0] - start)
+            buf = f.read(k * per_item)
+            if len(buf) != k * per_item:
+                raise DatasetError(
+                    f"{path}: {key!r} is truncated: the file ends after "
+                    f"{start + len(buf) // per_item} of {shape[0]} images"
+                )
+            yield start, np.frombuffer(buf, dtype=dtype).reshape((k, *shape[1:]))
+
+
+def read_npz(path: str | Path) -> Dataset:
+    """Read a competition-format ``.npz`` (any file name) into a :class:`Dataset`.
+
+    Any integer or float dtype is accepted when the values are whole numbers in range.
+
+    Raises
+    ------
+    DatasetError
+        If the file is missing, not an npz, truncated, lacks ``training_set``, or holds
+        arrays of the wrong shape or values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; expected an .npz file")
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(
+            f"{path}: not an npz file (an npz is a zip archive of .npy arrays); "
+            "the file is either another format or truncated"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+            if TRAIN_KEY not in members:
+                found = ", ".join(sorted(members)) or "no arrays"
+                raise DatasetError(
+                    f"{path}: missing key {TRAIN_KEY!r}; expected {TRAIN_KEY!r} "
+                    f"(N, 2, H, W) and optionally {TEST_KEY!r} (M, H, W), found: {found}"
+                )
+            stream = _stream_member(zf, path, TRAIN_KEY, 4, "(N, 2, H, W): image and mask")
+            shape = next(stream)
+            images = np.empty((shape[0], *shape[2:]), np.uint8)
+            masks = np.empty_like(images)
+            for start, chunk in stream:
+                img, msk = chunk[:, 0], chunk[:, 1]
+                _check_values(img, path, f"{TRAIN_KEY} image", 255, start)
+                _check_values(msk, path, f"{TRAIN_KEY} mask", NUM_CLASSES - 1, start)
+                images[start : start + len(chunk)] = img
+                masks[start : start + len(chunk)] = msk
+            test = None
+            if TEST_KEY in members:
+                stream = _stream_member(zf, path, TEST_KEY, 3, "(M, H, W) images")
+                tshape = next(stream)
+                if tshape[1:] != shape[2:]:
+                    raise DatasetError(
+                        f"{path}: {TEST_KEY!r} images are {tshape[1]}x{tshape[2]} but "
+                        f"{TRAIN_KEY!r} images are {shape[2]}x{shape[3]}; expected the same size"
+                    )
+                test = np.empty(tshape, np.uint8)
+                for start, chunk in stream:
+                    _check_values(chunk, path, f"{TEST_KEY} image", 255, start)
+                    test[start : start + len(chunk)] = chunk
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise DatasetError(f"{path}: corrupt or truncated npz file ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: could not be read ({exc.strerror or exc})") from None
+    return Dataset(images=images, masks=masks, test_images=test, source=str(path))
+
+
+def write_npz(
+    path: str | Path,
+    images: np.ndarray,
+    masks: np.ndarray,
+    test_images: np.ndarray | None = None,
+    dtype: str = "float64",
+) -> None:
+    """Write the competition format. ``dtype`` float64 mimics the real file."""
+    training = np.stack([images, masks], axis=1).astype(dtype)
+    arrays = {TRAIN_KEY: training}
+    if test_images is not None:
+        arrays[TEST_KEY] = test_images.astype(dtype)
+    path = Path(path)
+    # Write to a temporary name and rename, so an interrupted write never leaves a
+    # half-written file under the final name.
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)

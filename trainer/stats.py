@@ -1,0 +1,117 @@
+"""Class balance and duplicate masks: what a person checks before training."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .classes import CLASSES, NUM_CLASSES
+from .dataset import Dataset
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    id: int
+    name: str
+    pixels: int
+    share: float
+    images: int  # how many images contain at least one pixel of the class
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    images: int
+    classes: tuple[ClassStats, ...]
+    duplicate_mask_groups: tuple[tuple[int, ...], ...]
+
+    def to_json(self) -> dict:
+        return {
+            "images": self.images,
+            "classes": [
+                {"id": c.id, "name": c.name, "pixels": c.pixels, "share": c.share, "images": c.images}
+                for c in self.classes
+            ],
+            "duplicate_mask_groups": [
+                {"size": len(g), "indices": list(g)} for g in self.duplicate_mask_groups
+            ],
+        }
+
+
+def class_pixel_counts(masks: np.ndarray) -> np.ndarray:
+    """Pixels of each class over all masks: an int64 array of length ``NUM_CLASSES``."""
+    return np.bincount(masks.reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES].astype(np.int64)
+
+
+def class_presence(masks: np.ndarray) -> np.ndarray:
+    """(N, NUM_CLASSES) bool: does image i contain class c."""
+    n = len(masks)
+    counts = np.zeros((n, NUM_CLASSES), np.int64)
+    flat = masks.reshape(n, -1)
+    # One bincount over (image, class) pairs instead of a loop over images.
+    keys = (np.arange(n, dtype=np.int64)[:, None] * NUM_CLASSES + flat).reshape(-1)
+    counts += np.bincount(keys, minlength=n * NUM_CLASSES).reshape(n, NUM_CLASSES)
+    return counts > 0
+
+
+def duplicate_mask_groups(masks: np.ndarray) -> list[tuple[int, ...]]:
+    """Groups of 2 or more images whose masks are exactly equal, largest group first.
+
+    Masks are hashed, then equal hashes are confirmed byte for byte.
+    """
+    by_digest: dict[bytes, list[int]] = {}
+    for i, m in enumerate(masks):
+        by_digest.setdefault(hashlib.blake2b(m.tobytes(), digest_size=16).digest(), []).append(i)
+    groups: list[tuple[int, ...]] = []
+    for idx in by_digest.values():
+        if len(idx) < 2:
+            continue
+        # A hash collision is astronomically unlikely, but equality is cheap to confirm.
+        remaining = list(idx)
+        while len(remaining) >= 2:
+            first = remaining[0]
+            same = [j for j in remaining if np.array_equal(masks[j], masks[first])]
+            if len(same) >= 2:
+                groups.append(tuple(same))
+            remaining = [j for j in remaining if j not in same]
+    groups.sort(key=lambda g: (-len(g), g[0]))
+    return groups
+
+
+def dataset_stats(dataset: Dataset) -> DatasetStats:
+    """Per-class pixels, shares and image counts, and duplicate-mask groups."""
+    return mask_stats(dataset.masks)
+
+
+def mask_stats(masks: np.ndarray) -> DatasetStats:
+    """:func:`dataset_stats` for a bare (N, H, W) stack of masks."""
+    pixels = class_pixel_counts(masks)
+    total = max(int(pixels.sum()), 1)
+    presence = class_presence(masks).sum(axis=0)
+    classes = tuple(
+        ClassStats(c.id, c.name, int(pixels[c.id]), float(pixels[c.id] / total), int(presence[c.id]))
+        for c in CLASSES
+    )
+    return DatasetStats(len(masks), classes, tuple(duplicate_mask_groups(masks)))
+
+
+def format_stats(stats: DatasetStats) -> str:
+    """A readable table for the terminal."""
+    lines = [f"{stats.images} images", ""]
+    lines.append(f"{'id':>2}  {'class':<10} {'pixels':>12} {'share':>8} {'images':>8} {'% images':>9}")
+    for c in stats.classes:
+        pct = 100 * c.images / max(stats.images, 1)
+        lines.append(
+            f"{c.id:>2}  {c.name:<10} {c.pixels:>12,} {100 * c.share:>7.2f}% {c.images:>8} {pct:>8.1f}%"
+        )
+    groups = stats.duplicate_mask_groups
+    lines.append("")
+    if not groups:
+        lines.append("no duplicate masks")
+    else:
+        lines.append(f"{len(groups)} group(s) of images with identical masks:")
+        for g in groups:
+            shown = ", ".join(map(str, g[:12])) + (", ..." if len(g) > 12 else "")
+            lines.append(f"  {len(g)} images: {shown}")
+    return "\n".join(lines)
