@@ -122,16 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Commands that live in their own modules (kept out of this file's imports)."""
-    return []
+    """Commands that live in their own modules."""
+    from . import cli_train
+
+    return [cli_train.register]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .device import DeviceError
+    from .runs import RunDirError
+
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, CliError) as exc:
+    except (DatasetError, CliError, ConfigError, CheckpointError, DeviceError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -140,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         return 1
+    finally:
+        from .device import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,160 @@
+"""Losses and metrics against values computed by hand on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.losses import (
+    IGNORE_INDEX,
+    SegmentationLoss,
+    cross_entropy,
+    dice,
+    focal,
+    frequency_class_weights,
+    lovasz_softmax,
+    tversky,
+)
+from trainer.metrics import ConfusionMatrix, metrics_from_confusion
+
+
+@pytest.fixture
+def two_pixels():
+    """Pixel A: p = (0.5, 0.5), label 0. Pixel B: p = (0.75, 0.25), label 1."""
+    logits = torch.tensor([[[[0.0, math.log(3.0)]], [[0.0, 0.0]]]])  # (1, 2, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    return logits, target
+
+
+def test_cross_entropy(two_pixels):
+    logits, target = two_pixels
+    ln2, ln4 = math.log(2), math.log(4)
+    assert cross_entropy(logits, target).item() == pytest.approx((ln2 + ln4) / 2)
+    assert cross_entropy(logits, target, [0.0, 1.0]).item() == pytest.approx(ln4)
+    assert cross_entropy(logits, target, [1.0, 3.0]).item() == pytest.approx((ln2 + 3 * ln4) / 4)
+
+
+def test_zero_weight_everywhere_is_zero_not_nan(two_pixels):
+    logits, _ = two_pixels
+    target = torch.tensor([[[0, 0]]])
+    assert cross_entropy(logits, target, [0.0, 1.0]).item() == 0.0
+    assert dice(logits, target, [0.0, 1.0]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ignore_index(two_pixels):
+    logits, _ = two_pixels
+    target = torch.tensor([[[IGNORE_INDEX, 1]]])
+    assert cross_entropy(logits, target).item() == pytest.approx(math.log(4))
+
+
+def test_focal(two_pixels):
+    logits, target = two_pixels
+    expected = (0.25 * math.log(2) + 0.5625 * math.log(4)) / 2
+    assert focal(logits, target, gamma=2.0).item() == pytest.approx(expected)
+    # gamma 0 is cross-entropy
+    assert focal(logits, target, gamma=0.0).item() == pytest.approx(cross_entropy(logits, target).item())
+
+
+def test_dice(two_pixels):
+    logits, target = two_pixels
+    # class 0: TP .5 FP .75 FN .5 ; class 1: TP .25 FP .5 FN .75
+    d0, d1 = 1 / 2.25, 0.5 / 1.75
+    assert dice(logits, target, eps=0.0).item() == pytest.approx(((1 - d0) + (1 - d1)) / 2)
+    # background weight 0 leaves class 0 and its pixels out: only pixel B, class 1
+    # TP .25, FP 0, FN .75 -> dice = .5 / (.5 + .75)
+    assert dice(logits, target, [0.0, 1.0], eps=0.0).item() == pytest.approx(1 - 0.5 / 1.25)
+
+
+def test_tversky_and_focal_tversky(two_pixels):
+    logits, target = two_pixels
+    t0 = 0.5 / (0.5 + 0.3 * 0.75 + 0.7 * 0.5)
+    t1 = 0.25 / (0.25 + 0.3 * 0.5 + 0.7 * 0.75)
+    assert tversky(logits, target, alpha=0.3, beta=0.7, eps=0.0).item() == pytest.approx(
+        ((1 - t0) + (1 - t1)) / 2
+    )
+    ft = ((1 - t0) ** 0.75 + (1 - t1) ** 0.75) / 2
+    assert tversky(logits, target, alpha=0.3, beta=0.7, gamma=0.75, eps=0.0).item() == pytest.approx(ft)
+    # alpha = beta = 0.5 is Dice
+    assert tversky(logits, target, alpha=0.5, beta=0.5, eps=0.0).item() == pytest.approx(
+        dice(logits, target, eps=0.0).item()
+    )
+
+
+def test_lovasz_softmax(two_pixels):
+    logits, target = two_pixels
+    # class 0: errors sorted (.75 fg0, .5 fg1) -> grad (.5, .5) -> .625
+    # class 1: errors sorted (.75 fg1, .5 fg0) -> grad (1, 0) -> .75
+    assert lovasz_softmax(logits, target).item() == pytest.approx((0.625 + 0.75) / 2)
+
+
+def test_lovasz_equals_one_minus_iou_for_hard_predictions():
+    """On confident predictions the Lovasz extension equals the Jaccard loss."""
+    big = 50.0
+    logits = torch.tensor([[[[big, big, -big, -big]], [[-big, -big, big, big]]]])
+    target = torch.tensor([[[0, 1, 1, 1]]])
+    # class 0: IoU 1/2 ; class 1: IoU 2/3
+    assert lovasz_softmax(logits, target).item() == pytest.approx(((1 - 1 / 2) + (1 - 2 / 3)) / 2, abs=1e-4)
+
+
+def test_combined_loss_and_argument_checks(two_pixels):
+    logits, target = two_pixels
+    loss = SegmentationLoss([("ce", 1.0), ("dice", 0.5)], [1.0, 1.0])
+    expected = cross_entropy(logits, target).item() + 0.5 * dice(logits, target).item()
+    assert loss(logits, target).item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="unknown loss 'bce'"):
+        SegmentationLoss([("bce", 1.0)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="class weights"):
+        SegmentationLoss([("ce", 1.0)], [0.0, 0.0])
+
+
+def test_losses_have_gradients(two_pixels):
+    logits, target = two_pixels
+    logits = logits.clone().requires_grad_(True)
+    loss = SegmentationLoss(
+        [(n, 1.0) for n in ("ce", "focal", "dice", "tversky", "focal_tversky", "lovasz")], [0.5, 1.0]
+    )
+    loss(logits, target).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_frequency_class_weights():
+    w = frequency_class_weights([100, 400, 100, 100, 4], background_weight=0.0)
+    assert w[0] == 0.0 and w[1] == pytest.approx(1.0)
+    assert w[2] == pytest.approx(2.0) and w[4] == pytest.approx(10.0)  # sqrt(100) = 10, capped at 10
+    assert frequency_class_weights([1, 2, 3, 4, 5], 0.5, "none") == [0.5, 1.0, 1.0, 1.0, 1.0]
+
+
+CONFUSION = [
+    [5, 1, 0, 0, 0],
+    [2, 10, 1, 0, 0],
+    [0, 0, 8, 0, 0],
+    [0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0],
+]
+
+
+def test_metrics_from_confusion_by_hand():
+    m = metrics_from_confusion(CONFUSION)
+    iou = m["iou"]
+    assert iou[0] == pytest.approx(5 / 8)  # ordinary IoU for background
+    assert iou[1] == pytest.approx(10 / 13)  # the pixel labelled background predicted soil is ignored
+    assert iou[2] == pytest.approx(8 / 9)
+    assert math.isnan(iou[3]) and math.isnan(iou[4])  # absent from labels and predictions
+    assert m["miou"] == pytest.approx((10 / 13 + 8 / 9) / 2)
+    assert m["pixel_accuracy"] == pytest.approx(18 / 21)
+
+
+def test_confusion_matrix_accumulates_over_batches():
+    cm = ConfusionMatrix()
+    target = torch.tensor([[0, 1, 1, 2], [4, 4, 3, IGNORE_INDEX]])
+    pred = torch.tensor([[0, 1, 2, 2], [4, 1, 3, 0]])
+    cm.update(pred[:1], target[:1])
+    cm.update(pred[1:], target[1:])
+    m = cm.matrix
+    assert m.sum() == 7  # the ignored pixel is not counted
+    assert m[1, 1] == 1 and m[1, 2] == 1 and m[4, 1] == 1 and m[3, 3] == 1
+    r = cm.compute()
+    assert r["iou"][4] == pytest.approx(1 / 2)
+    assert r["iou"][2] == pytest.approx(1 / 2)

@@ -1,0 +1,149 @@
+"""U-Net shapes and options, the config (presets, TOML, refusals) and batched augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.augment import augment_batch, oversampling_weights
+from trainer.config import (
+    ConfigError,
+    TrainConfig,
+    build,
+    from_dict,
+    load_toml,
+    parse_loss_spec,
+    preset,
+    to_toml,
+)
+from trainer.losses import IGNORE_INDEX
+from trainer.model import UNet, build_model
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (60, 100), (17, 33)])
+def test_unet_pads_and_crops_any_size(shape):
+    model = UNet(depth=3, base_width=8).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, *shape))
+    assert out.shape == (2, 5, *shape)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(residual=True),
+        dict(squeeze_excitation=True),
+        dict(attention_gates=True),
+        dict(
+            norm="group",
+            base_width=8,
+            residual=True,
+            squeeze_excitation=True,
+            attention_gates=True,
+            dropout=0.1,
+        ),
+        dict(norm="none"),
+    ],
+)
+def test_unet_options_train(opts):
+    torch.manual_seed(0)
+    model = UNet(depth=2, **{"base_width": 8, **opts})
+    x = torch.rand(2, 1, 32, 64)
+    out = model(x)
+    out.mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_build_model_from_config_counts_grow_with_width():
+    small = build_model(preset("tiny"))
+    big = build_model(preset("gpu"))
+    assert sum(p.numel() for p in big.parameters()) > 50 * sum(p.numel() for p in small.parameters())
+
+
+def test_presets_and_defaults():
+    assert preset("cpu") == TrainConfig()
+    assert preset("gpu").depth == 4 and preset("gpu").base_width >= 32
+    assert preset("tiny").depth == 2
+    assert build(device_kind="cuda") == preset("gpu")
+    assert build(device_kind="cpu") == preset("cpu")
+
+
+def test_unknown_keys_and_bad_values_list_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) depht; valid: depth, base_width"):
+        from_dict({"depht": 3})
+    with pytest.raises(ConfigError, match=r"norm: 'layer' is not valid; valid: batch, group, none"):
+        TrainConfig(norm="layer")
+    with pytest.raises(ConfigError, match="batch_size must be int"):
+        from_dict({"batch_size": "32"})
+    with pytest.raises(ConfigError, match="lr: must be between 0 and 1"):
+        TrainConfig(lr=5.0)
+    with pytest.raises(ConfigError, match="unknown loss 'bce'; valid: ce, focal"):
+        TrainConfig(loss="ce:1,bce:1")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
+
+
+def test_loss_spec():
+    assert parse_loss_spec("ce:1, dice:0.5 ,lovasz") == [("ce", 1.0), ("dice", 0.5), ("lovasz", 1.0)]
+
+
+def test_toml_round_trip_and_precedence(tmp_path):
+    cfg = preset("tiny").replace(loss="focal_tversky:1", hflip=False, lr=0.004)
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert from_dict(load_toml(path)) == cfg
+    table = tmp_path / "t.toml"
+    table.write_text("[train]\ndepth = 2\nepochs = 7\n")
+    built = build("cpu", table, {"epochs": 9, "seed": None})
+    assert built.depth == 2 and built.epochs == 9
+    bad = tmp_path / "bad.toml"
+    bad.write_text("depth = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)
+
+
+def _batch(b=6, h=16, w=24):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(b, 1, h, w, generator=g)
+    y = torch.randint(0, 5, (b, h, w), generator=g)
+    return x, y
+
+
+def test_augment_identity_when_everything_is_off():
+    cfg = TrainConfig(hflip=False, max_rotation=0, max_scale=0, max_shift=0, photometric=0)
+    x, y = _batch()
+    ax, ay = augment_batch(x, y, cfg, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ax, x, atol=1e-5, rtol=0)
+    assert torch.equal(ay, y)
+
+
+def test_augment_keeps_image_and_mask_aligned():
+    """A pure horizontal flip moves image and mask together."""
+    cfg = TrainConfig(hflip=True, max_rotation=0, max_scale=0, max_shift=0, photometric=0)
+    x, y = _batch(b=32)
+    ax, ay = augment_batch(x, y, cfg, torch.Generator().manual_seed(3))
+    flipped = (ay != y).flatten(1).any(1)
+    assert 0 < flipped.sum() < 32
+    assert torch.equal(ay[flipped], y[flipped].flip(-1))
+    torch.testing.assert_close(ax[flipped], x[flipped].flip(-1), atol=1e-5, rtol=0)
+
+
+def test_augment_values_stay_valid():
+    cfg = TrainConfig(max_rotation=20, max_scale=0.3, max_shift=0.2)
+    x, y = _batch(b=16)
+    ax, ay = augment_batch(x, y, cfg, torch.Generator().manual_seed(2))
+    assert ax.min() >= 0 and ax.max() <= 1
+    values = set(torch.unique(ay).tolist())
+    assert values <= {0, 1, 2, 3, 4, IGNORE_INDEX} and IGNORE_INDEX in values
+
+
+def test_oversampling_favours_rare_classes():
+    presence = np.zeros((100, 5), bool)
+    presence[:, 1] = True
+    presence[:4, 4] = True  # big rock in 4% of images
+    w = oversampling_weights(presence, 0.5)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[0] / w[50] == pytest.approx(5.0)  # sqrt(1 / 0.04)
+    assert np.allclose(oversampling_weights(presence, 0.0), 0.01)

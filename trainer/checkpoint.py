@@ -1,0 +1,107 @@
+"""Checkpoints that load without unpickling arbitrary objects.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with
+``torch.save`` and read with ``torch.load(weights_only=True)``: a file that would run code
+when loaded is refused. Files are written to a temporary name and renamed, so a crash
+mid-write never replaces the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .classes import CLASSES
+from .config import ConfigError, TrainConfig, from_dict
+from .model import UNet, build_model
+
+FORMAT = "marsviewer-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, not a checkpoint, unsafe or incompatible."""
+
+
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: TrainConfig, **state: Any) -> Path:
+    """Atomically write a checkpoint: weights, config, class table and any extra state
+    (optimizer, epoch, step, split, best mIoU...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = model.module if hasattr(model, "module") else model
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in CLASSES],
+        "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        **state,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint safely. Raises :class:`CheckpointError` with a plain message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of files it will refuse anyway.
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused: the file contains objects other than weights and plain data, "
+            f"and loading it could run code ({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a marsviewer checkpoint (expected a file written by mars-trainer train)"
+        )
+    try:
+        data["config_obj"] = from_dict(data["config"], where=f"{path} config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    return data
+
+
+def model_from_checkpoint(data: dict, path: str | Path = "checkpoint") -> tuple[UNet, TrainConfig]:
+    cfg = data["config_obj"]
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the architecture in its config "
+            f"(depth {cfg.depth}, base width {cfg.base_width}): {str(exc).splitlines()[0][:200]}"
+        ) from None
+    return model, cfg
+
+
+def check_compatible(data: dict, cfg: TrainConfig, path: str | Path) -> None:
+    """Refuse to resume a checkpoint into a different architecture."""
+    from .model import MODEL_KEYS
+
+    old = data["config_obj"]
+    diffs = [
+        f"{k}: checkpoint {getattr(old, k)!r}, asked {getattr(cfg, k)!r}"
+        for k in MODEL_KEYS
+        if getattr(old, k) != getattr(cfg, k)
+    ]
+    if diffs:
+        raise CheckpointError(f"{path}: a checkpoint of another architecture ({'; '.join(diffs)})")

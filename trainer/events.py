@@ -1,0 +1,109 @@
+"""Typed events yielded by ``fit()``: the one stream the CLI, the GUI and run directories read."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .metrics import nan_to_none
+
+
+@dataclass
+class Event:
+    kind = "event"
+
+    def to_json(self) -> dict:
+        """A JSON-safe dict (arrays left out; NaN as null) with ``kind`` and a timestamp."""
+        data = {k: v for k, v in asdict(self).items() if not isinstance(v, np.ndarray)}
+        return {"kind": self.kind, "time": time.time(), **nan_to_none(data)}
+
+
+@dataclass
+class Started(Event):
+    config: dict
+    device: str
+    device_name: str
+    train_images: int
+    val_images: int
+    parameters: int
+    world_size: int = 1
+    resumed_from: str | None = None
+    start_epoch: int = 0
+    kind = "started"
+
+
+@dataclass
+class Step(Event):
+    epoch: int
+    step: int
+    loss: float
+    lr: float
+    images_per_s: float
+    progress: float  # 0..1 of the planned run
+    eta_s: float | None
+    kind = "step"
+
+
+@dataclass
+class Validation(Event):
+    epoch: int
+    step: int
+    iou: list  # 5 values by class id (NaN where a class is absent)
+    miou: float
+    pixel_accuracy: float
+    confusion: list
+    best_miou: float
+    kind = "validation"
+
+
+@dataclass
+class Preview(Event):
+    epoch: int
+    step: int
+    indices: list
+    masks: np.ndarray = field(repr=False)  # (K, H, W) uint8 predicted masks
+    entropy: np.ndarray | None = field(default=None, repr=False)  # (K, H, W) float16
+    kind = "preview"
+
+
+@dataclass
+class Checkpoint(Event):
+    epoch: int
+    step: int
+    path: str
+    which: str  # "best" or "last"
+    miou: float | None
+    kind = "checkpoint"
+
+
+@dataclass
+class Finished(Event):
+    epoch: int
+    step: int
+    best_miou: float
+    best_checkpoint: str | None
+    seconds: float
+    reason: str = "completed"  # completed, time budget, early stopping
+    kind = "finished"
+
+
+@dataclass
+class Stopped(Event):
+    epoch: int
+    step: int
+    checkpoint: str | None
+    kind = "stopped"
+
+
+@dataclass
+class Failed(Event):
+    message: str
+    epoch: int = 0
+    step: int = 0
+    last_good_checkpoint: str | None = None
+    kind = "failed"
+
+
+TERMINAL = (Finished, Stopped, Failed)

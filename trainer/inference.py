@@ -1,0 +1,126 @@
+"""Splitting, evaluation and prediction: the parts of training that also run on their own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .device import DistContext
+from .metrics import ConfusionMatrix
+
+
+def stratified_split(presence: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``val_fraction`` of the images, stratified by the rarest class each
+    image contains, so rare classes (big rock) appear in both splits."""
+    n = len(presence)
+    if n < 2:
+        raise ValueError(f"need at least 2 labelled images to hold some out for validation, got {n}")
+    fg = presence[:, 1:]
+    freq = fg.mean(axis=0)
+    # Stratum = the rarest foreground class present (-1 for images of background only).
+    order = np.argsort(freq)  # rarest first
+    stratum = np.full(n, -1)
+    for c in order[::-1]:
+        stratum[fg[:, c]] = c
+    rng = np.random.default_rng(seed)
+    val = []
+    for s in np.unique(stratum):
+        members = rng.permutation(np.flatnonzero(stratum == s))
+        k = int(round(val_fraction * len(members)))
+        if k == 0 and len(members) >= 2 and rng.random() < val_fraction * len(members):
+            k = 1
+        val.extend(members[:k].tolist())
+    if not val:
+        val = [int(rng.integers(n))]
+    val_idx = np.sort(np.asarray(val, dtype=np.int64))
+    train_idx = np.setdiff1d(np.arange(n), val_idx)
+    return train_idx, val_idx
+
+
+def autocast_for(device: torch.device):
+    # bf16 autocast on CUDA only: on CPUs without bf16 units it is many times slower.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = images_u8.unsqueeze(1).float().div_(255.0)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def batches(indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(indices), batch_size):
+        yield indices[start : start + batch_size]
+
+
+@torch.no_grad()
+def confusion_on(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    indices: np.ndarray,
+    batch_size: int,
+    dist: DistContext | None = None,
+) -> ConfusionMatrix:
+    """Accumulate the confusion matrix of ``model`` over ``indices`` (each process takes
+    its slice under torchrun; the counts are then summed across processes)."""
+    dist = dist or DistContext()
+    device = images.device
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(device=device)
+    mine = np.asarray(indices)[dist.rank :: dist.world]
+    for chunk in batches(mine, batch_size):
+        idx = torch.as_tensor(chunk, device=device)
+        with autocast_for(device):
+            logits = model(to_input(images[idx], device))
+        cm.update(logits.argmax(1), masks[idx])
+    cm.all_reduce()
+    model.train(was_training)
+    return cm
+
+
+@torch.no_grad()
+def predict_arrays(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    with_probs: bool = False,
+    with_entropy: bool = False,
+    progress=None,
+) -> dict[str, np.ndarray]:
+    """Predict (N, H, W) uint8 images: ``masks`` uint8, optionally ``probs`` (N, C, H, W)
+    float16 and ``entropy`` (N, H, W) float16 in nats."""
+    device = torch.device(device)
+    model.eval()
+    n = len(images)
+    out = {"masks": np.empty((n, *images.shape[1:]), np.uint8)}
+    if with_probs:
+        out["probs"] = None
+    if with_entropy:
+        out["entropy"] = np.empty((n, *images.shape[1:]), np.float16)
+    for start in range(0, n, batch_size):
+        chunk = images[start : start + batch_size]
+        x = torch.as_tensor(np.asarray(chunk) if not torch.is_tensor(chunk) else chunk).to(device)
+        with autocast_for(device):
+            logits = model(to_input(x, device))
+        probs = F.softmax(logits.float(), dim=1)
+        out["masks"][start : start + len(chunk)] = probs.argmax(1).to(torch.uint8).cpu().numpy()
+        if with_probs:
+            if out["probs"] is None:
+                out["probs"] = np.empty((n, probs.shape[1], *images.shape[1:]), np.float16)
+            out["probs"][start : start + len(chunk)] = probs.half().cpu().numpy()
+        if with_entropy:
+            ent = -(probs * probs.clamp_min(1e-8).log()).sum(1)
+            out["entropy"][start : start + len(chunk)] = ent.half().cpu().numpy()
+        if progress is not None:
+            progress(min(start + len(chunk), n), n)
+    return out

@@ -1,0 +1,84 @@
+"""Confusion-matrix metrics accumulated over a whole split, then divided.
+
+The competition scores the mean IoU over classes 1-4 and ignores background. Here
+"ignores background" means what the competition's Keras ``MeanIoU(ignore_class=0)``
+does: pixels *labelled* background are left out, so predicting soil on the sky costs
+nothing, while missing soil (predicting background on soil) is a false negative.
+The background IoU itself is reported (computed the ordinary way) but never averaged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .classes import METRIC_CLASSES, NUM_CLASSES
+from .losses import IGNORE_INDEX
+
+
+class ConfusionMatrix:
+    """``matrix[t, p]`` counts pixels of true class t predicted as p (int64, on any device)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, device: str | torch.device = "cpu") -> None:
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        n = self.num_classes
+        target = target.reshape(-1).long()
+        pred = pred.reshape(-1).long().to(target.device)
+        keep = (target >= 0) & (target < n) & (target != IGNORE_INDEX)
+        idx = target[keep] * n + pred[keep]
+        self.matrix += torch.bincount(idx, minlength=n * n).reshape(n, n).to(self.matrix.device)
+
+    def all_reduce(self) -> None:
+        """Sum the counts of every process (DistributedDataParallel)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def compute(self) -> dict:
+        return metrics_from_confusion(self.matrix.cpu().tolist())
+
+
+def metrics_from_confusion(confusion: list[list[int]]) -> dict:
+    """Per-class IoU (NaN for classes absent from labels and predictions), mIoU over
+    classes 1-4 with background pixels ignored, and pixel accuracy over those pixels."""
+    n = len(confusion)
+    cm = torch.tensor(confusion, dtype=torch.float64)
+    iou = []
+    for c in range(n):
+        tp = cm[c, c]
+        fn = cm[c, :].sum() - tp
+        # Background class: ordinary IoU. Others: rows labelled background don't count.
+        rows = slice(0, n) if c == 0 else slice(1, n)
+        fp = cm[rows, c].sum() - tp
+        denom = tp + fp + fn
+        iou.append(float(tp / denom) if denom > 0 else math.nan)
+    scored = [iou[c] for c in METRIC_CLASSES if c < n and not math.isnan(iou[c])]
+    miou = sum(scored) / len(scored) if scored else math.nan
+    fg = cm[1:, :]
+    total = fg.sum()
+    accuracy = float(torch.diagonal(cm)[1:].sum() / total) if total > 0 else math.nan
+    return {
+        "iou": iou,
+        "miou": miou,
+        "pixel_accuracy": accuracy,
+        "confusion": [[int(x) for x in row] for row in confusion],
+    }
+
+
+def nan_to_none(values):
+    """JSON has no NaN: NaN becomes null."""
+    if isinstance(values, float):
+        return None if math.isnan(values) else values
+    if isinstance(values, list):
+        return [nan_to_none(v) for v in values]
+    if isinstance(values, dict):
+        return {k: nan_to_none(v) for k, v in values.items()}
+    return values

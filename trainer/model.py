@@ -1,0 +1,143 @@
+"""U-Net (Ronneberger et al. 2015) for grayscale terrain, trained from scratch.
+
+Optional blocks: residual convolutions (He et al. 2016), squeeze-and-excitation (Hu et al.
+2018) and attention gates on the skip connections (Oktay et al. 2018). Inputs whose size
+is not divisible by 2**depth are padded (reflect) and the output cropped back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .classes import NUM_CLASSES
+from .config import TrainConfig
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention: global pool -> bottleneck MLP -> sigmoid gate."""
+
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions with normalisation and ReLU; optionally residual and SE."""
+
+    def __init__(self, cin: int, cout: int, norm: str, residual: bool, se: bool) -> None:
+        super().__init__()
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+        self.norm1 = _norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
+        self.norm2 = _norm(norm, cout)
+        self.skip = (
+            (nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()) if residual else None
+        )
+        self.se = SqueezeExcitation(cout) if se else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        y = self.norm2(self.conv2(y))
+        if self.se is not None:
+            y = self.se(y)
+        if self.skip is not None:
+            y = y + self.skip(x)
+        return F.relu(y, inplace=True)
+
+
+class AttentionGate(nn.Module):
+    """Additive attention on a skip connection, gated by the coarser decoder features."""
+
+    def __init__(self, skip_ch: int, gate_ch: int) -> None:
+        super().__init__()
+        inter = max(skip_ch // 2, 4)
+        self.theta = nn.Conv2d(skip_ch, inter, 1, bias=False)
+        self.phi = nn.Conv2d(gate_ch, inter, 1)
+        self.psi = nn.Conv2d(inter, 1, 1)
+
+    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.theta(skip) + self.phi(gate), inplace=True)
+        return skip * torch.sigmoid(self.psi(a))
+
+
+class UNet(nn.Module):
+    """U-Net mapping (B, 1, H, W) images in [0, 1] to (B, classes, H, W) logits."""
+
+    def __init__(
+        self,
+        depth: int = 3,
+        base_width: int = 16,
+        norm: str = "batch",
+        residual: bool = False,
+        squeeze_excitation: bool = False,
+        attention_gates: bool = False,
+        dropout: float = 0.0,
+        in_channels: int = 1,
+        num_classes: int = NUM_CLASSES,
+    ) -> None:
+        super().__init__()
+        self.depth = depth
+        widths = [base_width * 2**i for i in range(depth + 1)]
+        block = lambda i, o: ConvBlock(i, o, norm, residual, squeeze_excitation)  # noqa: E731
+        self.encoders = nn.ModuleList([block(in_channels, widths[0])])
+        self.encoders.extend(block(widths[i], widths[i + 1]) for i in range(depth))
+        self.reduce = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 1) for i in range(depth))
+        self.gates = nn.ModuleList(
+            AttentionGate(widths[i], widths[i]) if attention_gates else nn.Identity() for i in range(depth)
+        )
+        self.decoders = nn.ModuleList(block(2 * widths[i], widths[i]) for i in range(depth))
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = 2**self.depth
+        pad_h, pad_w = (-h) % m, (-w) % m
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        # Fixed normalisation inside the model, so a checkpoint is self-contained.
+        x = (x - 0.5) * 4.0
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(self.depth)):
+            skip = skips[i]
+            # Bilinear upsampling + 1x1 conv: no checkerboard artefacts, fewer weights
+            # than a transposed convolution.
+            x = self.reduce[i](F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+            if isinstance(self.gates[i], AttentionGate):
+                skip = self.gates[i](skip, x)
+            x = self.decoders[i](torch.cat([skip, x], dim=1))
+        x = self.head(self.dropout(x))
+        return x[..., :h, :w]
+
+
+MODEL_KEYS = ("depth", "base_width", "norm", "residual", "squeeze_excitation", "attention_gates", "dropout")
+
+
+def build_model(cfg: TrainConfig) -> UNet:
+    return UNet(**{k: getattr(cfg, k) for k in MODEL_KEYS})
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
