@@ -39,6 +39,7 @@ format: $(VENV)/.installed
 
 screenshot: sysdeps $(VENV)/.installed
 	$(XVFB) $(PY) docs/screenshot.py docs/screenshot.png
+	$(XVFB) $(PY) docs/screenshot.py docs/training.png 45
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

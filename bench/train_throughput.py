@@ -100,8 +100,13 @@ def main() -> None:
     shape = dataset.image_shape
     steps_per_epoch = -(-int(n * (1 - cfg.val_fraction)) // cfg.batch_size)
     warmup = max(cfg.log_every * 2, 5)
-    bare = bare_img_s(cfg, device, shape, steps=max(steps_per_epoch, 30), warmup=warmup)
+    # Bare before and after the pipeline, averaged: drift in machine load hits both sides.
+    bare_steps = max(steps_per_epoch, 30)
+    bare_before = bare_img_s(cfg, device, shape, steps=bare_steps, warmup=warmup)
     pipe, extra = pipeline_img_s(cfg, dataset, warmup_steps=warmup - warmup % cfg.log_every or cfg.log_every)
+    bare_after = bare_img_s(cfg, device, shape, steps=bare_steps, warmup=warmup)
+    bare = (bare_before + bare_after) / 2
+    extra["bare_before_after"] = [round(bare_before, 1), round(bare_after, 1)]
     result = {
         "device": device_name(device),
         "preset": name,

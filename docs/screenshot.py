@@ -7,7 +7,9 @@ Run under a display, e.g. ``xvfb-run -a -s "-screen 0 1600x1000x24" python docs/
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import napari
 from PIL import Image
@@ -21,7 +23,7 @@ def settle(seconds: float = 0.3) -> None:
         time.sleep(0.01)
 
 
-def main(out: str) -> None:
+def main(out: str, train_seconds: float = 0.0) -> None:
     viewer = napari.Viewer(title="Mars Viewer")
     _, widget = viewer.window.add_plugin_dock_widget("marsviewer", "Mars Viewer")
     widget.load_sample()
@@ -34,9 +36,27 @@ def main(out: str) -> None:
     widget.filter_combo.setCurrentIndex(widget.filter_combo.findData(4))
     viewer.reset_view()
     settle()
+    if train_seconds:
+        panel = widget.training
+        panel.runs_root = Path(tempfile.mkdtemp())
+        panel.form.preset_combo.setCurrentText("cpu")
+        panel.form.device_combo.setCurrentIndex(panel.form.device_combo.count() - 1)
+        widget.tabs.setCurrentIndex(1)
+        widget.images_layer.visible = True
+        widget.masks_layer.visible = False
+        panel.start()
+        settle(train_seconds)
+        viewer.layers["prediction"].opacity = 0.5
+        settle()
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(out)
+    if train_seconds:
+        widget.training.shutdown()
     viewer.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "screenshot.png")
+    # python docs/screenshot.py OUT.png [SECONDS]: with SECONDS, train that long first.
+    main(
+        sys.argv[1] if len(sys.argv) > 1 else "screenshot.png",
+        float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
+    )

@@ -15,7 +15,9 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QScrollArea,
     QSpinBox,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -55,7 +57,13 @@ class MarsViewerWidget(QWidget):
 
     # -- construction ----------------------------------------------------------
     def _build(self) -> None:
-        root = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.tabs = QTabWidget()
+        outer.addWidget(self.tabs)
+        page = QWidget()
+        root = QVBoxLayout(page)
+        self.tabs.addTab(_scrolled(page), "Dataset")
 
         box = QGroupBox("Dataset")
         lay = QVBoxLayout(box)
@@ -121,6 +129,15 @@ class MarsViewerWidget(QWidget):
         root.addWidget(self.dup_box)
         root.addStretch(1)
 
+        from ._training import TrainingPanel
+
+        self.training = TrainingPanel(self)
+        self.tabs.addTab(_scrolled(self.training), "Train")
+        from ._review import ReviewPanel
+
+        self.review = ReviewPanel(self)
+        self.tabs.addTab(_scrolled(self.review), "Review")
+
     # -- opening ---------------------------------------------------------------
     def _ask_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open a competition .npz", "", "NumPy archives (*.npz)")
@@ -179,7 +196,11 @@ class MarsViewerWidget(QWidget):
 
     def show_dataset(self, dataset: Dataset) -> None:
         """Replace the layers of any previous dataset with this one's."""
-        for layer in [lyr for lyr in self.viewer.layers if role_of(lyr)]:
+        from ._review import DIFF, DISAGREEMENT
+        from ._training import PREDICTION, UNCERTAINTY
+
+        derived = (PREDICTION, UNCERTAINTY, DIFF, DISAGREEMENT)  # views of the old dataset
+        for layer in [lyr for lyr in self.viewer.layers if role_of(lyr) or lyr.name in derived]:
             self.viewer.layers.remove(layer)
         for data, kwargs, kind in dataset_layer_data(dataset):
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
@@ -193,6 +214,7 @@ class MarsViewerWidget(QWidget):
     def _on_layer_removed(self, event) -> None:
         if event.value is self.masks_layer:
             self.masks_layer = None
+            self.review.detach()
             self.browser.masks = None
             self.browser.stats = None
             self._on_dataset_changed()
@@ -209,6 +231,8 @@ class MarsViewerWidget(QWidget):
             info = layer.metadata[META_KEY]
             n_test = self.images_layer.metadata[META_KEY].get("n_test", 0) if self.images_layer else 0
             self.browser.set_dataset(layer.data, info.get("names"), info.get("source", ""), n_test)
+            if self.images_layer is not None and self.images_layer.data.shape == layer.data.shape:
+                self.review.attach_dataset(self.images_layer.data, layer, info.get("source", ""))
 
     # -- reacting to the browser -----------------------------------------------
     def _on_dataset_changed(self) -> None:
@@ -292,6 +316,14 @@ class MarsViewerWidget(QWidget):
         later = [i for i in members if i > current] if current in members else []
         self.browser.set_index(later[0] if later else members[0])
         show_info(f"Image {self.browser.index}: one of {len(members)} images with the same mask")
+
+
+def _scrolled(widget: QWidget) -> QScrollArea:
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QScrollArea.NoFrame)
+    area.setWidget(widget)
+    return area
 
 
 def _source_title(source: str) -> str:

@@ -206,3 +206,33 @@ def test_ddp_two_cpu_processes_evaluate_equal_and_train(trained, tmp_path, capsy
     ]
     losses = [e["loss"] for e in events if e["kind"] == "step"]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_ctrl_c_stops_gracefully_and_saves(trained, tmp_path):
+    import signal
+
+    data, _, _ = trained
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "train",
+            str(data),
+            "--run-dir",
+            str(run_dir),
+            "--preset",
+            "tiny",
+            "--epochs",
+            "500",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = proc.stderr.readline()  # "training on ..." is printed once the run has started
+    assert first.startswith("training on"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped at epoch" in err and (run_dir / "checkpoints" / "last.pt").exists()

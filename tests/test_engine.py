@@ -183,3 +183,49 @@ def test_minutes_budget_stops_on_time(data):
     events = list(fit(data, preset("tiny").replace(epochs=0, minutes=0.03)))
     assert events[-1].reason == "time budget" and math.isfinite(events[-1].best_miou)
     assert events[-1].seconds < 10
+
+
+def test_early_stopping(data, monkeypatch):
+    """With patience 2 and a validation score that never improves, training stops early."""
+    import trainer.engine as engine
+    from trainer.metrics import ConfusionMatrix
+
+    def constant(*args, **kwargs):
+        cm = ConfusionMatrix()
+        cm.matrix[1, 1] = 10
+        return cm
+
+    monkeypatch.setattr(engine, "confusion_on", constant)
+    events = list(fit(data, preset("tiny").replace(epochs=20, patience=2)))
+    assert events[-1].reason == "early stopping"
+    assert [e.epoch for e in events if isinstance(e, ev.Validation)] == [0, 1, 2]
+
+
+def test_corrections_are_picked_up_at_the_next_epoch(tmp_path):
+    """Saved corrections and exclusions reach a running fit() without a restart."""
+    from trainer.corrections import CorrectionStore
+
+    sample = generate(40, 0, seed=6)
+    ds = sample.dataset
+    store = CorrectionStore.for_dataset(ds, path=tmp_path / "c.sqlite")
+    reader = CorrectionStore(tmp_path / "c.sqlite", _hash(ds), len(ds), ds.image_shape, readonly=True)
+    before = ds.masks.copy()
+    updates = []
+    for e in fit(ds, preset("tiny").replace(epochs=3), corrections=reader):
+        if isinstance(e, ev.DataUpdate):
+            updates.append(e)
+        if isinstance(e, ev.Validation) and e.epoch == 0:
+            store.exclude_many(sample.truth["outlier_group"])
+            bad = sample.truth["corrupted"][0]
+            store.save_mask(bad, sample.clean_masks[bad])
+    assert [u.epoch for u in updates] == [0, 1]
+    assert (updates[0].corrected, updates[0].excluded) == (0, 0)
+    assert updates[1].corrected == 1 and updates[1].excluded == len(sample.truth["outlier_group"])
+    assert updates[1].train_images < updates[0].train_images
+    np.testing.assert_array_equal(ds.masks, before)  # the caller's arrays are never written
+
+
+def _hash(ds):
+    from trainer.corrections import dataset_hash
+
+    return dataset_hash(ds.images, ds.masks)

@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands that live in their own modules."""
-    from . import cli_train
+    from . import cli_review, cli_train
 
-    return [cli_train.register]
+    return [cli_train.register, cli_review.register]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .corrections import CorrectionsError
     from .device import DeviceError
     from .runs import RunDirError
 
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, CliError, ConfigError, CheckpointError, DeviceError, RunDirError) as exc:
+    except (
+        DatasetError,
+        CliError,
+        ConfigError,
+        CheckpointError,
+        DeviceError,
+        RunDirError,
+        CorrectionsError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

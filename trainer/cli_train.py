@@ -11,7 +11,9 @@ import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -111,7 +113,7 @@ class Progress:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import fit
+    from .engine import TrainControl
 
     cfg = config_from_args(args)
     dataset = load_dataset(args)
@@ -119,7 +121,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet = int(os.environ.get("RANK", "0")) != 0
     progress = Progress()
     status = 0
-    for event in fit(dataset, cfg, args.run_dir, resume=args.resume):
+    control = TrainControl()
+
+    def on_interrupt(signum, frame):
+        # First Ctrl-C: stop after the current step and save a checkpoint. Second: abort.
+        if control.stop_requested:
+            raise KeyboardInterrupt
+        progress.line("stopping after this step (Ctrl-C again to abort without saving)")
+        control.request_stop()
+
+    previous = (
+        signal.signal(signal.SIGINT, on_interrupt)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        status = _run_training(dataset, cfg, args, control, progress, quiet)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return status
+
+
+def _run_training(dataset, cfg, args, control, progress, quiet) -> int:
+    from .engine import fit
+
+    status = 0
+    for event in fit(dataset, cfg, args.run_dir, resume=args.resume, control=control):
         kind = event.kind
         if kind == "failed":
             status = 1

@@ -59,7 +59,7 @@ class TrainConfig:
     patience: int = _opt(0, "early stopping: validations without mIoU improvement (0 = off)")
     val_fraction: float = _opt(0.1, "share of images held out for validation (stratified)")
     val_every: int = _opt(1, "validate every N epochs")
-    log_every: int = _opt(10, "emit a step event every N steps")
+    log_every: int = _opt(1, "emit a step event every N steps (reading the loss back syncs a GPU)")
     # -- data
     augment: bool = _opt(True, "on-device augmentation (flips, small affine, photometric, noise)")
     hflip: bool = _opt(True, "horizontal flips")

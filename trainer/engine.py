@@ -48,6 +48,7 @@ class TrainControl:
     """
 
     preview_indices: list[int] = field(default_factory=list)
+    preview_every_s: float | None = None  # also preview between steps at this interval
     poll: Callable[[], None] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _preview_now: threading.Event = field(default_factory=threading.Event)
@@ -78,9 +79,14 @@ def fit(
     *,
     control: TrainControl | None = None,
     resume: str | Path | None = None,
+    corrections=None,
 ) -> Iterator[ev.Event]:
     """Train a U-Net on ``dataset`` and yield events until a terminal one
     (:class:`~trainer.events.Finished`, ``Stopped`` or ``Failed``).
+
+    ``corrections`` (a :class:`~trainer.corrections.CorrectionStore`, optional) is read
+    at the start of every epoch: edited masks replace the originals and excluded images
+    leave the training split, without restarting (a ``DataUpdate`` event says so).
 
     Bad input (a dataset without labels, a missing GPU, an unwritable run directory, a
     checkpoint of another architecture) raises before the first event; failures during
@@ -109,7 +115,8 @@ def fit(
         train_idx, val_idx = stratified_split(presence, cfg.val_fraction, cfg.seed)
 
     images = torch.from_numpy(dataset.images).to(device)
-    masks = torch.from_numpy(dataset.masks).to(device)
+    # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
+    masks = torch.from_numpy(dataset.masks).to(device, copy=corrections is not None)
     weights = frequency_class_weights(
         class_pixel_counts(dataset.masks[train_idx]), cfg.background_weight, cfg.class_weighting
     )
@@ -136,6 +143,28 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    base_train_idx = train_idx
+    original_masks = dataset.masks
+    seen_version = None
+
+    def reload_corrections(epoch: int):
+        """Apply the store's current state; returns a DataUpdate event when it changed."""
+        nonlocal train_idx, presence, seen_version
+        version = corrections.version()
+        if version == seen_version:
+            return None
+        seen_version = version
+        edited, excluded = corrections.snapshot()
+        effective = original_masks.copy()
+        for i, m in edited.items():
+            effective[i] = m
+        masks.copy_(torch.from_numpy(effective))
+        presence = class_presence(effective)
+        train_idx = np.array([i for i in base_train_idx if i not in excluded], dtype=np.int64)
+        if len(train_idx) == 0:
+            raise DatasetError("every training image is excluded")
+        return ev.DataUpdate(epoch, len(edited), len(excluded), len(train_idx))
 
     sample_weights = torch.as_tensor(oversampling_weights(presence[train_idx], cfg.oversample))
     per_step = cfg.batch_size * dist.world
@@ -173,10 +202,18 @@ def fit(
     ))  # fmt: skip
 
     t0 = time.perf_counter()
+    last_preview = -math.inf
     epoch = start_epoch
     reason = "completed"
     try:
         for epoch in range(start_epoch, cfg.epochs if not budget_s else 10**9):
+            if corrections is not None:
+                update = reload_corrections(epoch)
+                if update is not None:
+                    sample_weights = torch.as_tensor(
+                        oversampling_weights(presence[train_idx], cfg.oversample)
+                    )
+                    yield emit(update)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             draws = torch.multinomial(
                 sample_weights, steps_per_epoch * per_step, replacement=True, generator=g
@@ -223,6 +260,16 @@ def fit(
                     yield emit(ev.Step(epoch, step, mean_loss, lr, rate, min(done, 1.0), eta))
                     loss_sum.zero_()
                     loss_n, t_log, n_log = 0, now, 0
+                if control.preview_indices and (
+                    control._preview_now.is_set()
+                    or (
+                        control.preview_every_s is not None
+                        and time.perf_counter() - last_preview >= control.preview_every_s
+                    )
+                ):
+                    control._preview_now.clear()
+                    yield emit(_preview(model, dataset, control.preview_indices, epoch, step, device))
+                    last_preview = time.perf_counter()
                 if budget_s and time.perf_counter() - t0 > budget_s:
                     break
             out_of_time = bool(budget_s) and time.perf_counter() - t0 > budget_s
@@ -249,11 +296,9 @@ def fit(
                         yield emit(ck)
                 stop_early = cfg.patience > 0 and stale >= cfg.patience
                 if control.preview_indices:
-                    yield emit(_preview(model, dataset, control.preview_indices, epoch, step, device))
                     control._preview_now.clear()
-            elif control._preview_now.is_set() and control.preview_indices:
-                yield emit(_preview(model, dataset, control.preview_indices, epoch, step, device))
-                control._preview_now.clear()
+                    yield emit(_preview(model, dataset, control.preview_indices, epoch, step, device))
+                    last_preview = time.perf_counter()
             if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop_early:
                 ck = checkpoint("last", epoch, None)
                 if ck:

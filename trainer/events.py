@@ -79,6 +79,17 @@ class Checkpoint(Event):
 
 
 @dataclass
+class DataUpdate(Event):
+    """The training data changed: corrections and exclusions in use from this epoch on."""
+
+    epoch: int
+    corrected: int
+    excluded: int
+    train_images: int
+    kind = "data_update"
+
+
+@dataclass
 class Finished(Event):
     epoch: int
     step: int

@@ -1,0 +1,157 @@
+"""Does training make napari stutter? Browse like a person while training runs.
+
+Run under Xvfb on the target machine::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python bench/gui_responsiveness.py --json OUT
+
+It opens the viewer with the plugin on the synthetic sample and moves to the next image
+every 100 ms, timing each move until the viewer has processed it and repainted the
+canvas. Three phases, one run:
+
+1. idle (with the same layers as below: images, masks, prediction, uncertainty);
+2. training started from the panel (default CPU preset, live previews on), which runs
+   in a child process at lowered priority;
+3. the baseline most plugins use: the same training in a thread worker inside napari's
+   process.
+
+Writes idle/train/baseline p99 and max step times, ``ratio_p99`` = train p99 / idle p99,
+and ``first_preview_s``, the time from Start to the first live prediction shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the training (0 = the panel's default)"
+    )
+    p.add_argument("--no-preview", action="store_true", help="diagnostic: training without live previews")
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    import napari
+    from napari.qt.threading import create_worker
+    from qtpy.QtWidgets import QApplication
+
+    from trainer.config import preset
+    from trainer.engine import TrainControl, fit
+    from trainer.process import DatasetSpec  # noqa: F401 - imported here so phase 2 pays no import
+
+    viewer = napari.Viewer(title="gui responsiveness")
+    viewer.window._qt_window.resize(1400, 900)
+    _, widget = viewer.window.add_plugin_dock_widget("marsviewer", "Mars Viewer")
+    widget.load_sample()
+    app = QApplication.instance()
+    while not widget.browser.loaded:
+        app.processEvents()
+        time.sleep(0.01)
+    canvas = viewer.window._qt_viewer.canvas.native
+    n = len(widget.browser)
+
+    def browse(seconds: float) -> list[float]:
+        times = []
+        i = widget.browser.index
+        next_tick = time.perf_counter()
+        end = next_tick + seconds
+        while time.perf_counter() < end:
+            next_tick += 0.1
+            i = (i + 1) % n
+            t0 = time.perf_counter()
+            viewer.dims.set_current_step(0, i)
+            app.processEvents()
+            canvas.repaint()  # synchronous paint of the canvas
+            times.append(1000 * (time.perf_counter() - t0))
+            while time.perf_counter() < next_tick:
+                app.processEvents()
+                time.sleep(0.002)
+        return times
+
+    def summary(times: list[float]) -> tuple[float, float]:
+        return float(np.percentile(times, 99)), float(np.max(times))
+
+    panel = widget.training
+    # The prediction layers exist in every phase, so all phases draw the same layers and
+    # the comparison measures only what training costs the viewer.
+    panel._ensure_prediction_layers()
+    browse(3)  # warm-up: shaders, caches
+    idle = browse(args.seconds)
+
+    panel.form.preset_combo.setCurrentText("cpu")
+    panel.form.device_combo.setCurrentIndex(panel.form.device_combo.count() - 1)
+    panel.form.editors["epochs"].setValue(1000)
+    cfg_gui = panel.form.config()
+    if args.no_preview:
+        import marsviewer._training as training_module
+
+        training_module.PREVIEW_EVERY_S = None
+        panel._preview_timer.timeout.disconnect()
+    panel.start(config=cfg_gui.replace(threads=args.threads) if args.threads else None)
+    train = browse(args.seconds)
+    first_preview = panel.first_preview_s
+    steps_in_process = len(panel.history.losses)
+    panel.stop()
+    while panel.running:
+        app.processEvents()
+        time.sleep(0.02)
+
+    control = TrainControl()
+    dataset = widget.training._dataset_arrays()
+    from trainer.dataset import Dataset
+
+    ds = Dataset(images=dataset[0], masks=dataset[1], source="sample")
+    cfg = preset("cpu").replace(epochs=1000, device="cpu", threads=args.threads or cfg_gui.threads)
+    counter = {"steps": 0}
+
+    def in_thread():
+        for e in fit(ds, cfg, control=control):
+            if e.kind == "step":
+                counter["steps"] += 1
+        return None
+
+    worker = create_worker(in_thread, _start_thread=False, _ignore_errors=True)
+    worker.start()
+    while counter["steps"] == 0:
+        app.processEvents()
+        time.sleep(0.01)
+    baseline = browse(args.seconds)
+    control.request_stop()
+    while worker.is_running:
+        app.processEvents()
+        time.sleep(0.02)
+
+    idle_p99, idle_max = summary(idle)
+    train_p99, train_max = summary(train)
+    base_p99, base_max = summary(baseline)
+    result = {
+        "idle_p99_ms": round(idle_p99, 1),
+        "idle_max_ms": round(idle_max, 1),
+        "train_p99_ms": round(train_p99, 1),
+        "train_max_ms": round(train_max, 1),
+        "ratio_p99": round(train_p99 / idle_p99, 3),
+        "baseline_thread_p99_ms": round(base_p99, 1),
+        "baseline_thread_max_ms": round(base_max, 1),
+        "first_preview_s": None if first_preview is None else round(first_preview, 2),
+        "idle_median_ms": round(float(np.median(idle)), 1),
+        "train_median_ms": round(float(np.median(train)), 1),
+        "baseline_median_ms": round(float(np.median(baseline)), 1),
+        "moves_per_phase": [len(idle), len(train), len(baseline)],
+        "training_log_events_in_process_phase": steps_in_process,
+        "training_steps_in_thread_phase": counter["steps"],
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

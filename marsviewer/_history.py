@@ -1,0 +1,169 @@
+"""Qt-free record of a training run as the GUI shows it: curves, IoU, progress, status.
+
+It takes events either as objects (from a live training process) or as the dicts of a
+run directory's ``events.jsonl`` (attaching to a run started elsewhere), so both paths
+show exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trainer.events import Event
+
+
+def _as_dict(event) -> dict:
+    return event.to_json() if isinstance(event, Event) else dict(event)
+
+
+@dataclass
+class RunHistory:
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_iou: list[list[float]] = field(default_factory=list)  # per validation, 5 by class id
+    val_miou: list[float] = field(default_factory=list)
+    best_miou: float = math.nan
+    latest_confusion: list | None = None
+    epoch: int = 0
+    progress: float = 0.0
+    images_per_s: float = 0.0
+    eta_s: float | None = None
+    device: str = ""
+    state: str = "idle"  # idle, starting, running, stopping, finished, stopped, failed
+    message: str = ""
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
+    run_dir: str | None = None
+    corrected: int = 0
+    excluded: int = 0
+
+    def apply(self, event) -> dict:
+        """Update from one event; returns its dict form."""
+        e = _as_dict(event)
+        kind = e.get("kind")
+        if kind == "started":
+            self.state = "running"
+            self.device = e.get("device_name") or e.get("device", "")
+            self.message = (
+                f"Training on {self.device}: {e.get('train_images')} training, "
+                f"{e.get('val_images')} validation images, {e.get('parameters', 0):,} parameters"
+            )
+        elif kind == "step":
+            self.steps.append(e["step"])
+            self.losses.append(e["loss"])
+            self.epoch = e["epoch"]
+            self.progress = e.get("progress") or 0.0
+            self.images_per_s = e.get("images_per_s") or 0.0
+            self.eta_s = e.get("eta_s")
+        elif kind == "validation":
+            iou = [math.nan if v is None else float(v) for v in e["iou"]]
+            self.val_steps.append(e["step"])
+            self.val_iou.append(iou)
+            miou = e.get("miou")
+            self.val_miou.append(math.nan if miou is None else float(miou))
+            best = e.get("best_miou")
+            self.best_miou = math.nan if best is None else float(best)
+            self.latest_confusion = e.get("confusion")
+        elif kind == "data_update":
+            self.corrected, self.excluded = e.get("corrected", 0), e.get("excluded", 0)
+        elif kind == "checkpoint":
+            if e.get("which") == "best":
+                self.best_checkpoint = e["path"]
+            self.last_checkpoint = e["path"]
+        elif kind == "finished":
+            self.state = "finished"
+            self.progress = 1.0
+            best = e.get("best_miou")
+            self.message = (
+                f"Finished ({e.get('reason', 'completed')}): best mIoU {best:.3f}"
+                if best is not None
+                else "Finished"
+            )
+            self.best_checkpoint = e.get("best_checkpoint") or self.best_checkpoint
+        elif kind == "stopped":
+            self.state = "stopped"
+            self.message = "Stopped; checkpoint saved" + (
+                f": {e['checkpoint']}" if e.get("checkpoint") else ""
+            )
+        elif kind == "failed":
+            self.state = "failed"
+            self.message = e.get("message", "failed")
+            if e.get("last_good_checkpoint"):
+                self.message += f"\nLast good checkpoint kept: {e['last_good_checkpoint']}"
+        return e
+
+    @property
+    def latest_iou(self) -> list[float]:
+        return self.val_iou[-1] if self.val_iou else [math.nan] * 5
+
+    @property
+    def best_iou(self) -> list[float]:
+        if not self.val_iou:
+            return [math.nan] * 5
+        i = int(np.nanargmax(np.where(np.isnan(self.val_miou), -1, self.val_miou)))
+        return self.val_iou[i]
+
+    def status_line(self) -> str:
+        if self.state not in ("running", "stopping"):
+            return self.message
+        eta = "?" if self.eta_s is None else _clock(self.eta_s)
+        fixes = (
+            f" · {self.corrected} corrected, {self.excluded} excluded"
+            if self.corrected or self.excluded
+            else ""
+        )
+        return f"epoch {self.epoch + 1} · {self.images_per_s:.1f} img/s · ETA {eta}{fixes} · {self.device}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class RunFollower:
+    """Reads a run directory's new events as they are appended (attach to a run)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / "events.jsonl").exists() and not (self.path / "config.toml").exists():
+            raise FileNotFoundError(f"{self.path}: not a run directory (no events.jsonl or config.toml)")
+        self.offset = 0
+        self._partial = ""
+
+    def new_events(self) -> list[dict]:
+        file = self.path / "events.jsonl"
+        if not file.exists():
+            return []
+        with open(file) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+            self.offset = f.tell()
+        text = self._partial + chunk
+        lines = text.split("\n")
+        self._partial = lines.pop()  # an unfinished last line waits for the next read
+        out = []
+        for line in lines:
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def latest_preview(self) -> tuple[list[int], np.ndarray, np.ndarray | None] | None:
+        path = self.path / "previews" / "latest.npz"
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                return z["indices"].tolist(), z["masks"], (z["entropy"] if "entropy" in z else None)
+        except (OSError, ValueError, KeyError):
+            return None  # being replaced right now; the next poll gets it

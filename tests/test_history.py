@@ -1,0 +1,76 @@
+"""The GUI's Qt-free run record, the run-directory follower and per-image IoU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from marsviewer._history import RunFollower, RunHistory
+from trainer.metrics import per_image_miou
+
+
+def test_history_from_event_dicts():
+    h = RunHistory()
+    h.apply(
+        {
+            "kind": "started",
+            "device": "cpu",
+            "device_name": "CPU",
+            "train_images": 9,
+            "val_images": 1,
+            "parameters": 10,
+        }
+    )
+    h.apply(
+        {
+            "kind": "step",
+            "epoch": 0,
+            "step": 1,
+            "loss": 2.0,
+            "lr": 0.1,
+            "images_per_s": 5.0,
+            "progress": 0.5,
+            "eta_s": 3,
+        }
+    )
+    h.apply(
+        {
+            "kind": "validation",
+            "epoch": 0,
+            "step": 1,
+            "iou": [0.1, 0.5, None, 0.3, None],
+            "miou": 0.4,
+            "pixel_accuracy": 0.5,
+            "confusion": [[0] * 5] * 5,
+            "best_miou": 0.4,
+        }
+    )
+    assert h.state == "running" and h.losses == [2.0] and "ETA 00:03" in h.status_line()
+    assert math.isnan(h.latest_iou[2]) and h.best_iou[1] == 0.5
+    h.apply({"kind": "failed", "message": "boom", "last_good_checkpoint": "/x/last.pt"})
+    assert h.state == "failed" and "boom" in h.message and "/x/last.pt" in h.message
+
+
+def test_follower_reads_only_complete_lines(tmp_path):
+    (tmp_path / "config.toml").write_text("")
+    f = RunFollower(tmp_path)
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps({"kind": "started"}) + "\n" + '{"kind": "st')
+    assert [e["kind"] for e in f.new_events()] == ["started"]
+    with open(events, "a") as fh:
+        fh.write('ep", "step": 1}\n')
+    assert f.new_events() == [{"kind": "step", "step": 1}]
+    with pytest.raises(FileNotFoundError):
+        RunFollower(tmp_path / "nothing")
+
+
+def test_per_image_miou_by_hand():
+    target = np.array([[[0, 1], [1, 2]], [[0, 0], [0, 0]]], np.uint8)
+    pred = np.array([[[3, 1], [2, 2]], [[1, 1], [1, 1]]], np.uint8)
+    m = per_image_miou(pred, target)
+    # image 0: class 1 IoU 1/2 (one FN), class 2 IoU 1/2 (one FP), class 3 only on background: ignored
+    assert m[0] == pytest.approx(0.5)
+    assert math.isnan(m[1])  # all background: nothing to score

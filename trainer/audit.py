@@ -1,0 +1,206 @@
+"""Rank images whose mask is probably wrong, each with a score and the reasons.
+
+Three kinds of evidence, combined by taking the strongest:
+
+* duplicate masks: images whose masks are exactly (or almost exactly) equal to other
+  images' masks. A group of 3 or more is the signature of pasted-in outliers sharing one
+  mask and scores 1.0, above everything else;
+* disagreement with a model that did not train on the image: K-fold out-of-fold
+  predictions (or a given checkpoint). The score is the share of pixels where the model
+  is *confident* (max probability >= 0.6) and disagrees with the mask: ambiguous textures
+  lower a plain per-image IoU for every image alike, confident disagreement much less;
+* suspicious statistics: a mask of (almost) one class.
+
+The audit model is trained with background weight 1 so it can also flag background
+painted where there is terrain, and the other way round.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+
+from . import events as ev
+from .config import TrainConfig, preset
+from .dataset import Dataset
+from .stats import duplicate_mask_groups
+
+CONFIDENT = 0.6
+
+
+def near_duplicate_groups(masks: np.ndarray, agreement: float = 0.98) -> list[tuple[int, ...]]:
+    """Groups of masks that agree on at least ``agreement`` of their pixels (coarse
+    signatures first, so this is not a full pairwise comparison)."""
+    n = len(masks)
+    sig = masks[:, ::8, ::8].reshape(n, -1)
+    buckets: dict[bytes, list[int]] = {}
+    for i in range(n):
+        buckets.setdefault(sig[i].tobytes(), []).append(i)
+    groups = []
+    for idx in buckets.values():
+        if len(idx) < 2:
+            continue
+        flat = masks[idx].reshape(len(idx), -1)
+        seen: set[int] = set()
+        for a in range(len(idx)):
+            if idx[a] in seen:
+                continue
+            same = [idx[b] for b in range(len(idx)) if (flat[a] == flat[b]).mean() >= agreement]
+            if len(same) >= 2:
+                groups.append(tuple(same))
+                seen.update(same)
+    return groups
+
+
+def out_of_fold_predictions(
+    dataset: Dataset,
+    indices: np.ndarray,
+    folds: int,
+    cfg: TrainConfig,
+    progress: Callable[[str], None] | None = None,
+    extra: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted masks, max probabilities) for ``indices``, each from a model trained
+    on the other folds; ``extra`` images (in no fold) are predicted by the last model."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine import fit
+    from .inference import predict_arrays
+
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(indices)
+    parts = np.array_split(order, folds)
+    pred = np.zeros((len(dataset), *dataset.image_shape), np.uint8)
+    conf = np.zeros((len(dataset), *dataset.image_shape), np.float16)
+    for k, held in enumerate(parts):
+        train = np.setdiff1d(order, held)
+        sub = Dataset(images=dataset.images[train], masks=dataset.masks[train], source=dataset.source)
+        with tempfile.TemporaryDirectory() as tmp:
+            for e in fit(sub, cfg, tmp):
+                if progress and isinstance(e, ev.Step) and e.step % 20 == 0:
+                    progress(f"fold {k + 1}/{folds}: {100 * e.progress:.0f}% (loss {e.loss:.3f})")
+                if isinstance(e, ev.Failed):
+                    raise RuntimeError(f"audit model of fold {k + 1} failed: {e.message}")
+            ckpt = tmp + "/checkpoints/best.pt"
+            model, _ = model_from_checkpoint(load_checkpoint(ckpt))
+        if k == folds - 1 and extra is not None and len(extra):
+            held = np.concatenate([held, extra])
+        out = predict_arrays(model, dataset.images[held], 64, "cpu", with_probs=True)
+        pred[held] = out["masks"]
+        conf[held] = out["probs"].max(axis=1)
+    return pred, conf
+
+
+def predictions_from_checkpoint(dataset: Dataset, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .inference import predict_arrays
+
+    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    out = predict_arrays(model, dataset.images, 64, "cpu", with_probs=True)
+    return out["masks"], out["probs"].max(axis=1)
+
+
+def audit_config(minutes_per_fold: float, seed: int = 0) -> TrainConfig:
+    return preset("cpu").replace(
+        epochs=0,
+        minutes=minutes_per_fold,
+        background_weight=1.0,
+        val_fraction=0.1,
+        seed=seed,
+        warmup_steps=20,
+    )
+
+
+def rank(
+    masks: np.ndarray,
+    pred: np.ndarray | None,
+    conf: np.ndarray | None,
+    excluded: set[int] | frozenset = frozenset(),
+) -> list[dict]:
+    """Combine the evidence into ``[{"index", "score", "reasons"}]``, most suspicious first."""
+    n = len(masks)
+    scores = np.zeros(n)
+    reasons: list[list[dict]] = [[] for _ in range(n)]
+
+    def add(i: int, score: float, reason: dict) -> None:
+        reasons[i].append({**reason, "score": round(float(score), 4)})
+        scores[i] = max(scores[i], score)
+
+    for g in duplicate_mask_groups(masks):
+        s = 1.0 if len(g) >= 3 else 0.6
+        for i in g:
+            add(i, s, {"kind": "duplicate_mask", "group_size": len(g), "group": list(g)[:50]})
+    exact = {i for g in duplicate_mask_groups(masks) for i in g}
+    for g in near_duplicate_groups(masks):
+        if set(g) <= exact:
+            continue
+        for i in g:
+            add(
+                i,
+                0.9 if len(g) >= 3 else 0.5,
+                {"kind": "near_duplicate_mask", "group_size": len(g), "group": list(g)[:50]},
+            )
+    flat = masks.reshape(n, -1)
+    counts = np.stack([(flat == c).mean(axis=1) for c in range(5)], axis=1)
+    for i in np.flatnonzero(counts.max(axis=1) >= 0.995):
+        add(int(i), 0.4, {"kind": "single_class", "class": int(counts[i].argmax())})
+    if pred is not None:
+        wrong = pred != masks
+        confident = conf >= CONFIDENT if conf is not None else np.ones_like(wrong)
+        frac = (wrong & confident).reshape(n, -1).mean(axis=1)
+        plain = wrong.reshape(n, -1).mean(axis=1)
+        for i in range(n):
+            add(
+                i,
+                float(frac[i]),
+                {
+                    "kind": "model_disagreement",
+                    "confident_disagreement": round(float(frac[i]), 4),
+                    "pixel_error": round(float(plain[i]), 4),
+                },
+            )
+    out = [
+        {
+            "index": i,
+            "score": round(float(scores[i]), 4),
+            "reasons": sorted(reasons[i], key=lambda r: -r["score"]),
+        }
+        for i in range(n)
+        if i not in excluded
+    ]
+    out.sort(key=lambda r: (-r["score"], r["index"]))
+    return out
+
+
+def baseline_rank(masks: np.ndarray, pred: np.ndarray) -> list[int]:
+    """The simple baseline: images ordered by per-image mIoU between prediction and mask."""
+    from .metrics import per_image_miou
+
+    m = per_image_miou(pred, masks)
+    return [int(i) for i in np.argsort(np.where(np.isnan(m), np.inf, m), kind="stable")]
+
+
+def audit(
+    dataset: Dataset,
+    checkpoint: str | None = None,
+    folds: int = 3,
+    minutes: float = 3.0,
+    excluded: set[int] | frozenset = frozenset(),
+    progress: Callable[[str], None] | None = None,
+    seed: int = 0,
+) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Rank the dataset's images; returns (ranking, predictions, confidences)."""
+    if checkpoint:
+        pred, conf = predictions_from_checkpoint(dataset, checkpoint)
+    else:
+        if folds < 2:
+            raise ValueError(f"folds must be at least 2, got {folds}")
+        keep = np.array([i for i in range(len(dataset)) if i not in excluded])
+        # Exact duplicate groups are outliers already found: leave them out of model training.
+        dupes = {i for g in duplicate_mask_groups(dataset.masks) if len(g) >= 3 for i in g}
+        train_pool = np.array([i for i in keep if i not in dupes])
+        cfg = audit_config(minutes / folds, seed)
+        rest = np.setdiff1d(np.arange(len(dataset)), train_pool)
+        pred, conf = out_of_fold_predictions(dataset, train_pool, folds, cfg, progress, extra=rest)
+    return rank(dataset.masks, pred, conf, excluded), pred, conf

@@ -1,0 +1,148 @@
+"""``mars-trainer audit`` and ``mars-trainer export``: find likely label errors, and write
+the corrected dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cli import CliError, add_dataset_args, load_dataset
+
+
+def _store(dataset, path: str | None, create: bool):
+    from .corrections import CorrectionStore, dataset_hash, default_store_path
+
+    h = dataset_hash(dataset.images, dataset.masks)
+    target = Path(path) if path else default_store_path(dataset.source, h)
+    if not create and not target.exists():
+        return None
+    return CorrectionStore(target, h, len(dataset), dataset.image_shape)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise CliError(f"{out.parent}: no such folder")
+    dataset = load_dataset(args)
+    store = _store(dataset, args.corrections, create=False)
+    excluded: set[int] = set()
+    if store is not None:
+        dataset, excluded = store.apply(dataset)
+    started = time.time()
+    tty = sys.stderr.isatty()
+
+    def progress(text: str) -> None:
+        line = f"audit: {text} ({time.time() - started:.0f} s)"
+        sys.stderr.write(("\r" + line.ljust(70)) if tty else line + "\n")
+        sys.stderr.flush()
+
+    ranking, _, _ = audit(
+        dataset,
+        checkpoint=args.checkpoint,
+        folds=args.folds,
+        minutes=args.minutes,
+        excluded=excluded,
+        progress=progress,
+        seed=args.seed,
+    )
+    if tty:
+        sys.stderr.write("\n")
+    out.write_text(json.dumps(ranking))
+    top = ranking[: min(10, len(ranking))]
+    print(f"wrote {out}: {len(ranking)} images ranked; most suspicious:")
+    for r in top:
+        kinds = ", ".join(x["kind"] for x in r["reasons"] if x["score"] >= 0.05) or "-"
+        print(f"  image {r['index']:>5}  score {r['score']:.3f}  {kinds}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .formats import write_npz
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise CliError(f"{out}: the output must end in .npz")
+    dataset = load_dataset(args)
+    if Path(args.dataset).exists() and out.resolve() == Path(args.dataset).resolve():
+        raise CliError(f"{out}: refusing to overwrite the original dataset; choose another name")
+    store = _store(dataset, args.corrections, create=False)
+    edited: dict[int, np.ndarray] = {}
+    excluded: set[int] = set()
+    if store is not None:
+        edited, excluded = store.snapshot()
+    masks = dataset.masks.copy()
+    changes = []
+    for i, m in sorted(edited.items()):
+        changed = int((m != dataset.masks[i]).sum())
+        masks[i] = m
+        changes.append(
+            {"index": i, "action": "mask", "changed_pixels": changed, "history": _history(store, i)}
+        )
+    for i in sorted(excluded):
+        changes.append(
+            {
+                "index": i,
+                "action": "excluded",
+                "dropped": bool(args.drop_excluded),
+                "history": _history(store, i),
+            }
+        )
+    keep = np.array(
+        [i for i in range(len(dataset)) if not (args.drop_excluded and i in excluded)], dtype=np.int64
+    )
+    # The real file is float64; keep the dtype people's notebooks expect unless asked.
+    write_npz(out, dataset.images[keep], masks[keep], dataset.test_images, dtype=args.dtype)
+    log = {
+        "source": dataset.source,
+        "corrections": str(store.path) if store is not None else None,
+        "images": int(len(keep)),
+        "edited": len(edited),
+        "excluded": len(excluded),
+        "dropped_excluded": bool(args.drop_excluded),
+        "kept_indices": keep.tolist() if args.drop_excluded else None,
+        "changes": changes,
+    }
+    changelog = out.with_name(out.stem + ".changelog.json")
+    changelog.write_text(json.dumps(log, indent=1))
+    print(
+        f"wrote {out} ({len(keep)} images, {len(edited)} corrected masks, {len(excluded)} excluded"
+        f"{' and dropped' if args.drop_excluded else ''}) and {changelog.name}"
+    )
+    return 0
+
+
+def _history(store, i: int) -> list[dict]:
+    return [
+        {"action": e.action, "time": e.time, "note": e.note, "current": e.current} for e in store.history(i)
+    ]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("audit", help="rank images whose mask is probably wrong")
+    add_dataset_args(p)
+    p.add_argument(
+        "--out", required=True, help="output JSON: [{index, score, reasons}], most suspicious first"
+    )
+    p.add_argument("--checkpoint", help="use this model's predictions instead of training out-of-fold models")
+    p.add_argument("--folds", type=int, default=3, help="out-of-fold models to train (default 3)")
+    p.add_argument(
+        "--minutes", type=float, default=3.0, help="training budget for all folds together (default 3)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("export", help="write the dataset with corrections applied (competition format)")
+    add_dataset_args(p)
+    p.add_argument("--out", required=True, help="output .npz; a .changelog.json goes beside it")
+    p.add_argument("--drop-excluded", action="store_true", help="leave excluded images out")
+    p.add_argument("--dtype", choices=["float64", "float32", "uint8"], default="float64")
+    p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
+    p.set_defaults(func=cmd_export)
