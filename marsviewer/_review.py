@@ -27,29 +27,6 @@ DIFF = "changed pixels"
 DISAGREEMENT = "model disagrees"
 
 
-def _audit_child(conn, images, masks, excluded, minutes, folds):
-    """Runs in a child process: the audit with progress messages."""
-    from trainer.audit import audit
-    from trainer.dataset import Dataset
-    from trainer.process import _lower_priority
-
-    _lower_priority()
-    try:
-        ds = Dataset(images=images, masks=masks, source="review")
-        ranking, pred, _ = audit(
-            ds,
-            folds=folds,
-            minutes=minutes,
-            excluded=set(excluded),
-            progress=lambda t: conn.send(("progress", t)),
-        )
-        conn.send(("result", ranking, pred))
-    except BaseException as exc:  # noqa: BLE001 - reported to the GUI
-        conn.send(("error", str(exc) or type(exc).__name__))
-    finally:
-        conn.close()
-
-
 class ReviewPanel(QWidget):
     saved = Signal(int)
     audit_done = Signal()
@@ -328,14 +305,14 @@ class ReviewPanel(QWidget):
 
     # -- the audit -------------------------------------------------------------
     def start_audit(self, minutes: float | None = None, folds: int = 3):
-        from trainer.process import _Child
+        from trainer.process import _Child, child_audit
 
         if self.store is None or self._auditor is not None:
             return None
         images = np.asarray(self.owner.images_layer.data, dtype=np.uint8)
         masks = self.original_masks_effective().copy()
         minutes = self.minutes_spin.value() if minutes is None else minutes
-        self._auditor = _Child(_audit_child, images, masks, sorted(self._excluded()), minutes, folds)
+        self._auditor = _Child(child_audit, images, masks, sorted(self._excluded()), minutes, folds)
         self.audit_button.setEnabled(False)
         self.audit_status.setText(f"Training {folds} out-of-fold models ({minutes:g} min)…")
         self.timer.start()

@@ -6,9 +6,10 @@ Three kinds of evidence, combined by taking the strongest:
   images' masks. A group of 3 or more is the signature of pasted-in outliers sharing one
   mask and scores 1.0, above everything else;
 * disagreement with a model that did not train on the image: K-fold out-of-fold
-  predictions (or a given checkpoint). The score is the share of pixels where the model
-  is *confident* (max probability >= 0.6) and disagrees with the mask: ambiguous textures
-  lower a plain per-image IoU for every image alike, confident disagreement much less;
+  predictions (or a given checkpoint). The score is the share of pixels that confident
+  learning flags (the model gives the label less than that class's typical confidence and
+  another class at least its own), kept only where such pixels form regions: ambiguous
+  textures lower a plain per-image IoU for every image alike, this much less;
 * suspicious statistics: a mask of (almost) one class.
 
 The audit model is trained with background weight 1 so it can also flag background
@@ -54,6 +55,45 @@ def near_duplicate_groups(masks: np.ndarray, agreement: float = 0.98) -> list[tu
     return groups
 
 
+def class_thresholds(masks: np.ndarray, probs: np.ndarray, skip=frozenset()) -> np.ndarray:
+    """Per class, the model's mean probability for that class on the pixels labelled with
+    it (confident learning, Northcutt et al. 2021): a self-confidence per class that adapts
+    to how well the model knows each class."""
+    c = probs.shape[1]
+    sums, counts = np.zeros(c), np.zeros(c)
+    for i in range(len(masks)):
+        if i in skip:
+            continue
+        for k in range(c):
+            sel = masks[i] == k
+            if sel.any():
+                sums[k] += float(probs[i, k][sel].astype(np.float32).sum())
+                counts[k] += sel.sum()
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+
+
+def label_error_pixels(
+    masks: np.ndarray, probs: np.ndarray, skip=frozenset(), window: int = 5, coherence: float = 0.6
+) -> np.ndarray:
+    """Pixels whose label is probably wrong: the model gives the label less than that
+    class's threshold and another class at least its own threshold, in a neighbourhood
+    where most pixels are such errors (label errors are regions; model noise is speckle)."""
+    from scipy.ndimage import uniform_filter
+
+    t = class_thresholds(masks, probs, skip).astype(np.float32)
+    out = np.zeros(masks.shape, bool)
+    for start in range(0, len(masks), 128):
+        p = probs[start : start + 128].astype(np.float32)  # (B, C, H, W)
+        m = masks[start : start + 128].astype(np.int64)
+        given = np.take_along_axis(p, m[:, None], axis=1)[:, 0]
+        above = p >= t[None, :, None, None]
+        np.put_along_axis(above, m[:, None], False, axis=1)  # other classes only
+        err = above.any(axis=1) & (given < t[m])
+        smooth = uniform_filter(err.astype(np.float32), size=(1, window, window), mode="nearest")
+        out[start : start + 128] = err & (smooth >= coherence)
+    return out
+
+
 def out_of_fold_predictions(
     dataset: Dataset,
     indices: np.ndarray,
@@ -72,7 +112,7 @@ def out_of_fold_predictions(
     order = rng.permutation(indices)
     parts = np.array_split(order, folds)
     pred = np.zeros((len(dataset), *dataset.image_shape), np.uint8)
-    conf = np.zeros((len(dataset), *dataset.image_shape), np.float16)
+    conf = np.zeros((len(dataset), 5, *dataset.image_shape), np.float16)
     for k, held in enumerate(parts):
         train = np.setdiff1d(order, held)
         sub = Dataset(images=dataset.images[train], masks=dataset.masks[train], source=dataset.source)
@@ -88,7 +128,7 @@ def out_of_fold_predictions(
             held = np.concatenate([held, extra])
         out = predict_arrays(model, dataset.images[held], 64, "cpu", with_probs=True)
         pred[held] = out["masks"]
-        conf[held] = out["probs"].max(axis=1)
+        conf[held] = out["probs"]
     return pred, conf
 
 
@@ -98,7 +138,7 @@ def predictions_from_checkpoint(dataset: Dataset, checkpoint: str) -> tuple[np.n
 
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     out = predict_arrays(model, dataset.images, 64, "cpu", with_probs=True)
-    return out["masks"], out["probs"].max(axis=1)
+    return out["masks"], out["probs"]
 
 
 def audit_config(minutes_per_fold: float, seed: int = 0) -> TrainConfig:
@@ -147,8 +187,11 @@ def rank(
         add(int(i), 0.4, {"kind": "single_class", "class": int(counts[i].argmax())})
     if pred is not None:
         wrong = pred != masks
-        confident = conf >= CONFIDENT if conf is not None else np.ones_like(wrong)
-        frac = (wrong & confident).reshape(n, -1).mean(axis=1)
+        if conf is not None and conf.ndim == 4:  # class probabilities: confident learning
+            suspect = label_error_pixels(masks, conf, skip=exact)
+        else:  # max probabilities only
+            suspect = wrong & (conf >= CONFIDENT) if conf is not None else wrong
+        frac = suspect.reshape(n, -1).mean(axis=1)
         plain = wrong.reshape(n, -1).mean(axis=1)
         for i in range(n):
             add(

@@ -130,24 +130,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress.line("stopping after this step (Ctrl-C again to abort without saving)")
         control.request_stop()
 
+    store = None
+    if not args.no_corrections:
+        from .cli_review import _store
+
+        store = _store(dataset, None, create=False)
+        if store is not None and not quiet:
+            edited, excluded = store.snapshot()
+            progress.line(f"using corrections from {store.path}: {len(edited)} edited, {len(excluded)} excluded")
     previous = (
         signal.signal(signal.SIGINT, on_interrupt)
         if threading.current_thread() is threading.main_thread()
         else None
     )
     try:
-        status = _run_training(dataset, cfg, args, control, progress, quiet)
+        status = _run_training(dataset, cfg, args, control, progress, quiet, store)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     return status
 
 
-def _run_training(dataset, cfg, args, control, progress, quiet) -> int:
+def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> int:
     from .engine import fit
 
     status = 0
-    for event in fit(dataset, cfg, args.run_dir, resume=args.resume, control=control):
+    for event in fit(dataset, cfg, args.run_dir, resume=args.resume, control=control, corrections=store):
         kind = event.kind
         if kind == "failed":
             status = 1
@@ -164,6 +172,10 @@ def _run_training(dataset, cfg, args, control, progress, quiet) -> int:
             )
         elif kind == "step":
             progress.step(event)
+        elif kind == "data_update" and (event.corrected or event.excluded):
+            progress.line(
+                f"epoch {event.epoch + 1}: training on {event.corrected} corrected masks, {event.excluded} excluded images"
+            )
         elif kind == "validation":
             progress.miou = event.miou
             progress.line(f"epoch {event.epoch + 1}: validation (best mIoU {event.best_miou:.3f})")
@@ -318,6 +330,11 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a U-Net; writes a run directory with events and checkpoints")
     add_dataset_args(p)
     p.add_argument("--run-dir", required=True, help="where the config, events and checkpoints go")
+    p.add_argument(
+        "--no-corrections",
+        action="store_true",
+        help="ignore the dataset's saved corrections and exclusions (used by default when present)",
+    )
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 

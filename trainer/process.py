@@ -143,6 +143,26 @@ def _child_predict(conn, spec: DatasetSpec, checkpoint: str, device: str, batch_
         conn.close()
 
 
+def child_audit(conn, images, masks, excluded, minutes: float, folds: int) -> None:
+    """Runs in a child process: the audit, with progress messages, then the ranking and
+    the out-of-fold predicted masks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _lower_priority()
+    try:
+        from .audit import audit
+        from .dataset import Dataset
+
+        ds = Dataset(images=images, masks=masks, source="review")
+        ranking, pred, _ = audit(
+            ds, folds=folds, minutes=minutes, excluded=set(excluded), progress=lambda t: conn.send(("progress", t))
+        )
+        conn.send(("result", ranking, pred))
+    except BaseException as exc:  # noqa: BLE001 - reported to the GUI
+        conn.send(("error", str(exc) or type(exc).__name__))
+    finally:
+        conn.close()
+
+
 class _Child:
     """A spawned child with one end of a pipe; never blocks the caller."""
 
