@@ -28,7 +28,10 @@ def wait_for(proc: TrainingProcess, predicate, timeout: float = 60.0) -> list:
 
 def test_events_commands_and_graceful_stop(tmp_path):
     proc = TrainingProcess(
-        DatasetSpec(path="synthetic:40:2"), preset("tiny").replace(epochs=100), str(tmp_path), preview_indices=[1]
+        DatasetSpec(path="synthetic:40:2"),
+        preset("tiny").replace(epochs=100),
+        str(tmp_path),
+        preview_indices=[1],
     )
     try:
         seen = wait_for(proc, lambda s: any(isinstance(e, ev.Step) for e in s))
@@ -43,7 +46,9 @@ def test_events_commands_and_graceful_stop(tmp_path):
 
 
 def test_bad_input_in_the_child_is_a_failed_event(tmp_path):
-    proc = TrainingProcess(DatasetSpec(path=str(tmp_path / "missing.npz")), preset("tiny"), str(tmp_path / "run"))
+    proc = TrainingProcess(
+        DatasetSpec(path=str(tmp_path / "missing.npz")), preset("tiny"), str(tmp_path / "run")
+    )
     seen = wait_for(proc, lambda s: any(isinstance(e, ev.Failed) for e in s))
     assert "no such file" in seen[-1].message and "Traceback" not in seen[-1].message
 

@@ -137,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         store = _store(dataset, None, create=False)
         if store is not None and not quiet:
             edited, excluded = store.snapshot()
-            progress.line(f"using corrections from {store.path}: {len(edited)} edited, {len(excluded)} excluded")
+            progress.line(
+                f"using corrections from {store.path}: {len(edited)} edited, {len(excluded)} excluded"
+            )
     previous = (
         signal.signal(signal.SIGINT, on_interrupt)
         if threading.current_thread() is threading.main_thread()

@@ -154,7 +154,11 @@ def child_audit(conn, images, masks, excluded, minutes: float, folds: int) -> No
 
         ds = Dataset(images=images, masks=masks, source="review")
         ranking, pred, _ = audit(
-            ds, folds=folds, minutes=minutes, excluded=set(excluded), progress=lambda t: conn.send(("progress", t))
+            ds,
+            folds=folds,
+            minutes=minutes,
+            excluded=set(excluded),
+            progress=lambda t: conn.send(("progress", t)),
         )
         conn.send(("result", ranking, pred))
     except BaseException as exc:  # noqa: BLE001 - reported to the GUI
