@@ -42,6 +42,7 @@ class RunHistory:
     run_dir: str | None = None
     corrected: int = 0
     excluded: int = 0
+    background_weight: float = 0.0
 
     def apply(self, event) -> dict:
         """Update from one event; returns its dict form."""
@@ -49,6 +50,7 @@ class RunHistory:
         kind = e.get("kind")
         if kind == "started":
             self.state = "running"
+            self.background_weight = float((e.get("config") or {}).get("background_weight", 0.0))
             self.device = e.get("device_name") or e.get("device", "")
             self.message = (
                 f"Training on {self.device}: {e.get('train_images')} training, "

@@ -127,6 +127,8 @@ class ReviewPanel(QWidget):
             self.store = None
             show_error(f"Corrections are off for this dataset: {exc}")
             return
+        # napari emits "paint" just before it writes the stroke: look once it has.
+        masks_layer.events.paint.connect(lambda _e=None: QTimer.singleShot(0, self._after_paint))
         edited, excluded = self.store.snapshot()
         for i, m in edited.items():
             masks_layer.data[i] = m
@@ -217,6 +219,10 @@ class ReviewPanel(QWidget):
         self._on_index(self.owner.browser.index)
 
     # -- display ---------------------------------------------------------------
+    def _after_paint(self) -> None:
+        if self.store is not None and self.owner.masks_layer is not None:
+            self._on_index(self.owner.browser.index)
+
     def _on_index(self, i: int) -> None:
         previous = self._shown_index
         self._shown_index = i

@@ -384,9 +384,10 @@ class TrainingPanel(QWidget):
         rows.append((h.val_miou[-1] if h.val_miou else math.nan, h.best_miou))
         for r, (a, b) in enumerate(rows):
             for c, v in enumerate((a, b)):
-                self.iou_table.setItem(
-                    r, c, QTableWidgetItem("–" if v is None or math.isnan(v) else f"{v:.3f}")
-                )
+                text = "–" if v is None or math.isnan(v) else f"{v:.3f}"
+                if r == 0 and h.background_weight == 0 and h.val_iou:
+                    text = "not trained"  # background has loss weight 0, as the metric ignores it
+                self.iou_table.setItem(r, c, QTableWidgetItem(text))
         if h.latest_confusion is not None and self.image_miou is None:
             self._show_confusion(np.asarray(h.latest_confusion))
 

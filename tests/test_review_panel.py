@@ -89,3 +89,14 @@ def test_audit_from_the_panel_ranks_and_shows_disagreement(widget, qtbot, small_
     item = review.queue.item(review.queue.count() - 1)
     review._on_queue_clicked(item)
     assert "model disagrees" in widget.viewer.layers
+
+
+def test_painting_with_napari_marks_unsaved_changes(widget, qtbot):
+    widget.browser.set_index(3)
+    layer = widget.masks_layer
+    layer.brush_size = 5
+    layer.paint((3, 30, 60), 4)  # what a brush stroke at that pixel does
+    assert layer.data[3, 30, 60] == 4
+    qtbot.waitUntil(lambda: "unsaved changes" in widget.review.state_label.text(), timeout=2000)
+    assert widget.review.save()
+    assert "unsaved" not in widget.review.state_label.text()

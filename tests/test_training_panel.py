@@ -93,3 +93,15 @@ def test_attach_to_a_run_written_by_the_cli(widget, qtbot, npz_path, tmp_path):
     assert panel.history.best_checkpoint.endswith("best.pt")
     assert not panel.attach(tmp_path)  # not a run directory: a message, nothing breaks
     assert "not a run directory" in panel.status.text()
+
+
+def test_background_row_says_not_trained(widget, qtbot, npz_path, tmp_path):
+    run_dir = tmp_path / "cli_run2"
+    assert (
+        cli_main(["train", str(npz_path), "--run-dir", str(run_dir), "--preset", "tiny", "--epochs", "1"])
+        == 0
+    )
+    panel = widget.training
+    assert panel.attach(run_dir)
+    assert panel.iou_table.item(0, 0).text() == "not trained"
+    assert panel.iou_table.item(1, 0).text() != "not trained"
