@@ -10,7 +10,7 @@ import numpy as np
 from psygnal import Signal
 
 from trainer.classes import NUM_CLASSES
-from trainer.stats import DatasetStats, class_presence, mask_stats
+from trainer.stats import DatasetStats, class_pixel_counts, class_presence, mask_stats
 
 
 class DatasetBrowser:
@@ -108,8 +108,7 @@ class DatasetBrowser:
         """Pixel share of each class in one image (defaults to the current one)."""
         if not self.loaded:
             return np.zeros(NUM_CLASSES)
-        m = self.masks[self.index if index is None else index]
-        counts = np.bincount(np.asarray(m).reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        counts = class_pixel_counts(np.asarray(self.masks[self.index if index is None else index]))
         return counts / max(counts.sum(), 1)
 
     def group_of(self, index: int) -> tuple[int, ...] | None:

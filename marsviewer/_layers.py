@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
 from trainer.classes import CLASSES
@@ -63,8 +62,3 @@ def dataset_layer_data(dataset: Dataset) -> list[tuple]:
 def role_of(layer) -> str | None:
     info = getattr(layer, "metadata", {}).get(META_KEY)
     return info.get("role") if isinstance(info, dict) else None
-
-
-def masks_as_uint8(data) -> np.ndarray:
-    arr = np.asarray(data)
-    return arr if arr.dtype == np.uint8 else arr.astype(np.uint8)

@@ -269,13 +269,14 @@ class ReviewPanel(QWidget):
     def _quick_ranking(self) -> list[dict]:
         from trainer.audit import rank
 
-        return rank(self.original_masks_effective(), None, None, self._excluded())
+        return rank(self._current_masks(), None, None, self._excluded())
 
-    def original_masks_effective(self) -> np.ndarray:
+    def _current_masks(self) -> np.ndarray:
+        """The masks as the layer holds them now (saved corrections and unsaved strokes)."""
         return np.asarray(self.owner.masks_layer.data, dtype=np.uint8)
 
     def _excluded(self) -> set[int]:
-        return self.store.snapshot()[1] if self.store is not None else set()
+        return self.store.excluded() if self.store is not None else set()
 
     def _fill_queue(self) -> None:
         self.queue.clear()
@@ -316,7 +317,7 @@ class ReviewPanel(QWidget):
         if self.store is None or self._auditor is not None:
             return None
         images = np.asarray(self.owner.images_layer.data, dtype=np.uint8)
-        masks = self.original_masks_effective().copy()
+        masks = self._current_masks().copy()
         minutes = self.minutes_spin.value() if minutes is None else minutes
         self._auditor = _Child(child_audit, images, masks, sorted(self._excluded()), minutes, folds)
         self.audit_button.setEnabled(False)

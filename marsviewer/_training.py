@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from trainer.classes import CLASSES, METRIC_CLASSES
 from trainer.config import ConfigError
-from trainer.metrics import per_image_miou
+from trainer.metrics import confusion_matrix, per_image_miou, worst_first
 
 from ._form import ConfigForm
 from ._history import RunFollower, RunHistory
@@ -302,7 +302,8 @@ class TrainingPanel(QWidget):
             self._refresh()
         if self.history.state in ("finished", "stopped", "failed"):
             if self.follower is not None or (self.process is not None and not self.process.running):
-                self.timer.stop() if self.predictor is None else None
+                if self.predictor is None:  # a prediction still needs the timer
+                    self.timer.stop()
                 self.follower = None
                 state = self.history.state
                 self._update_buttons()
@@ -493,12 +494,9 @@ class TrainingPanel(QWidget):
         unc.refresh()
         masks = np.asarray(self.owner.masks_layer.data)
         self.image_miou = per_image_miou(pred, masks)
-        order = np.argsort(np.where(np.isnan(self.image_miou), np.inf, self.image_miou), kind="stable")
-        self.worst_order = order
+        self.worst_order = worst_first(self.image_miou)
         self._worst_pos = -1
-        keys = (masks.astype(np.int64).reshape(-1) * len(CLASSES)) + pred.reshape(-1)
-        cm = np.bincount(keys, minlength=len(CLASSES) ** 2).reshape(len(CLASSES), len(CLASSES))
-        self._show_confusion(cm)
+        self._show_confusion(confusion_matrix(pred, masks))
         self.progress.setFormat("prediction done")
         self._show_message(
             f"Predicted all {len(pred)} images. Mean per-image mIoU {np.nanmean(self.image_miou):.3f}; "

@@ -34,3 +34,21 @@ def hand_masks() -> np.ndarray:
         ],
         np.uint8,
     )
+
+
+@pytest.fixture
+def npz_widget(make_napari_viewer, qtbot, npz_path, tmp_path):
+    """The main widget in a viewer with the small sample opened from its .npz; every
+    child process it started is stopped afterwards."""
+    from marsviewer._widget import MarsViewerWidget
+
+    viewer = make_napari_viewer()
+    w = MarsViewerWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    worker = w.open_path(npz_path)
+    with qtbot.waitSignal(worker.finished, timeout=30_000):
+        pass
+    w.training.runs_root = tmp_path / "runs"
+    yield w
+    w.review.shutdown()
+    w.training.shutdown()

@@ -6,22 +6,13 @@ import numpy as np
 import pytest
 
 from marsviewer._review import DIFF
-from marsviewer._widget import MarsViewerWidget
 from trainer.corrections import CorrectionStore
 from trainer.formats import read_npz
 
 
 @pytest.fixture
-def widget(make_napari_viewer, qtbot, npz_path):
-    viewer = make_napari_viewer()
-    w = MarsViewerWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    worker = w.open_path(npz_path)
-    with qtbot.waitSignal(worker.finished, timeout=30_000):
-        pass
-    yield w
-    w.review.shutdown()
-    w.training.shutdown()
+def widget(npz_widget):
+    return npz_widget
 
 
 def test_edit_save_undo_redo_restore(widget, npz_path):

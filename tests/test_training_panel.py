@@ -7,23 +7,16 @@ import numpy as np
 import pytest
 
 from marsviewer._training import PREDICTION, UNCERTAINTY
-from marsviewer._widget import MarsViewerWidget
 from trainer.cli import main as cli_main
 
 
 @pytest.fixture
-def widget(make_napari_viewer, qtbot, npz_path, tmp_path):
-    viewer = make_napari_viewer()
-    w = MarsViewerWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    worker = w.open_path(npz_path)
-    with qtbot.waitSignal(worker.finished, timeout=30_000):
-        pass
-    w.training.runs_root = tmp_path / "runs"
-    w.training.form.preset_combo.setCurrentText("tiny")
-    w.training.form.device_combo.setCurrentIndex(w.training.form.device_combo.count() - 1)  # CPU
-    yield w
-    w.training.shutdown()
+def widget(npz_widget):
+    """The widget set to train the tiny preset on the CPU."""
+    form = npz_widget.training.form
+    form.preset_combo.setCurrentText("tiny")
+    form.device_combo.setCurrentIndex(form.device_combo.count() - 1)  # CPU
+    return npz_widget
 
 
 def test_train_shows_live_prediction_iou_and_predicts_all(widget, qtbot):

@@ -218,10 +218,9 @@ def rank(
 
 def baseline_rank(masks: np.ndarray, pred: np.ndarray) -> list[int]:
     """The simple baseline: images ordered by per-image mIoU between prediction and mask."""
-    from .metrics import per_image_miou
+    from .metrics import per_image_miou, worst_first
 
-    m = per_image_miou(pred, masks)
-    return [int(i) for i in np.argsort(np.where(np.isnan(m), np.inf, m), kind="stable")]
+    return [int(i) for i in worst_first(per_image_miou(pred, masks))]
 
 
 def audit(

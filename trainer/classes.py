@@ -40,12 +40,3 @@ CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
 BACKGROUND = 0
 # The competition metric ignores background: mIoU is over these ids.
 METRIC_CLASSES: tuple[int, ...] = (1, 2, 3, 4)
-
-
-def class_by_name(name: str) -> TerrainClass:
-    """Look a class up by its name, case-insensitively (``"big rock"``, ``"Sand"``)."""
-    key = name.strip().lower().replace("_", " ")
-    for c in CLASSES:
-        if c.name.lower() == key:
-            return c
-    raise KeyError(f"unknown class {name!r}; valid: {', '.join(CLASS_NAMES)}")

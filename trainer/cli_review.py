@@ -14,12 +14,13 @@ import numpy as np
 from .cli import CliError, add_dataset_args, load_dataset
 
 
-def _store(dataset, path: str | None, create: bool):
-    from .corrections import CorrectionStore, dataset_hash, default_store_path
+def open_store(dataset, path: str | None = None):
+    """The dataset's corrections store, or None when it has none yet."""
+    from .corrections import CorrectionStore, dataset_hash, existing_store_path
 
     h = dataset_hash(dataset.images, dataset.masks)
-    target = Path(path) if path else default_store_path(dataset.source, h)
-    if not create and not target.exists():
+    target = Path(path) if path else existing_store_path(dataset.source, h)
+    if target is None or not target.exists():
         return None
     return CorrectionStore(target, h, len(dataset), dataset.image_shape)
 
@@ -31,7 +32,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not out.parent.exists():
         raise CliError(f"{out.parent}: no such folder")
     dataset = load_dataset(args)
-    store = _store(dataset, args.corrections, create=False)
+    store = open_store(dataset, args.corrections)
     excluded: set[int] = set()
     if store is not None:
         dataset, excluded = store.apply(dataset)
@@ -72,7 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     dataset = load_dataset(args)
     if Path(args.dataset).exists() and out.resolve() == Path(args.dataset).resolve():
         raise CliError(f"{out}: refusing to overwrite the original dataset; choose another name")
-    store = _store(dataset, args.corrections, create=False)
+    store = open_store(dataset, args.corrections)
     edited: dict[int, np.ndarray] = {}
     excluded: set[int] = set()
     if store is not None:

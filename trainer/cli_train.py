@@ -132,9 +132,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     store = None
     if not args.no_corrections:
-        from .cli_review import _store
+        from .cli_review import open_store
 
-        store = _store(dataset, None, create=False)
+        store = open_store(dataset, None)
         if store is not None and not quiet:
             edited, excluded = store.snapshot()
             progress.line(

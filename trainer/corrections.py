@@ -67,28 +67,39 @@ def dataset_hash(images: np.ndarray, masks: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def default_store_path(source: str, content_hash: str) -> Path:
-    """Beside the dataset if writable, else in the user data folder by content hash."""
-    src = Path(source) if source and not source.startswith("synthetic") else None
-    if src is not None and src.exists():
-        folder = (
-            (src.parent / f"{src.stem}.marsviewer")
-            if src.is_file()
-            else src.parent / f"{src.name}.marsviewer"
-        )
-        try:
-            folder.mkdir(exist_ok=True)
-            probe = folder / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-            return folder / "corrections.sqlite"
-        except OSError:
-            pass
+def _candidate_folders(source: str, content_hash: str) -> tuple[Path | None, Path]:
+    """(beside the dataset, or None for synthetic data; in the user data folder by hash)."""
     from platformdirs import user_data_dir
 
-    folder = Path(user_data_dir("marsviewer")) / "corrections" / content_hash
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / "corrections.sqlite"
+    src = Path(source) if source and not source.startswith("synthetic") else None
+    beside = None
+    if src is not None and src.exists():
+        beside = src.parent / (f"{src.stem}.marsviewer" if src.is_file() else f"{src.name}.marsviewer")
+    return beside, Path(user_data_dir("marsviewer")) / "corrections" / content_hash
+
+
+def existing_store_path(source: str, content_hash: str) -> Path | None:
+    """Where this dataset's corrections already are, if anywhere (creates nothing)."""
+    for folder in _candidate_folders(source, content_hash):
+        if folder is not None and (folder / "corrections.sqlite").exists():
+            return folder / "corrections.sqlite"
+    return None
+
+
+def default_store_path(source: str, content_hash: str) -> Path:
+    """Beside the dataset if writable, else in the user data folder by content hash."""
+    beside, fallback = _candidate_folders(source, content_hash)
+    if beside is not None:
+        try:
+            beside.mkdir(exist_ok=True)
+            probe = beside / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+            return beside / "corrections.sqlite"
+        except OSError:
+            pass
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback / "corrections.sqlite"
 
 
 class CorrectionStore:
@@ -266,13 +277,13 @@ class CorrectionStore:
         finally:
             self.db.execute("COMMIT")
 
-    def _state(self, image: int) -> tuple[np.ndarray | None, bool]:
+    def _state(self, image: int, with_mask: bool = True) -> tuple[np.ndarray | None, bool]:
         chain = self._chain(image)
         mask, excluded, mask_known, excl_known = None, False, False, False
         for _, _, action, blob in chain:
             if not mask_known and action in ("mask", "restore"):
                 mask_known = True
-                if action == "mask":
+                if action == "mask" and with_mask:
                     mask = np.frombuffer(zlib.decompress(blob), np.uint8).reshape(self.shape).copy()
             if not excl_known and action in ("exclude", "include"):
                 excl_known, excluded = True, action == "exclude"
@@ -286,9 +297,6 @@ class CorrectionStore:
 
     def is_excluded(self, image: int) -> bool:
         return self.state(image)[1]
-
-    def touched(self) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT image FROM entries ORDER BY image")]
 
     def snapshot(self) -> tuple[dict[int, np.ndarray], set[int]]:
         """All edited masks and excluded images, read in one transaction."""
@@ -305,6 +313,15 @@ class CorrectionStore:
         finally:
             self.db.execute("COMMIT")
         return edited, excluded
+
+    def excluded(self) -> set[int]:
+        """The excluded images, without decompressing any mask."""
+        self.db.execute("BEGIN")
+        try:
+            images = [r[0] for r in self.db.execute("SELECT image FROM cursors WHERE entry IS NOT NULL")]
+            return {i for i in images if self._state(i, with_mask=False)[1]}
+        finally:
+            self.db.execute("COMMIT")
 
     def version(self) -> int:
         """Changes whenever any image's state changes (for readers polling for news)."""

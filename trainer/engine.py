@@ -31,7 +31,7 @@ from .augment import augment_batch, oversampling_weights
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .dataset import Dataset, DatasetError
-from .device import DistContext, device_name, init_distributed, resolve_device
+from .device import device_name, init_distributed, resolve_device
 from .inference import autocast_for, confusion_on, predict_arrays, stratified_split, to_input
 from .losses import SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
@@ -330,7 +330,7 @@ def fit(
             runs.close()  # reopened in append mode for the final event below
     seconds = time.perf_counter() - t0
     best_path = str(runs.best) if runs is not None and runs.best.exists() else None
-    done = ev.Finished(epoch, step, best, best_path, seconds, reason)
+    finished = ev.Finished(epoch, step, best, best_path, seconds, reason)
     if runs is not None:
         runs.write_summary(
             {
@@ -342,7 +342,7 @@ def fit(
                 "best_checkpoint": best_path,
             }
         )
-    yield emit(done)
+    yield emit(finished)
     if runs is not None:
         runs.close()
 
@@ -354,4 +354,4 @@ def _preview(model, dataset: Dataset, indices: list[int], epoch: int, step: int,
     return ev.Preview(epoch, step, idx, out["masks"], out["entropy"])
 
 
-__all__ = ["DistContext", "TrainControl", "fit"]
+__all__ = ["TrainControl", "fit"]

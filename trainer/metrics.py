@@ -105,3 +105,14 @@ def per_image_miou(pred: np.ndarray, target: np.ndarray, num_classes: int = NUM_
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: images of background only
         iou = np.where(denom > 0, tp / denom, np.nan)
         return np.nanmean(iou, axis=1) if n else np.zeros(0)
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """``matrix[t, p]`` over whole arrays of masks (numpy counterpart of :class:`ConfusionMatrix`)."""
+    keys = target.astype(np.int64).reshape(-1) * num_classes + pred.reshape(-1)
+    return np.bincount(keys, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def worst_first(miou: np.ndarray) -> np.ndarray:
+    """Image indices from the lowest per-image mIoU up; images with nothing to score last."""
+    return np.argsort(np.where(np.isnan(miou), np.inf, miou), kind="stable")

@@ -120,8 +120,6 @@ def _child_predict(conn, spec: DatasetSpec, checkpoint: str, device: str, batch_
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _lower_priority()
     try:
-        import torch
-
         from .checkpoint import load_checkpoint, model_from_checkpoint
         from .device import resolve_device
         from .inference import predict_arrays
@@ -134,8 +132,7 @@ def _child_predict(conn, spec: DatasetSpec, checkpoint: str, device: str, batch_
         def progress(done: int, total: int) -> None:
             conn.send(("progress", done, total))
 
-        with torch.no_grad():
-            out = predict_arrays(model, dataset.images, batch_size, dev, with_entropy=True, progress=progress)
+        out = predict_arrays(model, dataset.images, batch_size, dev, with_entropy=True, progress=progress)
         conn.send(("result", out["masks"], out["entropy"]))
     except BaseException as exc:  # noqa: BLE001
         conn.send(("error", str(exc) or type(exc).__name__))

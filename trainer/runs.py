@@ -83,20 +83,6 @@ class RunDir:
             self._events = None
 
 
-def read_events(path: str | Path) -> list[dict]:
-    """The events of a run directory so far (a partly written last line is skipped)."""
-    file = Path(path) / "events.jsonl"
-    if not file.exists():
-        return []
-    events = []
-    for line in file.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
