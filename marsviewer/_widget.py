@@ -185,6 +185,11 @@ class MarsViewerWidget(QWidget):
         worker.start()
         return worker
 
+    @property
+    def loading(self) -> bool:
+        """A dataset is being read; false again once its layers (or its error) are shown."""
+        return self._worker is not None
+
     def _on_load_error(self, exc: Exception) -> None:
         show_error(str(exc))
         self._on_dataset_changed()

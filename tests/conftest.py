@@ -45,9 +45,8 @@ def npz_widget(make_napari_viewer, qtbot, npz_path, tmp_path):
     viewer = make_napari_viewer()
     w = MarsViewerWidget(viewer)
     viewer.window.add_dock_widget(w)
-    worker = w.open_path(npz_path)
-    with qtbot.waitSignal(worker.finished, timeout=30_000):
-        pass
+    w.open_path(npz_path)
+    qtbot.waitUntil(lambda: not w.loading, timeout=30_000)
     w.training.runs_root = tmp_path / "runs"
     yield w
     w.review.shutdown()

@@ -44,9 +44,8 @@ def test_saved_corrections_come_back_when_reopened(widget, npz_path, qtbot):
     widget.masks_layer.data[2, :8] = 4
     widget.review.save()
     widget.review.toggle_exclude()
-    worker = widget.open_path(npz_path)
-    with qtbot.waitSignal(worker.finished, timeout=30_000):
-        pass
+    widget.open_path(npz_path)
+    qtbot.waitUntil(lambda: not widget.loading, timeout=30_000)
     assert (widget.masks_layer.data[2, :8] == 4).all()
     assert widget.review.store.is_excluded(2)
 

@@ -21,9 +21,8 @@ def widget(make_napari_viewer, qtbot):
 
 @pytest.fixture
 def loaded(widget, qtbot):
-    worker = widget.load_sample()
-    with qtbot.waitSignal(worker.finished, timeout=30_000):
-        pass
+    widget.load_sample()
+    qtbot.waitUntil(lambda: not widget.loading, timeout=30_000)
     qtbot.waitUntil(lambda: widget.browser.loaded, timeout=5_000)
     return widget
 
@@ -119,9 +118,8 @@ def test_bad_file_is_a_notification_and_viewer_stays_usable(loaded, tmp_path, qt
     monkeypatch.setattr(wmod, "show_error", shown.append)
     bad = tmp_path / "broken.npz"
     bad.write_bytes(b"not a zip")
-    worker = loaded.open_path(bad)
-    with qtbot.waitSignal(worker.finished, timeout=10_000):
-        pass
+    loaded.open_path(bad)
+    qtbot.waitUntil(lambda: not loaded.loading, timeout=10_000)
     assert shown and "not an npz" in shown[0] and str(bad) in shown[0]
     # The previous dataset is still there and browsable.
     assert loaded.browser.loaded and len(loaded.viewer.layers) == 2
@@ -130,9 +128,8 @@ def test_bad_file_is_a_notification_and_viewer_stays_usable(loaded, tmp_path, qt
 
 
 def test_opening_a_file_replaces_the_dataset(loaded, npz_path, qtbot):
-    worker = loaded.open_path(npz_path)
-    with qtbot.waitSignal(worker.finished, timeout=20_000):
-        pass
+    loaded.open_path(npz_path)
+    qtbot.waitUntil(lambda: not loaded.loading, timeout=20_000)
     assert len(loaded.viewer.layers) == 2
     assert loaded.masks_layer.data.shape == (60, 64, 128)
     assert (
