@@ -104,9 +104,20 @@ class ReviewPanel(QWidget):
         self.queue.setMinimumHeight(160)
         self.queue.itemClicked.connect(self._on_queue_clicked)
         lay.addWidget(self.queue)
-        self.exclude_group_button = QPushButton("Exclude this duplicate group from training")
+        row = QHBoxLayout()
+        self.exclude_group_button = QPushButton("Exclude this duplicate group")
+        self.exclude_group_button.setToolTip(
+            "exclude every image of the selected duplicate-mask group from training"
+        )
         self.exclude_group_button.clicked.connect(self.exclude_selected_group)
-        lay.addWidget(self.exclude_group_button)
+        self.move_button = QPushButton("Apply suggested move")
+        self.move_button.setToolTip(
+            "move a misaligned mask back to where the model says it belongs (unsaved: check, then Save)"
+        )
+        self.move_button.clicked.connect(self.apply_suggested_move)
+        row.addWidget(self.exclude_group_button)
+        row.addWidget(self.move_button)
+        lay.addLayout(row)
         root.addWidget(box)
         root.addStretch(1)
         self.audit_button.clicked.connect(lambda: self.start_audit())
@@ -218,6 +229,26 @@ class ReviewPanel(QWidget):
         show_info(f"Excluded {len(groups[0])} images from training.")
         self._on_index(self.owner.browser.index)
 
+    def apply_suggested_move(self) -> None:
+        """Move the selected entry's mask as its "misaligned" reason suggests; the result
+        is an unsaved edit of the layer, to be checked and saved like any other."""
+        from trainer.audit import move_mask
+
+        item = self.queue.currentItem()
+        if item is None or self.store is None:
+            return
+        entry = item.data(256)
+        moves = [r for r in entry["reasons"] if r["kind"] == "misaligned"]
+        if not moves:
+            show_info("The model does not suggest moving this mask.")
+            return
+        i = entry["index"]
+        self.owner.browser.set_index(i)
+        layer = self.owner.masks_layer
+        layer.data[i] = move_mask(self._layer_mask(i), moves[0]["shift_y"], moves[0]["shift_x"])
+        layer.refresh()
+        self._on_index(i)
+
     # -- display ---------------------------------------------------------------
     def _after_paint(self) -> None:
         if self.store is not None and self.owner.masks_layer is not None:
@@ -279,6 +310,8 @@ class ReviewPanel(QWidget):
         return self.store.excluded() if self.store is not None else set()
 
     def _fill_queue(self) -> None:
+        from trainer.audit import describe_move
+
         self.queue.clear()
         for entry in [r for r in self.ranking if r["score"] > 0.05][:500]:
             top = entry["reasons"][0]
@@ -287,6 +320,8 @@ class ReviewPanel(QWidget):
                 detail += f" (group of {top['group_size']})"
             if "confident_disagreement" in top:
                 detail += f" ({100 * top['confident_disagreement']:.0f}% of pixels)"
+            if top["kind"] == "misaligned":
+                detail += f" ({describe_move(top['shift_y'], top['shift_x'])})"
             item = QListWidgetItem(f"image {entry['index']:>5} · {entry['score']:.2f} · {detail}")
             item.setData(256, entry)
             self.queue.addItem(item)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer.audit import audit, baseline_rank, near_duplicate_groups, rank
+from trainer.audit import audit, baseline_rank, misalignment, near_duplicate_groups, rank
 from trainer.cli import main
 from trainer.corrections import CorrectionStore
 from trainer.formats import read_npz
@@ -33,6 +33,54 @@ def test_rank_uses_confident_disagreement():
     low = conf.copy()
     low[0] = 0.3  # unsure: no confident disagreement
     assert rank(masks, pred, low)[0]["index"] != 0 or rank(masks, pred, low)[0]["score"] < 0.7
+
+
+def _stripes(n: int = 4, h: int = 32, w: int = 48) -> np.ndarray:
+    """Masks of vertical and horizontal bands of classes 1-3 (a different layout each)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((n, h, w), np.uint8)
+    for i in range(n):
+        out[i] = 1 + ((xx // (5 + i) + yy // (4 + i)) % 3)
+    return out
+
+
+def _confident(masks: np.ndarray, p: float = 0.9) -> np.ndarray:
+    probs = np.full((len(masks), 5, *masks.shape[1:]), (1 - p) / 4, np.float32)
+    np.put_along_axis(probs, masks[:, None].astype(np.int64), p, axis=1)
+    return probs
+
+
+def test_misalignment_finds_the_move_that_puts_a_mask_back():
+    truth = _stripes()
+    probs = _confident(truth)
+    given = truth.copy()
+    given[1, :, 6:] = truth[1, :, :-6]  # drawn 6 px too far right (left strip stays stale)
+    given[2, 3:] = truth[2, :-3]  # 3 px too low
+    gain, move = misalignment(given, probs)
+    assert move[1].tolist() == [0, -6] and move[2].tolist() == [-3, 0]
+    assert gain[1] > 0.1 and gain[2] > 0.1
+    assert gain[0] == 0 and gain[3] == 0  # aligned masks: no move helps
+    assert misalignment(given, probs, skip={1})[0][1] == 0
+
+
+def test_misalignment_ignores_a_gain_that_rises_to_the_edge_of_the_search():
+    masks = np.ones((1, 16, 32), np.uint8)
+    masks[0, :, 16:] = 2
+    probs = _confident(np.full_like(masks, 2))  # the model says class 2 everywhere
+    gain, _ = misalignment(masks, probs)
+    assert gain[0] == 0  # moving the class-1 half out keeps helping: a disagreement, not a shift
+
+
+def test_rank_reports_a_misaligned_mask_with_its_fix():
+    truth = _stripes()
+    probs = _confident(truth)
+    given = truth.copy()
+    given[3, :, :-5] = truth[3, :, 5:]  # 5 px too far left
+    ranking = rank(given, probs.argmax(1).astype(np.uint8), probs)
+    top = ranking[0]
+    assert top["index"] == 3 and top["reasons"][0]["kind"] == "misaligned"
+    assert (top["reasons"][0]["shift_y"], top["reasons"][0]["shift_x"]) == (0, 5)
+    assert all(r["score"] < 0.05 for r in ranking[1:])
 
 
 def test_near_duplicates():
@@ -92,3 +140,13 @@ def test_cli_audit_and_export(tmp_path, npz_path, small_sample, capsys):
     assert log["edited"] == 1 and log["excluded"] == len(small_sample.truth["outlier_group"])
     assert log["changes"][0]["history"][0]["note"] == "fixed"
     assert main(["export", str(npz_path), "--out", str(npz_path)]) == 2  # never the original
+
+
+def test_move_mask_repeats_the_edge_it_uncovers():
+    from trainer.audit import describe_move, move_mask
+
+    m = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(move_mask(m, 0, 1), [[0, 0, 1, 2], [4, 4, 5, 6], [8, 8, 9, 10]])
+    np.testing.assert_array_equal(move_mask(m, -1, 0), [[4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]])
+    np.testing.assert_array_equal(move_mask(move_mask(m, 0, 0), 0, 0), m)
+    assert describe_move(2, -3) == "move 3 px left and 2 px down"

@@ -229,3 +229,18 @@ def _hash(ds):
     from trainer.corrections import dataset_hash
 
     return dataset_hash(ds.images, ds.masks)
+
+
+def test_flip_averaged_prediction_is_mirror_symmetric():
+    from trainer.inference import predict_arrays
+    from trainer.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny"))
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 32), dtype=np.uint8)
+    plain = predict_arrays(model, images, with_probs=True)["probs"].astype(np.float32)
+    tta = predict_arrays(model, images, with_probs=True, flip_tta=True)["probs"].astype(np.float32)
+    mirrored = predict_arrays(model, images[:, :, ::-1].copy(), with_probs=True, flip_tta=True)
+    np.testing.assert_allclose(tta, mirrored["probs"].astype(np.float32)[..., ::-1], atol=2e-3)
+    np.testing.assert_allclose(tta.sum(1), 1.0, atol=5e-3)
+    assert not np.allclose(tta, plain, atol=1e-3)  # the mirror image really was averaged in

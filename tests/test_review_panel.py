@@ -90,3 +90,30 @@ def test_painting_with_napari_marks_unsaved_changes(widget, qtbot):
     qtbot.waitUntil(lambda: "unsaved changes" in widget.review.state_label.text(), timeout=2000)
     assert widget.review.save()
     assert "unsaved" not in widget.review.state_label.text()
+
+
+def test_a_misaligned_mask_is_moved_back_from_the_queue(widget):
+    from trainer.audit import move_mask
+
+    review, layer = widget.review, widget.masks_layer
+    before = layer.data[3].copy()
+    review.ranking = [
+        {"index": 3, "score": 0.3, "reasons": [
+            {"kind": "misaligned", "shift_y": 0, "shift_x": 5, "gain": 0.1, "score": 0.3},
+        ]},
+        {"index": 1, "score": 0.2, "reasons": [
+            {"kind": "model_disagreement", "confident_disagreement": 0.2, "pixel_error": 0.3, "score": 0.2},
+        ]},
+    ]  # fmt: skip
+    review._fill_queue()
+    assert "move 5 px right" in review.queue.item(0).text()
+    review.queue.setCurrentItem(review.queue.item(1))
+    review.apply_suggested_move()  # no move suggested: nothing changes
+    np.testing.assert_array_equal(layer.data[1], review.original_masks[1])
+    review.queue.setCurrentItem(review.queue.item(0))
+    review.apply_suggested_move()
+    assert widget.browser.index == 3
+    np.testing.assert_array_equal(layer.data[3], move_mask(before, 0, 5))
+    assert "unsaved changes" in review.state_label.text()
+    assert review.save()
+    np.testing.assert_array_equal(review.store.state(3)[0], move_mask(before, 0, 5))

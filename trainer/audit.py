@@ -1,6 +1,6 @@
 """Rank images whose mask is probably wrong, each with a score and the reasons.
 
-Three kinds of evidence, combined by taking the strongest:
+Three kinds of evidence; an image's score is its strongest:
 
 * duplicate masks: images whose masks are exactly (or almost exactly) equal to other
   images' masks. A group of 3 or more is the signature of pasted-in outliers sharing one
@@ -9,7 +9,9 @@ Three kinds of evidence, combined by taking the strongest:
   predictions (or a given checkpoint). The score is the share of pixels that confident
   learning flags (the model gives the label less than that class's typical confidence and
   another class at least its own), kept only where such pixels form regions: ambiguous
-  textures lower a plain per-image IoU for every image alike, this much less;
+  textures lower a plain per-image IoU for every image alike, this much less. Added to it:
+  how much the model's agreement rises when the whole mask is moved by a few pixels (a
+  misregistered mask, reported with the move that fixes it);
 * suspicious statistics: a mask of (almost) one class.
 
 The audit model is trained with background weight 1 so it can also flag background
@@ -22,6 +24,7 @@ import tempfile
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from . import events as ev
 from .config import TrainConfig, preset
@@ -29,6 +32,11 @@ from .dataset import Dataset
 from .stats import duplicate_mask_groups
 
 CONFIDENT = 0.6
+# Two masks that agree on 98% of their pixels are often just two simple scenes (soil
+# under a strip of sky): worth a look, but weaker evidence than a model that disagrees
+# with a tenth of the image. Exact pairs and groups of 3 or more stay near the top.
+NEAR_PAIR = 0.1
+MISALIGNED = 0.01  # a move of the mask that raises its mean probability this much is reported
 
 
 def near_duplicate_groups(masks: np.ndarray, agreement: float = 0.98) -> list[tuple[int, ...]]:
@@ -94,6 +102,80 @@ def label_error_pixels(
     return out
 
 
+def _shift_gains(
+    p: torch.Tensor, m: torch.Tensor, given: torch.Tensor, reach: int, axis: int
+) -> torch.Tensor:
+    """(B, 2*reach+1): for each move d of the mask along ``axis`` (-1 = columns, -2 = rows),
+    the mean gain in the model's probability of the moved labels, over the pixels that
+    both the moved and the original mask cover (a paired comparison; nothing wraps)."""
+    size = m.shape[axis]
+    out = torch.zeros(len(m), 2 * reach + 1)
+    for k, d in enumerate(range(-reach, reach + 1)):
+        if d == 0:
+            continue
+        a = abs(d)
+        dst = slice(a, size) if d > 0 else slice(0, size - a)  # where moved labels land
+        src = slice(0, size - a) if d > 0 else slice(a, size)
+        ix = (Ellipsis, dst) if axis == -1 else (Ellipsis, dst, slice(None))
+        sx = (Ellipsis, src) if axis == -1 else (Ellipsis, src, slice(None))
+        moved = torch.gather(p[ix], 1, m[sx][:, None])[:, 0]
+        out[:, k] = (moved - given[ix]).mean(dim=(1, 2))
+    return out
+
+
+def misalignment(
+    masks: np.ndarray, probs: np.ndarray, reach: float = 0.25, skip=frozenset()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Masks that fit the image better after a translation: per image, the gain in mean
+    probability of its labels when the mask is moved by the best (dy, dx) within
+    ``reach`` of the image size, and that move.
+
+    A misregistered mask (drawn on a crop or a neighbouring frame) is wrong along every
+    boundary at once in thin strips, which per-pixel disagreement under-counts; moving the
+    mask back makes the model agree. Only a peak inside the search range counts: a gain
+    that keeps rising to the edge of the range is a model that disagrees with a large
+    region, not a misregistration.
+    """
+    n, _, h, w = probs.shape
+    gain = np.zeros(n)
+    move = np.zeros((n, 2), np.int64)  # (dy, dx)
+    for start in range(0, n, 64):
+        p = torch.from_numpy(probs[start : start + 64].astype(np.float32))
+        m = torch.from_numpy(masks[start : start + 64].astype(np.int64))
+        given = torch.gather(p, 1, m[:, None])[:, 0]
+        for axis, size in ((-1, w), (-2, h)):
+            r = max(1, int(reach * size))
+            g = _shift_gains(p, m, given, r, axis)
+            best, arg = g.max(dim=1)
+            d = arg - r
+            inside = d.abs() <= r - 2
+            for j in range(len(m)):
+                if inside[j] and best[j] > gain[start + j]:
+                    gain[start + j] = float(best[j])
+                    move[start + j] = (0, int(d[j])) if axis == -1 else (int(d[j]), 0)
+    for i in skip:
+        gain[i], move[i] = 0.0, (0, 0)
+    return gain, move
+
+
+def move_mask(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``mask`` moved by ``dy`` rows down and ``dx`` columns right (negative: up, left);
+    the strip it uncovers repeats the nearest edge row or column."""
+    h, w = mask.shape
+    ys = np.clip(np.arange(h) - dy, 0, h - 1)
+    xs = np.clip(np.arange(w) - dx, 0, w - 1)
+    return mask[ys[:, None], xs[None, :]]
+
+
+def describe_move(dy: int, dx: int) -> str:
+    parts = []
+    if dx:
+        parts.append(f"{abs(dx)} px {'right' if dx > 0 else 'left'}")
+    if dy:
+        parts.append(f"{abs(dy)} px {'down' if dy > 0 else 'up'}")
+    return "move " + " and ".join(parts) if parts else "no move"
+
+
 def out_of_fold_predictions(
     dataset: Dataset,
     indices: np.ndarray,
@@ -122,11 +204,11 @@ def out_of_fold_predictions(
                     progress(f"fold {k + 1}/{folds}: {100 * e.progress:.0f}% (loss {e.loss:.3f})")
                 if isinstance(e, ev.Failed):
                     raise RuntimeError(f"audit model of fold {k + 1} failed: {e.message}")
-            ckpt = tmp + "/checkpoints/best.pt"
+            ckpt = tmp + "/checkpoints/last.pt"
             model, _ = model_from_checkpoint(load_checkpoint(ckpt))
         if k == folds - 1 and extra is not None and len(extra):
             held = np.concatenate([held, extra])
-        out = predict_arrays(model, dataset.images[held], 64, "cpu", with_probs=True)
+        out = predict_arrays(model, dataset.images[held], 64, "cpu", with_probs=True, flip_tta=True)
         pred[held] = out["masks"]
         conf[held] = out["probs"]
     return pred, conf
@@ -137,16 +219,29 @@ def predictions_from_checkpoint(dataset: Dataset, checkpoint: str) -> tuple[np.n
     from .inference import predict_arrays
 
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    out = predict_arrays(model, dataset.images, 64, "cpu", with_probs=True)
+    out = predict_arrays(model, dataset.images, 64, "cpu", with_probs=True, flip_tta=True)
     return out["masks"], out["probs"]
 
 
 def audit_config(minutes_per_fold: float, seed: int = 0) -> TrainConfig:
+    """The out-of-fold models' recipe: many quick steps rather than a big model.
+
+    Measured on the synthetic benchmark (1 minute per fold, 2 CPU cores): a base width
+    of 8 with batches of 16 at lr 5e-3 makes about 450 steps and reaches 0.90 pixel
+    accuracy against the clean masks, where the ``cpu`` preset (width 16, batches of 32)
+    makes about 80 steps and reaches 0.83. The final weights are used (a cosine schedule
+    ends at its best point), so validation only runs once, at the end.
+    """
     return preset("cpu").replace(
         epochs=0,
         minutes=minutes_per_fold,
+        base_width=8,
+        batch_size=16,
+        lr=5e-3,
         background_weight=1.0,
-        val_fraction=0.1,
+        val_fraction=0.05,
+        val_every=10**6,
+        checkpoint_every=10**6,
         seed=seed,
         warmup_steps=20,
     )
@@ -178,7 +273,7 @@ def rank(
         for i in g:
             add(
                 i,
-                0.9 if len(g) >= 3 else 0.5,
+                0.9 if len(g) >= 3 else NEAR_PAIR,
                 {"kind": "near_duplicate_mask", "group_size": len(g), "group": list(g)[:50]},
             )
     flat = masks.reshape(n, -1)
@@ -187,16 +282,27 @@ def rank(
         add(int(i), 0.4, {"kind": "single_class", "class": int(counts[i].argmax())})
     if pred is not None:
         wrong = pred != masks
+        shift_gain, moves = np.zeros(n), np.zeros((n, 2), np.int64)
         if conf is not None and conf.ndim == 4:  # class probabilities: confident learning
             suspect = label_error_pixels(masks, conf, skip=exact)
+            shift_gain, moves = misalignment(masks, conf, skip=exact)
         else:  # max probabilities only
             suspect = wrong & (conf >= CONFIDENT) if conf is not None else wrong
         frac = suspect.reshape(n, -1).mean(axis=1)
         plain = wrong.reshape(n, -1).mean(axis=1)
         for i in range(n):
+            # Both are shares of the image the model says are mislabelled: regions that
+            # disagree, plus what moving the whole mask would put right.
+            model_score = float(frac[i] + shift_gain[i])
+            if shift_gain[i] >= MISALIGNED:
+                dy, dx = (int(v) for v in moves[i])
+                add(i, model_score, {
+                    "kind": "misaligned", "shift_y": dy, "shift_x": dx,
+                    "gain": round(float(shift_gain[i]), 4),
+                })  # fmt: skip
             add(
                 i,
-                float(frac[i]),
+                model_score,
                 {
                     "kind": "model_disagreement",
                     "confident_disagreement": round(float(frac[i]), 4),

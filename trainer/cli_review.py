@@ -25,6 +25,17 @@ def open_store(dataset, path: str | None = None):
     return CorrectionStore(target, h, len(dataset), dataset.image_shape)
 
 
+def _reason_text(reason: dict) -> str:
+    from .audit import describe_move
+
+    text = reason["kind"].replace("_", " ")
+    if reason["kind"] == "misaligned":
+        text += f" ({describe_move(reason['shift_y'], reason['shift_x'])})"
+    elif "group_size" in reason:
+        text += f" (group of {reason['group_size']})"
+    return text
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit
 
@@ -59,7 +70,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     top = ranking[: min(10, len(ranking))]
     print(f"wrote {out}: {len(ranking)} images ranked; most suspicious:")
     for r in top:
-        kinds = ", ".join(x["kind"] for x in r["reasons"] if x["score"] >= 0.05) or "-"
+        kinds = ", ".join(_reason_text(x) for x in r["reasons"] if x["score"] >= 0.05) or "-"
         print(f"  image {r['index']:>5}  score {r['score']:.3f}  {kinds}")
     return 0
 

@@ -96,9 +96,11 @@ def predict_arrays(
     with_probs: bool = False,
     with_entropy: bool = False,
     progress=None,
+    flip_tta: bool = False,
 ) -> dict[str, np.ndarray]:
     """Predict (N, H, W) uint8 images: ``masks`` uint8, optionally ``probs`` (N, C, H, W)
-    float16 and ``entropy`` (N, H, W) float16 in nats."""
+    float16 and ``entropy`` (N, H, W) float16 in nats. ``flip_tta`` averages the
+    probabilities of each image and its mirror image (twice the cost)."""
     device = torch.device(device)
     model.eval()
     n = len(images)
@@ -110,9 +112,14 @@ def predict_arrays(
     for start in range(0, n, batch_size):
         chunk = images[start : start + batch_size]
         x = torch.as_tensor(np.asarray(chunk) if not torch.is_tensor(chunk) else chunk).to(device)
+        x = to_input(x, device)
         with autocast_for(device):
-            logits = model(to_input(x, device))
+            logits = model(x)
         probs = F.softmax(logits.float(), dim=1)
+        if flip_tta:
+            with autocast_for(device):
+                mirrored = model(x.flip(-1))
+            probs = (probs + F.softmax(mirrored.float(), dim=1).flip(-1)) / 2
         out["masks"][start : start + len(chunk)] = probs.argmax(1).to(torch.uint8).cpu().numpy()
         if with_probs:
             if out["probs"] is None:
