@@ -112,6 +112,9 @@ def test_cli_audit_and_export(tmp_path, npz_path, small_sample, capsys):
     out = tmp_path / "issues.json"
     assert main(["audit", str(npz_path), "--folds", "2", "--minutes", "0.2", "--out", str(out)]) == 0
     ranking = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    group = len(small_sample.truth["outlier_group"])
+    assert printed.count(f"duplicate mask (group of {group})") == 1  # one line for the whole group
     assert ranking[0]["index"] in small_sample.truth["outlier_group"]
     assert all(set(r) == {"index", "score", "reasons"} for r in ranking)
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)

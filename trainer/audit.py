@@ -229,7 +229,7 @@ def audit_config(minutes_per_fold: float, seed: int = 0) -> TrainConfig:
     Measured on the synthetic benchmark (1 minute per fold, 2 CPU cores): a base width
     of 8 with batches of 16 at lr 5e-3 makes about 450 steps and reaches 0.90 pixel
     accuracy against the clean masks, where the ``cpu`` preset (width 16, batches of 32)
-    makes about 80 steps and reaches 0.83. The final weights are used (a cosine schedule
+    makes about 80 steps and reaches 0.85 (``bench/audit_models.py``). The final weights are used (a cosine schedule
     ends at its best point), so validation only runs once, at the end.
     """
     return preset("cpu").replace(

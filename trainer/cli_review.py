@@ -67,11 +67,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if tty:
         sys.stderr.write("\n")
     out.write_text(json.dumps(ranking))
-    top = ranking[: min(10, len(ranking))]
     print(f"wrote {out}: {len(ranking)} images ranked; most suspicious:")
-    for r in top:
-        kinds = ", ".join(_reason_text(x) for x in r["reasons"] if x["score"] >= 0.05) or "-"
-        print(f"  image {r['index']:>5}  score {r['score']:.3f}  {kinds}")
+    shown_groups: set[tuple[int, ...]] = set()
+    lines = 0
+    for r in ranking:
+        if lines == 12 or r["score"] < 0.01:
+            break
+        top = r["reasons"][0]
+        if top["kind"] in ("duplicate_mask", "near_duplicate_mask") and top["group_size"] > 2:
+            group = tuple(top["group"])
+            if group in shown_groups:
+                continue
+            shown_groups.add(group)
+            listed = ", ".join(str(i) for i in group[:6]) + (", ..." if len(group) > 6 else "")
+            print(f"  images {listed}  score {r['score']:.3f}  {_reason_text(top)}")
+        else:
+            kinds = ", ".join(_reason_text(x) for x in r["reasons"] if x["score"] >= 0.01) or "-"
+            print(f"  image {r['index']:>5}  score {r['score']:.3f}  {kinds}")
+        lines += 1
     return 0
 
 
