@@ -40,6 +40,7 @@ format: $(VENV)/.installed
 screenshot: sysdeps $(VENV)/.installed
 	$(XVFB) $(PY) docs/screenshot.py docs/screenshot.png
 	$(XVFB) $(PY) docs/screenshot.py docs/training.png 45
+	$(XVFB) $(PY) docs/screenshot.py docs/review.png review 3
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -23,7 +23,27 @@ def settle(seconds: float = 0.3) -> None:
         time.sleep(0.01)
 
 
-def main(out: str, train_seconds: float = 0.0) -> None:
+def review(viewer, widget, minutes: float) -> None:
+    """Rank the sample's masks in the Review tab and show the first misaligned one."""
+    panel = widget.review
+    widget.filter_combo.setCurrentIndex(0)
+    widget.tabs.setCurrentIndex(2)
+    done = []
+    panel.audit_done.connect(lambda: done.append(True))
+    panel.start_audit(minutes=minutes)
+    start = time.time()
+    while not done and time.time() - start < minutes * 60 + 120:
+        settle(0.2)
+    for row in range(panel.queue.count()):
+        item = panel.queue.item(row)
+        if item.data(256)["reasons"][0]["kind"] == "misaligned":
+            panel.queue.setCurrentItem(item)
+            panel._on_queue_clicked(item)
+            break
+    settle()
+
+
+def main(out: str, train_seconds: float = 0.0, review_minutes: float = 0.0) -> None:
     viewer = napari.Viewer(title="Mars Viewer")
     _, widget = viewer.window.add_plugin_dock_widget("marsviewer", "Mars Viewer")
     widget.load_sample()
@@ -48,6 +68,8 @@ def main(out: str, train_seconds: float = 0.0) -> None:
         settle(train_seconds)
         viewer.layers["prediction"].opacity = 0.5
         settle()
+    if review_minutes:
+        review(viewer, widget, review_minutes)
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(out)
     if train_seconds:
         widget.training.shutdown()
@@ -56,7 +78,9 @@ def main(out: str, train_seconds: float = 0.0) -> None:
 
 if __name__ == "__main__":
     # python docs/screenshot.py OUT.png [SECONDS]: with SECONDS, train that long first.
-    main(
-        sys.argv[1] if len(sys.argv) > 1 else "screenshot.png",
-        float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
-    )
+    # python docs/screenshot.py OUT.png review [MINUTES]: rank the masks in the Review tab.
+    args = sys.argv[1:]
+    if len(args) > 1 and args[1] == "review":
+        main(args[0], review_minutes=float(args[2]) if len(args) > 2 else 3.0)
+    else:
+        main(args[0] if args else "screenshot.png", float(args[1]) if len(args) > 1 else 0.0)

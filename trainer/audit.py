@@ -1,6 +1,7 @@
 """Rank images whose mask is probably wrong, each with a score and the reasons.
 
-Three kinds of evidence; an image's score is its strongest:
+Three kinds of evidence; an image's score is its strongest (the two that come from the
+model add up), and its reasons list each with its own part of the score:
 
 * duplicate masks: images whose masks are exactly (or almost exactly) equal to other
   images' masks. A group of 3 or more is the signature of pasted-in outliers sharing one
@@ -247,6 +248,12 @@ def audit_config(minutes_per_fold: float, seed: int = 0) -> TrainConfig:
     )
 
 
+def _headline_first(reason: dict) -> float:
+    """Sort key of an image's reasons: strongest first, except that a move which puts
+    right at least half of what the model flags is the headline (it is also the fix)."""
+    return -(2 * reason["score"] if reason["kind"] == "misaligned" else reason["score"])
+
+
 def rank(
     masks: np.ndarray,
     pred: np.ndarray | None,
@@ -291,29 +298,29 @@ def rank(
         frac = suspect.reshape(n, -1).mean(axis=1)
         plain = wrong.reshape(n, -1).mean(axis=1)
         for i in range(n):
-            # Both are shares of the image the model says are mislabelled: regions that
-            # disagree, plus what moving the whole mask would put right.
-            model_score = float(frac[i] + shift_gain[i])
             if shift_gain[i] >= MISALIGNED:
                 dy, dx = (int(v) for v in moves[i])
-                add(i, model_score, {
+                add(i, shift_gain[i], {
                     "kind": "misaligned", "shift_y": dy, "shift_x": dx,
                     "gain": round(float(shift_gain[i]), 4),
                 })  # fmt: skip
             add(
                 i,
-                model_score,
+                frac[i],
                 {
                     "kind": "model_disagreement",
                     "confident_disagreement": round(float(frac[i]), 4),
                     "pixel_error": round(float(plain[i]), 4),
                 },
             )
+            # Both are shares of the image the model says are mislabelled: regions that
+            # disagree, plus what moving the whole mask would put right.
+            scores[i] = max(scores[i], float(frac[i] + shift_gain[i]))
     out = [
         {
             "index": i,
             "score": round(float(scores[i]), 4),
-            "reasons": sorted(reasons[i], key=lambda r: -r["score"]),
+            "reasons": sorted(reasons[i], key=_headline_first),
         }
         for i in range(n)
         if i not in excluded
