@@ -11,10 +11,10 @@ of their predictions on the held-out third against the *clean* masks (terrain pi
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 
 import numpy as np
+from _report import report
 
 from trainer import events as ev
 from trainer.audit import audit_config
@@ -66,10 +66,7 @@ def main() -> None:
     result["ratio"] = round(
         result["audit_recipe"]["pixel_accuracy_vs_clean"] / result["cpu_preset"]["pixel_accuracy_vs_clean"], 3
     )
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import argparse
 import json
 import time
 
+from _report import report
+
 from trainer.audit import audit, baseline_rank
 from trainer.synth import generate
 
@@ -94,10 +96,7 @@ def main() -> None:
         "outlier_group_at_top": all(r["outlier_group_at_top"] for r in runs),
         "ahead_of_baseline": all(r["recall_at_k"] >= r["baseline_recall_at_k"] for r in runs),
     }
-    print(json.dumps(summary, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": summary, "runs": runs}, f, indent=1)
+    report({"summary": summary, "runs": runs}, args.json, shown=summary)
 
 
 if __name__ == "__main__":

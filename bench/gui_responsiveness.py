@@ -21,10 +21,10 @@ and ``first_preview_s``, the time from Start to the first live prediction shown.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
+from _report import report
 
 
 def main() -> None:
@@ -146,10 +146,7 @@ def main() -> None:
         "training_log_events_in_process_phase": steps_in_process,
         "training_steps_in_thread_phase": counter["steps"],
     }
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.json)
     viewer.close()
 
 

@@ -14,11 +14,11 @@ Both are measured in one run, on the same device, with the same model and batch:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
 import torch
+from _report import report
 
 from trainer import events as ev
 from trainer.config import preset
@@ -121,10 +121,7 @@ def main() -> None:
         "machine": platform.machine(),
         **extra,
     }
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.json)
 
 
 if __name__ == "__main__":
