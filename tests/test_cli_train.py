@@ -173,6 +173,17 @@ def _torchrun(args, tmp_path):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
 
 
+def _why(proc) -> str:
+    """What the ranks said before failing, without torchrun's own traceback."""
+    said = [
+        line
+        for line in proc.stderr.splitlines()
+        if any(k in line for k in ("what()", "terminate", "Error", "error:", "Exception"))
+        and "torch/distributed" not in line
+    ]
+    return "\n".join(said[-20:]) + "\n---\n" + proc.stderr[-1500:]
+
+
 def test_ddp_two_cpu_processes_evaluate_equal_and_train(trained, tmp_path, capsys):
     """Under torchrun with gloo: evaluation equals the single-process result for the same
     weights, and a 2-process training run writes one run directory and improves."""
@@ -184,7 +195,7 @@ def test_ddp_two_cpu_processes_evaluate_equal_and_train(trained, tmp_path, capsy
     proc = _torchrun(
         ["evaluate", data, "--checkpoint", ckpt, "--split", "all", "--json", "--batch-size", "7"], tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, _why(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # only rank 0 prints
     assert json.loads(lines[0])["confusion"] == json.loads(single)["confusion"]
@@ -197,7 +208,7 @@ def test_ddp_two_cpu_processes_evaluate_equal_and_train(trained, tmp_path, capsy
     proc = _torchrun(
         ["train", tmp_path / "m80.npz", "--run-dir", ddp_run, "--preset", "tiny", "--epochs", "6"], tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, _why(proc)
     events = [json.loads(x) for x in (ddp_run / "events.jsonl").read_text().splitlines()]
     assert events[0]["world_size"] == 2
     vals = [e for e in events if e["kind"] == "validation"]

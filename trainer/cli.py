@@ -137,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     from .device import DeviceError
     from .runs import RunDirError
 
+    completed = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        completed = True
+        return code
     except (
         DatasetError,
         CliError,
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from .device import shutdown_distributed
 
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=completed)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -79,8 +79,17 @@ def init_distributed(device_kind: str) -> DistContext:
     return DistContext(rank=rank, world=world, local_rank=local_rank)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
+    """Leave the process group. After a normal finish every rank waits for the others
+    first: a rank that closes its connections while another still uses them makes gloo
+    abort that process ("connection closed by peer"). After an error nobody waits, since
+    the other ranks may be stuck in a collective this rank will never join."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass  # a peer is already gone; nothing left to wait for
         dist.destroy_process_group()
