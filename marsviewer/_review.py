@@ -310,18 +310,11 @@ class ReviewPanel(QWidget):
         return self.store.excluded() if self.store is not None else set()
 
     def _fill_queue(self) -> None:
-        from trainer.audit import describe_move
+        from trainer.audit import describe_reason
 
         self.queue.clear()
         for entry in [r for r in self.ranking if r["score"] > 0.05][:500]:
-            top = entry["reasons"][0]
-            detail = top["kind"].replace("_", " ")
-            if "group_size" in top:
-                detail += f" (group of {top['group_size']})"
-            if "confident_disagreement" in top:
-                detail += f" ({100 * top['confident_disagreement']:.0f}% of pixels)"
-            if top["kind"] == "misaligned":
-                detail += f" ({describe_move(top['shift_y'], top['shift_x'])})"
+            detail = describe_reason(entry["reasons"][0])
             item = QListWidgetItem(f"image {entry['index']:>5} · {entry['score']:.2f} · {detail}")
             item.setData(256, entry)
             self.queue.addItem(item)

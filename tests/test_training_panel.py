@@ -73,12 +73,15 @@ def test_killed_training_process_is_reported_and_viewer_stays_usable(widget, qtb
     assert panel.start_button.isEnabled()
 
 
+def _cli_run(npz_path, run_dir, epochs: int):
+    """A finished run directory written by ``mars-trainer train``."""
+    args = ["train", str(npz_path), "--run-dir", str(run_dir), "--preset", "tiny", "--epochs", str(epochs)]
+    assert cli_main(args) == 0
+    return run_dir
+
+
 def test_attach_to_a_run_written_by_the_cli(widget, qtbot, npz_path, tmp_path):
-    run_dir = tmp_path / "cli_run"
-    assert (
-        cli_main(["train", str(npz_path), "--run-dir", str(run_dir), "--preset", "tiny", "--epochs", "2"])
-        == 0
-    )
+    run_dir = _cli_run(npz_path, tmp_path / "cli_run", epochs=2)
     panel = widget.training
     assert panel.attach(run_dir)
     assert panel.history.state == "finished"
@@ -89,11 +92,7 @@ def test_attach_to_a_run_written_by_the_cli(widget, qtbot, npz_path, tmp_path):
 
 
 def test_background_row_says_not_trained(widget, qtbot, npz_path, tmp_path):
-    run_dir = tmp_path / "cli_run2"
-    assert (
-        cli_main(["train", str(npz_path), "--run-dir", str(run_dir), "--preset", "tiny", "--epochs", "1"])
-        == 0
-    )
+    run_dir = _cli_run(npz_path, tmp_path / "cli_run2", epochs=1)
     panel = widget.training
     assert panel.attach(run_dir)
     assert panel.iou_table.item(0, 0).text() == "not trained"

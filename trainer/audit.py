@@ -147,13 +147,14 @@ def misalignment(
         for axis, size in ((-1, w), (-2, h)):
             r = max(1, int(reach * size))
             g = _shift_gains(p, m, given, r, axis)
-            best, arg = g.max(dim=1)
+            best, arg = (t.numpy() for t in g.max(dim=1))
             d = arg - r
-            inside = d.abs() <= r - 2
-            for j in range(len(m)):
-                if inside[j] and best[j] > gain[start + j]:
-                    gain[start + j] = float(best[j])
-                    move[start + j] = (0, int(d[j])) if axis == -1 else (int(d[j]), 0)
+            here = slice(start, start + len(m))
+            better = (np.abs(d) <= r - 2) & (best > gain[here])
+            candidate = np.zeros((len(m), 2), np.int64)
+            candidate[:, 1 if axis == -1 else 0] = d
+            gain[here] = np.where(better, best, gain[here])
+            move[here] = np.where(better[:, None], candidate, move[here])
     for i in skip:
         gain[i], move[i] = 0.0, (0, 0)
     return gain, move
@@ -166,6 +167,18 @@ def move_mask(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     ys = np.clip(np.arange(h) - dy, 0, h - 1)
     xs = np.clip(np.arange(w) - dx, 0, w - 1)
     return mask[ys[:, None], xs[None, :]]
+
+
+def describe_reason(reason: dict) -> str:
+    """One line of text for a ranking reason, e.g. "misaligned (move 12 px left)"."""
+    text = reason["kind"].replace("_", " ")
+    if "group_size" in reason:
+        text += f" (group of {reason['group_size']})"
+    if "confident_disagreement" in reason:
+        text += f" ({100 * reason['confident_disagreement']:.0f}% of pixels)"
+    if reason["kind"] == "misaligned":
+        text += f" ({describe_move(reason['shift_y'], reason['shift_x'])})"
+    return text
 
 
 def describe_move(dy: int, dx: int) -> str:
@@ -230,8 +243,8 @@ def audit_config(minutes_per_fold: float, seed: int = 0) -> TrainConfig:
     Measured on the synthetic benchmark (1 minute per fold, 2 CPU cores): a base width
     of 8 with batches of 16 at lr 5e-3 makes about 450 steps and reaches 0.90 pixel
     accuracy against the clean masks, where the ``cpu`` preset (width 16, batches of 32)
-    makes about 80 steps and reaches 0.85 (``bench/audit_models.py``). The final weights are used (a cosine schedule
-    ends at its best point), so validation only runs once, at the end.
+    makes about 80 steps and reaches 0.85 (``bench/audit_models.py``). The final weights
+    are used (a cosine schedule ends at its best point), so validation runs once, at the end.
     """
     return preset("cpu").replace(
         epochs=0,

@@ -25,19 +25,8 @@ def open_store(dataset, path: str | None = None):
     return CorrectionStore(target, h, len(dataset), dataset.image_shape)
 
 
-def _reason_text(reason: dict) -> str:
-    from .audit import describe_move
-
-    text = reason["kind"].replace("_", " ")
-    if reason["kind"] == "misaligned":
-        text += f" ({describe_move(reason['shift_y'], reason['shift_x'])})"
-    elif "group_size" in reason:
-        text += f" (group of {reason['group_size']})"
-    return text
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit
+    from .audit import audit, describe_reason
 
     out = Path(args.out)
     if not out.parent.exists():
@@ -80,9 +69,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 continue
             shown_groups.add(group)
             listed = ", ".join(str(i) for i in group[:6]) + (", ..." if len(group) > 6 else "")
-            print(f"  images {listed}  score {r['score']:.3f}  {_reason_text(top)}")
+            print(f"  images {listed}  score {r['score']:.3f}  {describe_reason(top)}")
         else:
-            kinds = ", ".join(_reason_text(x) for x in r["reasons"] if x["score"] >= 0.01) or "-"
+            kinds = ", ".join(describe_reason(x) for x in r["reasons"] if x["score"] >= 0.01) or "-"
             print(f"  image {r['index']:>5}  score {r['score']:.3f}  {kinds}")
         lines += 1
     return 0
