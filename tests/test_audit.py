@@ -153,3 +153,12 @@ def test_move_mask_repeats_the_edge_it_uncovers():
     np.testing.assert_array_equal(move_mask(m, -1, 0), [[4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]])
     np.testing.assert_array_equal(move_mask(move_mask(m, 0, 0), 0, 0), m)
     assert describe_move(2, -3) == "move 3 px left and 2 px down"
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [(["--folds", "1"], "--folds must be at least 2"), (["--minutes", "0"], "--minutes must be")],
+)
+def test_cli_audit_refuses_bad_budgets(tmp_path, npz_path, capsys, flags, says):
+    assert main(["audit", str(npz_path), *flags, "--out", str(tmp_path / "i.json")]) == 2
+    assert says in capsys.readouterr().err

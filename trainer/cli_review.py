@@ -31,6 +31,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise CliError(f"{out.parent}: no such folder")
+    if not args.checkpoint and args.folds < 2:
+        raise CliError(
+            f"--folds must be at least 2 (each model predicts the fold it did not see), got {args.folds}"
+        )
+    if not args.checkpoint and not args.minutes > 0:
+        raise CliError(f"--minutes must be more than 0, got {args.minutes:g}")
     dataset = load_dataset(args)
     store = open_store(dataset, args.corrections)
     excluded: set[int] = set()
