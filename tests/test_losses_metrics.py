@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,9 +121,11 @@ def test_losses_have_gradients(two_pixels):
 
 
 def test_frequency_class_weights():
-    w = frequency_class_weights([100, 400, 100, 100, 4], background_weight=0.0)
+    w = frequency_class_weights([100, 400, 100, 100, 16], background_weight=0.0)
     assert w[0] == 0.0 and w[1] == pytest.approx(1.0)
-    assert w[2] == pytest.approx(2.0) and w[4] == pytest.approx(10.0)  # sqrt(100) = 10, capped at 10
+    assert w[2] == pytest.approx(2.0) and w[4] == pytest.approx(5.0)  # sqrt(400 / 16), under the cap
+    rare = frequency_class_weights([100, 400, 100, 100, 1], background_weight=0.0)
+    assert rare[4] == pytest.approx(10.0)  # sqrt(400) = 20, capped at 10
     assert frequency_class_weights([1, 2, 3, 4, 5], 0.5, "none") == [0.5, 1.0, 1.0, 1.0, 1.0]
 
 
@@ -158,3 +161,88 @@ def test_confusion_matrix_accumulates_over_batches():
     r = cm.compute()
     assert r["iou"][4] == pytest.approx(1 / 2)
     assert r["iou"][2] == pytest.approx(1 / 2)
+
+
+ALL_LOSSES = ("ce", "focal", "dice", "tversky", "focal_tversky", "lovasz")
+
+
+def _edge_batch(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 5, H, W) logits and targets for the batches that break naive losses."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(1, 5, (2, 4, 6), generator=g)
+    logits = torch.randn(2, 5, 4, 6, generator=g)
+    if case == "all_background":  # confident and right: the loss is 0 and flat
+        target = torch.zeros_like(target)
+        logits = torch.full_like(logits, -40.0)
+        logits[:, 0] = 40.0
+    elif case == "all_ignored":
+        target = torch.full_like(target, IGNORE_INDEX)
+    elif case == "saturated":  # half confidently right, half confidently wrong
+        logits = torch.full_like(logits, -40.0)
+        right = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).bool()
+        logits[right] = 40.0
+        logits[:, 2, :2] = 80.0
+    elif case == "class_absent":
+        target = torch.where(target == 4, torch.ones_like(target), target)
+    return logits, target
+
+
+@pytest.mark.parametrize("case", ["all_background", "all_ignored", "saturated", "class_absent"])
+@pytest.mark.parametrize("terms", [[(n, 1.0)] for n in ALL_LOSSES] + [[(n, 1.0) for n in ALL_LOSSES]])
+def test_every_loss_has_finite_gradients_on_edge_batches(terms, case):
+    """Background weight 0 (the default) makes all-background and all-ignored batches
+    count nothing: the loss must be finite and its gradient finite, never NaN."""
+    logits, target = _edge_batch(case)
+    logits.requires_grad_(True)
+    loss = SegmentationLoss(terms, [0.0, 1.0, 1.0, 1.0, 1.0])(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss), loss
+    assert torch.isfinite(logits.grad).all(), f"{terms} on {case}: non-finite gradient"
+    if case in ("all_background", "all_ignored"):
+        assert loss.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_focal_tversky_on_background_only_batch_reproduces_the_report():
+    """Logits +40 on background, target all background, class weights [0, 1, 1, 1, 1]."""
+    logits = torch.full((1, 5, 2, 2), -40.0)
+    logits[:, 0] = 40.0
+    logits.requires_grad_(True)
+    loss = SegmentationLoss([("focal_tversky", 1.0)], [0, 1, 1, 1, 1])(logits, torch.zeros(1, 2, 2).long())
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def _keras_mean_iou(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, ignore_class: int) -> float:
+    """Keras 3 ``MeanIoU(num_classes, ignore_class=...)``, step by step as its source does:
+    weights 1, times the valid mask; a weighted confusion matrix; IoU over classes whose
+    denominator is positive."""
+    valid = y_true != ignore_class
+    weight = np.ones_like(y_true, dtype=np.float64) * valid
+    cm = np.zeros((num_classes, num_classes))
+    np.add.at(cm, ((y_true * valid).ravel(), (y_pred * valid).ravel()), weight.ravel())
+    sum_over_row, sum_over_col = cm.sum(axis=0), cm.sum(axis=1)
+    tp = np.diag(cm)
+    denominator = sum_over_row + sum_over_col - tp
+    num_valid = (denominator > 1e-9).sum()
+    iou = tp / (denominator + 1e-7)
+    return float(iou.sum() / (num_valid + 1e-7))
+
+
+def test_miou_keras_by_hand_and_against_the_keras_algorithm():
+    m = metrics_from_confusion(CONFUSION)
+    # two soil pixels predicted background: Keras averages class 0 (IoU 0) as a third class
+    assert m["miou_keras"] == pytest.approx((10 / 13 + 8 / 9) / 3)
+    no_bg_pred = [row[:] for row in CONFUSION]
+    no_bg_pred[1] = [0, 12, 1, 0, 0]
+    m = metrics_from_confusion(no_bg_pred)
+    assert m["miou_keras"] == pytest.approx(m["miou"])  # they differ only when terrain -> background
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        target = rng.integers(0, 5, (3, 8, 8))
+        pred = rng.integers(0 if trial % 2 else 1, 5, (3, 8, 8))
+        if trial % 5 == 0:
+            target[target == 4] = 1  # a class absent from labels
+        cm = ConfusionMatrix()
+        cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+        ours = cm.compute()
+        assert ours["miou_keras"] == pytest.approx(_keras_mean_iou(target, pred, 5, 0), abs=1e-6)

@@ -23,6 +23,13 @@ from torch import nn
 IGNORE_INDEX = 255
 
 
+def _safe_pow(x: torch.Tensor, gamma: float, floor: float = 1e-6) -> torch.Tensor:
+    """``x^gamma`` for x >= 0 whose gradient stays finite at 0 when gamma < 1 (the exact
+    derivative is infinite there, and infinity times a zero weight is NaN): values up to
+    ``floor`` give 0 with gradient 0."""
+    return torch.where(x > floor, x.clamp_min(floor) ** gamma, torch.zeros_like(x))
+
+
 def _weights(class_weights, num_classes: int, device) -> torch.Tensor:
     if class_weights is None:
         return torch.ones(num_classes, device=device)
@@ -52,7 +59,7 @@ def focal(logits, target, class_weights=None, gamma: float = 2.0) -> torch.Tenso
     w = _weights(class_weights, logits.shape[1], logits.device)
     pw, safe = _pixel_weights(target, w)
     logp = F.log_softmax(logits.float(), dim=1).gather(1, safe[:, None]).squeeze(1)
-    loss = -((1 - logp.exp()) ** gamma) * logp
+    loss = -_safe_pow(1 - logp.exp(), gamma) * logp
     return (loss * pw).sum() / pw.sum().clamp_min(1e-6)
 
 
@@ -91,8 +98,10 @@ def tversky(
     w = _weights(class_weights, logits.shape[1], logits.device)
     tp, fp, fn = _soft_counts(logits, target, w)
     ti = (tp + eps) / (tp + alpha * fp + beta * fn + eps)
-    per_class = (1 - ti).clamp_min(0) ** gamma
-    return (per_class * w).sum() / w.sum().clamp_min(1e-6)
+    # Classes of weight 0 are dropped before the power rather than multiplied by 0 after it.
+    counted = w > 0
+    per_class = _safe_pow(1 - ti[counted], gamma)
+    return (per_class * w[counted]).sum() / w.sum().clamp_min(1e-6)
 
 
 def dice(logits, target, class_weights=None, eps: float = 1.0):

@@ -5,6 +5,10 @@ The competition scores the mean IoU over classes 1-4 and ignores background. Her
 does: pixels *labelled* background are left out, so predicting soil on the sky costs
 nothing, while missing soil (predicting background on soil) is a false negative.
 The background IoU itself is reported (computed the ordinary way) but never averaged.
+
+Course notebooks print Keras' number, which differs in one case: Keras still averages
+class 0 (with IoU 0) whenever a terrain pixel is predicted background, dividing by one
+more class. ``miou_keras`` is that number; ``miou`` stays the headline.
 """
 
 from __future__ import annotations
@@ -64,12 +68,19 @@ def metrics_from_confusion(confusion: list[list[int]]) -> dict:
         iou.append(float(tp / denom) if denom > 0 else math.nan)
     scored = [iou[c] for c in METRIC_CLASSES if c < n and not math.isnan(iou[c])]
     miou = sum(scored) / len(scored) if scored else math.nan
+    # Keras MeanIoU(num_classes, ignore_class=0) drops the pixels labelled 0 but keeps
+    # class 0 in the average: terrain predicted as background gives it IoU 0 (no true
+    # positive can exist), which then counts as one more class in the mean.
+    predicted_background = float(cm[1:, 0].sum()) > 0
+    keras_n = len(scored) + int(predicted_background)
+    miou_keras = sum(scored) / keras_n if keras_n else math.nan
     fg = cm[1:, :]
     total = fg.sum()
     accuracy = float(torch.diagonal(cm)[1:].sum() / total) if total > 0 else math.nan
     return {
         "iou": iou,
         "miou": miou,
+        "miou_keras": miou_keras,
         "pixel_accuracy": accuracy,
         "confusion": [[int(x) for x in row] for row in confusion],
     }
