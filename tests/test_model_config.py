@@ -130,6 +130,54 @@ def test_augment_keeps_image_and_mask_aligned():
     torch.testing.assert_close(ax[flipped], x[flipped].flip(-1), atol=1e-5, rtol=0)
 
 
+def _class_coded(masks: torch.Tensor) -> torch.Tensor:
+    """An image whose intensity encodes the class of each pixel (0, 0.25, ... 1)."""
+    return (masks.float() / 4)[:, None]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(max_rotation=20.0),
+        dict(max_scale=0.3),
+        dict(max_shift=0.2),
+        dict(max_rotation=20.0, max_scale=0.3, max_shift=0.2, hflip=True),
+    ],
+    ids=["rotation", "zoom", "shift", "all"],
+)
+def test_augment_moves_image_and_mask_together(changes):
+    """On real-shaped masks (64x128 synthetic terrain), every geometric change keeps the
+    augmented image's class code equal to the augmented mask on the valid pixels (a mask
+    rotated the other way from its image agrees on about two thirds)."""
+    from trainer.synth import generate
+
+    masks = torch.from_numpy(generate(24, 0, seed=4, plant_problems=False).dataset.masks).long()
+    base = dict(hflip=False, max_rotation=0.0, max_scale=0.0, max_shift=0.0, photometric=0.0)
+    cfg = TrainConfig(**{**base, **changes})
+    ax, ay = augment_batch(_class_coded(masks), masks, cfg, torch.Generator().manual_seed(5))
+    valid = ay != IGNORE_INDEX
+    decoded = (ax[:, 0] * 4).round().long()
+    agreement = (decoded[valid] == ay[valid]).float().mean().item()
+    assert agreement > 0.97, agreement
+    assert not torch.equal(ay, masks)  # something moved
+
+
+def test_rotation_is_a_rotation_in_pixel_space():
+    """On a 64x128 image the sampling matrix, taken back to pixel units, is a scaled
+    rotation (orthogonal columns of equal length) whose angle is the one drawn: no shear."""
+    from trainer.augment import affine_theta
+
+    h, w = 64, 128
+    cfg = TrainConfig(hflip=False, max_rotation=30.0, max_scale=0.0, max_shift=0.0)
+    theta = affine_theta(64, (h, w), cfg, torch.Generator().manual_seed(0)).double()
+    to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h], dtype=torch.float64))
+    pixel = torch.linalg.inv(to_norm) @ theta[:, :, :2] @ to_norm  # (B, 2, 2) in pixels
+    gram = pixel.transpose(1, 2) @ pixel
+    torch.testing.assert_close(gram, torch.eye(2, dtype=torch.float64).expand_as(gram), atol=1e-6, rtol=0)
+    angles = torch.rad2deg(torch.atan2(pixel[:, 1, 0], pixel[:, 0, 0]))
+    assert angles.abs().max() <= 30.0 and angles.abs().max() > 20.0
+
+
 def test_augment_values_stay_valid():
     cfg = TrainConfig(max_rotation=20, max_scale=0.3, max_shift=0.2)
     x, y = _batch(b=16)
