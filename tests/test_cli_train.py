@@ -61,7 +61,9 @@ def test_evaluate_json(trained, capsys):
     code, out, _ = run(["evaluate", data, "--checkpoint", run_dir / "checkpoints/best.pt", "--json"], capsys)
     assert code == 0
     js = json.loads(out)
-    assert set(js) == {"iou", "miou", "pixel_accuracy", "confusion"}
+    assert set(js) == {"iou", "miou", "miou_keras", "pixel_accuracy", "confusion", "images"}
+    assert js["images"] == len(json.loads((run_dir / "split.json").read_text())["val"])
+    assert js["miou_keras"] <= js["miou"] + 1e-9  # Keras can only add class 0 to the average
     assert len(js["iou"]) == 5 and np.asarray(js["confusion"]).shape == (5, 5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert js["miou"] == pytest.approx(summary["best_miou"], abs=1e-6)

@@ -244,3 +244,235 @@ def test_flip_averaged_prediction_is_mirror_symmetric():
     np.testing.assert_allclose(tta, mirrored["probs"].astype(np.float32)[..., ::-1], atol=2e-3)
     np.testing.assert_allclose(tta.sum(1), 1.0, atol=5e-3)
     assert not np.allclose(tta, plain, atol=1e-3)  # the mirror image really was averaged in
+
+
+# -- non-finite values never reach a checkpoint -------------------------------------------
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poison_gradient_at(monkeypatch, call: int) -> None:
+    from trainer import losses
+
+    calls = {"n": 0}
+    original = losses.SegmentationLoss.forward
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        value = original(self, logits, target)
+        return _NanGradient.apply(value) if calls["n"] == call else value
+
+    monkeypatch.setattr(losses.SegmentationLoss, "forward", poisoned)
+
+
+def _all_tensors_finite(path) -> bool:
+    ck = load_checkpoint(path)
+    tensors = list(ck["model"].values())
+    tensors += [t for s in ck["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t)]
+    return all(bool(torch.isfinite(t.float()).all()) for t in tensors)
+
+
+def _saved_checkpoints(run):
+    return sorted((run / "checkpoints").glob("*.pt"))
+
+
+def test_nan_gradient_at_an_epochs_last_step_saves_nothing_non_finite(data, tmp_path, monkeypatch):
+    """log_every 5: the poisoned step is the last of epoch 1 (steps 12-22), between checks."""
+    cfg = preset("tiny").replace(epochs=3, log_every=5)
+    steps_per_epoch = 11
+    _poison_gradient_at(monkeypatch, 2 * steps_per_epoch)
+    events = list(fit(data, cfg, tmp_path))
+    failed = events[-1]
+    assert isinstance(failed, ev.Failed) and "non-finite" in failed.message, failed
+    assert failed.step == 2 * steps_per_epoch
+    saved = _saved_checkpoints(tmp_path)
+    assert saved and all(_all_tensors_finite(p) for p in saved)
+    assert failed.last_good_checkpoint and _all_tensors_finite(failed.last_good_checkpoint)
+    assert load_checkpoint(failed.last_good_checkpoint)["step"] == steps_per_epoch  # epoch 0's weights
+    assert not [e for e in events if isinstance(e, ev.Validation) and e.epoch == 1]
+
+
+def test_nan_gradient_just_before_a_stop_request_saves_nothing_non_finite(data, tmp_path, monkeypatch):
+    """The stop arrives two steps after a NaN gradient, before the next loss check."""
+    cfg = preset("tiny").replace(epochs=3, log_every=5)
+    _poison_gradient_at(monkeypatch, 14)  # epoch 1, step 14; the next check is at step 15
+    control = TrainControl()
+    polls = {"n": 0}
+
+    def poll():
+        polls["n"] += 1
+        if polls["n"] == 15:  # before step 15: 14 steps done
+            control.request_stop()
+
+    control.poll = poll
+    events = list(fit(data, cfg, tmp_path, control=control))
+    assert isinstance(events[-1], ev.Failed), events[-1]
+    assert not any(isinstance(e, ev.Stopped) for e in events)
+    saved = _saved_checkpoints(tmp_path)
+    assert saved and all(_all_tensors_finite(p) for p in saved)
+    assert events[-1].last_good_checkpoint and _all_tensors_finite(events[-1].last_good_checkpoint)
+
+
+def test_checkpoint_write_failure_keeps_the_previous_file(data, tmp_path, monkeypatch):
+    from trainer import checkpoint as ckpt_module
+    from trainer.model import build_model
+
+    cfg = preset("tiny")
+    path = tmp_path / "last.pt"
+    ckpt_module.save_checkpoint(path, model=build_model(cfg), config=cfg, step=7)
+
+    def crash_half_way(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", crash_half_way)
+    with pytest.raises(OSError):
+        ckpt_module.save_checkpoint(path, model=build_model(cfg), config=cfg, step=8)
+    assert load_checkpoint(path)["step"] == 7
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+
+def _state_tensors(path) -> dict:
+    ck = load_checkpoint(path)
+    out = {f"model.{k}": v for k, v in ck["model"].items()}
+    for pid, s in ck["optimizer"]["state"].items():
+        out.update({f"opt.{pid}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
+    return out
+
+
+def test_resume_after_a_stop_mid_epoch_equals_the_uninterrupted_run(data, tmp_path):
+    cfg = preset("tiny").replace(epochs=2, max_rotation=15.0, photometric=1.0)
+    whole = list(fit(data, cfg, tmp_path / "whole"))
+    control = TrainControl()
+    polls = {"n": 0}
+
+    def poll():
+        polls["n"] += 1
+        if polls["n"] == 5:  # after 4 of the 11 steps of epoch 0
+            control.request_stop()
+
+    control.poll = poll
+    first = list(fit(data, cfg, tmp_path / "part", control=control))
+    assert isinstance(first[-1], ev.Stopped) and first[-1].step == 4
+    rest = list(fit(data, cfg, tmp_path / "part", resume=tmp_path / "part/checkpoints/last.pt"))
+    assert rest[0].start_epoch == 0
+    steps = [e.step for e in rest if isinstance(e, ev.Step)]
+    assert steps[0] == 5 and steps[-1] == whole[-1].step == rest[-1].step == 22
+    a, b = (
+        _state_tensors(tmp_path / "whole/checkpoints/last.pt"),
+        _state_tensors(tmp_path / "part/checkpoints/last.pt"),
+    )
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    miou = lambda evs: [e.miou for e in evs if isinstance(e, ev.Validation)]  # noqa: E731
+    assert miou(rest) == miou(whole)
+
+
+def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):
+    """A resumed run whose validations are worse than the best so far keeps best.pt."""
+    import trainer.engine as engine
+    from trainer.metrics import ConfusionMatrix
+
+    list(fit(data, preset("tiny").replace(epochs=1), tmp_path))
+    best_before = load_checkpoint(tmp_path / "checkpoints/best.pt")
+    assert best_before["miou"] > 0.01
+
+    def poor(*args, **kwargs):
+        cm = ConfusionMatrix()
+        cm.matrix[1, 1], cm.matrix[1, 2] = 1, 999  # mIoU 0.001
+        return cm
+
+    monkeypatch.setattr(engine, "confusion_on", poor)
+    events = list(
+        fit(data, preset("tiny").replace(epochs=3), tmp_path, resume=tmp_path / "checkpoints/last.pt")
+    )
+    vals = [e for e in events if isinstance(e, ev.Validation)]
+    assert len(vals) == 2 and all(v.best_miou == pytest.approx(best_before["miou"]) for v in vals)
+    after = load_checkpoint(tmp_path / "checkpoints/best.pt")
+    assert after["step"] == best_before["step"] and after["miou"] == best_before["miou"]
+
+
+# -- validation, run records, precision -----------------------------------------------------
+
+
+def test_excluded_images_leave_validation_too(tmp_path):
+    from trainer.corrections import CorrectionStore
+
+    ds = generate(40, 0, seed=6).dataset
+    cfg = preset("tiny").replace(epochs=1, val_fraction=0.25)
+    store = CorrectionStore.for_dataset(ds, path=tmp_path / "c.sqlite")
+    _, val = stratified_split(class_presence(ds.masks), cfg.val_fraction, cfg.seed)
+    store.exclude_many([int(i) for i in val[:3]])
+    events = list(fit(ds, cfg, corrections=store))
+    v = next(e for e in events if isinstance(e, ev.Validation))
+    assert v.images == len(val) - 3
+    pixels = int(np.sum(v.confusion))
+    kept = np.setdiff1d(val, val[:3])
+    assert pixels == ds.masks[kept].size  # the confusion matrix counts only the kept images
+    assert events[0].val_images == len(val)
+
+
+def test_metrics_csv_has_one_row_per_validation(tiny_run):
+    import csv
+
+    run, events = tiny_run
+    vals = [e for e in events if isinstance(e, ev.Validation)]
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(vals)
+    for row, v in zip(rows, vals, strict=True):
+        assert int(row["epoch"]) == v.epoch and int(row["step"]) == v.step
+        assert float(row["miou"]) == pytest.approx(v.miou) and float(row["miou_keras"]) == pytest.approx(
+            v.miou_keras
+        )
+        assert float(row["iou_soil"]) == pytest.approx(v.iou[1]) and float(row["train_loss"]) > 0
+        assert int(row["images"]) == v.images > 0
+    assert rows[0].keys() >= {"seconds", "lr", "iou_big_rock", "pixel_accuracy"}
+
+
+def test_tensorboard_scalars_when_installed(tiny_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, events = tiny_run
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "val/miou", "val/miou_keras", "val_iou/Soil"} <= set(tags)
+    vals = [e for e in events if isinstance(e, ev.Validation)]
+    assert [round(s.value, 5) for s in acc.Scalars("val/miou")] == [round(v.miou, 5) for v in vals]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_train_and_say_which(data, precision):
+    events = list(fit(data, preset("tiny").replace(epochs=1, precision=precision)))
+    started, finished = events[0], events[-1]
+    assert started.precision == precision and precision in started.precision_reason
+    assert started.channels_last
+    assert isinstance(finished, ev.Finished) and math.isfinite(finished.best_miou)
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    from trainer import device as device_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device_module, "cpu_bf16_support", lambda: (True, "native (test)"))
+    assert device_module.resolve_precision("auto", cpu).dtype is torch.bfloat16
+    monkeypatch.setattr(device_module, "cpu_bf16_support", lambda: (False, "emulated (test)"))
+    chosen = device_module.resolve_precision("auto", cpu)
+    assert chosen.dtype is None and chosen.name == "fp32" and "emulated" in chosen.reason
+    assert device_module.resolve_precision("bf16", cpu).dtype is torch.bfloat16

@@ -22,7 +22,18 @@ import numpy as np
 
 from .classes import CLASSES
 from .cli import CliError, add_dataset_args, load_dataset
-from .config import PRESETS, TrainConfig, build
+from .config import PREDICT_BATCH, PRESETS, TrainConfig, build
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 _CONTROLLED = {"epochs", "minutes", "device", "seed"}  # shown in the main group
 
@@ -197,19 +208,16 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
 
 
 def _load_model(args):
-    import torch
-
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .device import init_distributed, resolve_device
+    from .device import init_distributed, resolve_device, resolve_precision
+    from .inference import prepare_model
 
     data = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(data, args.checkpoint)
     dist = init_distributed(args.device)
     device = resolve_device(args.device, dist.local_rank)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return data, model, device, dist
+    precision = resolve_precision(args.precision, device)
+    return data, prepare_model(model, device), device, dist, precision
 
 
 def _split_indices(data: dict, split: str, n: int, source: str) -> np.ndarray:
@@ -231,11 +239,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import nan_to_none
 
     dataset = load_dataset(args)
-    data, model, device, dist = _load_model(args)
+    data, model, device, dist, precision = _load_model(args)
     idx = _split_indices(data, args.split, len(dataset), args.checkpoint)
     images = torch.from_numpy(dataset.images).to(device)
     masks = torch.from_numpy(dataset.masks).to(device)
-    result = confusion_on(model, images, masks, idx, args.batch_size, dist).compute()
+    result = confusion_on(model, images, masks, idx, args.batch_size, dist, precision).compute()
+    result["images"] = len(idx)
     if not dist.is_main:
         return 0
     if args.json:
@@ -243,6 +252,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"{args.split} split: {len(idx)} images")
         print(_iou_table(result["iou"], result["miou"]))
+        print(f"  mIoU as Keras MeanIoU(ignore_class=0) prints it: {result['miou_keras']:.4f}")
         print(f"  pixel accuracy (background ignored): {result['pixel_accuracy']:.4f}")
     return 0
 
@@ -275,7 +285,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out.suffix != ".npz":
         raise CliError(f"{out}: the output must end in .npz")
     dataset = load_dataset(args)
-    data, model, device, _ = _load_model(args)
+    data, model, device, _, precision = _load_model(args)
     images = _predict_images(args, dataset, data)
     result = predict_arrays(
         model,
@@ -284,6 +294,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device,
         with_probs=args.probs,
         progress=_progress_printer("predicting"),
+        precision=precision,
     )
     try:
         np.savez_compressed(out, **result)
@@ -311,9 +322,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     dataset = load_dataset(args)
     if dataset.test_images is None:
         raise CliError(f"{args.dataset}: has no test_set; a submission predicts the test images")
-    _, model, device, _ = _load_model(args)
+    _, model, device, _, precision = _load_model(args)
     result = predict_arrays(
-        model, dataset.test_images, args.batch_size, device, progress=_progress_printer("predicting")
+        model,
+        dataset.test_images,
+        args.batch_size,
+        device,
+        progress=_progress_printer("predicting"),
+        precision=precision,
     )
     out = Path(args.out)
     tmp = out.with_name(out.name + ".partial")
@@ -345,7 +361,15 @@ def register(sub) -> None:
         add_dataset_args(q)
         q.add_argument("--checkpoint", required=True, help="a checkpoint written by mars-trainer train")
         q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        q.add_argument("--batch-size", type=int, default=128)
+        q.add_argument(
+            "--precision",
+            default="auto",
+            choices=["auto", "fp32", "bf16"],
+            help="auto: bf16 on GPUs and on CPUs that compute bf16 natively, else fp32",
+        )
+        q.add_argument(
+            "--batch-size", type=_positive_int, default=PREDICT_BATCH, help=f"default {PREDICT_BATCH}"
+        )
         if splits:
             q.add_argument(
                 "--split", choices=splits, default=default, help=f"which images (default {default})"
@@ -353,7 +377,11 @@ def register(sub) -> None:
         return q
 
     q = inference_parser("evaluate", "per-class IoU of a checkpoint", ("val", "train", "all"), "val")
-    q.add_argument("--json", action="store_true", help='print {"iou", "miou", "pixel_accuracy", "confusion"}')
+    q.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"iou", "miou", "miou_keras", "pixel_accuracy", "confusion", "images"}',
+    )
     q.set_defaults(func=cmd_evaluate)
     q = inference_parser("predict", "predict masks into an .npz", ("test", "val", "train", "all"), "test")
     q.add_argument("--out", required=True, help="output .npz with key masks (N, H, W) uint8")

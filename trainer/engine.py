@@ -6,12 +6,16 @@ Design (see the README for measured figures):
   index tensor on that device. No DataLoader, no worker processes, no host copies.
 * Augmentation is batched on the device (``augment.py``); oversampling draws an epoch's
   indices with ``torch.multinomial`` from per-image weights.
-* CUDA: bf16 autocast and channels_last. CPU: fp32.
+* channels_last on CPUs and GPUs; bf16 autocast where the hardware computes bf16
+  natively (``--precision`` overrides), chosen once and stated in the ``Started`` event.
 * Under torchrun each process takes its slice of the epoch's draws, DDP averages the
   gradients, confusion matrices are summed, and only rank 0 writes the run directory.
-* The loss is read back to the host only every ``log_every`` steps, so the GPU is not
-  synchronised at every step; a NaN is caught at that point (and at each epoch's end)
-  before anything is saved, so the last good checkpoint is never overwritten.
+  Between steps the ranks agree on failures and stop requests (``device.Peers``).
+* The loss and a non-finite-gradient flag are read back to the host only every
+  ``log_every`` steps (no GPU sync per step); before any checkpoint is written every
+  weight and optimiser tensor is checked, so no checkpoint ever holds a NaN.
+* Every random draw of a step is seeded from (seed, epoch, batch, rank), so a run
+  stopped mid-epoch and resumed makes exactly the steps the uninterrupted run makes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,16 @@ from .augment import augment_batch, oversampling_weights
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .dataset import Dataset, DatasetError
-from .device import device_name, init_distributed, resolve_device
-from .inference import autocast_for, confusion_on, predict_arrays, stratified_split, to_input
+from .device import (
+    Peers,
+    TrainingFailure,
+    device_name,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    uses_channels_last,
+)
+from .inference import confusion_on, predict_arrays, prepare_model, stratified_split, to_input
 from .losses import SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .runs import RunDir
@@ -64,12 +76,415 @@ class TrainControl:
         self.preview_indices = [int(i) for i in indices]
         self._preview_now.set()
 
+    def take_preview_request(self) -> bool:
+        """True once after each :meth:`request_preview`."""
+        asked = self._preview_now.is_set()
+        self._preview_now.clear()
+        return asked
+
+
+@dataclass
+class RunState:
+    """Where a run stands. Saved in every checkpoint, so a resumed run goes on exactly
+    where this one was (``batch`` batches of ``epoch`` done)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best: float = -1.0
+    plateau_factor: float = 1.0
+    stale: int = 0
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, data: dict) -> RunState:
+        # Checkpoints written before mid-epoch resume existed only hold finished epochs.
+        resume = data.get("resume") or {"epoch": data["epoch"] + 1, "batch": 0}
+        return cls(
+            epoch=int(resume["epoch"]),
+            batch=int(resume["batch"]),
+            step=int(data["step"]),
+            best=float(data.get("best_miou", -1.0)),
+            plateau_factor=float(data.get("plateau_factor", 1.0)),
+            stale=int(data.get("stale", 0)),
+            elapsed_s=float(data.get("elapsed_s", 0.0)),
+        )
+
 
 def _lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.schedule == "cosine":
         return warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
     return warm
+
+
+def _describe(exc: BaseException, cfg: TrainConfig) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return (
+            f"CUDA ran out of memory with batch size {cfg.batch_size}; "
+            f"try --batch-size {max(1, cfg.batch_size // 2)}"
+        )
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+class _Trainer:
+    """The state and the named steps of one run; :func:`fit` composes them."""
+
+    def __init__(self, dataset, cfg, run_dir, control, resume, corrections) -> None:
+        if dataset.masks is None or len(dataset) < 2:
+            raise DatasetError(f"{dataset.source}: training needs at least 2 labelled images")
+        self.cfg, self.control, self.corrections = cfg, control, corrections
+        self.dataset = dataset
+        self.dist = init_distributed(cfg.device)
+        self.device = device = resolve_device(cfg.device, self.dist.local_rank)
+        self.precision = resolve_precision(cfg.precision, device)
+        if cfg.threads and device.type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.runs = RunDir(run_dir) if (run_dir is not None and self.dist.is_main) else None
+        self.peers = Peers(self.dist)
+        self.resumed_from = str(resume) if resume else None
+
+        self.presence = class_presence(dataset.masks)
+        data = load_checkpoint(resume) if resume else None
+        if data is not None:
+            check_compatible(data, cfg, resume)
+            train_idx, val_idx = np.asarray(data["train_indices"]), np.asarray(data["val_indices"])
+            if max(train_idx.max(), val_idx.max()) >= len(dataset):
+                raise DatasetError(
+                    f"{resume}: the checkpoint's split does not fit this dataset of {len(dataset)} images"
+                )
+        else:
+            train_idx, val_idx = stratified_split(self.presence, cfg.val_fraction, cfg.seed)
+        self.base_train_idx, self.base_val_idx = train_idx, val_idx
+        self.train_idx, self.val_idx = train_idx, val_idx
+
+        self.images = torch.from_numpy(dataset.images).to(device)
+        # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
+        self.masks = torch.from_numpy(dataset.masks).to(device, copy=corrections is not None)
+        weights = frequency_class_weights(
+            class_pixel_counts(dataset.masks[train_idx]), cfg.background_weight, cfg.class_weighting
+        )
+        self.criterion = SegmentationLoss(
+            parse_loss_spec(cfg.loss),
+            weights,
+            cfg.focal_gamma,
+            cfg.tversky_alpha,
+            cfg.tversky_beta,
+            cfg.focal_tversky_gamma,
+        ).to(device)
+        self.model = prepare_model(build_model(cfg), device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.state = RunState()
+        if data is not None:
+            self.model.load_state_dict(data["model"])
+            self.optimizer.load_state_dict(data["optimizer"])
+            self.state = RunState.from_checkpoint(data)
+            if "rng_state" in data:
+                torch.set_rng_state(data["rng_state"])
+        self.train_model = self.model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
+
+        self.seen_version = None
+        self.sample_weights = self._sample_weights()
+        self.per_step = cfg.batch_size * self.dist.world
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.budget_s = cfg.minutes * 60
+        self.t0 = time.perf_counter() - self.state.elapsed_s
+        self.last_preview = -math.inf
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.epoch_loss = torch.zeros((), device=device)
+        self.epoch_loss_n = 0
+        self.lr = cfg.lr
+
+    # -- small helpers
+    def emit(self, event: ev.Event) -> ev.Event:
+        if self.runs is not None:
+            self.runs.write_event(event)
+        return event
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _sample_weights(self) -> torch.Tensor:
+        return torch.as_tensor(oversampling_weights(self.presence[self.train_idx], self.cfg.oversample))
+
+    def last_good(self) -> str | None:
+        """Every checkpoint on disk passed the finiteness check before it was written."""
+        if self.runs is None:
+            return None
+        for path in (self.runs.last, self.runs.best):
+            if path.exists():
+                return str(path)
+        return None
+
+    def started(self) -> ev.Started:
+        if self.runs is not None:
+            self.runs.write_start(self.cfg, self.train_idx, self.val_idx)
+        return ev.Started(
+            self.cfg.to_dict(), str(self.device), device_name(self.device), len(self.train_idx),
+            len(self.val_idx), count_parameters(self.model), self.dist.world, self.resumed_from,
+            self.state.epoch, self.precision.name, self.precision.reason, uses_channels_last(self.device),
+        )  # fmt: skip
+
+    # -- corrections
+    def reload_corrections(self) -> ev.DataUpdate | None:
+        """Apply the store's current state; returns a DataUpdate event when it changed.
+        Excluded images leave both splits: they neither train nor decide the best checkpoint."""
+        if self.corrections is None:
+            return None
+        version = self.corrections.version()
+        if version == self.seen_version:
+            return None
+        self.seen_version = version
+        edited, excluded = self.corrections.snapshot()
+        effective = self.dataset.masks.copy()
+        for i, m in edited.items():
+            effective[i] = m
+        self.masks.copy_(torch.from_numpy(effective))
+        self.presence = class_presence(effective)
+        drop = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
+        self.train_idx = np.setdiff1d(self.base_train_idx, drop)
+        self.val_idx = np.setdiff1d(self.base_val_idx, drop)
+        if len(self.train_idx) == 0:
+            raise DatasetError("every training image is excluded")
+        self.sample_weights = self._sample_weights()
+        return ev.DataUpdate(self.state.epoch, len(edited), len(excluded), len(self.train_idx))
+
+    # -- one epoch
+    def _step_generator(self, batch: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        return g.manual_seed(
+            ((self.cfg.seed * 1_000_003 + self.state.epoch) * 100_003 + batch) * 64 + self.dist.rank
+        )
+
+    def _epoch_draws(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.state.epoch)
+        draws = torch.multinomial(
+            self.sample_weights, self.steps_per_epoch * self.per_step, replacement=True, generator=g
+        )
+        return torch.as_tensor(self.train_idx)[draws[self.dist.rank :: self.dist.world]].to(self.device)
+
+    def _progress(self) -> float:
+        if self.budget_s:
+            return self.elapsed() / self.budget_s
+        return self.state.step / max(self.total_steps, 1)
+
+    def train_step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One optimisation step. Forward and loss run under a guard so that, under
+        torchrun, a rank that fails there tells the others before anyone enters the
+        gradient all-reduce of ``backward``."""
+        cfg, st = self.cfg, self.state
+        problem, loss = None, None
+        try:
+            x, y = to_input(self.images[idx], self.device), self.masks[idx].long()
+            if cfg.augment:
+                x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
+            self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress())
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            with self.precision.autocast(self.device):
+                logits = self.train_model(x)
+            loss = self.criterion(logits, y)
+        except Exception as exc:
+            if not self.peers.active:
+                raise
+            problem = _describe(exc, cfg)
+        self.peers.agree(problem)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        self.nonfinite |= ~torch.isfinite(grad_norm) | ~torch.isfinite(loss.detach())
+        self.optimizer.step()
+        st.step += 1
+        st.batch += 1
+        return loss.detach()
+
+    def check_finite(self, mean_loss: float | None = None) -> None:
+        """Fail (on every rank alike) if the loss or a gradient stopped being finite."""
+        problem = None
+        if mean_loss is not None and not math.isfinite(mean_loss):
+            problem = f"the loss became {mean_loss} at step {self.state.step}"
+        elif bool(self.nonfinite):
+            problem = f"a gradient became non-finite by step {self.state.step} (the loss was still finite)"
+        self.peers.agree(problem)
+
+    def run_epoch(self) -> Iterator[ev.Event]:
+        """The steps of the current epoch from ``state.batch`` on, with step events and
+        previews. Returns True when a stop was requested (after yielding Stopped)."""
+        cfg, st, control = self.cfg, self.state, self.control
+        mine = self._epoch_draws()
+        self.train_model.train()
+        loss_sum, loss_n, t_log, n_log = torch.zeros((), device=self.device), 0, time.perf_counter(), 0
+        while st.batch < self.steps_per_epoch:
+            if control.poll is not None:
+                control.poll()
+            if self.peers.agree(None, control.stop_requested):
+                yield from self.stop()
+                return True
+            k = st.batch
+            idx = mine[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+            loss = self.train_step(idx)
+            loss_sum += loss
+            loss_n += 1
+            n_log += len(idx) * self.dist.world
+            if st.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch:
+                mean_loss = (loss_sum / loss_n).item()
+                self.check_finite(mean_loss)
+                self.epoch_loss += loss_sum
+                self.epoch_loss_n += loss_n
+                now = time.perf_counter()
+                rate = n_log / max(now - t_log, 1e-9)
+                done = min(self._progress(), 1.0)
+                eta = (now - self.t0) * (1 - done) / done if done > 0 else None
+                yield self.emit(ev.Step(st.epoch, st.step, mean_loss, self.lr, rate, done, eta))
+                loss_sum.zero_()
+                loss_n, t_log, n_log = 0, now, 0
+            if control.preview_indices and (
+                control.take_preview_request()
+                or (
+                    control.preview_every_s is not None
+                    and time.perf_counter() - self.last_preview >= control.preview_every_s
+                )
+            ):
+                yield self.emit(self.preview())
+            if self.budget_s and self.elapsed() > self.budget_s:
+                break
+        return False
+
+    # -- validation, checkpoints, previews
+    def validate(self) -> Iterator[ev.Event]:
+        cfg, st = self.cfg, self.state
+        problem, cm = None, None
+        try:
+            cm = confusion_on(
+                self.model, self.images, self.masks, self.val_idx, 2 * cfg.batch_size, self.dist,
+                self.precision, reduce=False,
+            )  # fmt: skip
+        except Exception as exc:
+            if not self.peers.active:
+                raise
+            problem = _describe(exc, cfg)
+        self.peers.agree(problem)
+        cm.all_reduce()
+        result = cm.compute()
+        miou = result["miou"]
+        improved = not math.isnan(miou) and miou > st.best
+        if improved:
+            st.best, st.stale = miou, 0
+        else:
+            st.stale += 1
+            if cfg.schedule == "plateau" and st.stale % 3 == 0:
+                st.plateau_factor *= 0.5
+        train_loss = (self.epoch_loss / self.epoch_loss_n).item() if self.epoch_loss_n else None
+        self.epoch_loss.zero_()
+        self.epoch_loss_n = 0
+        yield self.emit(
+            ev.Validation(
+                st.epoch, st.step, result["iou"], miou, result["pixel_accuracy"], result["confusion"],
+                st.best, result["miou_keras"], len(self.val_idx), train_loss, self.lr, self.elapsed(),
+            )
+        )  # fmt: skip
+        if improved:
+            yield from self.save("best", miou)
+        if self.control.preview_indices:
+            self.control.take_preview_request()
+            yield self.emit(self.preview())
+
+    def save(self, which: str, miou: float | None = None) -> Iterator[ev.Event]:
+        """Write ``best`` or ``last`` after checking that every tensor is finite; a
+        non-finite one raises instead, so the file on disk stays the last good one."""
+        self.check_finite()
+        tensors = [*self.model.state_dict().values()]
+        tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        bad = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors)
+        self.peers.agree("the weights became non-finite" if bad else None)
+        if self.runs is None:
+            return
+        st = self.state
+        path = self.runs.best if which == "best" else self.runs.last
+        save_checkpoint(
+            path, model=self.model, config=self.cfg, optimizer=self.optimizer.state_dict(),
+            epoch=st.epoch, step=st.step, best_miou=st.best,
+            miou=miou if miou is not None and not math.isnan(miou) else -1.0,
+            plateau_factor=st.plateau_factor, stale=st.stale, elapsed_s=self.elapsed(),
+            resume=self._resume_point(), rng_state=torch.get_rng_state(),
+            train_indices=[int(i) for i in self.base_train_idx], val_indices=[int(i) for i in self.base_val_idx],
+        )  # fmt: skip
+        yield self.emit(ev.Checkpoint(st.epoch, st.step, str(path), which, miou))
+
+    def _resume_point(self) -> dict:
+        st = self.state
+        if st.batch >= self.steps_per_epoch:
+            return {"epoch": st.epoch + 1, "batch": 0}
+        return {"epoch": st.epoch, "batch": st.batch}
+
+    def stop(self) -> Iterator[ev.Event]:
+        path = None
+        for e in self.save("last"):
+            path = e.path
+            yield e
+        yield self.emit(ev.Stopped(self.state.epoch, self.state.step, path))
+
+    def preview(self) -> ev.Preview:
+        idx = [i for i in self.control.preview_indices if 0 <= i < len(self.dataset)]
+        out = predict_arrays(
+            self.model,
+            self.dataset.images[idx],
+            device=self.device,
+            with_entropy=True,
+            precision=self.precision,
+        )
+        self.model.train()
+        self.last_preview = time.perf_counter()
+        return ev.Preview(self.state.epoch, self.state.step, idx, out["masks"], out["entropy"])
+
+    # -- the end of an epoch
+    def end_of_epoch(self) -> Iterator[ev.Event]:
+        """Validate, checkpoint, and decide whether to go on; returns the reason to end
+        the run, or None."""
+        cfg, st = self.cfg, self.state
+        out_of_time = bool(self.budget_s) and self.elapsed() > self.budget_s
+        last_epoch = out_of_time or (not self.budget_s and st.epoch == cfg.epochs - 1)
+        stop_early = False
+        if (st.epoch + 1) % cfg.val_every == 0 or last_epoch:
+            yield from self.validate()
+            stop_early = cfg.patience > 0 and st.stale >= cfg.patience
+        if out_of_time and st.batch < self.steps_per_epoch:
+            st.batch = self.steps_per_epoch  # the rest of this epoch is not owed on resume
+        if (st.epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop_early:
+            yield from self.save("last")
+        if stop_early:
+            return "early stopping"
+        if out_of_time:
+            return "time budget"
+        if last_epoch:
+            return "completed"
+        st.epoch += 1
+        st.batch = 0
+        return None
+
+    def finished(self, reason: str) -> ev.Finished:
+        seconds = self.elapsed()
+        best_path = str(self.runs.best) if self.runs is not None and self.runs.best.exists() else None
+        st = self.state
+        if self.runs is not None:
+            self.runs.write_summary(
+                {
+                    "best_miou": st.best,
+                    "epochs": st.epoch + 1,
+                    "steps": st.step,
+                    "seconds": seconds,
+                    "reason": reason,
+                    "best_checkpoint": best_path,
+                }
+            )
+        return ev.Finished(st.epoch, st.step, st.best, best_path, seconds, reason)
 
 
 def fit(
@@ -86,272 +501,44 @@ def fit(
 
     ``corrections`` (a :class:`~trainer.corrections.CorrectionStore`, optional) is read
     at the start of every epoch: edited masks replace the originals and excluded images
-    leave the training split, without restarting (a ``DataUpdate`` event says so).
+    leave both splits, without restarting (a ``DataUpdate`` event says so).
+
+    ``resume`` continues a checkpoint exactly where it was written, mid-epoch included.
 
     Bad input (a dataset without labels, a missing GPU, an unwritable run directory, a
     checkpoint of another architecture) raises before the first event; failures during
-    training (NaN loss, out of memory) are reported as a ``Failed`` event.
+    training (a non-finite loss or gradient, out of memory, an error on another rank)
+    are reported as a ``Failed`` event that names the last good checkpoint.
     """
-    control = control or TrainControl()
-    if dataset.masks is None or len(dataset) < 2:
-        raise DatasetError(f"{dataset.source}: training needs at least 2 labelled images")
-    dist = init_distributed(cfg.device)
-    device = resolve_device(cfg.device, dist.local_rank)
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    runs = RunDir(run_dir) if (run_dir is not None and dist.is_main) else None
-
-    presence = class_presence(dataset.masks)
-    state = load_checkpoint(resume) if resume else None
-    if state is not None:
-        check_compatible(state, cfg, resume)
-        train_idx, val_idx = np.asarray(state["train_indices"]), np.asarray(state["val_indices"])
-        if max(train_idx.max(), val_idx.max()) >= len(dataset):
-            raise DatasetError(
-                f"{resume}: the checkpoint's split does not fit this dataset of {len(dataset)} images"
-            )
-    else:
-        train_idx, val_idx = stratified_split(presence, cfg.val_fraction, cfg.seed)
-
-    images = torch.from_numpy(dataset.images).to(device)
-    # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
-    masks = torch.from_numpy(dataset.masks).to(device, copy=corrections is not None)
-    weights = frequency_class_weights(
-        class_pixel_counts(dataset.masks[train_idx]), cfg.background_weight, cfg.class_weighting
-    )
-    criterion = SegmentationLoss(
-        parse_loss_spec(cfg.loss),
-        weights,
-        cfg.focal_gamma,
-        cfg.tversky_alpha,
-        cfg.tversky_beta,
-        cfg.focal_tversky_gamma,
-    ).to(device)
-    model = build_model(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, step, best, plateau_factor, stale = 0, 0, -1.0, 1.0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, best = state["epoch"] + 1, state["step"], state.get("best_miou", -1.0)
-        plateau_factor, stale = state.get("plateau_factor", 1.0), state.get("stale", 0)
-    train_model = model
-    if dist.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    base_train_idx = train_idx
-    original_masks = dataset.masks
-    seen_version = None
-
-    def reload_corrections(epoch: int):
-        """Apply the store's current state; returns a DataUpdate event when it changed."""
-        nonlocal train_idx, presence, seen_version
-        version = corrections.version()
-        if version == seen_version:
-            return None
-        seen_version = version
-        edited, excluded = corrections.snapshot()
-        effective = original_masks.copy()
-        for i, m in edited.items():
-            effective[i] = m
-        masks.copy_(torch.from_numpy(effective))
-        presence = class_presence(effective)
-        train_idx = np.array([i for i in base_train_idx if i not in excluded], dtype=np.int64)
-        if len(train_idx) == 0:
-            raise DatasetError("every training image is excluded")
-        return ev.DataUpdate(epoch, len(edited), len(excluded), len(train_idx))
-
-    sample_weights = torch.as_tensor(oversampling_weights(presence[train_idx], cfg.oversample))
-    per_step = cfg.batch_size * dist.world
-    steps_per_epoch = max(1, math.ceil(len(train_idx) / per_step))
-    total_steps = cfg.epochs * steps_per_epoch
-    budget_s = cfg.minutes * 60
-
-    def checkpoint(which: str, epoch: int, miou: float | None) -> ev.Checkpoint | None:
-        if runs is None:
-            return None
-        path = runs.best if which == "best" else runs.last
-        save_checkpoint(
-            path, model=model, config=cfg, optimizer=optimizer.state_dict(), epoch=epoch, step=step,
-            best_miou=best, miou=miou if miou is not None and not math.isnan(miou) else -1.0,
-            plateau_factor=plateau_factor, stale=stale,
-            train_indices=[int(i) for i in train_idx], val_indices=[int(i) for i in val_idx],
-        )  # fmt: skip
-        return ev.Checkpoint(epoch, step, str(path), which, miou)
-
-    def emit(event: ev.Event) -> ev.Event:
-        if runs is not None:
-            runs.write_event(event)
-        return event
-
-    def last_good() -> str | None:
-        if runs is None:
-            return None
-        return str(runs.last) if runs.last.exists() else (str(runs.best) if runs.best.exists() else None)
-
-    if runs is not None:
-        runs.write_start(cfg, train_idx, val_idx)
-    yield emit(ev.Started(
-        cfg.to_dict(), str(device), device_name(device), len(train_idx), len(val_idx),
-        count_parameters(model), dist.world, str(resume) if resume else None, start_epoch,
-    ))  # fmt: skip
-
-    t0 = time.perf_counter()
-    last_preview = -math.inf
-    epoch = start_epoch
-    reason = "completed"
+    run = _Trainer(dataset, cfg, run_dir, control or TrainControl(), resume, corrections)
+    yield run.emit(run.started())
     try:
-        for epoch in range(start_epoch, cfg.epochs if not budget_s else 10**9):
-            if corrections is not None:
-                update = reload_corrections(epoch)
+        if not run.budget_s and run.state.epoch >= cfg.epochs:
+            reason = "completed"  # resumed from the end of a run as long as this one
+        else:
+            while True:
+                update = run.reload_corrections()
                 if update is not None:
-                    sample_weights = torch.as_tensor(
-                        oversampling_weights(presence[train_idx], cfg.oversample)
-                    )
-                    yield emit(update)
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            draws = torch.multinomial(
-                sample_weights, steps_per_epoch * per_step, replacement=True, generator=g
-            )
-            mine = torch.as_tensor(train_idx)[draws[dist.rank :: dist.world]].to(device)
-            aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch * 131 + dist.rank)
-            train_model.train()
-            loss_sum, loss_n, t_log, n_log = torch.zeros((), device=device), 0, time.perf_counter(), 0
-            for k in range(steps_per_epoch):
-                if control.poll is not None:
-                    control.poll()
-                if control.stop_requested:
-                    ck = checkpoint("last", epoch, None)
-                    if ck:
-                        yield emit(ck)
-                    yield emit(ev.Stopped(epoch, step, ck.path if ck else None))
+                    yield run.emit(update)
+                if (yield from run.run_epoch()):
                     return
-                idx = mine[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-                x, y = to_input(images[idx], device), masks[idx].long()
-                if cfg.augment:
-                    x, y = augment_batch(x, y, cfg, aug_gen)
-                progress = (time.perf_counter() - t0) / budget_s if budget_s else step / max(total_steps, 1)
-                lr = cfg.lr * plateau_factor * _lr_factor(cfg, step, progress)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast_for(device):
-                    logits = train_model(x)
-                loss = criterion(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                loss_sum += loss.detach()
-                loss_n += 1
-                n_log += len(idx) * dist.world
-                if step % cfg.log_every == 0 or k == steps_per_epoch - 1:
-                    mean_loss = (loss_sum / loss_n).item()
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(f"the loss became {mean_loss} at step {step}")
-                    now = time.perf_counter()
-                    rate = n_log / max(now - t_log, 1e-9)
-                    done = (now - t0) / budget_s if budget_s else step / total_steps
-                    eta = (now - t0) * (1 - done) / done if done > 0 else None
-                    yield emit(ev.Step(epoch, step, mean_loss, lr, rate, min(done, 1.0), eta))
-                    loss_sum.zero_()
-                    loss_n, t_log, n_log = 0, now, 0
-                if control.preview_indices and (
-                    control._preview_now.is_set()
-                    or (
-                        control.preview_every_s is not None
-                        and time.perf_counter() - last_preview >= control.preview_every_s
-                    )
-                ):
-                    control._preview_now.clear()
-                    yield emit(_preview(model, dataset, control.preview_indices, epoch, step, device))
-                    last_preview = time.perf_counter()
-                if budget_s and time.perf_counter() - t0 > budget_s:
+                reason = yield from run.end_of_epoch()
+                if reason is not None:
                     break
-            out_of_time = bool(budget_s) and time.perf_counter() - t0 > budget_s
-            last_epoch = out_of_time or (not budget_s and epoch == cfg.epochs - 1)
-            stop_early = False
-            if (epoch + 1) % cfg.val_every == 0 or last_epoch:
-                result = confusion_on(model, images, masks, val_idx, 2 * cfg.batch_size, dist).compute()
-                miou = result["miou"]
-                improved = not math.isnan(miou) and miou > best
-                if improved:
-                    best, stale = miou, 0
-                else:
-                    stale += 1
-                    if cfg.schedule == "plateau" and stale % 3 == 0:
-                        plateau_factor *= 0.5
-                yield emit(
-                    ev.Validation(
-                        epoch, step, result["iou"], miou, result["pixel_accuracy"], result["confusion"], best
-                    )
-                )
-                if improved:
-                    ck = checkpoint("best", epoch, miou)
-                    if ck:
-                        yield emit(ck)
-                stop_early = cfg.patience > 0 and stale >= cfg.patience
-                if control.preview_indices:
-                    control._preview_now.clear()
-                    yield emit(_preview(model, dataset, control.preview_indices, epoch, step, device))
-                    last_preview = time.perf_counter()
-            if (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop_early:
-                ck = checkpoint("last", epoch, None)
-                if ck:
-                    yield emit(ck)
-            if stop_early:
-                reason = "early stopping"
-                break
-            if out_of_time:
-                reason = "time budget"
-                break
-    except FloatingPointError as exc:
-        yield emit(
-            ev.Failed(
-                f"{exc}; training stopped. Try a lower --lr. The last good checkpoint is kept.",
-                epoch,
-                step,
-                last_good(),
-            )
-        )
+    except (FloatingPointError, TrainingFailure) as exc:
+        hint = " Try a lower --lr." if "finite" in str(exc) or "nan" in str(exc).lower() else ""
+        message = f"{exc}; training stopped.{hint} The last good checkpoint is kept."
+        yield run.emit(ev.Failed(message, run.state.epoch, run.state.step, run.last_good()))
         return
-    except torch.cuda.OutOfMemoryError:
-        yield emit(ev.Failed(
-            f"CUDA ran out of memory with batch size {cfg.batch_size}; try --batch-size {max(1, cfg.batch_size // 2)}",
-            epoch, step, last_good(),
-        ))  # fmt: skip
+    except torch.cuda.OutOfMemoryError as exc:
+        yield run.emit(ev.Failed(_describe(exc, cfg), run.state.epoch, run.state.step, run.last_good()))
         return
     finally:
-        if runs is not None:
-            runs.close()  # reopened in append mode for the final event below
-    seconds = time.perf_counter() - t0
-    best_path = str(runs.best) if runs is not None and runs.best.exists() else None
-    finished = ev.Finished(epoch, step, best, best_path, seconds, reason)
-    if runs is not None:
-        runs.write_summary(
-            {
-                "best_miou": best,
-                "epochs": epoch + 1,
-                "steps": step,
-                "seconds": seconds,
-                "reason": reason,
-                "best_checkpoint": best_path,
-            }
-        )
-    yield emit(finished)
-    if runs is not None:
-        runs.close()
+        if run.runs is not None:
+            run.runs.close()  # reopened in append mode for the final event below
+    yield run.emit(run.finished(reason))
+    if run.runs is not None:
+        run.runs.close()
 
 
-def _preview(model, dataset: Dataset, indices: list[int], epoch: int, step: int, device) -> ev.Preview:
-    idx = [i for i in indices if 0 <= i < len(dataset)]
-    out = predict_arrays(model, dataset.images[idx], device=device, with_entropy=True)
-    model.train()
-    return ev.Preview(epoch, step, idx, out["masks"], out["entropy"])
-
-
-__all__ = ["TrainControl", "fit"]
+__all__ = ["RunState", "TrainControl", "fit"]

@@ -31,6 +31,9 @@ class Started(Event):
     world_size: int = 1
     resumed_from: str | None = None
     start_epoch: int = 0
+    precision: str = "fp32"  # the autocast precision chosen once for the run: fp32 or bf16
+    precision_reason: str = ""  # why: "auto: the CPU computes bf16 natively (avx512_bf16)"
+    channels_last: bool = False
     kind = "started"
 
 
@@ -55,6 +58,11 @@ class Validation(Event):
     pixel_accuracy: float
     confusion: list
     best_miou: float
+    miou_keras: float = float("nan")  # what Keras MeanIoU(num_classes=5, ignore_class=0) prints
+    images: int = 0  # validation images scored (excluded images are left out)
+    train_loss: float | None = None  # mean training loss since the previous validation
+    lr: float | None = None
+    seconds: float = 0.0  # since the run (or this resumed part of it) started
     kind = "validation"
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import DistContext
+from .config import PREDICT_BATCH
+from .device import DistContext, Precision, resolve_precision, uses_channels_last
 from .metrics import ConfusionMatrix
 
 
@@ -41,16 +41,19 @@ def stratified_split(presence: np.ndarray, val_fraction: float, seed: int) -> tu
     return train_idx, val_idx
 
 
-def autocast_for(device: torch.device):
-    # bf16 autocast on CUDA only: on CPUs without bf16 units it is many times slower.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """Move a model to ``device`` in the memory layout its convolutions run fastest in there."""
+    device = torch.device(device)
+    model = model.to(device)
+    if uses_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1], in the model's memory layout."""
     x = images_u8.unsqueeze(1).float().div_(255.0)
-    if device.type == "cuda":
+    if uses_channels_last(device):
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -68,21 +71,27 @@ def confusion_on(
     indices: np.ndarray,
     batch_size: int,
     dist: DistContext | None = None,
+    precision: Precision | None = None,
+    reduce: bool = True,
 ) -> ConfusionMatrix:
     """Accumulate the confusion matrix of ``model`` over ``indices`` (each process takes
-    its slice under torchrun; the counts are then summed across processes)."""
+    its slice under torchrun; with ``reduce`` the counts are then summed across processes).
+    ``precision`` defaults to what ``auto`` picks for the device."""
     dist = dist or DistContext()
     device = images.device
+    precision = precision or resolve_precision("auto", device)
     was_training = model.training
+    model = prepare_model(model, device)
     model.eval()
     cm = ConfusionMatrix(device=device)
     mine = np.asarray(indices)[dist.rank :: dist.world]
     for chunk in batches(mine, batch_size):
         idx = torch.as_tensor(chunk, device=device)
-        with autocast_for(device):
+        with precision.autocast(device):
             logits = model(to_input(images[idx], device))
         cm.update(logits.argmax(1), masks[idx])
-    cm.all_reduce()
+    if reduce:
+        cm.all_reduce()
     model.train(was_training)
     return cm
 
@@ -91,17 +100,21 @@ def confusion_on(
 def predict_arrays(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
-    batch_size: int = 64,
+    batch_size: int = PREDICT_BATCH,
     device: torch.device | str = "cpu",
     with_probs: bool = False,
     with_entropy: bool = False,
     progress=None,
     flip_tta: bool = False,
+    precision: Precision | None = None,
 ) -> dict[str, np.ndarray]:
     """Predict (N, H, W) uint8 images: ``masks`` uint8, optionally ``probs`` (N, C, H, W)
     float16 and ``entropy`` (N, H, W) float16 in nats. ``flip_tta`` averages the
-    probabilities of each image and its mirror image (twice the cost)."""
+    probabilities of each image and its mirror image (twice the cost). ``precision``
+    defaults to what ``auto`` picks for the device."""
     device = torch.device(device)
+    precision = precision or resolve_precision("auto", device)
+    model = prepare_model(model, device)
     model.eval()
     n = len(images)
     out = {"masks": np.empty((n, *images.shape[1:]), np.uint8)}
@@ -113,11 +126,11 @@ def predict_arrays(
         chunk = images[start : start + batch_size]
         x = torch.as_tensor(np.asarray(chunk) if not torch.is_tensor(chunk) else chunk).to(device)
         x = to_input(x, device)
-        with autocast_for(device):
+        with precision.autocast(device):
             logits = model(x)
         probs = F.softmax(logits.float(), dim=1)
         if flip_tta:
-            with autocast_for(device):
+            with precision.autocast(device):
                 mirrored = model(x.flip(-1))
             probs = (probs + F.softmax(mirrored.float(), dim=1).flip(-1)) / 2
         out["masks"][start : start + len(chunk)] = probs.argmax(1).to(torch.uint8).cpu().numpy()

@@ -5,6 +5,8 @@ Layout::
     RUN/config.toml         the full configuration
     RUN/split.json          training and validation indices
     RUN/events.jsonl        one JSON event per line, as fit() yields them
+    RUN/metrics.csv         one row per validation, for spreadsheets and pandas
+    RUN/tensorboard/        scalars for TensorBoard, when the tensorboard package is installed
     RUN/checkpoints/best.pt, RUN/checkpoints/last.pt
     RUN/previews/latest.npz the latest predicted preview masks (indices, masks, entropy)
     RUN/summary.json        written when the run ends
@@ -14,14 +16,32 @@ A run directory can be read while the run writes it (the GUI attaches this way).
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .classes import CLASSES
 from .config import TrainConfig, to_toml
-from .events import Event, Preview
+from .events import Event, Preview, Step, Validation
+
+METRICS_COLUMNS = (
+    ["epoch", "step", "seconds", "train_loss", "lr"]
+    + [f"iou_{c.name.lower().replace(' ', '_')}" for c in CLASSES]
+    + ["miou", "miou_keras", "pixel_accuracy", "images"]
+)
+
+
+def _tensorboard_writer(path: Path):
+    """A SummaryWriter when the optional tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(path))
 
 
 class RunDirError(OSError):
@@ -42,6 +62,7 @@ class RunDir:
                 f"{self.path}: cannot write the run directory ({exc.strerror or exc})"
             ) from None
         self._events = None
+        self._tensorboard = None
 
     @property
     def best(self) -> Path:
@@ -60,6 +81,10 @@ class RunDir:
         if self._events is None:
             self._events = open(self.path / "events.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open
         self._events.write(json.dumps(event.to_json()) + "\n")
+        if isinstance(event, Validation):
+            self._write_metrics_row(event)
+        if isinstance(event, (Step, Validation)):
+            self._write_scalars(event)
         if isinstance(event, Preview):
             previews = self.path / "previews"
             previews.mkdir(exist_ok=True)
@@ -74,6 +99,40 @@ class RunDir:
             np.savez(tmp, **arrays)
             os.replace(tmp, previews / "latest.npz")
 
+    def _write_metrics_row(self, e: Validation) -> None:
+        path = self.path / "metrics.csv"
+        new = not path.exists()
+        values = [e.epoch, e.step, round(e.seconds, 3), e.train_loss, e.lr, *e.iou]
+        values += [e.miou, e.miou_keras, e.pixel_accuracy, e.images]
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(METRICS_COLUMNS)
+            # Empty cells (not "nan") for missing values: spreadsheets and pandas read them as blank/NaN.
+            writer.writerow(
+                ["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in values]
+            )
+
+    def _write_scalars(self, e: Step | Validation) -> None:
+        if self._tensorboard is None:
+            self._tensorboard = _tensorboard_writer(self.path / "tensorboard") or False
+        tb = self._tensorboard
+        if not tb:
+            return
+        if isinstance(e, Step):
+            tb.add_scalar("train/loss", e.loss, e.step)
+            tb.add_scalar("train/lr", e.lr, e.step)
+            tb.add_scalar("train/images_per_s", e.images_per_s, e.step)
+            return
+        for c, v in zip(CLASSES, e.iou, strict=True):
+            if not math.isnan(v):
+                tb.add_scalar(f"val_iou/{c.name}", v, e.step)
+        for name in ("miou", "miou_keras", "pixel_accuracy"):
+            value = getattr(e, name)
+            if not math.isnan(value):
+                tb.add_scalar(f"val/{name}", value, e.step)
+        tb.flush()
+
     def write_summary(self, summary: dict) -> None:
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=1))
 
@@ -81,6 +140,9 @@ class RunDir:
         if self._events is not None:
             self._events.close()
             self._events = None
+        if self._tensorboard:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 def _atomic_write(path: Path, text: str) -> None:
