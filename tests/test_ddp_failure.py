@@ -1,0 +1,76 @@
+"""Two gloo ranks on the CPU: a failure on one rank ends every rank with the same event."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: int) -> None:
+    """One torchrun-like process: train the tiny preset; rank 1 fails at its call ``fail_at``."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    import torch
+
+    from trainer import losses
+    from trainer.config import preset
+    from trainer.device import shutdown_distributed
+    from trainer.engine import fit
+    from trainer.synth import generate
+
+    torch.set_num_threads(1)
+    if rank == 1:
+        calls = {"n": 0}
+        original = losses.SegmentationLoss.forward
+
+        def failing(self, logits, target):
+            calls["n"] += 1
+            value = original(self, logits, target)
+            if calls["n"] == fail_at:
+                if mode == "error":
+                    raise RuntimeError("injected failure")
+                return value * float("nan")
+            return value
+
+        losses.SegmentationLoss.forward = failing
+    ds = generate(40, 0, seed=2).dataset
+    cfg = preset("tiny").replace(epochs=3, device="cpu", precision="fp32", log_every=2)
+    events = list(fit(ds, cfg, os.path.join(out_dir, "run") if rank == 0 else None))
+    last = events[-1]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"kind": last.kind, "message": getattr(last, "message", ""), "step": last.step}, f)
+    shutdown_distributed(wait_for_peers=True)
+
+
+@pytest.mark.parametrize("mode", ["error", "nan"])
+def test_a_failing_rank_ends_every_rank_with_the_same_failed_event(tmp_path, mode):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path), mode, 7)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank was left waiting for its peer"
+    assert [p.exitcode for p in procs] == [0, 0]
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert said[0] == said[1], said
+    assert said[0]["kind"] == "failed" and said[0]["step"] <= 8
+    expected = "injected failure" if mode == "error" else "the loss became nan"
+    assert "rank 1" in said[0]["message"] and expected in said[0]["message"], said[0]["message"]
+    written = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert written[-1]["kind"] == "failed" and written[-1]["message"] == said[0]["message"]
