@@ -28,6 +28,7 @@ class RunHistory:
     val_steps: list[int] = field(default_factory=list)
     val_iou: list[list[float]] = field(default_factory=list)  # per validation, 5 by class id
     val_miou: list[float] = field(default_factory=list)
+    val_miou_keras: list[float] = field(default_factory=list)  # as Keras MeanIoU(ignore_class=0) prints it
     best_miou: float = math.nan
     latest_confusion: list | None = None
     epoch: int = 0
@@ -52,9 +53,11 @@ class RunHistory:
             self.state = "running"
             self.background_weight = float((e.get("config") or {}).get("background_weight", 0.0))
             self.device = e.get("device_name") or e.get("device", "")
+            precision = e.get("precision")
             self.message = (
                 f"Training on {self.device}: {e.get('train_images')} training, "
                 f"{e.get('val_images')} validation images, {e.get('parameters', 0):,} parameters"
+                + (f", {precision} ({e.get('precision_reason', '')})" if precision else "")
             )
         elif kind == "step":
             self.steps.append(e["step"])
@@ -67,8 +70,9 @@ class RunHistory:
             iou = [math.nan if v is None else float(v) for v in e["iou"]]
             self.val_steps.append(e["step"])
             self.val_iou.append(iou)
-            miou = e.get("miou")
+            miou, keras = e.get("miou"), e.get("miou_keras")
             self.val_miou.append(math.nan if miou is None else float(miou))
+            self.val_miou_keras.append(math.nan if keras is None else float(keras))
             best = e.get("best_miou")
             self.best_miou = math.nan if best is None else float(best)
             self.latest_confusion = e.get("confusion")
@@ -104,12 +108,21 @@ class RunHistory:
     def latest_iou(self) -> list[float]:
         return self.val_iou[-1] if self.val_iou else [math.nan] * 5
 
+    def _best_index(self) -> int | None:
+        if not self.val_iou:
+            return None
+        return int(np.nanargmax(np.where(np.isnan(self.val_miou), -1, self.val_miou)))
+
     @property
     def best_iou(self) -> list[float]:
-        if not self.val_iou:
-            return [math.nan] * 5
-        i = int(np.nanargmax(np.where(np.isnan(self.val_miou), -1, self.val_miou)))
-        return self.val_iou[i]
+        i = self._best_index()
+        return [math.nan] * 5 if i is None else self.val_iou[i]
+
+    @property
+    def best_miou_keras(self) -> float:
+        """The Keras figure of the validation with the best mIoU (1-4)."""
+        i = self._best_index()
+        return math.nan if i is None else self.val_miou_keras[i]
 
     def status_line(self) -> str:
         if self.state not in ("running", "stopping"):

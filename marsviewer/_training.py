@@ -128,10 +128,14 @@ class TrainingPanel(QWidget):
         self.iou_plot = CurvePlot("validation IoU", y_range=(0.0, 1.0))
         root.addWidget(self.loss_plot)
         root.addWidget(self.iou_plot)
-        self.iou_table = QTableWidget(len(CLASSES) + 1, 2)
+        self.iou_table = QTableWidget(len(CLASSES) + 2, 2)
         self.iou_table.setHorizontalHeaderLabels(["latest IoU", "at best mIoU"])
-        self.iou_table.setVerticalHeaderLabels([c.name for c in CLASSES] + ["mIoU (1-4)"])
-        self.iou_table.setMaximumHeight(190)
+        self.iou_table.setVerticalHeaderLabels([c.name for c in CLASSES] + ["mIoU (1-4)", "mIoU as Keras"])
+        self.iou_table.verticalHeaderItem(len(CLASSES) + 1).setToolTip(
+            "What Keras MeanIoU(num_classes=5, ignore_class=0) prints in course notebooks: "
+            "it also averages background (IoU 0) when terrain is predicted as background"
+        )
+        self.iou_table.setMaximumHeight(215)
         root.addWidget(self.iou_table)
         self.uncertainty_check = QCheckBox("show uncertainty (per-pixel entropy)")
         self.uncertainty_check.toggled.connect(self._toggle_uncertainty)
@@ -383,6 +387,7 @@ class TrainingPanel(QWidget):
         latest, best = h.latest_iou, h.best_iou
         rows = [*zip(latest, best, strict=True)]
         rows.append((h.val_miou[-1] if h.val_miou else math.nan, h.best_miou))
+        rows.append((h.val_miou_keras[-1] if h.val_miou_keras else math.nan, h.best_miou_keras))
         for r, (a, b) in enumerate(rows):
             for c, v in enumerate((a, b)):
                 text = "–" if v is None or math.isnan(v) else f"{v:.3f}"

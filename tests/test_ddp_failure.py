@@ -19,7 +19,11 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: int) -> None:
     """One torchrun-like process: train the tiny preset; rank 1 fails at its call ``fail_at``."""
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     import torch
 

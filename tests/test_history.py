@@ -43,11 +43,14 @@ def test_history_from_event_dicts():
             "step": 1,
             "iou": [0.1, 0.5, None, 0.3, None],
             "miou": 0.4,
+            "miou_keras": 0.3,
             "pixel_accuracy": 0.5,
             "confusion": [[0] * 5] * 5,
             "best_miou": 0.4,
         }
     )
+    h.apply({"kind": "validation", "epoch": 1, "step": 2, "iou": [None] * 5, "miou": 0.2, "miou_keras": 0.1})
+    assert h.best_miou_keras == 0.3 and h.val_miou_keras == [0.3, 0.1]  # Keras figure at the best mIoU
     assert h.state == "running" and h.losses == [2.0] and "ETA 00:03" in h.status_line()
     assert math.isnan(h.latest_iou[2]) and h.best_iou[1] == 0.5
     h.apply({"kind": "failed", "message": "boom", "last_good_checkpoint": "/x/last.pt"})

@@ -30,6 +30,8 @@ def test_train_shows_live_prediction_iou_and_predicts_all(widget, qtbot):
     h = panel.history
     assert len(h.val_iou) == 2 and len(h.losses) > 0
     assert panel.iou_table.item(5, 0).text() not in ("", "–")  # mIoU row filled
+    keras = panel.iou_table.item(6, 0).text()  # the Keras figure, never above the headline
+    assert keras not in ("", "–") and float(keras) <= float(panel.iou_table.item(5, 0).text())
     pred = widget.viewer.layers[PREDICTION].data
     assert pred[3].any(), "the image being viewed got a live prediction"
     assert widget.viewer.layers[UNCERTAINTY].data[3].max() > 0
