@@ -1,11 +1,17 @@
-"""Training throughput: the full pipeline of ``fit()`` against a bare training step.
+"""Training and inference throughput: the whole ``fit()`` pipeline against bare steps and
+the machine's matmul speed, all measured in one run on the same threads.
 
-Both are measured in one run, on the same device, with the same model and batch:
-
-* pipeline: ``fit()`` on a synthetic dataset: on-device augmentation, oversampling,
-  the loss of the config, event generation, and a validation (confusion matrix) after
-  every epoch; images/s counted from the first step after warm-up to the last event;
-* bare: forward + cross-entropy + backward + AdamW step on one resident random batch.
+* ``gflops_matmul_fp32`` / ``_bf16``: a 2048x2048 matmul, the machine's practical peak;
+* ``bare``: forward + cross-entropy + backward + AdamW on one resident batch, in each of
+  the four layouts/precisions (contiguous or channels_last, fp32 or bf16 autocast);
+* ``pipeline_img_s``: ``fit()`` on synthetic data as users run it (auto precision,
+  augmentation, oversampling, the preset's loss, events, a validation every epoch):
+  images processed from the first step after warm-up to the last event;
+* ``gflops_pipeline``: model FLOPs of a training image (``torch.utils.flop_counter``)
+  times ``pipeline_img_s``, and its share of the faster matmul;
+* ``predict_img_s``: ``predict_arrays`` at the default batch and auto precision;
+* ``submit_s``: ``mars-trainer submit`` on a file with 10,022 test images (the
+  competition's count), reading the file and writing the CSV included.
 
     python bench/train_throughput.py --device cpu --json out.json
     python bench/train_throughput.py --device cuda --json out.json   # gpu preset
@@ -14,18 +20,27 @@ Both are measured in one run, on the same device, with the same model and batch:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from _report import report
 
 from trainer import events as ev
-from trainer.config import preset
-from trainer.device import device_name, resolve_device
+from trainer.config import PREDICT_BATCH, preset
+from trainer.device import cpu_bf16_support, device_name, resolve_device, resolve_precision
 from trainer.engine import fit
+from trainer.inference import predict_arrays
 from trainer.model import build_model
 from trainer.synth import generate
+
+SUBMIT_IMAGES = 10_022
 
 
 def sync(device: torch.device) -> None:
@@ -33,26 +48,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_img_s(cfg, device, shape, steps: int, warmup: int) -> float:
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 6) -> float:
+    a = torch.rand(n, n, device=device).to(dtype)
+    b = torch.rand(n, n, device=device).to(dtype)
+    a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def train_flops_per_image(cfg, shape) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(cfg)
+    x = torch.rand(1, 1, *shape)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, torch.zeros(1, *shape, dtype=torch.long)).backward()
+    return counter.get_total_flops()
+
+
+def bare_img_s(cfg, device, shape, steps: int, warmup: int, channels_last: bool, bf16: bool) -> float:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     x = torch.rand(cfg.batch_size, 1, *shape, device=device)
-    if device.type == "cuda":
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     y = torch.randint(0, 5, (cfg.batch_size, *shape), device=device)
-    ctx = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        with ctx:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -62,19 +96,60 @@ def bare_img_s(cfg, device, shape, steps: int, warmup: int) -> float:
 
 
 def pipeline_img_s(cfg, dataset, warmup_steps: int) -> tuple[float, dict]:
-    seen, t0, last_val = 0, None, None
+    """Images processed (steps x batch x processes) from the step event at
+    ``warmup_steps`` to the terminal event, over the wall time between them."""
+    t0 = first = end = None
+    started = last_val = None
+    last_step = 0
     for e in fit(dataset, cfg):
         now = time.perf_counter()
-        if isinstance(e, ev.Step):
-            if e.step == warmup_steps:
-                t0, seen = now, 0
-            elif t0 is not None:
-                seen += cfg.log_every * cfg.batch_size
-        if isinstance(e, ev.Validation):
+        if isinstance(e, ev.Started):
+            started = e
+        elif isinstance(e, ev.Step):
+            if t0 is None and e.step >= warmup_steps:
+                t0, first = now, e.step
+            last_step = e.step
+        elif isinstance(e, ev.Validation):
             last_val = e
-        if isinstance(e, ev.TERMINAL):
+        elif isinstance(e, ev.TERMINAL):
             end = now
-    return seen / (end - t0), {"last_miou": last_val.miou if last_val else None}
+    images = (last_step - first) * cfg.batch_size * started.world_size
+    extra = {
+        "precision": started.precision,
+        "precision_reason": started.precision_reason,
+        "last_miou": last_val.miou if last_val else None,
+    }
+    return images / (end - t0), extra
+
+
+def predict_img_s(cfg, device, images: np.ndarray) -> float:
+    model = build_model(cfg)
+    predict_arrays(model, images[:PREDICT_BATCH], device=device)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    predict_arrays(model, images, device=device)
+    sync(device)
+    return len(images) / (time.perf_counter() - t0)
+
+
+def submit_seconds(cfg, shape) -> float:
+    """``mars-trainer submit`` end to end, in a fresh process as a user runs it."""
+    from trainer.checkpoint import save_checkpoint
+    from trainer.formats import write_npz
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        images = rng.integers(0, 256, (4, *shape), dtype=np.uint8)
+        masks = rng.integers(0, 5, (4, *shape), dtype=np.uint8)
+        test = rng.integers(0, 256, (SUBMIT_IMAGES, *shape), dtype=np.uint8)
+        write_npz(tmp / "data.npz", images, masks, test, dtype="uint8")
+        save_checkpoint(tmp / "model.pt", model=build_model(cfg), config=cfg)
+        cmd = [sys.executable, "-m", "trainer", "submit", str(tmp / "data.npz")]
+        cmd += ["--checkpoint", str(tmp / "model.pt"), "--out", str(tmp / "s.csv"), "--device", cfg.device]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -86,6 +161,7 @@ def main() -> None:
     )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-submit", action="store_true", help="skip the 10,022-image submit timing")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -100,27 +176,51 @@ def main() -> None:
     shape = dataset.image_shape
     steps_per_epoch = -(-int(n * (1 - cfg.val_fraction)) // cfg.batch_size)
     warmup = max(cfg.log_every * 2, 5)
-    # Bare before and after the pipeline, averaged: drift in machine load hits both sides.
-    bare_steps = max(steps_per_epoch, 30)
-    bare_before = bare_img_s(cfg, device, shape, steps=bare_steps, warmup=warmup)
-    pipe, extra = pipeline_img_s(cfg, dataset, warmup_steps=warmup - warmup % cfg.log_every or cfg.log_every)
-    bare_after = bare_img_s(cfg, device, shape, steps=bare_steps, warmup=warmup)
-    bare = (bare_before + bare_after) / 2
-    extra["bare_before_after"] = [round(bare_before, 1), round(bare_after, 1)]
+    bare_steps = max(steps_per_epoch // 2, 20)
+
+    mm32 = matmul_gflops(torch.float32, device)
+    mm16 = matmul_gflops(torch.bfloat16, device)
+    bare = {}
+    for layout in ("contiguous", "channels_last"):
+        for prec in ("fp32", "bf16"):
+            bare[f"{layout}_{prec}"] = round(
+                bare_img_s(cfg, device, shape, bare_steps, warmup, layout == "channels_last", prec == "bf16"),
+                1,
+            )
+    pipe, extra = pipeline_img_s(cfg, dataset, warmup_steps=warmup)
+    fastest_bare = max(bare.values())
+    flops = train_flops_per_image(cfg, shape)
+    gflops_pipeline = flops * pipe / 1e9
+    pred = predict_img_s(cfg, device, dataset.images)
     result = {
         "device": device_name(device),
+        "cpu_bf16": cpu_bf16_support()[1] if device.type == "cpu" else None,
+        "auto_precision": resolve_precision("auto", device).name,
         "preset": name,
         "batch_size": cfg.batch_size,
         "image_shape": list(shape),
         "images": n,
         "epochs": cfg.epochs,
+        "threads": torch.get_num_threads(),
+        "gflops_matmul_fp32": round(mm32, 1),
+        "gflops_matmul_bf16": round(mm16, 1),
+        "train_gflop_per_image": round(flops / 1e9, 3),
+        "bare_img_s": bare,
         "pipeline_img_s": round(pipe, 1),
-        "bare_img_s": round(bare, 1),
-        "ratio": round(pipe / bare, 3),
+        "ratio": round(pipe / fastest_bare, 3),
+        "gflops_pipeline": round(gflops_pipeline, 1),
+        "gflops_pipeline_share": round(gflops_pipeline / max(mm32, mm16), 3),
+        "predict_img_s": round(pred, 1),
+        "predict_batch": PREDICT_BATCH,
+        "predict_over_pipeline": round(pred / pipe, 2),
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
         **extra,
     }
+    if not args.no_submit:
+        result["submit_images"] = SUBMIT_IMAGES
+        result["submit_s"] = round(submit_seconds(cfg, shape), 1)
     report(result, args.json)
 
 

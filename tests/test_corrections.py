@@ -209,3 +209,62 @@ def test_unwritable_dataset_folder_falls_back_to_user_data(tmp_path, monkeypatch
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     path = default_store_path("synthetic:10:0", "deadbeef")
     assert path.parts[-2] == "deadbeef" and str(tmp_path / "data") in str(path)
+
+
+def test_every_action_is_durable_and_indices_are_checked(tmp_path):
+    """synchronous=FULL (a save survives a power cut, not only a crash), and no image
+    index outside 0..n-1 is accepted, one past the end included."""
+    store = CorrectionStore(tmp_path / "c.sqlite", "abc", 3, (2, 2))
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for bad in (3, -1):
+        for action in (store.exclude, store.restore, store.undo, store.redo, store.state):
+            with pytest.raises(IndexError):
+                action(bad)
+        with pytest.raises(IndexError):
+            store.save_mask(bad, np.zeros((2, 2), np.uint8))
+    store.save_mask(2, np.ones((2, 2), np.uint8))  # the last index is fine
+
+
+def test_redo_after_two_branches_takes_the_newest():
+    """save A, undo, save B, undo: redo goes to B (the newest branch), not A."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = CorrectionStore(Path(tmp) / "c.sqlite", "abc", 1, (2, 2))
+        a, b = np.full((2, 2), 1, np.uint8), np.full((2, 2), 2, np.uint8)
+        store.save_mask(0, a)
+        store.undo(0)
+        store.save_mask(0, b)
+        store.undo(0)
+        assert store.state(0)[0] is None
+        assert store.redo(0)
+        np.testing.assert_array_equal(store.state(0)[0], b)
+        assert not store.redo(0)
+        # the same below a first save: B (id 3) -> C, undo, D, undo: redo goes to D
+        c, d = np.full((2, 2), 3, np.uint8), np.full((2, 2), 4, np.uint8)
+        store.save_mask(0, c)
+        store.undo(0)
+        store.save_mask(0, d)
+        store.undo(0)
+        np.testing.assert_array_equal(store.state(0)[0], b)
+        assert store.redo(0)
+        np.testing.assert_array_equal(store.state(0)[0], d)
+        store.close()
+
+
+def test_effective_mask_follows_saves_restores_and_undo(tmp_path):
+    store = CorrectionStore(tmp_path / "c.sqlite", "abc", 2, (2, 3))
+    original = np.array([[1, 1, 2], [3, 3, 4]], np.uint8)
+    edited = np.array([[2, 2, 2], [2, 2, 2]], np.uint8)
+    assert store.effective_mask(0, original) is original  # nothing saved: the original itself
+    store.save_mask(0, edited)
+    np.testing.assert_array_equal(store.effective_mask(0, original), edited)
+    store.exclude(0)  # exclusion does not change the mask
+    np.testing.assert_array_equal(store.effective_mask(0, original), edited)
+    store.restore(0)
+    np.testing.assert_array_equal(store.effective_mask(0, original), original)
+    store.undo(0)
+    np.testing.assert_array_equal(store.effective_mask(0, original), edited)
+    np.testing.assert_array_equal(store.effective_mask(1, original), original)  # other images untouched

@@ -67,6 +67,18 @@ def test_identity_mapping_refuses_ai4mars_values(tmp_path):
         read_folder(tmp_path)
 
 
+def test_colour_masks_are_refused_gray_rgb_masks_read(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((4, 4)))
+    gray_rgb = np.repeat(np.array([[1, 2, 3, 4]] * 4, np.uint8)[..., None], 3, axis=2)
+    save(tmp_path / "labels" / "a.png", gray_rgb)
+    np.testing.assert_array_equal(read_folder(tmp_path).masks[0], gray_rgb[..., 0])
+    colour = gray_rgb.copy()
+    colour[0, 0] = (255, 0, 0)
+    save(tmp_path / "labels" / "a.png", colour)
+    with pytest.raises(DatasetError, match=r"a\.png: mask is a colour image"):
+        read_folder(tmp_path)
+
+
 def test_resize_to_most_common_size_masks_nearest(tmp_path):
     for i, shape in enumerate([(8, 12), (8, 12), (16, 24)]):
         save(tmp_path / "images" / f"{i}.png", np.full(shape, 50 * i))

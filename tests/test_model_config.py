@@ -85,6 +85,28 @@ def test_unknown_keys_and_bad_values_list_valid_ones():
         preset("huge")
 
 
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        (dict(val_fraction=0.0), "val_fraction: must be in"),
+        (dict(val_fraction=0.95), "val_fraction: must be in"),
+        (dict(batch_size=0), "batch_size: must be at least 1"),
+        (dict(depth=0), "depth: must be at least 1"),
+        (dict(depth=7), "depth: at most 6"),
+        (dict(base_width=0), "base_width: must be at least 1"),
+        (dict(log_every=0), "log_every: must be at least 1"),
+        (dict(epochs=-1), "epochs: must be >= 0"),
+        (dict(epochs=0, minutes=0.0), "epochs and minutes are both 0"),
+        (dict(dropout=1.0), "dropout: must be in"),
+        (dict(precision="fp16"), "precision: 'fp16' is not valid; valid: auto, fp32, bf16"),
+        (dict(norm="group", base_width=12), "multiple of 8"),
+    ],
+)
+def test_config_refuses_values_that_cannot_train(changes, says):
+    with pytest.raises(ConfigError, match=says):
+        TrainConfig(**changes)
+
+
 def test_loss_spec():
     assert parse_loss_spec("ce:1, dice:0.5 ,lovasz") == [("ce", 1.0), ("dice", 0.5), ("lovasz", 1.0)]
 

@@ -125,6 +125,25 @@ def test_mask_out_of_range(tmp_path):
     expect_error(_write(tmp_path / "r.npz", training_set=t), "mask of image 2", "value 7", "0..4")
 
 
+def test_mask_value_five_is_refused_with_the_image_named(tmp_path):
+    """5 is one past the last class: refused (a DatasetError, whatever its wording)."""
+    t = _training()
+    t[1, 1, 2, 2] = 5
+    with pytest.raises(DatasetError) as info:
+        read_npz(_write(tmp_path / "five.npz", training_set=t))
+    assert "image 1" in str(info.value)
+    t[1, 1, 2, 2] = 4
+    assert read_npz(_write(tmp_path / "four.npz", training_set=t)).masks.max() == 4
+
+
+@pytest.mark.parametrize("value, says", [(256.0, "value 256"), (-3.0, "value -3"), (2.5, "whole number")])
+def test_test_set_values_are_checked_too(tmp_path, value, says):
+    test = np.zeros((3, 8, 16))
+    test[2, 0, 0] = value
+    p = _write(tmp_path / "t.npz", training_set=_training(), test_set=test)
+    expect_error(p, "test_set", "image 2", says)
+
+
 def test_negative_image_value(tmp_path):
     t = _training()
     t[1, 0, 3, 3] = -1

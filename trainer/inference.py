@@ -128,11 +128,14 @@ def predict_arrays(
         x = to_input(x, device)
         with precision.autocast(device):
             logits = model(x)
-        probs = F.softmax(logits.float(), dim=1)
         if flip_tta:
             with precision.autocast(device):
                 mirrored = model(x.flip(-1))
-            probs = (probs + F.softmax(mirrored.float(), dim=1).flip(-1)) / 2
+            probs = (F.softmax(logits.float(), dim=1) + F.softmax(mirrored.float(), dim=1).flip(-1)) / 2
+        elif with_probs or with_entropy:
+            probs = F.softmax(logits.float(), dim=1)
+        else:
+            probs = logits  # the arg-max of the logits is the arg-max of the probabilities
         out["masks"][start : start + len(chunk)] = probs.argmax(1).to(torch.uint8).cpu().numpy()
         if with_probs:
             if out["probs"] is None:
