@@ -106,6 +106,12 @@ def test_audit_finds_the_planted_outlier_group(small_sample):
     assert pred.shape == small_sample.dataset.masks.shape and conf.max() <= 1.0
     kinds = {x["kind"] for r in ranking for x in r["reasons"]}
     assert "model_disagreement" in kinds
+    # the out-of-fold models learnt something (random guesses over 4 classes score ~0.25) ...
+    clean, labelled = small_sample.clean_masks, small_sample.clean_masks > 0
+    assert (pred[labelled] == clean[labelled]).mean() > 0.5
+    # ... and it is what brings the corrupted masks up, not chance
+    order = [r["index"] for r in ranking]
+    assert all(order.index(i) < len(order) // 3 for i in small_sample.truth["corrupted"])
 
 
 def test_cli_audit_and_export(tmp_path, npz_path, small_sample, capsys):

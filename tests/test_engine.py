@@ -476,3 +476,11 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
     chosen = device_module.resolve_precision("auto", cpu)
     assert chosen.dtype is None and chosen.name == "fp32" and "emulated" in chosen.reason
     assert device_module.resolve_precision("bf16", cpu).dtype is torch.bfloat16
+
+
+def test_batches_cover_every_index_once_in_order():
+    from trainer.inference import batches
+
+    assert [b.tolist() for b in batches(np.arange(10), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b.tolist() for b in batches(np.arange(8), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(batches(np.arange(0), 4)) == []

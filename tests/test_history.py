@@ -77,3 +77,10 @@ def test_per_image_miou_by_hand():
     # image 0: class 1 IoU 1/2 (one FN), class 2 IoU 1/2 (one FP), class 3 only on background: ignored
     assert m[0] == pytest.approx(0.5)
     assert math.isnan(m[1])  # all background: nothing to score
+
+
+def test_worst_first_puts_images_with_nothing_to_score_last():
+    from trainer.metrics import worst_first
+
+    miou = np.array([0.9, np.nan, 0.1, 0.5, np.nan])
+    assert worst_first(miou).tolist() == [2, 3, 0, 1, 4]

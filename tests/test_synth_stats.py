@@ -75,3 +75,14 @@ def test_stats_exact_on_hand_made_masks():
 
 def test_dataset_stats_matches_mask_stats(small_sample):
     assert dataset_stats(small_sample.dataset) == mask_stats(small_sample.dataset.masks)
+
+
+def test_duplicate_groups_largest_first():
+    masks = np.zeros((7, 2, 2), np.uint8)
+    masks[:, 0, 0] = np.arange(7)  # all different ...
+    masks[[1, 5]] = 3  # ... except a pair
+    masks[[0, 2, 6]] = 4  # ... and a group of three
+    assert mask_stats(masks).to_json()["duplicate_mask_groups"] == [
+        {"size": 3, "indices": [0, 2, 6]},
+        {"size": 2, "indices": [1, 5]},
+    ]
