@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 XVFB := xvfb-run -a -s "-screen 0 1600x1000x24"
 
-.PHONY: run test lint format sysdeps screenshot clean
+.PHONY: run test lint format sysdeps screenshot bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,6 +41,17 @@ screenshot: sysdeps $(VENV)/.installed
 	$(XVFB) $(PY) docs/screenshot.py docs/screenshot.png
 	$(XVFB) $(PY) docs/screenshot.py docs/training.png 45
 	$(XVFB) $(PY) docs/screenshot.py docs/review.png review 3
+
+# Every figure in the README comes from here: bench/out/*.json (machine and date inside).
+bench: sysdeps $(VENV)/.installed
+	mkdir -p bench/out
+	cd bench && ../$(PY) train_throughput.py --json out/train_throughput.json
+	cd bench && ../$(PY) compile_check.py --json out/compile_check.json
+	cd bench && ../$(PY) quality.py --images 600 --epochs 8 --json out/quality.json
+	cd bench && ../$(PY) audit_models.py --json out/audit_models.json
+	cd bench && ../$(PY) audit_quality.py --seeds 1,2,3,4,5 --json out/audit_quality.json
+	cd bench && $(XVFB) ../$(PY) gui_responsiveness.py --json out/gui_responsiveness.json
+	$(PY) bench/readme_figures.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -94,6 +94,11 @@ def main() -> None:
         training_module.PREVIEW_EVERY_S = None
         panel._preview_timer.timeout.disconnect()
     panel.start(config=cfg_gui.replace(threads=args.threads) if args.threads else None)
+    # Equal phases: like the thread baseline below, timing starts once training has made
+    # its first step (the child's start-up is not training).
+    while not panel.history.losses:
+        app.processEvents()
+        time.sleep(0.01)
     train = browse(args.seconds)
     first_preview = panel.first_preview_s
     steps_in_process = len(panel.history.losses)

@@ -31,8 +31,8 @@ def stratified_split(presence: np.ndarray, val_fraction: float, seed: int) -> tu
     for s in np.unique(stratum):
         members = rng.permutation(np.flatnonzero(stratum == s))
         k = int(round(val_fraction * len(members)))
-        if k == 0 and len(members) >= 2 and rng.random() < val_fraction * len(members):
-            k = 1
+        if len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)  # a class in 2+ images is in both halves
         val.extend(members[:k].tolist())
     if not val:
         val = [int(rng.integers(n))]

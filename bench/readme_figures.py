@@ -1,0 +1,169 @@
+"""Write the README's figures from ``bench/out/*.json``: no figure is typed by hand.
+
+The README holds the block between ``<!-- figures:start -->`` and ``<!-- figures:end -->``;
+this script renders it from the benchmark outputs that exist (a benchmark not run yet
+says so instead of showing an old number).
+
+    python bench/readme_figures.py           # rewrite the block
+    python bench/readme_figures.py --check   # exit 1 if the README is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+START, END = "<!-- figures:start -->", "<!-- figures:end -->"
+CLASS_NAMES = ["Soil", "Bedrock", "Sand", "Big Rock"]
+
+
+def _load(name: str) -> dict | None:
+    path = OUT / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def throughput(t: dict) -> list[str]:
+    bare = t["bare_img_s"]
+    return [
+        f"Training and inference speed (`bench/out/train_throughput.json`, {t['date']}, {t['device']}, "
+        f"torch {t['torch']}; {t['cpu_bf16'] or ''}). `{t['preset']}` preset, batch {t['batch_size']}, "
+        f"{t['image_shape'][0]}x{t['image_shape'][1]}; auto precision picked **{t['auto_precision']}**:",
+        "",
+        "| what | figure |",
+        "| --- | --- |",
+        f"| bare step (forward + cross-entropy + backward + AdamW), img/s: contiguous fp32 / "
+        f"channels_last fp32 / contiguous bf16 / channels_last bf16 | {bare['contiguous_fp32']} / "
+        f"{bare['channels_last_fp32']} / {bare['contiguous_bf16']} / **{bare['channels_last_bf16']}** |",
+        f"| whole `fit()` pipeline (augmentation, oversampling, the preset's loss, validation every "
+        f"epoch), img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare step |",
+        f"| model FLOPs x pipeline img/s | {t['gflops_pipeline']} GFLOP/s = {t['gflops_pipeline_share']} of "
+        f"the faster 2048x2048 matmul (fp32 {t['gflops_matmul_fp32']}, bf16 {t['gflops_matmul_bf16']} "
+        f"GFLOP/s); {t['train_gflop_per_image']} GFLOP per training image |",
+        f"| prediction (`predict_arrays`, batch {t['predict_batch']}), img/s | {t['predict_img_s']}: "
+        f"{t['predict_over_pipeline']}x the training pipeline |",
+    ] + (
+        [
+            f"| `mars-trainer submit` on {t['submit_images']:,} test images (read, predict, write the CSV) "
+            f"| {t['submit_s']} s |"
+        ]
+        if "submit_s" in t
+        else []
+    )
+
+
+def quality(q: dict) -> list[str]:
+    lines = [
+        f"What each ingredient and preset buys (`bench/out/quality.json`, {q['date']}): {q['images']} "
+        f"synthetic images, the same held-out 10%, {q['epochs']} epochs each, scored at the last "
+        "epoch (no epoch is picked on the images it is scored on):",
+        "",
+        f"| variant | precision | {' | '.join(CLASS_NAMES)} | mIoU (1-4) | mIoU as Keras | seconds |",
+        "| --- | --- |" + " ---: |" * (len(CLASS_NAMES) + 3),
+    ]
+    for r in q["results"]:
+        cells = [_f(v) for v in r["iou"][1:]]
+        lines.append(
+            f"| {r['variant']} | {r.get('precision', '-')} | {' | '.join(cells)} | **{_f(r['miou'])}** | "
+            f"{_f(r.get('miou_keras'))} | {r['seconds']} |"
+        )
+    return lines
+
+
+def audit_models(a: dict) -> list[str]:
+    return [
+        f"One out-of-fold audit model, {a['minutes_each']} minute each, {a['held_out']} held-out images "
+        f"(`bench/out/audit_models.json`): audit recipe {a['audit_recipe']['steps']} steps, pixel "
+        f"accuracy vs clean masks **{a['audit_recipe']['pixel_accuracy_vs_clean']}**; `cpu` preset "
+        f"{a['cpu_preset']['steps']} steps, {a['cpu_preset']['pixel_accuracy_vs_clean']} (ratio "
+        f"{a['ratio']}). Same in both: {a['same_in_both']}; differs (audit, cpu): "
+        + ", ".join(f"{k} {v[0]} vs {v[1]}" for k, v in a["differs"].items())
+        + ".",
+    ]
+
+
+def audit_quality(a: dict) -> list[str]:
+    s = a["summary"]
+    return [
+        "Review queue (`bench/out/audit_quality.json`): "
+        + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list)))
+        + ".",
+    ]
+
+
+def gui(g: dict) -> list[str]:
+    return [
+        f"Viewer while training (`bench/out/gui_responsiveness.json`, browse every 100 ms under Xvfb): "
+        f"idle p99 {g['idle_p99_ms']} ms; training in a child process p99 {g['train_p99_ms']} ms "
+        f"(ratio {g['ratio_p99']}); the same training in a thread of napari's process p99 "
+        f"{g['baseline_thread_p99_ms']} ms; first live prediction {g['first_preview_s']} s after Start.",
+    ]
+
+
+def compile_check(c: dict) -> list[str]:
+    verdict = (
+        f"it would pay back after {c['break_even_steps']} steps"
+        if c["break_even_steps"]
+        else "it never pays back"
+    )
+    return [
+        f"`torch.compile` (`bench/out/compile_check.json`, {c['date']}, {c['precision']}): compiling the "
+        f"`cpu` preset's training step took {c['compile_s']} s; compiled {c['compiled_img_s']} img/s against "
+        f"eager {c['eager_img_s']} (x{c['speedup']}): {verdict}. The engine runs eager.",
+    ]
+
+
+SECTIONS = [
+    ("train_throughput", throughput),
+    ("compile_check", compile_check),
+    ("quality", quality),
+    ("audit_models", audit_models),
+    ("audit_quality", audit_quality),
+    ("gui_responsiveness", gui),
+]
+
+
+def render() -> str:
+    parts = []
+    for name, fn in SECTIONS:
+        data = _load(name)
+        if data is None:
+            parts.append(f"`bench/{name}.py`: not measured in the latest `make bench` run.")
+        else:
+            parts.append("\n".join(fn(data)))
+    return "\n\n".join(parts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"README.md has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{render()}\n{END}{tail}"
+    if args.check:
+        if new != text:
+            print("README.md figures are out of date: run python bench/readme_figures.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

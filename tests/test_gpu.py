@@ -1,0 +1,70 @@
+"""CUDA checks, run where a GPU is present (``pytest -m gpu``); skipped elsewhere."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import events as ev
+from trainer.config import preset
+from trainer.engine import fit
+from trainer.synth import generate
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate(256, 0, seed=1).dataset
+
+
+def test_gpu_preset_trains_with_finite_loss_and_weights(data, tmp_path):
+    cfg = preset("gpu").replace(epochs=2, batch_size=32, log_every=1, device="cuda")
+    events = list(fit(data, cfg, tmp_path))
+    started, finished = events[0], events[-1]
+    assert started.device.startswith("cuda") and started.precision == "bf16" and started.channels_last
+    assert isinstance(finished, ev.Finished), finished
+    assert all(math.isfinite(e.loss) for e in events if isinstance(e, ev.Step))
+    from trainer.checkpoint import load_checkpoint
+
+    weights = load_checkpoint(tmp_path / "checkpoints/last.pt")["model"]
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def test_same_weights_predict_the_same_classes_on_cuda_and_cpu(data, tmp_path):
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from trainer.inference import predict_arrays
+
+    cfg = preset("gpu").replace(epochs=1, batch_size=32, device="cuda")
+    list(fit(data, cfg, tmp_path))
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "checkpoints/last.pt"))
+    on_gpu = predict_arrays(model, data.images[:64], device="cuda")["masks"]
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "checkpoints/last.pt"))
+    on_cpu = predict_arrays(model, data.images[:64], device="cpu")["masks"]
+    assert np.mean(on_gpu == on_cpu) >= 0.99
+
+
+def test_a_training_child_gives_its_gpu_memory_back(tmp_path):
+    """The child process ends and the GPU's used memory returns to what it was."""
+    code = (
+        "import torch; from trainer.config import preset; from trainer.engine import fit; "
+        "from trainer.synth import generate; "
+        "list(fit(generate(64, 0, seed=0).dataset, preset('gpu').replace(epochs=1, batch_size=32, device='cuda')))"
+    )
+
+    def used() -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    torch.cuda.init()
+    before = used()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert used() - before < 64 * 2**20  # within 64 MiB of where it started
