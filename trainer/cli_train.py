@@ -178,7 +178,8 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
             continue
         if kind == "started":
             progress.line(
-                f"training on {event.device_name} ({event.device}), {event.train_images} training / "
+                f"training on {event.device_name} ({event.device}, {event.precision}: "
+                f"{event.precision_reason}), {event.train_images} training / "
                 f"{event.val_images} validation images, {event.parameters:,} parameters"
                 + (f", {event.world_size} processes" if event.world_size > 1 else "")
                 + (f", resumed at epoch {event.start_epoch + 1}" if event.resumed_from else "")

@@ -207,16 +207,36 @@ class Peers:
 
 
 def shutdown_distributed(wait_for_peers: bool = True) -> None:
-    """Leave the process group. After a normal finish every rank waits for the others
-    first: a rank that closes its connections while another still uses them makes gloo
-    abort that process ("connection closed by peer"). After an error nobody waits, since
-    the other ranks may be stuck in a collective this rank will never join."""
+    """Leave the process group.
+
+    After a normal finish every rank first waits until all ranks have returned from
+    their last collective, and only then closes its connections: gloo aborts a process
+    whose peer closes a connection while a collective is still finishing on it, and a
+    gloo barrier right before destruction has that very race (a rank returns from the
+    barrier while its peer is still completing it). The wait goes through the job's
+    key-value store, which involves no gloo connection. After an error nobody waits,
+    since the other ranks may be stuck in a collective this rank will never join.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if wait_for_peers:
-            try:
-                dist.barrier()
-            except RuntimeError:
-                pass  # a peer is already gone; nothing left to wait for
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers:
+        try:
+            _store_barrier(dist.get_rank(), dist.get_world_size())
+        except Exception:  # the store's host already left: everyone had arrived
+            pass
+    dist.destroy_process_group()
+
+
+def _store_barrier(rank: int, world: int, timeout_s: float = 300.0) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return
+    store = dist.TCPStore(host, int(port), world, is_master=False, timeout=timedelta(seconds=timeout_s))
+    store.set(f"marsviewer/finished/{rank}", "1")
+    store.wait([f"marsviewer/finished/{r}" for r in range(world)])
