@@ -135,7 +135,9 @@ class TrainingPanel(QWidget):
             "What Keras MeanIoU(num_classes=5, ignore_class=0) prints in course notebooks: "
             "it also averages background (IoU 0) when terrain is predicted as background"
         )
-        self.iou_table.setMaximumHeight(215)
+        # Every row visible without scrolling inside the table: 7 rows and the header.
+        self.iou_table.verticalHeader().setDefaultSectionSize(26)
+        self.iou_table.setFixedHeight(26 * (self.iou_table.rowCount() + 1) + 10)
         root.addWidget(self.iou_table)
         self.uncertainty_check = QCheckBox("show uncertainty (per-pixel entropy)")
         self.uncertainty_check.toggled.connect(self._toggle_uncertainty)
