@@ -48,6 +48,7 @@ bench: sysdeps $(VENV)/.installed
 	cd bench && ../$(PY) train_throughput.py --json out/train_throughput.json
 	cd bench && ../$(PY) compile_check.py --json out/compile_check.json
 	cd bench && ../$(PY) quality.py --images 600 --epochs 8 --json out/quality.json
+	cd bench && ../$(PY) precision_quality.py --json out/precision_quality.json
 	cd bench && ../$(PY) audit_models.py --json out/audit_models.json
 	cd bench && ../$(PY) audit_quality.py --seeds 1,2,3,4,5 --json out/audit_quality.json
 	cd bench && $(XVFB) ../$(PY) gui_responsiveness.py --json out/gui_responsiveness.json

@@ -80,6 +80,17 @@ def quality(q: dict) -> list[str]:
     return lines
 
 
+def precision_quality(q: dict) -> list[str]:
+    verdict = "within" if q["within_seed_noise"] else "beyond"
+    return [
+        f"bf16 against fp32 (`bench/out/precision_quality.json`, {q['date']}): the `cpu` preset, "
+        f"{q['images']} images, {q['epochs']} epochs, seeds {', '.join(map(str, q['seeds']))}: mean mIoU "
+        f"bf16 {q['mean_bf16']} (each seed: {', '.join(map(str, q['miou']['bf16']))}), fp32 {q['mean_fp32']} "
+        f"({', '.join(map(str, q['miou']['fp32']))}); mean difference {q['mean_difference']:+.4f} against a "
+        f"seed-to-seed standard deviation of {q['seed_std']}: {verdict} seed noise.",
+    ]
+
+
 def audit_models(a: dict) -> list[str]:
     return [
         f"One out-of-fold audit model, {a['minutes_each']} minute each, {a['held_out']} held-out images "
@@ -127,6 +138,7 @@ SECTIONS = [
     ("train_throughput", throughput),
     ("compile_check", compile_check),
     ("quality", quality),
+    ("precision_quality", precision_quality),
     ("audit_models", audit_models),
     ("audit_quality", audit_quality),
     ("gui_responsiveness", gui),

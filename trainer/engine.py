@@ -21,10 +21,8 @@ Design (see the README for measured figures):
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ from . import events as ev
 from .augment import augment_batch, oversampling_weights
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_loss_spec
+from .control import RunState, TrainControl
 from .dataset import Dataset, DatasetError
 from .device import (
     Peers,
@@ -49,66 +48,6 @@ from .losses import SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .runs import RunDir
 from .stats import class_pixel_counts, class_presence
-
-
-@dataclass
-class TrainControl:
-    """Commands into a running ``fit()``, safe to call from another thread.
-
-    ``poll`` (optional) is called between steps; a process wrapper uses it to read
-    commands from a pipe and call the methods below.
-    """
-
-    preview_indices: list[int] = field(default_factory=list)
-    preview_every_s: float | None = None  # also preview between steps at this interval
-    poll: Callable[[], None] | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _preview_now: threading.Event = field(default_factory=threading.Event)
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    def request_preview(self, indices: list[int]) -> None:
-        self.preview_indices = [int(i) for i in indices]
-        self._preview_now.set()
-
-    def take_preview_request(self) -> bool:
-        """True once after each :meth:`request_preview`."""
-        asked = self._preview_now.is_set()
-        self._preview_now.clear()
-        return asked
-
-
-@dataclass
-class RunState:
-    """Where a run stands. Saved in every checkpoint, so a resumed run goes on exactly
-    where this one was (``batch`` batches of ``epoch`` done)."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    best: float = -1.0
-    plateau_factor: float = 1.0
-    stale: int = 0
-    elapsed_s: float = 0.0
-
-    @classmethod
-    def from_checkpoint(cls, data: dict) -> RunState:
-        # Checkpoints written before mid-epoch resume existed only hold finished epochs.
-        resume = data.get("resume") or {"epoch": data["epoch"] + 1, "batch": 0}
-        return cls(
-            epoch=int(resume["epoch"]),
-            batch=int(resume["batch"]),
-            step=int(data["step"]),
-            best=float(data.get("best_miou", -1.0)),
-            plateau_factor=float(data.get("plateau_factor", 1.0)),
-            stale=int(data.get("stale", 0)),
-            elapsed_s=float(data.get("elapsed_s", 0.0)),
-        )
 
 
 def _lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -144,26 +83,46 @@ class _Trainer:
         self.runs = RunDir(run_dir) if (run_dir is not None and self.dist.is_main) else None
         self.peers = Peers(self.dist)
         self.resumed_from = str(resume) if resume else None
-
         self.presence = class_presence(dataset.masks)
         data = load_checkpoint(resume) if resume else None
-        if data is not None:
-            check_compatible(data, cfg, resume)
-            train_idx, val_idx = np.asarray(data["train_indices"]), np.asarray(data["val_indices"])
-            if max(train_idx.max(), val_idx.max()) >= len(dataset):
-                raise DatasetError(
-                    f"{resume}: the checkpoint's split does not fit this dataset of {len(dataset)} images"
-                )
-        else:
-            train_idx, val_idx = stratified_split(self.presence, cfg.val_fraction, cfg.seed)
-        self.base_train_idx, self.base_val_idx = train_idx, val_idx
-        self.train_idx, self.val_idx = train_idx, val_idx
-
+        self._split(data)
         self.images = torch.from_numpy(dataset.images).to(device)
         # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
         self.masks = torch.from_numpy(dataset.masks).to(device, copy=corrections is not None)
+        self._build(data)
+        self.seen_version = None
+        self.sample_weights = self._sample_weights()
+        self.per_step = cfg.batch_size * self.dist.world
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.budget_s = cfg.minutes * 60
+        self.t0 = time.perf_counter() - self.state.elapsed_s
+        self.last_preview = -math.inf
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.epoch_loss = torch.zeros((), device=device)
+        self.epoch_loss_n = 0
+        self.lr = cfg.lr
+
+    def _split(self, data: dict | None) -> None:
+        """The checkpoint's split when resuming, else a new stratified one."""
+        if data is not None:
+            check_compatible(data, self.cfg, self.resumed_from)
+            train_idx, val_idx = np.asarray(data["train_indices"]), np.asarray(data["val_indices"])
+            if max(train_idx.max(), val_idx.max()) >= len(self.dataset):
+                raise DatasetError(
+                    f"{self.resumed_from}: the checkpoint's split does not fit this dataset "
+                    f"of {len(self.dataset)} images"
+                )
+        else:
+            train_idx, val_idx = stratified_split(self.presence, self.cfg.val_fraction, self.cfg.seed)
+        self.base_train_idx, self.base_val_idx = train_idx, val_idx
+        self.train_idx, self.val_idx = train_idx, val_idx
+
+    def _build(self, data: dict | None) -> None:
+        """Loss, model and optimiser, restored from the checkpoint when resuming."""
+        cfg, device = self.cfg, self.device
         weights = frequency_class_weights(
-            class_pixel_counts(dataset.masks[train_idx]), cfg.background_weight, cfg.class_weighting
+            class_pixel_counts(self.dataset.masks[self.train_idx]), cfg.background_weight, cfg.class_weighting
         )
         self.criterion = SegmentationLoss(
             parse_loss_spec(cfg.loss),
@@ -188,19 +147,6 @@ class _Trainer:
 
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = DDP(self.model, device_ids=ids)
-
-        self.seen_version = None
-        self.sample_weights = self._sample_weights()
-        self.per_step = cfg.batch_size * self.dist.world
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.budget_s = cfg.minutes * 60
-        self.t0 = time.perf_counter() - self.state.elapsed_s
-        self.last_preview = -math.inf
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.epoch_loss = torch.zeros((), device=device)
-        self.epoch_loss_n = 0
-        self.lr = cfg.lr
 
     # -- small helpers
     def emit(self, event: ev.Event) -> ev.Event:

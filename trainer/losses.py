@@ -46,36 +46,72 @@ def _pixel_weights(target: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
     return w[safe] * valid, safe
 
 
+class _Batch:
+    """What the terms of a loss share on one batch, each computed at most once: the
+    logits in fp32, the per-pixel weights, log-probabilities and probabilities."""
+
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, class_weights) -> None:
+        self.logits = logits.float()
+        self.num_classes = logits.shape[1]
+        self.w = _weights(class_weights, self.num_classes, logits.device)
+        self.pw, self.safe = _pixel_weights(target, self.w)
+        self._logp = self._probs = None
+
+    @property
+    def logp(self) -> torch.Tensor:
+        if self._logp is None:
+            self._logp = F.log_softmax(self.logits, dim=1)
+        return self._logp
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            self._probs = self.logp.exp()
+        return self._probs
+
+    def weighted_mean(self, per_pixel: torch.Tensor) -> torch.Tensor:
+        return (per_pixel * self.pw).sum() / self.pw.sum().clamp_min(1e-6)
+
+    def soft_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Soft true positives, false positives and false negatives per class over the
+        pixels that count (valid and of a class with positive weight). The true positives
+        gather each pixel's probability of its own class instead of multiplying by a
+        one-hot tensor: one (B, H, W) pass instead of three (B, C, H, W) ones."""
+        counted = (self.pw > 0).float()
+        p_own = self.probs.gather(1, self.safe[:, None]).squeeze(1) * counted
+        labels = self.safe.reshape(-1)
+        tp = torch.zeros(self.num_classes, device=p_own.device).index_add(0, labels, p_own.reshape(-1))
+        total_p = (self.probs * counted[:, None]).sum((0, 2, 3))
+        pixels = torch.bincount(labels, weights=counted.reshape(-1), minlength=self.num_classes)
+        return tp, total_p - tp, pixels.float() - tp
+
+
+def _ce(b: _Batch) -> torch.Tensor:
+    return b.weighted_mean(-b.logp.gather(1, b.safe[:, None]).squeeze(1))
+
+
+def _focal(b: _Batch, gamma: float) -> torch.Tensor:
+    logp = b.logp.gather(1, b.safe[:, None]).squeeze(1)
+    return b.weighted_mean(-_safe_pow(1 - logp.exp(), gamma) * logp)
+
+
+def _tversky(b: _Batch, alpha: float, beta: float, gamma: float, eps: float = 1.0) -> torch.Tensor:
+    tp, fp, fn = b.soft_counts()
+    ti = (tp + eps) / (tp + alpha * fp + beta * fn + eps)
+    # Classes of weight 0 are dropped before the power rather than multiplied by 0 after it.
+    counted = b.w > 0
+    per_class = _safe_pow(1 - ti[counted], gamma)
+    return (per_class * b.w[counted]).sum() / b.w.sum().clamp_min(1e-6)
+
+
 def cross_entropy(logits, target, class_weights=None) -> torch.Tensor:
     """Class-weighted cross-entropy averaged over the weight of the pixels that count."""
-    w = _weights(class_weights, logits.shape[1], logits.device)
-    pw, safe = _pixel_weights(target, w)
-    nll = F.cross_entropy(logits.float(), safe, reduction="none")
-    return (nll * pw).sum() / pw.sum().clamp_min(1e-6)
+    return _ce(_Batch(logits, target, class_weights))
 
 
 def focal(logits, target, class_weights=None, gamma: float = 2.0) -> torch.Tensor:
     """Focal loss (Lin et al. 2017): ``-w_c (1 - p_t)^gamma log p_t``, weighted mean."""
-    w = _weights(class_weights, logits.shape[1], logits.device)
-    pw, safe = _pixel_weights(target, w)
-    logp = F.log_softmax(logits.float(), dim=1).gather(1, safe[:, None]).squeeze(1)
-    loss = -_safe_pow(1 - logp.exp(), gamma) * logp
-    return (loss * pw).sum() / pw.sum().clamp_min(1e-6)
-
-
-def _soft_counts(logits, target, w):
-    """Soft true positives, false positives and false negatives per class, over the
-    pixels that count (valid and of a class with positive weight)."""
-    probs = F.softmax(logits.float(), dim=1)
-    pw, safe = _pixel_weights(target, w)
-    counts = (pw > 0).float()[:, None]  # (B, 1, H, W)
-    onehot = F.one_hot(safe, logits.shape[1]).permute(0, 3, 1, 2).float()
-    p, g = probs * counts, onehot * counts
-    dims = (0, 2, 3)
-    tp = (p * g).sum(dims)
-    fp = (p * (1 - g)).sum(dims)
-    fn = ((1 - p) * g).sum(dims)
-    return tp, fp, fn
+    return _focal(_Batch(logits, target, class_weights), gamma)
 
 
 def tversky(
@@ -95,13 +131,7 @@ def tversky(
     plain Tversky, the focal Tversky paper's gamma = 4/3 in its ``(1 - TI)^(1/gamma)``
     form is ``gamma = 0.75`` here. Classes with weight 0 are left out.
     """
-    w = _weights(class_weights, logits.shape[1], logits.device)
-    tp, fp, fn = _soft_counts(logits, target, w)
-    ti = (tp + eps) / (tp + alpha * fp + beta * fn + eps)
-    # Classes of weight 0 are dropped before the power rather than multiplied by 0 after it.
-    counted = w > 0
-    per_class = _safe_pow(1 - ti[counted], gamma)
-    return (per_class * w[counted]).sum() / w.sum().clamp_min(1e-6)
+    return _tversky(_Batch(logits, target, class_weights), alpha, beta, gamma, eps)
 
 
 def dice(logits, target, class_weights=None, eps: float = 1.0):
@@ -122,11 +152,14 @@ def _lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
 def lovasz_softmax(logits, target, class_weights=None):
     """Lovasz-softmax loss (Berman et al. 2018) over the batch's pixels that count,
     averaged over the classes present in the target (weighted)."""
-    w = _weights(class_weights, logits.shape[1], logits.device)
-    pw, safe = _pixel_weights(target, w)
-    keep = (pw > 0).reshape(-1)
-    probs = F.softmax(logits.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])[keep]
-    labels = safe.reshape(-1)[keep]
+    return _lovasz(_Batch(logits, target, class_weights))
+
+
+def _lovasz(b: _Batch) -> torch.Tensor:
+    w, logits = b.w, b.logits
+    keep = (b.pw > 0).reshape(-1)
+    probs = b.probs.permute(0, 2, 3, 1).reshape(-1, b.num_classes)[keep]
+    labels = b.safe.reshape(-1)[keep]
     if labels.numel() == 0:
         return logits.sum() * 0.0
     losses, weights = [], []
@@ -183,21 +216,23 @@ class SegmentationLoss(nn.Module):
         self.alpha, self.beta, self.ft_gamma = tversky_alpha, tversky_beta, focal_tversky_gamma
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        w = self.class_weights
+        # One shared batch: softmax, log-softmax and pixel weights are computed once for
+        # all terms (cross-entropy + Dice used to compute them twice).
+        b = _Batch(logits, target, self.class_weights)
         total = logits.new_zeros((), dtype=torch.float32)
         for name, weight in self.terms:
             if name == "ce":
-                value = cross_entropy(logits, target, w)
+                value = _ce(b)
             elif name == "focal":
-                value = focal(logits, target, w, self.focal_gamma)
+                value = _focal(b, self.focal_gamma)
             elif name == "dice":
-                value = dice(logits, target, w)
+                value = _tversky(b, 0.5, 0.5, 1.0)
             elif name == "tversky":
-                value = tversky(logits, target, w, self.alpha, self.beta, 1.0)
+                value = _tversky(b, self.alpha, self.beta, 1.0)
             elif name == "focal_tversky":
-                value = tversky(logits, target, w, self.alpha, self.beta, self.ft_gamma)
+                value = _tversky(b, self.alpha, self.beta, self.ft_gamma)
             else:
-                value = lovasz_softmax(logits, target, w)
+                value = _lovasz(b)
             total = total + weight * value
         return total
 
