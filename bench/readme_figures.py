@@ -82,12 +82,14 @@ def quality(q: dict) -> list[str]:
 
 def precision_quality(q: dict) -> list[str]:
     verdict = "within" if q["within_seed_noise"] else "beyond"
+    paired = [b - f for b, f in zip(q["miou"]["bf16"], q["miou"]["fp32"], strict=True)]
     return [
         f"bf16 against fp32 (`bench/out/precision_quality.json`, {q['date']}): the `cpu` preset, "
         f"{q['images']} images, {q['epochs']} epochs, seeds {', '.join(map(str, q['seeds']))}: mean mIoU "
         f"bf16 {q['mean_bf16']} (each seed: {', '.join(map(str, q['miou']['bf16']))}), fp32 {q['mean_fp32']} "
         f"({', '.join(map(str, q['miou']['fp32']))}); mean difference {q['mean_difference']:+.4f} against a "
-        f"seed-to-seed standard deviation of {q['seed_std']}: {verdict} seed noise.",
+        f"seed-to-seed standard deviation of {q['seed_std']}: {verdict} seed noise. Paired by seed, bf16 "
+        f"minus fp32: {', '.join(f'{d:+.4f}' for d in paired)}.",
     ]
 
 
@@ -104,11 +106,19 @@ def audit_models(a: dict) -> list[str]:
 
 
 def audit_quality(a: dict) -> list[str]:
-    s = a["summary"]
+    s, runs = a["summary"], a["runs"]
+    first = runs[0]
     return [
-        "Review queue (`bench/out/audit_quality.json`): "
-        + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list)))
-        + ".",
+        f"Review queue (`bench/out/audit_quality.json`): {first['images']} synthetic images with "
+        f"{first['planted']} planted problems ({first['outliers']} outliers sharing one mask, "
+        f"{first['corrupted']} corrupted masks), a {s['minutes']}-minute audit ({s['folds']} folds), "
+        f"seeds {', '.join(map(str, s['seeds']))}: recall in the top {first['k']} (1.5 x planted) "
+        f"**{s['recall_at_k_mean']} mean, {s['recall_at_k_min']} worst** "
+        f"({', '.join(str(r['recall_at_k']) for r in runs)}); corrupted masks alone "
+        f"{s['recall_corrupted_at_k_mean']}; the outlier group exactly at the top on every seed: "
+        f"{'yes' if s['outlier_group_at_top'] else 'no'}. Baseline (rank by per-image IoU between the "
+        f"same predictions and the mask): {s['baseline_recall_at_k_mean']} mean, corrupted "
+        f"{s['baseline_recall_corrupted_at_k_mean']}.",
     ]
 
 
