@@ -217,3 +217,16 @@ def test_oversampling_favours_rare_classes():
     assert w.sum() == pytest.approx(1.0)
     assert w[0] / w[50] == pytest.approx(5.0)  # sqrt(1 / 0.04)
     assert np.allclose(oversampling_weights(presence, 0.0), 0.01)
+
+
+def test_affine_grid_equals_torchs():
+    from trainer.augment import affine_grid, affine_theta
+
+    theta = affine_theta(
+        8,
+        (64, 128),
+        TrainConfig(max_rotation=20.0, max_scale=0.3, max_shift=0.2),
+        torch.Generator().manual_seed(1),
+    )
+    expected = torch.nn.functional.affine_grid(theta, [8, 1, 64, 128], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, (64, 128)), expected, atol=1e-6, rtol=0)
