@@ -178,16 +178,26 @@ def main() -> None:
     warmup = max(cfg.log_every * 2, 5)
     bare_steps = max(steps_per_epoch // 2, 20)
 
-    mm32 = matmul_gflops(torch.float32, device)
-    mm16 = matmul_gflops(torch.bfloat16, device)
-    bare = {}
-    for layout in ("contiguous", "channels_last"):
-        for prec in ("fp32", "bf16"):
-            bare[f"{layout}_{prec}"] = round(
-                bare_img_s(cfg, device, shape, bare_steps, warmup, layout == "channels_last", prec == "bf16"),
-                1,
+    variants = [(layout, prec) for layout in ("contiguous", "channels_last") for prec in ("fp32", "bf16")]
+
+    def bare_round() -> dict[str, float]:
+        return {
+            f"{layout}_{prec}": bare_img_s(
+                cfg, device, shape, bare_steps, warmup, layout == "channels_last", prec == "bf16"
             )
+            for layout, prec in variants
+        }
+
+    # Every bare figure and the matmuls are measured before and after the pipeline and
+    # averaged: a shared machine's load drifts, and it must hit both sides of each ratio.
+    mm = [(matmul_gflops(torch.float32, device), matmul_gflops(torch.bfloat16, device))]
+    before = bare_round()
     pipe, extra = pipeline_img_s(cfg, dataset, warmup_steps=warmup)
+    after = bare_round()
+    mm.append((matmul_gflops(torch.float32, device), matmul_gflops(torch.bfloat16, device)))
+    mm32, mm16 = (sum(m[0] for m in mm) / 2, sum(m[1] for m in mm) / 2)
+    bare = {k: round((before[k] + after[k]) / 2, 1) for k in before}
+    extra["bare_before_after"] = {k: [round(before[k], 1), round(after[k], 1)] for k in before}
     fastest_bare = max(bare.values())
     flops = train_flops_per_image(cfg, shape)
     gflops_pipeline = flops * pipe / 1e9
