@@ -1,21 +1,23 @@
-"""Does training make napari stutter? Browse like a person while training runs.
+"""Does training make napari stutter, and does training still get done? Browse like a
+person while training runs.
 
 Run under Xvfb on the target machine::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python bench/gui_responsiveness.py --json OUT
 
 It opens the viewer with the plugin on the synthetic sample and moves to the next image
-every 100 ms, timing each move until the viewer has processed it and repainted the
-canvas. Three phases, one run:
+every ``--pace`` seconds (0.5: a person looking at each image), timing each move until the
+viewer has processed it and repainted the canvas. Phases, one run:
 
 1. idle (with the same layers as below: images, masks, prediction, uncertainty);
-2. training started from the panel (default CPU preset, live previews on), which runs
-   in a child process at lowered priority;
-3. the baseline most plugins use: the same training in a thread worker inside napari's
-   process.
+2. training started from the panel (default CPU preset, live previews on) in a child
+   process: first nobody touches the viewer (``quiet``), then someone browses;
+3. the baseline most plugins use: the same training in a thread inside napari's process.
 
 Writes idle/train/baseline p99 and max step times, ``ratio_p99`` = train p99 / idle p99,
-and ``first_preview_s``, the time from Start to the first live prediction shown.
+``train_speed_browsing`` and ``train_speed_quiet`` (training steps per second in those
+phases over the same training's speed with no viewer at all, measured first in a child
+of its own), and ``first_preview_s``, the time from Start to the first live prediction.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from _report import report
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    p.add_argument("--pace", type=float, default=0.5, help="seconds between browse steps")
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads of the training (0 = the panel's default)"
     )
@@ -62,7 +65,7 @@ def main() -> None:
         next_tick = time.perf_counter()
         end = next_tick + seconds
         while time.perf_counter() < end:
-            next_tick += 0.1
+            next_tick += args.pace
             i = (i + 1) % n
             t0 = time.perf_counter()
             viewer.dims.set_current_step(0, i)
@@ -77,41 +80,59 @@ def main() -> None:
     def summary(times: list[float]) -> tuple[float, float]:
         return float(np.percentile(times, 99)), float(np.max(times))
 
-    panel = widget.training
+    panel, model = widget.training, widget.session.training
     # The prediction layers exist in every phase, so all phases draw the same layers and
     # the comparison measures only what training costs the viewer.
-    panel._ensure_prediction_layers()
+    widget.ensure_prediction_layers()
     browse(3)  # warm-up: shaders, caches
     idle = browse(args.seconds)
+
+    def steps_per_s(seconds: float, touch) -> float:
+        """Training steps per second over ``seconds`` (from the run's step events)."""
+        app.processEvents()
+        first = model.record.steps[-1] if model.record.steps else 0
+        t0 = time.perf_counter()
+        touch(seconds)
+        while time.perf_counter() - t0 < seconds:
+            app.processEvents()
+            time.sleep(0.01)
+        app.processEvents()
+        return (model.record.steps[-1] - first) / (time.perf_counter() - t0)
 
     panel.form.preset_combo.setCurrentText("cpu")
     panel.form.device_combo.setCurrentIndex(panel.form.device_combo.count() - 1)
     panel.form.editors["epochs"].setValue(1000)
     cfg_gui = panel.form.config()
+    cfg_gui = cfg_gui.replace(threads=args.threads, log_every=1) if args.threads else cfg_gui.replace(log_every=1)
     if args.no_preview:
-        import marsviewer._training as training_module
+        import marsviewer._training_model as training_module
 
         training_module.PREVIEW_EVERY_S = None
-        panel._preview_timer.timeout.disconnect()
-    panel.start(config=cfg_gui.replace(threads=args.threads) if args.threads else None)
+    alone = _speed_without_viewer(widget.session.training_data(), cfg_gui, args.seconds)
+    panel.start(config=cfg_gui)
     # Equal phases: like the thread baseline below, timing starts once training has made
     # its first step (the child's start-up is not training).
-    while not panel.history.losses:
+    while not model.record.losses:
         app.processEvents()
         time.sleep(0.01)
+    quiet_speed = steps_per_s(args.seconds, lambda s: None)
+    t_browse = time.perf_counter()
+    first_step = model.record.steps[-1]
     train = browse(args.seconds)
-    first_preview = panel.first_preview_s
-    steps_in_process = len(panel.history.losses)
-    panel.stop()
-    while panel.running:
+    app.processEvents()
+    browsing_speed = (model.record.steps[-1] - first_step) / (time.perf_counter() - t_browse)
+    first_preview = model.first_preview_s
+    steps_in_process = len(model.record.losses)
+    model.stop()
+    while model.running:
         app.processEvents()
         time.sleep(0.02)
 
     control = TrainControl()
-    dataset = widget.training._dataset_arrays()
+    spec = widget.session.training_data()
     from trainer.dataset import Dataset
 
-    ds = Dataset(images=dataset[0], masks=dataset[1], source="sample")
+    ds = Dataset(images=spec.images, masks=spec.masks, source="sample")
     cfg = preset("cpu").replace(epochs=1000, device="cpu", threads=args.threads or cfg_gui.threads)
     counter = {"steps": 0}
 
@@ -144,6 +165,10 @@ def main() -> None:
         "baseline_thread_p99_ms": round(base_p99, 1),
         "baseline_thread_max_ms": round(base_max, 1),
         "first_preview_s": None if first_preview is None else round(first_preview, 2),
+        "pace_s": args.pace,
+        "train_steps_per_s_alone": round(alone, 3),
+        "train_speed_quiet": round(quiet_speed / alone, 3),
+        "train_speed_browsing": round(browsing_speed / alone, 3),
         "idle_median_ms": round(float(np.median(idle)), 1),
         "train_median_ms": round(float(np.median(train)), 1),
         "baseline_median_ms": round(float(np.median(baseline)), 1),
@@ -153,6 +178,28 @@ def main() -> None:
     }
     report(result, args.json)
     viewer.close()
+
+
+def _speed_without_viewer(spec, cfg, seconds: float) -> float:
+    """Steps per second of the same training in a child process while nobody browses
+    (the viewer idle, nothing drawn): the reference of the train_speed figures."""
+    from trainer import events as ev
+    from trainer.process import TrainingProcess
+
+    job = TrainingProcess(spec, cfg.replace(epochs=1000), None, preview_every_s=None)
+    steps: list[tuple[float, int]] = []
+    try:
+        while len(steps) < 2 or steps[-1][0] - steps[1][0] < seconds:
+            for e in job.events():
+                if isinstance(e, ev.Step):
+                    steps.append((time.perf_counter(), e.step))
+                elif isinstance(e, ev.Failed):
+                    raise RuntimeError(e.message)
+            time.sleep(0.02)
+    finally:
+        job.close(timeout=10)
+    (t0, s0), (t1, s1) = steps[1], steps[-1]
+    return (s1 - s0) / (t1 - t0)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,13 @@ class DatasetBrowser:
         self.dataset_changed.emit()
         self.index_changed.emit(0)
 
+    def clear(self) -> None:
+        """No dataset any more (its masks layer was removed)."""
+        self.masks, self.stats, self.names, self.n_test = None, None, [], 0
+        self.presence = np.zeros((0, NUM_CLASSES), bool)
+        self.index = 0
+        self.dataset_changed.emit()
+
     def refresh_stats(self) -> None:
         """Recompute statistics after masks were edited in place."""
         if self.masks is not None:
@@ -110,6 +117,14 @@ class DatasetBrowser:
             return np.zeros(NUM_CLASSES)
         counts = class_pixel_counts(np.asarray(self.masks[self.index if index is None else index]))
         return counts / max(counts.sum(), 1)
+
+    def visit_group(self, members) -> None:
+        """Step through a group of images: from a member to the next one, else to the first."""
+        members = sorted(int(i) for i in members)
+        if not members:
+            return
+        later = [i for i in members if i > self.index] if self.index in members else []
+        self.set_index(later[0] if later else members[0])
 
     def group_of(self, index: int) -> tuple[int, ...] | None:
         if self.stats is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
 from trainer.classes import CLASSES
@@ -62,3 +63,27 @@ def dataset_layer_data(dataset: Dataset) -> list[tuple]:
 def role_of(layer) -> str | None:
     info = getattr(layer, "metadata", {}).get(META_KEY)
     return info.get("role") if isinstance(info, dict) else None
+
+
+def ensure_layer(viewer, name: str, data, kind: str, keep_selected=None, **kwargs):
+    """The layer called ``name`` showing ``data``: added if missing, given ``data`` if it
+    shows another array (a new dataset). ``kind`` is "labels" or "image"; ``kwargs``
+    apply when the layer is made. The layer ``keep_selected`` (the user's masks) stays the
+    selected one, so paint tools keep acting on it."""
+    layers = viewer.layers
+    if name in layers and layers[name].data is not data:
+        if layers[name].data.shape == np.shape(data):
+            layers[name].data = data
+        else:
+            layers.remove(name)
+    if name not in layers:
+        getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
+        if keep_selected is not None and keep_selected in layers:
+            layers.selection.active = keep_selected
+    return layers[name]
+
+
+def class_features() -> dict:
+    """Labels-layer features naming each class, so napari's status bar under the cursor
+    says "sand", not "3"."""
+    return {"index": [c.id for c in CLASSES], "class": [c.name for c in CLASSES]}

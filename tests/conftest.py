@@ -9,6 +9,13 @@ from trainer.formats import write_npz
 from trainer.synth import generate
 
 
+@pytest.fixture(autouse=True)
+def _private_user_data(tmp_path_factory, monkeypatch):
+    """Stores and runs that fall back to the user data folder land in a temporary one,
+    never in the real one, and never shared between tests."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+
+
 @pytest.fixture(scope="session")
 def small_sample():
     """60 synthetic images with planted problems (generated once per test session)."""
@@ -47,7 +54,6 @@ def npz_widget(make_napari_viewer, qtbot, npz_path, tmp_path):
     viewer.window.add_dock_widget(w)
     w.open_path(npz_path)
     qtbot.waitUntil(lambda: not w.loading, timeout=30_000)
-    w.training.runs_root = tmp_path / "runs"
+    w.session.training.runs_root = tmp_path / "runs"
     yield w
-    w.review.shutdown()
-    w.training.shutdown()
+    w.session.shutdown()

@@ -246,3 +246,13 @@ def test_miou_keras_by_hand_and_against_the_keras_algorithm():
         cm.update(torch.from_numpy(pred), torch.from_numpy(target))
         ours = cm.compute()
         assert ours["miou_keras"] == pytest.approx(_keras_mean_iou(target, pred, 5, 0), abs=1e-6)
+
+
+def test_the_loss_registry_and_the_config_agree():
+    """config.py cannot import torch, so it keeps the names; they must be the registry's."""
+    from trainer.config import LOSS_NAMES, TrainConfig
+    from trainer.losses import LOSSES, LossParams
+
+    assert tuple(LOSSES) == LOSS_NAMES
+    params = LossParams.from_config(TrainConfig(focal_gamma=3.0))
+    assert params.focal_gamma == 3.0  # every hyper-parameter is a config field of the same name

@@ -22,6 +22,22 @@ def test_manifest_is_valid_and_widget_comes_first():
     assert contrib.readers[0].accepts_directories
     assert contrib.writers[0].layer_types == ["labels"]
     assert contrib.sample_data[0].key == "synthetic_mars"
+    # The reader claims what it reads (npz files and folders), not every file.
+    assert contrib.readers[0].filename_patterns == ["*.npz"]
+
+
+def test_napari_offers_the_reader_for_npz_and_folders_only(tmp_path):
+    from npe2 import PluginManager
+
+    pm = PluginManager()
+    pm.discover(include_npe1=False)
+
+    def offered(path) -> bool:
+        return any(r.command.startswith("marsviewer.") for r in pm.iter_compatible_readers([str(path)]))
+
+    (tmp_path / "pairs").mkdir()
+    assert offered(tmp_path / "data.npz") and offered(tmp_path / "pairs")
+    assert not offered(tmp_path / "photo.tif") and not offered(tmp_path / "notes.txt")
 
 
 def test_reader_reads_competition_npz(npz_path, small_sample):

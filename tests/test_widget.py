@@ -28,9 +28,11 @@ def loaded(widget, qtbot):
 
 
 def test_empty_state_offers_sample_and_open(widget):
-    assert "synthetic Mars sample" in widget.summary.text()
-    assert widget.sample_button.isEnabled() and widget.open_file_button.isEnabled()
-    assert not widget.browse_box.isEnabled()
+    assert "synthetic Mars sample" in widget.dataset_panel.summary.text()
+    assert (
+        widget.dataset_panel.sample_button.isEnabled() and widget.dataset_panel.open_file_button.isEnabled()
+    )
+    assert not widget.dataset_panel.browse_box.isEnabled()
 
 
 def test_sample_layers_and_imbalance(loaded):
@@ -40,13 +42,13 @@ def test_sample_layers_and_imbalance(loaded):
     masks = loaded.masks_layer.data
     assert masks.shape == (200, 64, 128)
     share = np.bincount(masks.ravel(), minlength=5) / masks.size
-    np.testing.assert_allclose(loaded.share_bars.values, share)
-    np.testing.assert_array_equal(loaded.presence_bars.values, class_presence(masks).sum(0))
-    assert "200 images of 64x128" in loaded.summary.text()
+    np.testing.assert_allclose(loaded.dataset_panel.share_bars.values, share)
+    np.testing.assert_array_equal(loaded.dataset_panel.presence_bars.values, class_presence(masks).sum(0))
+    assert "200 images of 64x128" in loaded.dataset_panel.summary.text()
     # The outlier group of the sample is listed first.
-    assert loaded.dup_list.count() >= 1
+    assert loaded.dataset_panel.dup_list.count() >= 1
     assert (
-        loaded.dup_list.item(0)
+        loaded.dataset_panel.dup_list.item(0)
         .text()
         .startswith(f"{len(loaded.browser.stats.duplicate_mask_groups[0])} images")
     )
@@ -55,17 +57,17 @@ def test_sample_layers_and_imbalance(loaded):
 def test_browsing_follows_slider_and_buttons(loaded, qtbot):
     viewer, b = loaded.viewer, loaded.browser
     viewer.dims.set_current_step(0, 17)
-    assert b.index == 17 and loaded.index_spin.value() == 17
+    assert b.index == 17 and loaded.dataset_panel.index_spin.value() == 17
     np.testing.assert_allclose(
-        loaded.composition_bars.values,
+        loaded.dataset_panel.composition_bars.values,
         np.bincount(loaded.masks_layer.data[17].ravel(), minlength=5) / (64 * 128),
     )
-    loaded.next_button.click()
+    loaded.dataset_panel.next_button.click()
     assert viewer.dims.current_step[0] == 18
-    loaded.prev_button.click()
-    loaded.prev_button.click()
+    loaded.dataset_panel.prev_button.click()
+    loaded.dataset_panel.prev_button.click()
     assert viewer.dims.current_step[0] == 16
-    loaded.index_spin.setValue(120)
+    loaded.dataset_panel.index_spin.setValue(120)
     assert viewer.dims.current_step[0] == 120 and b.index == 120
 
 
@@ -74,26 +76,26 @@ def test_class_filter_jumps_between_images_with_that_class(loaded):
     presence = class_presence(loaded.masks_layer.data)
     with_rock = np.flatnonzero(presence[:, 4])
     assert len(with_rock) >= 1
-    row = loaded.filter_combo.findData(4)
-    assert f"({len(with_rock)})" in loaded.filter_combo.itemText(row)
-    loaded.filter_combo.setCurrentIndex(row)
+    row = loaded.dataset_panel.filter_combo.findData(4)
+    assert f"({len(with_rock)})" in loaded.dataset_panel.filter_combo.itemText(row)
+    loaded.dataset_panel.filter_combo.setCurrentIndex(row)
     assert b.index == with_rock[0]
     seen = []
     for _ in range(len(with_rock)):
         seen.append(b.index)
-        loaded.next_button.click()
+        loaded.dataset_panel.next_button.click()
     assert sorted(seen) == with_rock.tolist()
     assert loaded.viewer.dims.current_step[0] == with_rock[0]  # wrapped around
 
 
 def test_duplicate_group_click_steps_through_members(loaded):
     group = list(loaded.browser.stats.duplicate_mask_groups[0])
-    item = loaded.dup_list.item(0)
-    loaded._on_group_clicked(item)
+    item = loaded.dataset_panel.dup_list.item(0)
+    loaded.dataset_panel.dup_list.itemClicked.emit(item)
     assert loaded.browser.index == group[0]
-    loaded._on_group_clicked(item)
+    loaded.dataset_panel.dup_list.itemClicked.emit(item)
     assert loaded.browser.index == group[1]
-    assert "shares its mask" in loaded.image_label.text()
+    assert "shares its mask" in loaded.dataset_panel.image_label.text()
 
 
 def test_browse_step_is_fast(loaded, qtbot):
@@ -123,8 +125,8 @@ def test_bad_file_is_a_notification_and_viewer_stays_usable(loaded, tmp_path, qt
     assert shown and "not an npz" in shown[0] and str(bad) in shown[0]
     # The previous dataset is still there and browsable.
     assert loaded.browser.loaded and len(loaded.viewer.layers) == 2
-    loaded.next_button.click()
-    assert loaded.sample_button.isEnabled()
+    loaded.dataset_panel.next_button.click()
+    assert loaded.dataset_panel.sample_button.isEnabled()
 
 
 def test_opening_a_file_replaces_the_dataset(loaded, npz_path, qtbot):
@@ -133,8 +135,8 @@ def test_opening_a_file_replaces_the_dataset(loaded, npz_path, qtbot):
     assert len(loaded.viewer.layers) == 2
     assert loaded.masks_layer.data.shape == (60, 64, 128)
     assert (
-        "mars_for_students.npz" in loaded.summary.text()
-        and "8 unlabelled test images" in loaded.summary.text()
+        "mars_for_students.npz" in loaded.dataset_panel.summary.text()
+        and "8 unlabelled test images" in loaded.dataset_panel.summary.text()
     )
 
 
@@ -142,4 +144,4 @@ def test_layers_opened_by_napari_are_adopted(widget, npz_path):
     widget.viewer.open(str(npz_path), plugin="marsviewer")
     assert widget.browser.loaded and len(widget.browser) == 60
     widget.viewer.layers.clear()
-    assert not widget.browser.loaded and not widget.browse_box.isEnabled()
+    assert not widget.browser.loaded and not widget.dataset_panel.browse_box.isEnabled()

@@ -197,6 +197,7 @@ def out_of_fold_predictions(
     cfg: TrainConfig,
     progress: Callable[[str], None] | None = None,
     extra: np.ndarray | None = None,
+    control=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted masks, max probabilities) for ``indices``, each from a model trained
     on the other folds; ``extra`` images (in no fold) are predicted by the last model."""
@@ -213,11 +214,13 @@ def out_of_fold_predictions(
         train = np.setdiff1d(order, held)
         sub = Dataset(images=dataset.images[train], masks=dataset.masks[train], source=dataset.source)
         with tempfile.TemporaryDirectory() as tmp:
-            for e in fit(sub, cfg, tmp):
+            for e in fit(sub, cfg, tmp, control=control):
                 if progress and isinstance(e, ev.Step) and e.step % 20 == 0:
                     progress(f"fold {k + 1}/{folds}: {100 * e.progress:.0f}% (loss {e.loss:.3f})")
                 if isinstance(e, ev.Failed):
                     raise RuntimeError(f"audit model of fold {k + 1} failed: {e.message}")
+                if isinstance(e, ev.Stopped):
+                    raise RuntimeError("the ranking was stopped")
             ckpt = tmp + "/checkpoints/last.pt"
             model, _ = model_from_checkpoint(load_checkpoint(ckpt))
         if k == folds - 1 and extra is not None and len(extra):
@@ -357,8 +360,12 @@ def audit(
     excluded: set[int] | frozenset = frozenset(),
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
+    control=None,
 ) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """Rank the dataset's images; returns (ranking, predictions, confidences)."""
+    """Rank the dataset's images; returns (ranking, predictions, confidences).
+
+    ``control`` (a :class:`~trainer.control.TrainControl`) reaches the out-of-fold
+    trainings: pauses, stops, and the clock their time budget is measured on."""
     if checkpoint:
         pred, conf = predictions_from_checkpoint(dataset, checkpoint)
     else:
@@ -370,5 +377,7 @@ def audit(
         train_pool = np.array([i for i in keep if i not in dupes])
         cfg = audit_config(minutes / folds, seed)
         rest = np.setdiff1d(np.arange(len(dataset)), train_pool)
-        pred, conf = out_of_fold_predictions(dataset, train_pool, folds, cfg, progress, extra=rest)
+        pred, conf = out_of_fold_predictions(
+            dataset, train_pool, folds, cfg, progress, extra=rest, control=control
+        )
     return rank(dataset.masks, pred, conf, excluded), pred, conf

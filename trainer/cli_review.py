@@ -11,18 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import CliError, add_dataset_args, load_dataset
-
-
-def open_store(dataset, path: str | None = None):
-    """The dataset's corrections store, or None when it has none yet."""
-    from .corrections import CorrectionStore, dataset_hash, existing_store_path
-
-    h = dataset_hash(dataset.images, dataset.masks)
-    target = Path(path) if path else existing_store_path(dataset.source, h)
-    if target is None or not target.exists():
-        return None
-    return CorrectionStore(target, h, len(dataset), dataset.image_shape)
+from .cli_common import CliError, add_dataset_args, load_dataset, open_store
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CLASSES
-from .cli import CliError, add_dataset_args, load_dataset
+from .cli_common import CliError, add_dataset_args, load_dataset
 from .config import PREDICT_BATCH, PRESETS, TrainConfig, build
 
 
@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     store = None
     if not args.no_corrections:
-        from .cli_review import open_store
+        from .cli_common import open_store
 
         store = open_store(dataset, None)
         if store is not None and not quiet:

@@ -8,6 +8,7 @@ resumed run goes on exactly where it was.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,13 +19,30 @@ class TrainControl:
 
     ``poll`` (optional) is called between steps; a process wrapper uses it to read
     commands from a pipe and call the methods below.
+
+    ``pause(seconds)`` holds the run between steps for that long after the call (a person
+    is browsing or painting and should have the CPU); previews are still answered while
+    paused, and paused time does not count against the run's time budget.
+
+    ``clock`` (optional) measures the time budget instead of the wall clock; the audit
+    passes a compute clock so that sharing the CPU does not shrink its models.
     """
 
     preview_indices: list[int] = field(default_factory=list)
     preview_every_s: float | None = None  # also preview between steps at this interval
     poll: Callable[[], None] | None = None
+    clock: Callable[[], float] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _preview_now: threading.Event = field(default_factory=threading.Event)
+    _paused_until: float = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Hold the run between steps until ``seconds`` from now (extends, never shortens)."""
+        self._paused_until = max(self._paused_until, time.monotonic() + max(float(seconds), 0.0))
+
+    @property
+    def paused(self) -> bool:
+        return not self._stop.is_set() and time.monotonic() < self._paused_until
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -240,3 +240,13 @@ def _store_barrier(rank: int, world: int, timeout_s: float = 300.0) -> None:
     store = dist.TCPStore(host, int(port), world, is_master=False, timeout=timedelta(seconds=timeout_s))
     store.set(f"marsviewer/finished/{rank}", "1")
     store.wait([f"marsviewer/finished/{r}" for r in range(world)])
+
+
+def compute_clock() -> float:
+    """Seconds of compute this process has had: its CPU time over its threads.
+
+    Alone on the machine it runs about as fast as the wall clock; sharing the cores
+    with another job (a training) it runs slower, so a budget measured on it buys the
+    same work whatever else is running.
+    """
+    return time.process_time() / max(torch.get_num_threads(), 1)

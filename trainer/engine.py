@@ -44,7 +44,7 @@ from .device import (
     uses_channels_last,
 )
 from .inference import confusion_on, predict_arrays, prepare_model, stratified_split, to_input
-from .losses import SegmentationLoss, frequency_class_weights
+from .losses import LossParams, SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .runs import RunDir
 from .stats import class_pixel_counts, class_presence
@@ -97,6 +97,8 @@ class _Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.budget_s = cfg.minutes * 60
         self.t0 = time.perf_counter() - self.state.elapsed_s
+        self.paused_s = 0.0  # time held by control.pause: neither run time nor budget
+        self.clock0 = control.clock() if control.clock is not None else 0.0
         self.last_preview = -math.inf
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.epoch_loss = torch.zeros((), device=device)
@@ -124,14 +126,9 @@ class _Trainer:
         weights = frequency_class_weights(
             class_pixel_counts(self.dataset.masks[self.train_idx]), cfg.background_weight, cfg.class_weighting
         )
-        self.criterion = SegmentationLoss(
-            parse_loss_spec(cfg.loss),
-            weights,
-            cfg.focal_gamma,
-            cfg.tversky_alpha,
-            cfg.tversky_beta,
-            cfg.focal_tversky_gamma,
-        ).to(device)
+        self.criterion = SegmentationLoss(parse_loss_spec(cfg.loss), weights, LossParams.from_config(cfg)).to(
+            device
+        )
         self.model = prepare_model(build_model(cfg), device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.state = RunState()
@@ -155,7 +152,16 @@ class _Trainer:
         return event
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+        return time.perf_counter() - self.t0 - self.paused_s
+
+    def used(self) -> float:
+        """What the time budget counts: the run's own time, or the control's clock."""
+        if self.control.clock is not None:
+            return self.state.elapsed_s + self.control.clock() - self.clock0
+        return self.elapsed()
+
+    def out_of_time(self) -> bool:
+        return bool(self.budget_s) and self.used() > self.budget_s
 
     def _sample_weights(self) -> torch.Tensor:
         return torch.as_tensor(oversampling_weights(self.presence[self.train_idx], self.cfg.oversample))
@@ -218,7 +224,7 @@ class _Trainer:
 
     def _progress(self) -> float:
         if self.budget_s:
-            return self.elapsed() / self.budget_s
+            return self.used() / self.budget_s
         return self.state.step / max(self.total_steps, 1)
 
     def train_step(self, idx: torch.Tensor) -> torch.Tensor:
@@ -270,6 +276,8 @@ class _Trainer:
         while st.batch < self.steps_per_epoch:
             if control.poll is not None:
                 control.poll()
+            if control.paused:
+                yield from self.hold()
             if self.peers.agree(None, control.stop_requested):
                 yield from self.stop()
                 return True
@@ -299,9 +307,20 @@ class _Trainer:
                 )
             ):
                 yield self.emit(self.preview())
-            if self.budget_s and self.elapsed() > self.budget_s:
+            if self.out_of_time():
                 break
         return False
+
+    def hold(self) -> Iterator[ev.Event]:
+        """Wait between steps while the control is paused, answering preview requests."""
+        control, t = self.control, time.perf_counter()
+        while control.paused:
+            if control.preview_indices and control.take_preview_request():
+                yield self.emit(self.preview())
+            time.sleep(0.02)
+            if control.poll is not None:
+                control.poll()
+        self.paused_s += time.perf_counter() - t
 
     # -- validation, checkpoints, previews
     def validate(self) -> Iterator[ev.Event]:
@@ -395,7 +414,7 @@ class _Trainer:
         """Validate, checkpoint, and decide whether to go on; returns the reason to end
         the run, or None."""
         cfg, st = self.cfg, self.state
-        out_of_time = bool(self.budget_s) and self.elapsed() > self.budget_s
+        out_of_time = self.out_of_time()
         last_epoch = out_of_time or (not self.budget_s and st.epoch == cfg.epochs - 1)
         stop_early = False
         if (st.epoch + 1) % cfg.val_every == 0 or last_epoch:

@@ -1,4 +1,8 @@
-"""Typed events yielded by ``fit()``: the one stream the CLI, the GUI and run directories read."""
+"""Typed events yielded by ``fit()``: the one stream the CLI, the GUI and run directories read.
+
+Child jobs other than training (prediction, the review audit) speak the same language:
+``Progress`` while they work, then one result event (``Predicted``, ``Ranked``) or ``Failed``.
+"""
 
 from __future__ import annotations
 
@@ -125,4 +129,35 @@ class Failed(Event):
     kind = "failed"
 
 
+@dataclass
+class Progress(Event):
+    """A child job's progress: ``done`` of ``total`` units, and what it is doing."""
+
+    text: str
+    done: int = 0
+    total: int = 0
+    kind = "progress"
+
+
+@dataclass
+class Predicted(Event):
+    """A prediction job's result: one mask (and entropy map) per image."""
+
+    masks: np.ndarray = field(repr=False)  # (N, H, W) uint8
+    entropy: np.ndarray | None = field(default=None, repr=False)  # (N, H, W) float16
+    kind = "predicted"
+
+
+@dataclass
+class Ranked(Event):
+    """The review audit's result: images most probably mislabelled first."""
+
+    ranking: list = field(repr=False)  # [{"index", "score", "reasons": [...]}]
+    predictions: np.ndarray | None = field(default=None, repr=False)  # (N, H, W) uint8, out of fold
+    kind = "ranked"
+
+
 TERMINAL = (Finished, Stopped, Failed)
+"""The events that end a training run."""
+JOB_END = (*TERMINAL, Predicted, Ranked)
+"""The events that end any child job."""

@@ -14,7 +14,8 @@ Each loss is a pure function plus a thin ``nn.Module`` that checks its arguments
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -179,16 +180,43 @@ def _lovasz(b: _Batch) -> torch.Tensor:
     return (torch.stack(losses) * ws).sum() / ws.sum()
 
 
+@dataclass(frozen=True)
+class LossParams:
+    """The hyper-parameters any term may read (the config's fields of the same names)."""
+
+    focal_gamma: float = 2.0
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
+    focal_tversky_gamma: float = 0.75
+
+    @classmethod
+    def from_config(cls, cfg) -> LossParams:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
+LOSSES: dict[str, Callable[[_Batch, LossParams], torch.Tensor]] = {
+    "ce": lambda b, p: _ce(b),
+    "focal": lambda b, p: _focal(b, p.focal_gamma),
+    "dice": lambda b, p: _tversky(b, 0.5, 0.5, 1.0),
+    "tversky": lambda b, p: _tversky(b, p.tversky_alpha, p.tversky_beta, 1.0),
+    "focal_tversky": lambda b, p: _tversky(b, p.tversky_alpha, p.tversky_beta, p.focal_tversky_gamma),
+    "lovasz": lambda b, p: _lovasz(b),
+}
+"""The registry: a loss's name in a config (``"ce:1,dice:1"``) to its term. Adding a loss
+is one function and one line here, plus its name in ``config.LOSS_NAMES`` (which cannot
+import torch; a test checks the two agree)."""
+
+
 class SegmentationLoss(nn.Module):
-    """A weighted sum of the losses above, e.g. ``[("ce", 1.0), ("dice", 1.0)]``.
+    """A weighted sum of registered losses, e.g. ``[("ce", 1.0), ("dice", 1.0)]``.
 
     Parameters
     ----------
     terms : sequence of (name, weight)
-        Names: ce, focal, dice, tversky, focal_tversky, lovasz.
+        Names: the keys of :data:`LOSSES`.
     class_weights : sequence of float, length C
         Per-class weights shared by every term (see the module docstring).
-    focal_gamma, tversky_alpha, tversky_beta, focal_tversky_gamma : float
+    params : LossParams
         Hyper-parameters of the focal and Tversky terms.
     """
 
@@ -196,24 +224,19 @@ class SegmentationLoss(nn.Module):
         self,
         terms: Sequence[tuple[str, float]],
         class_weights: Sequence[float],
-        focal_gamma: float = 2.0,
-        tversky_alpha: float = 0.3,
-        tversky_beta: float = 0.7,
-        focal_tversky_gamma: float = 0.75,
+        params: LossParams | None = None,
     ) -> None:
         super().__init__()
-        known = {"ce", "focal", "dice", "tversky", "focal_tversky", "lovasz"}
         for name, weight in terms:
-            if name not in known:
-                raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(known))}")
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
             if weight < 0:
                 raise ValueError(f"loss weight of {name!r} must be >= 0, got {weight}")
         if min(class_weights) < 0 or max(class_weights) <= 0:
             raise ValueError(f"class weights must be >= 0 with one positive, got {list(class_weights)}")
         self.terms = [(n, float(w)) for n, w in terms if w > 0]
         self.register_buffer("class_weights", torch.as_tensor(list(class_weights), dtype=torch.float32))
-        self.focal_gamma = focal_gamma
-        self.alpha, self.beta, self.ft_gamma = tversky_alpha, tversky_beta, focal_tversky_gamma
+        self.params = params or LossParams()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # One shared batch: softmax, log-softmax and pixel weights are computed once for
@@ -221,19 +244,7 @@ class SegmentationLoss(nn.Module):
         b = _Batch(logits, target, self.class_weights)
         total = logits.new_zeros((), dtype=torch.float32)
         for name, weight in self.terms:
-            if name == "ce":
-                value = _ce(b)
-            elif name == "focal":
-                value = _focal(b, self.focal_gamma)
-            elif name == "dice":
-                value = _tversky(b, 0.5, 0.5, 1.0)
-            elif name == "tversky":
-                value = _tversky(b, self.alpha, self.beta, 1.0)
-            elif name == "focal_tversky":
-                value = _tversky(b, self.alpha, self.beta, self.ft_gamma)
-            else:
-                value = _lovasz(b)
-            total = total + weight * value
+            total = total + weight * LOSSES[name](b, self.params)
         return total
 
 

@@ -1,12 +1,13 @@
-"""Training in a separate OS process, driven through a pipe.
+"""Training, prediction and the review audit in separate OS processes, driven through pipes.
 
 Why a process and not a thread: a training loop in a thread of the GUI's process holds
 the GIL between kernels and made napari stutter (p99 browse step 185 ms, worst 406 ms,
 against 69 ms idle); the same loop in a process at lowered priority left browsing
 unchanged. GPU memory is also only returned when a process ends.
 
-The parent sends commands (``("stop",)``, ``("preview", [indices])``) and reads events
-without blocking (:meth:`TrainingProcess.events`). The child checks its parent between
+Every job (training, prediction, the review audit) runs through one wrapper: the parent
+sends commands (``("stop",)``, ``("preview", [indices])``, ``("pause", seconds)``) and
+reads typed events without blocking (:meth:`ChildJob.events`). The child checks its parent between
 steps and stops when the parent is gone, so closing (or killing) the GUI leaves no
 orphan behind. Only this module's plain functions run in the child: no Qt, no napari.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +62,25 @@ class DatasetSpec:
         return open_dataset(self.path, mask_mapping=self.mask_mapping, size=self.size)
 
 
+SUSPENDABLE = sys.platform.startswith("linux")
+"""Children may be suspended (SIGSTOP) only where the kernel wakes them when the parent
+dies (PR_SET_PDEATHSIG), so that a GUI killed mid-browse leaves no frozen orphan."""
+
+
+def _wake_when_parent_dies() -> None:
+    """Linux: SIGCONT when the parent dies, so a suspended child resumes, sees its parent
+    gone and stops gracefully (saving a checkpoint) instead of staying frozen."""
+    if not SUSPENDABLE:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGCONT))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _lower_priority() -> None:
     """Make the child yield the CPU to the GUI: SCHED_IDLE where Linux offers it (runs
     only on otherwise idle cores), plus a high nice value everywhere else."""
@@ -73,40 +95,47 @@ def _lower_priority() -> None:
             pass
 
 
-def _child_train(
-    conn, spec: DatasetSpec, cfg_dict: dict, run_dir: str | None, resume: str | None, preview: dict
-) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the GUI's terminal is the GUI's
-    _lower_priority()
+class JobStopped(Exception):
+    """A child job was asked to stop before it had a result."""
+
+
+def _commands(conn, control) -> None:
+    """Read the parent's commands into ``control``; a vanished parent means stop."""
     parent = os.getppid()
+
+    def poll() -> None:
+        if os.getppid() != parent:  # the GUI is gone
+            control.request_stop()
+        while conn.poll():
+            command = conn.recv()
+            if command[0] == "stop":
+                control.request_stop()
+            elif command[0] == "preview":
+                control.request_preview(command[1])
+            elif command[0] == "pause":
+                control.pause(command[1])
+
+    control.poll = poll
+
+
+def _serve(conn, job, args: tuple, preview: dict) -> None:
+    """The one body of every child: lower priority, take commands, run the job with an
+    ``emit`` that sends its events, and turn any exception into a ``Failed`` event with a
+    message for people."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the GUI's terminal is the GUI's
+    _wake_when_parent_dies()
+    _lower_priority()
     try:
-        from .config import from_dict
-        from .engine import TrainControl, fit
+        from .control import TrainControl
 
         control = TrainControl(
             preview_indices=list(preview.get("indices", [])), preview_every_s=preview.get("every_s")
         )
-
-        def poll() -> None:
-            if os.getppid() != parent:  # the GUI is gone
-                control.request_stop()
-            while conn.poll():
-                command = conn.recv()
-                if command[0] == "stop":
-                    control.request_stop()
-                elif command[0] == "preview":
-                    control.request_preview(command[1])
-
-        control.poll = poll
-        cfg = from_dict(cfg_dict)
-        dataset = spec.load()
-        store = spec.open_corrections(dataset)
-        for event in fit(dataset, cfg, run_dir, control=control, resume=resume, corrections=store):
-            conn.send(event)
+        _commands(conn, control)
+        job(control, conn.send, *args)
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent as an event
         message = str(exc) if str(exc) else type(exc).__name__
-        known = ("DatasetError", "ConfigError", "CheckpointError", "DeviceError", "RunDirError")
-        if type(exc).__name__ not in known:
+        if type(exc).__name__ not in KNOWN_ERRORS:
             message = f"{type(exc).__name__}: {message}\n{traceback.format_exc(limit=6)}"
         try:
             conn.send(ev.Failed(message))
@@ -116,55 +145,68 @@ def _child_train(
         conn.close()
 
 
-def _child_predict(conn, spec: DatasetSpec, checkpoint: str, device: str, batch_size: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _lower_priority()
-    try:
-        from .checkpoint import load_checkpoint, model_from_checkpoint
-        from .device import resolve_device
-        from .inference import predict_arrays
-
-        dev = resolve_device(device)
-        model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-        model = model.to(dev)
-        dataset = spec.load()
-
-        def progress(done: int, total: int) -> None:
-            conn.send(("progress", done, total))
-
-        out = predict_arrays(model, dataset.images, batch_size, dev, with_entropy=True, progress=progress)
-        conn.send(("result", out["masks"], out["entropy"]))
-    except BaseException as exc:  # noqa: BLE001
-        conn.send(("error", str(exc) or type(exc).__name__))
-    finally:
-        conn.close()
+KNOWN_ERRORS = ("DatasetError", "ConfigError", "CheckpointError", "DeviceError", "RunDirError", "JobStopped")
+"""Errors whose message is for people as it is; any other also gets its traceback."""
 
 
-def child_audit(conn, images, masks, excluded, minutes: float, folds: int) -> None:
-    """Runs in a child process: the audit, with progress messages, then the ranking and
-    the out-of-fold predicted masks."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _lower_priority()
-    try:
-        from .audit import audit
-        from .dataset import Dataset
-
-        ds = Dataset(images=images, masks=masks, source="review")
-        ranking, pred, _ = audit(
-            ds,
-            folds=folds,
-            minutes=minutes,
-            excluded=set(excluded),
-            progress=lambda t: conn.send(("progress", t)),
-        )
-        conn.send(("result", ranking, pred))
-    except BaseException as exc:  # noqa: BLE001 - reported to the GUI
-        conn.send(("error", str(exc) or type(exc).__name__))
-    finally:
-        conn.close()
+def wait_while_paused(control) -> None:
+    """For jobs without steps of their own: honour pause and stop between batches."""
+    control.poll()
+    while control.paused:
+        time.sleep(0.02)
+        control.poll()
+    if control.stop_requested:
+        raise JobStopped("stopped before it finished")
 
 
-class _Child:
+def train_job(
+    control, emit, spec: DatasetSpec, cfg_dict: dict, run_dir: str | None, resume: str | None
+) -> None:
+    from .config import from_dict
+    from .engine import fit
+
+    dataset = spec.load()
+    store = spec.open_corrections(dataset)
+    for event in fit(
+        dataset, from_dict(cfg_dict), run_dir, control=control, resume=resume, corrections=store
+    ):
+        emit(event)
+
+
+def predict_job(control, emit, spec: DatasetSpec, checkpoint: str, device: str, batch_size: int) -> None:
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .device import resolve_device
+    from .inference import predict_arrays
+
+    dev = resolve_device(device)
+    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    dataset = spec.load()
+
+    def progress(done: int, total: int) -> None:
+        emit(ev.Progress(f"predicting {done}/{total}", done, total))
+        wait_while_paused(control)
+
+    out = predict_arrays(model.to(dev), dataset.images, batch_size, dev, with_entropy=True, progress=progress)
+    emit(ev.Predicted(out["masks"], out["entropy"]))
+
+
+def audit_job(control, emit, images, masks, excluded, minutes: float, folds: int) -> None:
+    """The review audit with a compute budget: ``minutes`` of this process's CPU time
+    (over its threads), so sharing the CPU with a training does not shrink its models."""
+    from .audit import audit
+    from .dataset import Dataset
+    from .device import compute_clock
+
+    control.clock = compute_clock
+    ds = Dataset(images=images, masks=masks, source="review")
+    ranking, pred, _ = audit(
+        ds, folds=folds, minutes=minutes, excluded=set(excluded),
+        progress=lambda text: emit(ev.Progress(text)), control=control,
+    )  # fmt: skip
+    emit(ev.Ranked(ranking, pred))
+
+
+class _Spawned:
     """A spawned child with one end of a pipe; never blocks the caller."""
 
     def __init__(self, target, *args: Any) -> None:
@@ -236,12 +278,90 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class TrainingProcess:
-    """One training run in a child process.
+class ChildJob:
+    """A job in a spawned child process, seen from the parent.
 
-    ``events()`` returns the events that arrived since the last call. When the child
-    dies without a terminal event (killed, crashed), a synthetic ``Failed`` event says so.
+    ``events()`` returns the typed events that arrived since the last call and never
+    waits. When the child dies without a final event (killed, crashed), a synthetic
+    ``Failed`` event says how. ``pause(seconds)`` holds the job between steps;
+    ``stop()`` asks it to end (training saves a checkpoint first).
     """
+
+    what = "job"
+
+    def __init__(self, job, *args: Any, preview: dict | None = None) -> None:
+        self.child = _Spawned(_serve, job, args, preview or {})
+        self.suspended = False
+        self.finished = False
+        self.last_checkpoint: str | None = None
+
+    def events(self) -> list[ev.Event]:
+        dead = not self.child.alive  # read before draining, so nothing sent is missed
+        out = self.child.receive(limit=10**6 if dead else 200)
+        for e in out:
+            if isinstance(e, ev.Checkpoint):
+                self.last_checkpoint = e.path
+            if isinstance(e, ev.JOB_END):
+                self.finished = True
+        if not self.finished and dead:
+            self.finished = True
+            out.append(
+                ev.Failed(
+                    f"The {self.what} process {describe_exit(self.child.exitcode)} before finishing.",
+                    last_good_checkpoint=self.last_checkpoint,
+                )
+            )
+        return out
+
+    @property
+    def running(self) -> bool:
+        return not self.finished
+
+    def pause(self, seconds: float) -> None:
+        """Hold the job between its steps for ``seconds`` (it goes on by itself)."""
+        self.child.send("pause", float(seconds))
+
+    def hold(self, seconds: float) -> None:
+        """Give the CPU back now, for a person at the screen: suspend the child at once
+        where that is safe (Linux, where a suspended child still wakes when its parent
+        dies), else pause it at its next step for ``seconds``. ``release()`` ends it."""
+        if SUSPENDABLE and self.child.alive:
+            if not self.suspended:
+                try:
+                    os.kill(self.child.process.pid, signal.SIGSTOP)
+                    self.suspended = True
+                except OSError:
+                    pass
+        else:
+            self.pause(seconds)
+
+    def release(self) -> None:
+        if self.suspended:
+            self.suspended = False
+            try:
+                os.kill(self.child.process.pid, signal.SIGCONT)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.release()
+        self.child.send("stop")
+
+    def kill(self) -> None:
+        self.child.kill()  # SIGKILL ends a suspended child too
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop gracefully, wait up to ``timeout`` seconds, then kill."""
+        if self.child.alive:
+            self.stop()
+            self.child.join(timeout)
+        self.child.kill()
+
+
+class TrainingProcess(ChildJob):
+    """One training run: ``fit()``'s events (Started ... Finished, Stopped or Failed)."""
+
+    what = "training"
 
     def __init__(
         self,
@@ -253,69 +373,31 @@ class TrainingProcess:
         preview_every_s: float | None = 3.0,
     ) -> None:
         preview = {"indices": list(preview_indices or []), "every_s": preview_every_s}
+        super().__init__(train_job, spec, cfg.to_dict(), run_dir, resume, preview=preview)
         self.run_dir = run_dir
-        self.child = _Child(_child_train, spec, cfg.to_dict(), run_dir, resume, preview)
-        self.finished = False
-        self.last_checkpoint: str | None = None
-
-    def stop(self) -> None:
-        """Ask for a graceful stop: the run saves a checkpoint and sends ``Stopped``."""
-        self.child.send("stop")
 
     def request_preview(self, indices: list[int]) -> None:
         self.child.send("preview", [int(i) for i in indices])
 
-    def events(self) -> list[ev.Event]:
-        dead = not self.child.alive  # read before draining, so nothing sent is missed
-        out = self.child.receive(limit=10**6 if dead else 200)
-        for e in out:
-            if isinstance(e, ev.Checkpoint):
-                self.last_checkpoint = e.path
-            if isinstance(e, ev.TERMINAL):
-                self.finished = True
-        if not self.finished and dead:
-            self.finished = True
-            out.append(
-                ev.Failed(
-                    f"The training process {describe_exit(self.child.exitcode)} before finishing.",
-                    last_good_checkpoint=self.last_checkpoint,
-                )
-            )
-        return out
 
-    @property
-    def running(self) -> bool:
-        return not self.finished
+class PredictionProcess(ChildJob):
+    """Predict a whole dataset from a checkpoint: ``Progress`` events, then ``Predicted``."""
 
-    def kill(self) -> None:
-        self.child.kill()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop gracefully, wait up to ``timeout`` seconds, then kill."""
-        if self.child.alive:
-            self.stop()
-            self.child.join(timeout)
-        self.child.kill()
-
-
-class PredictionProcess:
-    """Predict a whole dataset from a checkpoint in a child process."""
+    what = "prediction"
 
     def __init__(
         self, spec: DatasetSpec, checkpoint: str, device: str = "auto", batch_size: int = 64
     ) -> None:
-        self.child = _Child(_child_predict, spec, checkpoint, device, batch_size)
-        self.finished = False
+        super().__init__(predict_job, spec, checkpoint, device, batch_size)
 
-    def messages(self) -> list[tuple]:
-        dead = not self.child.alive
-        out = self.child.receive(limit=10**6 if dead else 200)
-        if any(m[0] in ("result", "error") for m in out):
-            self.finished = True
-        elif not self.finished and dead:
-            self.finished = True
-            out.append(("error", f"The prediction process {describe_exit(self.child.exitcode)}."))
-        return out
 
-    def kill(self) -> None:
-        self.child.kill()
+class AuditProcess(ChildJob):
+    """Rank masks that are probably wrong: ``Progress`` events, then ``Ranked``.
+    ``minutes`` is a budget of compute, not of wall-clock time."""
+
+    what = "ranking"
+
+    def __init__(
+        self, images: np.ndarray, masks: np.ndarray, excluded, minutes: float, folds: int = 3
+    ) -> None:
+        super().__init__(audit_job, images, masks, sorted(excluded), minutes, folds)

@@ -22,7 +22,9 @@ def _as_dict(event) -> dict:
 
 
 @dataclass
-class RunHistory:
+class RunRecord:
+    """One training run as the GUI shows it, built from its events."""
+
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)

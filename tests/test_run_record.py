@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from marsviewer._history import RunFollower, RunHistory
+from marsviewer._run_record import RunFollower, RunRecord
 from trainer.metrics import per_image_miou
 
 
 def test_history_from_event_dicts():
-    h = RunHistory()
+    h = RunRecord()
     h.apply(
         {
             "kind": "started",

@@ -1,0 +1,190 @@
+"""The Dataset tab: open a dataset, browse it, its class balance and duplicate masks.
+Every action is one call into the session's ``DatasetBrowser``; the opening buttons call
+back into the main widget, which reads files in a worker thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from trainer.classes import CLASSES
+
+from ._bars import ClassBars
+from ._browser import DatasetBrowser
+
+EMPTY_TEXT = (
+    "No dataset yet. Open a competition .npz, a folder of image/mask pairs, "
+    "or the built-in synthetic Mars sample."
+)
+
+
+class DatasetPanel(QWidget):
+    def __init__(self, browser: DatasetBrowser, open_file, open_folder, open_sample, parent=None) -> None:
+        super().__init__(parent)
+        self.browser = browser
+        self._build(open_file, open_folder, open_sample)
+        browser.dataset_changed.connect(self._on_dataset_changed)
+        browser.index_changed.connect(self._on_index_changed)
+        self._on_dataset_changed()
+
+    def _build(self, open_file, open_folder, open_sample) -> None:
+        root = QVBoxLayout(self)
+        box = QGroupBox("Dataset")
+        lay = QVBoxLayout(box)
+        self.summary = QLabel(EMPTY_TEXT)
+        self.summary.setWordWrap(True)
+        lay.addWidget(self.summary)
+        row = QHBoxLayout()
+        self.open_file_button = QPushButton("Open .npz…")
+        self.open_folder_button = QPushButton("Open folder…")
+        self.sample_button = QPushButton("Synthetic sample")
+        for b, action in ((self.open_file_button, open_file), (self.open_folder_button, open_folder),
+                          (self.sample_button, open_sample)):  # fmt: skip
+            row.addWidget(b)
+            b.clicked.connect(lambda *_, a=action: a())
+        lay.addLayout(row)
+        root.addWidget(box)
+        root.addWidget(self._build_browse())
+
+        self.balance_box = QGroupBox("Class balance (whole dataset)")
+        lay = QVBoxLayout(self.balance_box)
+        self.share_bars = ClassBars("Pixel share")
+        self.presence_bars = ClassBars("Images containing the class")
+        lay.addWidget(self.share_bars)
+        lay.addWidget(self.presence_bars)
+        root.addWidget(self.balance_box)
+
+        self.dup_box = QGroupBox("Duplicate masks")
+        lay = QVBoxLayout(self.dup_box)
+        self.dup_hint = QLabel("")
+        self.dup_hint.setWordWrap(True)
+        lay.addWidget(self.dup_hint)
+        self.dup_list = QListWidget()
+        self.dup_list.setMaximumHeight(110)
+        self.dup_list.itemClicked.connect(lambda item: self.browser.visit_group(item.data(256)))
+        lay.addWidget(self.dup_list)
+        root.addWidget(self.dup_box)
+        root.addStretch(1)
+
+    def _build_browse(self) -> QGroupBox:
+        self.browse_box = QGroupBox("Browse")
+        lay = QVBoxLayout(self.browse_box)
+        row = QHBoxLayout()
+        self.prev_button = QPushButton("◀ Prev")
+        self.index_spin = QSpinBox()
+        self.index_spin.setKeyboardTracking(False)
+        self.count_label = QLabel("of 0")
+        self.next_button = QPushButton("Next ▶")
+        for w in (self.prev_button, self.index_spin, self.count_label, self.next_button):
+            row.addWidget(w)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Show"))
+        self.filter_combo = QComboBox()
+        row.addWidget(self.filter_combo, 1)
+        lay.addLayout(row)
+        self.image_label = QLabel("")
+        self.image_label.setWordWrap(True)
+        lay.addWidget(self.image_label)
+        self.composition_bars = ClassBars("This image (pixel share)")
+        lay.addWidget(self.composition_bars)
+        self.prev_button.clicked.connect(lambda: self.browser.step(-1))
+        self.next_button.clicked.connect(lambda: self.browser.step(+1))
+        self.index_spin.valueChanged.connect(self.browser.set_index)
+        self.filter_combo.currentIndexChanged.connect(
+            lambda _row: self.browser.set_filter(self.filter_combo.currentData())
+        )
+        return self.browse_box
+
+    def set_loading(self, text: str | None) -> None:
+        """Opening a dataset (``text`` says what), or done (None)."""
+        for b in (self.open_file_button, self.open_folder_button, self.sample_button):
+            b.setEnabled(text is None)
+        if text is not None:
+            self.summary.setText(text)
+
+    # -- redrawing ---------------------------------------------------------------
+    def _on_dataset_changed(self) -> None:
+        b = self.browser
+        loaded = b.loaded and b.stats is not None
+        for box in (self.browse_box, self.balance_box, self.dup_box):
+            box.setEnabled(loaded)
+        self.filter_combo.blockSignals(True)
+        self.filter_combo.clear()
+        self.dup_list.clear()
+        if not loaded:
+            self.summary.setText(EMPTY_TEXT)
+            self.filter_combo.blockSignals(False)
+            return
+        n = len(b)
+        h, w = b.masks.shape[1:]
+        test = f", {b.n_test} unlabelled test images (not shown)" if b.n_test else ""
+        self.summary.setText(f"<b>{source_title(b.source)}</b>: {n} images of {h}x{w}{test}")
+        self.index_spin.blockSignals(True)
+        self.index_spin.setRange(0, n - 1)
+        self.index_spin.setValue(b.index)
+        self.index_spin.blockSignals(False)
+        self.count_label.setText(f"of {n - 1}")
+        self.filter_combo.addItem(f"All images ({n})", None)
+        for c in CLASSES:
+            self.filter_combo.addItem(f"Images with {c.name} ({int(b.presence[:, c.id].sum())})", c.id)
+        self.filter_combo.blockSignals(False)
+        classes = b.stats.classes
+        self.share_bars.set_values([c.share for c in classes], [percent(c.share) for c in classes])
+        self.presence_bars.set_values(
+            [c.images for c in classes], [f"{c.images} ({100 * c.images / max(n, 1):.0f}%)" for c in classes]
+        )
+        groups = b.stats.duplicate_mask_groups
+        self.dup_hint.setText(
+            f"{len(groups)} group(s) of images share an identical mask: often pasted-in "
+            "outliers or copied labels. Click a group to step through it."
+            if groups
+            else "No two images have identical masks."
+        )
+        for g in groups:
+            shown = ", ".join(map(str, g[:8])) + (", …" if len(g) > 8 else "")
+            item = QListWidgetItem(f"{len(g)} images: {shown}")
+            item.setData(256, list(g))  # Qt.UserRole
+            self.dup_list.addItem(item)
+        self._on_index_changed(b.index)
+
+    def _on_index_changed(self, index: int) -> None:
+        b = self.browser
+        if not b.loaded:
+            return
+        self.index_spin.blockSignals(True)
+        self.index_spin.setValue(index)
+        self.index_spin.blockSignals(False)
+        comp = b.composition(index)
+        self.composition_bars.set_values(comp, [percent(v) for v in comp])
+        name = b.names[index] if index < len(b.names) else str(index)
+        group = b.group_of(index)
+        extra = f" · shares its mask with {len(group) - 1} other image(s)" if group else ""
+        self.image_label.setText(f"Image {index} ({name}){extra}")
+
+
+def source_title(source: str) -> str:
+    if source.startswith("synthetic:"):
+        parts = source.split(":")
+        return f"Synthetic Mars sample (seed {parts[2]})" if len(parts) > 2 else "Synthetic Mars sample"
+    return Path(source).name or source
+
+
+def percent(share: float) -> str:
+    if share == 0:
+        return "0%"
+    if share < 0.001:
+        return "<0.1%"
+    return f"{100 * share:.1f}%" if share < 0.1 else f"{100 * share:.0f}%"

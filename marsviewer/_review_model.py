@@ -1,0 +1,328 @@
+"""Qt-free review state: corrections saved with history, exclusions, and the review queue.
+
+``ReviewModel`` edits the masks array the viewer shows (napari paints into the same
+array) and keeps the corrections store in step with it. Panels call its methods and
+redraw on its signals; tests drive it without Qt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from psygnal import Signal
+
+from trainer import events as ev
+from trainer.audit import describe_reason, move_mask, rank
+from trainer.corrections import CorrectionsError, CorrectionStore, dataset_hash, default_store_path
+
+CHANGED = "changed pixels"
+DISAGREEMENT = "model disagrees"
+QUEUE_MIN_SCORE = 0.05
+QUEUE_MAX = 500
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One image of the review queue and why it is there."""
+
+    index: int
+    score: float
+    text: str  # the headline reason, e.g. "misaligned (move 12 px left)"
+    group: tuple[int, ...] | None = None  # its duplicate-mask group, if any
+    move: tuple[int, int] | None = None  # (dy, dx) the model suggests, if misaligned
+
+    @classmethod
+    def from_ranking(cls, entry: dict) -> QueueEntry:
+        reasons = entry["reasons"]
+        group = next((tuple(r["group"]) for r in reasons if "group" in r), None)
+        move = next(((r["shift_y"], r["shift_x"]) for r in reasons if r["kind"] == "misaligned"), None)
+        return cls(int(entry["index"]), float(entry["score"]), describe_reason(reasons[0]), group, move)
+
+    @property
+    def label(self) -> str:
+        return f"image {self.index:>5} · {self.score:.2f} · {self.text}"
+
+
+@dataclass(frozen=True)
+class ImageReview:
+    """What the Review tab says about one image."""
+
+    index: int
+    edited: bool
+    excluded: bool
+    unsaved: bool
+    changed_pixels: int
+    history: tuple[str, ...]  # one line per store entry, the current one marked
+
+    @property
+    def summary(self) -> str:
+        bits = [f"Image {self.index}", "edited" if self.edited else "original mask"]
+        if self.excluded:
+            bits.append("EXCLUDED from training")
+        if self.unsaved:
+            bits.append("unsaved changes")
+        return " · ".join(bits) + f" · {self.changed_pixels} pixel(s) differ from the original"
+
+
+class ReviewModel:
+    """Corrections and the review queue of one dataset.
+
+    Signals
+    -------
+    image_changed(ImageReview)  the current image's review state changed
+    masks_changed(list)         these rows of the masks array were rewritten
+    overlay_changed(str, int)   an overlay (CHANGED or DISAGREEMENT) changed at an image
+    queue_changed()             the review queue was re-ranked
+    audit_progress(str)         the ranking job says where it is
+    audit_done(bool)            the ranking job ended (True: with a result)
+    saved(int)                  an image's mask was saved
+    notify(str, str)            a message for the person (text, "info" or "error")
+    """
+
+    image_changed = Signal(object)
+    masks_changed = Signal(list)
+    overlay_changed = Signal(str, int)
+    queue_changed = Signal()
+    audit_progress = Signal(str)
+    audit_done = Signal(bool)
+    saved = Signal(int)
+    notify = Signal(str, str)
+
+    def __init__(self, browser) -> None:
+        self.browser = browser
+        self.store: CorrectionStore | None = None
+        self.masks: np.ndarray | None = None  # the live array the viewer paints into
+        self.images: np.ndarray | None = None
+        self.original_masks: np.ndarray | None = None
+        self.content_hash = ""
+        self.autosave = False
+        self.queue: list[QueueEntry] = []
+        self.audit_masks: np.ndarray | None = None  # out-of-fold predictions of the last audit
+        self.changed: np.ndarray | None = None  # overlay arrays, created on first use
+        self.disagreement: np.ndarray | None = None
+        self.auditor = None
+        self._shown = 0
+        browser.index_changed.connect(self._on_index)
+
+    # -- the dataset -------------------------------------------------------------
+    def attach(self, images: np.ndarray, masks: np.ndarray, source: str) -> None:
+        """Open (or create) the dataset's store and apply its corrections to ``masks``."""
+        self.detach()
+        self.images, self.masks = images, masks
+        self.original_masks = np.array(masks, dtype=np.uint8, copy=True)
+        self.content_hash = dataset_hash(np.asarray(images), self.original_masks)
+        self.changed = self.disagreement = self.audit_masks = None
+        try:
+            path = default_store_path(source, self.content_hash)
+            self.store = CorrectionStore(path, self.content_hash, len(masks), masks.shape[1:])
+        except (CorrectionsError, OSError) as exc:
+            self.store = None
+            self.notify.emit(f"Corrections are off for this dataset: {exc}", "error")
+            return
+        edited, excluded = self.store.snapshot()
+        for i, m in edited.items():
+            masks[i] = m
+        if edited:
+            self.masks_changed.emit(sorted(edited))
+        self.rerank()
+        self._shown = self.browser.index
+        self._emit_state(self.browser.index)
+        if edited or excluded:
+            self.notify.emit(
+                f"Applied {len(edited)} saved correction(s); {len(excluded)} image(s) excluded ({path}).",
+                "info",
+            )
+
+    def detach(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.store = None
+        self.masks = self.original_masks = None
+        self.queue = []
+
+    @property
+    def active(self) -> bool:
+        return self.store is not None and self.masks is not None
+
+    def excluded(self) -> set[int]:
+        return self.store.excluded() if self.store is not None else set()
+
+    # -- one image ---------------------------------------------------------------
+    def _effective(self, i: int) -> np.ndarray:
+        return self.store.effective_mask(i, self.original_masks[i])
+
+    def has_unsaved_edits(self, i: int) -> bool:
+        return self.active and not np.array_equal(self.masks[i], self._effective(i))
+
+    def state_of(self, i: int) -> ImageReview:
+        mask, excluded = self.store.state(i)
+        history = tuple(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.time))}  {e.action}"
+            f"{'  ' + e.note if e.note else ''}{'  ◀' if e.current else ''}"
+            for e in self.store.history(i)
+        )
+        changed = int((self.masks[i] != self.original_masks[i]).sum())
+        return ImageReview(i, mask is not None, excluded, self.has_unsaved_edits(i), changed, history)
+
+    def save(self, i: int | None = None, note: str = "") -> bool:
+        if not self.active:
+            return False
+        i = self.browser.index if i is None else i
+        mask = np.asarray(self.masks[i], dtype=np.uint8)
+        if mask.max(initial=0) > 4:
+            self.notify.emit(
+                f"Image {i}: label {int(mask.max())} is not a class (0..4); fix it before saving.", "error"
+            )
+            return False
+        self.store.save_mask(i, mask, note)
+        self._emit_state(i)
+        self.saved.emit(i)
+        return True
+
+    def _rewrite(self, i: int) -> None:
+        self.masks[i] = self._effective(i)
+        self.masks_changed.emit([i])
+        self._emit_state(i)
+
+    def undo(self) -> None:
+        i = self.browser.index
+        if self.active and self.store.undo(i):
+            self._rewrite(i)
+
+    def redo(self) -> None:
+        i = self.browser.index
+        if self.active and self.store.redo(i):
+            self._rewrite(i)
+
+    def restore(self) -> None:
+        if self.active:
+            self.store.restore(self.browser.index)
+            self._rewrite(self.browser.index)
+
+    def toggle_exclude(self) -> None:
+        i = self.browser.index
+        if not self.active:
+            return
+        if self.store.is_excluded(i):
+            self.store.include(i)
+        else:
+            self.store.exclude(i)
+        self._emit_state(i)
+
+    def mask_edited(self) -> None:
+        """The person painted on the current image (napari wrote into ``masks``)."""
+        if self.active:
+            self._emit_state(self.browser.index)
+
+    # -- the queue -----------------------------------------------------------------
+    def rerank(self, ranking: list[dict] | None = None) -> None:
+        """Rank by duplicate masks now (or take an audit's ranking) and refill the queue."""
+        if ranking is None:
+            ranking = rank(np.asarray(self.masks, dtype=np.uint8), None, None, self.excluded())
+        shown = [r for r in ranking if r["score"] > QUEUE_MIN_SCORE][:QUEUE_MAX]
+        self.queue = [QueueEntry.from_ranking(r) for r in shown]
+        self.queue_changed.emit()
+
+    def go_to(self, entry: QueueEntry) -> None:
+        self.browser.set_index(entry.index)
+        if self.audit_masks is not None:
+            self.disagreement = _overlay(self.disagreement, self.masks.shape)
+            self.disagreement[entry.index] = self.audit_masks[entry.index] != self.masks[entry.index]
+            self.overlay_changed.emit(DISAGREEMENT, entry.index)
+
+    def exclude_group(self, entry: QueueEntry | None) -> None:
+        if entry is None or not self.active:
+            return
+        if entry.group is None:
+            self.notify.emit("This entry is not part of a duplicate-mask group.", "info")
+            return
+        self.store.exclude_many(entry.group, note="duplicate-mask group")
+        self.notify.emit(f"Excluded {len(entry.group)} images from training.", "info")
+        self._emit_state(self.browser.index)
+
+    def apply_move(self, entry: QueueEntry | None) -> None:
+        """Move the entry's mask as its "misaligned" reason suggests: an unsaved edit,
+        to be checked and saved like any other."""
+        if entry is None or not self.active:
+            return
+        if entry.move is None:
+            self.notify.emit("The model does not suggest moving this mask.", "info")
+            return
+        i = entry.index
+        self.browser.set_index(i)
+        self.masks[i] = move_mask(np.asarray(self.masks[i]), *entry.move)
+        self.masks_changed.emit([i])
+        self._emit_state(i)
+
+    # -- the audit job -------------------------------------------------------------
+    def start_audit(self, minutes: float, folds: int = 3):
+        from trainer.process import AuditProcess
+
+        if not self.active or self.auditor is not None:
+            return None
+        masks = np.asarray(self.masks, dtype=np.uint8).copy()
+        self.auditor = AuditProcess(
+            np.asarray(self.images, dtype=np.uint8), masks, self.excluded(), minutes, folds
+        )
+        self.audit_progress.emit(f"Training {folds} out-of-fold models ({minutes:g} min of compute)…")
+        return self.auditor
+
+    def poll(self) -> None:
+        if self.auditor is None:
+            return
+        for e in self.auditor.events():
+            if isinstance(e, ev.Progress):
+                self.audit_progress.emit(e.text)
+            elif isinstance(e, ev.Ranked):
+                self.audit_masks = e.predictions
+                self.rerank(e.ranking)
+                self.audit_progress.emit(
+                    f"Ranked {len(e.ranking)} images. Click an entry to see it; pink = the model disagrees."
+                )
+                self._end_audit(True)
+                return
+            elif isinstance(e, ev.Failed):
+                self.audit_progress.emit(f"Ranking failed: {e.message}")
+                self.notify.emit(f"Ranking failed: {e.message.splitlines()[0]}", "error")
+                self._end_audit(False)
+                return
+
+    def _end_audit(self, ok: bool) -> None:
+        self.auditor = None
+        self.audit_done.emit(ok)
+
+    def jobs(self) -> list:
+        return [self.auditor] if self.auditor is not None else []
+
+    def shutdown(self) -> None:
+        if self.auditor is not None:
+            self.auditor.kill()
+            self.auditor = None
+        self.detach()
+
+    # -- following the browser -------------------------------------------------------
+    def _on_index(self, i: int) -> None:
+        previous, self._shown = self._shown, i
+        if not self.active:
+            return
+        if self.autosave and previous != i and 0 <= previous < len(self.masks):
+            if self.has_unsaved_edits(previous):
+                self.save(previous, note="autosave")
+        self._emit_state(i)
+
+    def _emit_state(self, i: int) -> None:
+        state = self.state_of(i)
+        if state.changed_pixels or self.changed is not None:
+            self.changed = _overlay(self.changed, self.masks.shape)
+            self.changed[i] = self.masks[i] != self.original_masks[i]
+            self.overlay_changed.emit(CHANGED, i)
+        self.image_changed.emit(state)
+
+
+def _overlay(array: np.ndarray | None, shape: tuple) -> np.ndarray:
+    """An overlay array of ``shape``: the one given if it fits, else a new zero one."""
+    if array is None or array.shape != shape:
+        return np.zeros(shape, np.uint8)
+    return array

@@ -1,0 +1,210 @@
+"""The Train tab: configuration, start/stop/resume/open a run, curves, per-class IoU,
+prediction of the whole dataset. Every action is one call into ``session.training``;
+every redraw follows one of its signals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from trainer.classes import CLASSES, METRIC_CLASSES
+
+from ._curves import CurvePlot
+from ._form import ConfigForm
+from ._training_model import TrainingModel
+
+
+class TrainingPanel(QWidget):
+    def __init__(self, model: TrainingModel, parent=None) -> None:
+        super().__init__(parent)
+        self.model = model
+        self._build()
+        model.record_changed.connect(self._redraw)
+        model.status.connect(self._show_message)
+        model.busy_changed.connect(self._update_buttons)
+        model.predicted.connect(self._after_prediction)
+        self._update_buttons()
+
+    # -- construction ----------------------------------------------------------
+    def _build(self) -> None:
+        root = QVBoxLayout(self)
+        self.config_box = box = QGroupBox("Configuration")
+        lay = QVBoxLayout(box)
+        self.form = ConfigForm()
+        lay.addWidget(self.form)
+        root.addWidget(box)
+
+        row = QHBoxLayout()
+        self.start_button = QPushButton("Start")
+        self.stop_button = QPushButton("Stop")
+        self.resume_button = QPushButton("Resume…")
+        self.attach_button = QPushButton("Open run…")
+        for b in (self.start_button, self.stop_button, self.resume_button, self.attach_button):
+            row.addWidget(b)
+        root.addLayout(row)
+        self.start_button.clicked.connect(lambda: self.start())
+        self.stop_button.clicked.connect(self.model.stop)
+        self.resume_button.clicked.connect(self._ask_resume)
+        self.attach_button.clicked.connect(self._ask_attach)
+
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setFormat("idle")
+        root.addWidget(self.progress)
+        self.status = QLabel("Not training.")
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+
+        self.loss_plot = CurvePlot("training loss")
+        self.iou_plot = CurvePlot("validation IoU", y_range=(0.0, 1.0))
+        root.addWidget(self.loss_plot)
+        root.addWidget(self.iou_plot)
+        root.addWidget(self._build_iou_table())
+        self.uncertainty_check = QCheckBox("show uncertainty (per-pixel entropy)")
+        root.addWidget(self.uncertainty_check)
+        root.addWidget(self._build_after_training())
+        root.addStretch(1)
+
+    def _build_iou_table(self) -> QTableWidget:
+        table = self.iou_table = QTableWidget(len(CLASSES) + 2, 2)
+        table.setHorizontalHeaderLabels(["latest IoU", "at best mIoU"])
+        table.setVerticalHeaderLabels([c.name for c in CLASSES] + ["mIoU (1-4)", "mIoU as Keras"])
+        table.verticalHeaderItem(len(CLASSES) + 1).setToolTip(
+            "What Keras MeanIoU(num_classes=5, ignore_class=0) prints in course notebooks: "
+            "it also averages background (IoU 0) when terrain is predicted as background"
+        )
+        # Every row visible without scrolling inside the table: 7 rows and the header.
+        table.verticalHeader().setDefaultSectionSize(26)
+        table.setFixedHeight(26 * (table.rowCount() + 1) + 10)
+        return table
+
+    def _build_after_training(self) -> QGroupBox:
+        box = QGroupBox("After training")
+        lay = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.predict_button = QPushButton("Predict all")
+        self.worst_button = QPushButton("Next worst IoU")
+        self.finetune_button = QPushButton("Fine-tune")
+        self.finetune_button.setToolTip(
+            "continue from the best checkpoint on the corrected data, for the form's epochs"
+        )
+        for b in (self.predict_button, self.worst_button, self.finetune_button):
+            row.addWidget(b)
+        lay.addLayout(row)
+        self.predict_button.clicked.connect(lambda: self.model.predict_all())
+        self.worst_button.clicked.connect(lambda: self.worst_label.setText(self.model.next_worst()))
+        self.finetune_button.clicked.connect(lambda: self.fine_tune())
+        self.worst_label = QLabel("")
+        lay.addWidget(self.worst_label)
+        names = [c.name for c in CLASSES]
+        table = self.confusion_table = QTableWidget(len(CLASSES), len(CLASSES))
+        table.setHorizontalHeaderLabels([f"→{n}" for n in names])
+        table.setVerticalHeaderLabels(names)
+        table.setMaximumHeight(170)
+        table.setToolTip("rows: labelled class, columns: predicted class (% of the row)")
+        lay.addWidget(table)
+        return box
+
+    # -- actions -----------------------------------------------------------------
+    def start(self, resume: str | None = None, config=None):
+        from trainer.config import ConfigError
+
+        try:
+            cfg = config or self.form.config()
+        except ConfigError as exc:
+            self._show_message(f"Cannot start: {exc}", True)
+            return None
+        return self.model.start(cfg, resume=resume)
+
+    def fine_tune(self):
+        from trainer.config import ConfigError
+
+        try:
+            epochs = self.form.config().epochs
+        except ConfigError as exc:
+            self._show_message(str(exc), True)
+            return None
+        return self.model.fine_tune(epochs)
+
+    def _ask_resume(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Resume from a checkpoint", str(self.model.runs_root), "Checkpoints (*.pt)"
+        )
+        if path:
+            self.start(resume=path)
+
+    def _ask_attach(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open a run directory", str(self.model.runs_root))
+        if path:
+            self.model.attach(path)
+
+    # -- display -------------------------------------------------------------------
+    def _redraw(self) -> None:
+        h = self.model.record
+        self.progress.setValue(int(1000 * min(max(h.progress, 0.0), 1.0)))
+        running = h.state in ("running", "stopping")
+        self.progress.setFormat(h.status_line().split("\n")[0][:90] if running else h.state)
+        self.loss_plot.set_series([("loss", (230, 230, 230), h.steps, h.losses)])
+        series = [
+            (CLASSES[c].name, CLASSES[c].color, h.val_steps, [v[c] for v in h.val_iou])
+            for c in METRIC_CLASSES
+        ]
+        series.append(("mIoU", (255, 255, 255), h.val_steps, h.val_miou))
+        self.iou_plot.set_series(series)
+        rows = [*zip(h.latest_iou, h.best_iou, strict=True)]
+        rows.append((h.val_miou[-1] if h.val_miou else math.nan, h.best_miou))
+        rows.append((h.val_miou_keras[-1] if h.val_miou_keras else math.nan, h.best_miou_keras))
+        for r, pair in enumerate(rows):
+            for c, v in enumerate(pair):
+                text = "–" if v is None or math.isnan(v) else f"{v:.3f}"
+                if r == 0 and h.background_weight == 0 and h.val_iou:
+                    text = "not trained"  # background has loss weight 0, as the metric ignores it
+                self.iou_table.setItem(r, c, QTableWidgetItem(text))
+        if h.latest_confusion is not None and self.model.confusion is None:
+            self._show_confusion(np.asarray(h.latest_confusion))
+        self._update_buttons()
+
+    def _after_prediction(self) -> None:
+        if self.model.confusion is not None:
+            self._show_confusion(self.model.confusion)
+            self.progress.setFormat("prediction done")
+        self._update_buttons()
+
+    def _show_confusion(self, cm: np.ndarray) -> None:
+        pct = 100 * cm / cm.sum(axis=1, keepdims=True).clip(1, None)
+        for r in range(cm.shape[0]):
+            for c in range(cm.shape[1]):
+                item = QTableWidgetItem(f"{pct[r, c]:.0f}%")
+                item.setToolTip(f"{int(cm[r, c]):,} pixels")
+                self.confusion_table.setItem(r, c, item)
+
+    def _show_message(self, text: str, error: bool = False) -> None:
+        self.status.setText(text)
+        self.status.setStyleSheet("color: #ff6b6b;" if error else "")
+
+    def _update_buttons(self) -> None:
+        model = self.model
+        running = model.running
+        # While a run is in progress its curves matter, not the form: fold the form away.
+        self.config_box.setVisible(not running)
+        self.start_button.setEnabled(not running)
+        self.resume_button.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+        self.stop_button.setText("Detach" if model.follower is not None else "Stop")
+        self.predict_button.setEnabled(bool(model.checkpoint) and model.predictor is None)
+        self.finetune_button.setEnabled(bool(model.checkpoint) and not running)
+        self.worst_button.setEnabled(model.worst_order is not None)

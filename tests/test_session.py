@@ -1,0 +1,210 @@
+"""The plugin's session model without Qt or a viewer: review, training lifecycle,
+worst-first navigation and yielding to the person at the screen."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from marsviewer._review_model import CHANGED, DISAGREEMENT, QueueEntry
+from marsviewer._session import QUIET_S, Session
+from trainer.audit import move_mask
+from trainer.config import preset
+
+
+class Recorder:
+    """Collects what a psygnal signal emitted."""
+
+    def __init__(self, signal) -> None:
+        self.calls: list = []
+        signal.connect(lambda *args: self.calls.append(args))
+
+
+@pytest.fixture
+def session(tmp_path, small_sample):
+    ds = small_sample.dataset
+    s = Session(runs_root=tmp_path / "runs")
+    images, masks = ds.images.copy(), ds.masks.copy()
+    (tmp_path / "sample.npz").write_bytes(b"")  # the store goes beside the dataset's file
+    s.set_dataset(images, masks, None, str(tmp_path / "sample.npz"))
+    yield s
+    s.shutdown()
+
+
+def wait(session: Session, predicate, timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        session.poll()
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_save_undo_redo_restore_and_exclude(session):
+    review, masks = session.review, session.browser.masks
+    states, rewritten = Recorder(review.image_changed), Recorder(review.masks_changed)
+    session.browser.set_index(4)
+    original = masks[4].copy()
+    masks[4, 10:20, 10:30] = 3  # a paint stroke writes into the array
+    review.mask_edited()
+    assert states.calls[-1][0].unsaved and "unsaved changes" in states.calls[-1][0].summary
+    assert review.save()
+    assert states.calls[-1][0].edited and not states.calls[-1][0].unsaved
+    assert review.changed[4].sum() == (original != masks[4]).sum()  # the changed-pixels overlay
+    edited = masks[4].copy()
+    review.undo()
+    np.testing.assert_array_equal(masks[4], original)
+    assert rewritten.calls[-1] == ([4],)
+    review.redo()
+    np.testing.assert_array_equal(masks[4], edited)
+    review.restore()
+    np.testing.assert_array_equal(masks[4], original)
+    assert len(states.calls[-1][0].history) == 2 and states.calls[-1][0].history[1].endswith("◀")
+    review.toggle_exclude()
+    assert review.store.is_excluded(4) and states.calls[-1][0].excluded
+
+
+def test_a_label_that_is_not_a_class_is_refused(session):
+    notes = Recorder(session.notify)
+    session.browser.masks[2, 0, 0] = 9
+    assert not session.review.save(2)
+    assert notes.calls and notes.calls[-1][1] == "error" and "not a class" in notes.calls[-1][0]
+
+
+def test_corrections_come_back_in_a_new_session(session, tmp_path, small_sample):
+    session.browser.set_index(2)
+    session.browser.masks[2, :8] = 4
+    session.review.save()
+    session.review.toggle_exclude()
+    session.shutdown()
+    again = Session(runs_root=tmp_path / "runs")
+    ds = small_sample.dataset
+    masks = ds.masks.copy()
+    again.set_dataset(ds.images.copy(), masks, None, str(tmp_path / "sample.npz"))
+    assert (masks[2, :8] == 4).all() and again.review.store.is_excluded(2)
+    spec = again.training_data()  # trains on the originals plus the saved store
+    np.testing.assert_array_equal(spec.masks, ds.masks)
+    assert spec.corrections_path == str(again.review.store.path)
+    again.shutdown()
+
+
+def test_autosave_when_moving(session):
+    session.review.autosave = True
+    session.browser.set_index(1)
+    session.browser.masks[1, 0:5, 0:5] = 2
+    session.browser.set_index(2)
+    np.testing.assert_array_equal(session.review.store.state(1)[0][0:5, 0:5], 2)
+
+
+def test_queue_entries_are_typed_and_group_exclusion_works(session, small_sample):
+    review = session.review
+    group = set(small_sample.truth["outlier_group"])
+    top = review.queue[0]
+    assert isinstance(top, QueueEntry) and top.group is not None and set(top.group) == group
+    review.go_to(top)
+    assert session.browser.index == top.index
+    review.exclude_group(top)
+    assert review.store.snapshot()[1] == group
+
+
+def test_suggested_move_is_an_unsaved_edit(session):
+    review, masks = session.review, session.browser.masks
+    before = masks[3].copy()
+    move = QueueEntry(3, 0.3, "misaligned (move 5 px right)", move=(0, 5))
+    notes = Recorder(session.notify)
+    review.apply_move(QueueEntry(1, 0.2, "model disagreement"))  # nothing to move
+    assert "does not suggest" in notes.calls[-1][0]
+    review.apply_move(move)
+    assert session.browser.index == 3 and review.has_unsaved_edits(3)
+    np.testing.assert_array_equal(masks[3], move_mask(before, 0, 5))
+
+
+def test_disagreement_overlay_after_an_audit_result(session):
+    review = session.review
+    review.audit_masks = np.zeros_like(session.browser.masks)
+    overlays = Recorder(review.overlay_changed)
+    review.go_to(QueueEntry(5, 0.4, "model disagreement"))
+    assert overlays.calls[-1] == (DISAGREEMENT, 5)
+    assert review.disagreement[5].sum() == (session.browser.masks[5] != 0).sum()
+    assert CHANGED != DISAGREEMENT
+
+
+class FakeJob:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.running = True
+
+    def hold(self, seconds: float) -> None:
+        self.log.append("hold")
+
+    def release(self) -> None:
+        self.log.append("release")
+
+
+def test_jobs_are_held_while_the_person_browses_and_go_on_when_quiet(session):
+    now = [100.0]
+    session.clock = lambda: now[0]
+    job = FakeJob()
+    session.jobs = lambda: [job]
+    session.user_active()
+    session.user_active()
+    session.poll()
+    assert job.log == ["hold", "hold"] and session.holding  # still inside the quiet period
+    now[0] += QUIET_S / 2
+    session.user_active()  # every interaction pushes the end of the hold further
+    now[0] += QUIET_S * 0.9
+    session.poll()
+    assert session.holding
+    now[0] += QUIET_S * 0.2
+    session.poll()
+    assert job.log[-1] == "release" and not session.holding
+
+
+def test_training_needs_a_dataset():
+    s = Session()
+    status = Recorder(s.training.status)
+    assert s.training.start(preset("tiny")) is None
+    assert "open a dataset first" in status.calls[-1][0]
+
+
+def test_train_preview_predict_and_worst_first(session):
+    t = session.training
+    ended = Recorder(t.run_ended)
+    session.browser.set_index(3)
+    assert t.start(preset("tiny").replace(epochs=2)) is not None
+    assert t.running
+    wait(session, lambda: ended.calls, timeout=120)
+    assert ended.calls == [("finished",)] and not t.running
+    assert t.record.val_miou and t.checkpoint.endswith("best.pt")
+    assert t.prediction[3].any() and t.first_preview_s is not None  # the image on screen was previewed
+    predicted = Recorder(t.predicted)
+    assert t.predict_all() is not None
+    wait(session, lambda: predicted.calls, timeout=60)
+    assert t.worst_order is not None and len(t.worst_order) == len(session.browser.masks)
+    assert "rank 1 of" in t.next_worst()
+    assert session.browser.index == int(np.nanargmin(t.image_miou))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="suspension is Linux-only")
+def test_a_held_training_makes_no_steps_and_goes_on_by_itself(session):
+    t = session.training
+    t.start(preset("tiny").replace(epochs=200))
+    wait(session, lambda: len(t.record.steps) >= 1, timeout=60)
+    session.user_active()
+    job = t.process
+    assert job.suspended
+    time.sleep(0.3)
+    t.poll()  # what was sent before the hold
+    seen = len(t.record.steps)
+    time.sleep(0.6)
+    t.poll()
+    assert len(t.record.steps) == seen  # nothing moved while held (no session.poll: never quiet)
+    wait(session, lambda: len(t.record.steps) > seen, timeout=30)
+    assert not job.suspended
+    t.stop()
+    wait(session, lambda: not t.running, timeout=30)
+    assert t.record.state == "stopped"

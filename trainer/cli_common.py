@@ -1,0 +1,59 @@
+"""What every ``mars-trainer`` command shares: the error for people, the dataset
+arguments, opening a dataset and its corrections store. Command modules import from
+here and from nothing else of the CLI, so the CLI has no import cycle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .dataset import Dataset
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """An error whose message is shown as is."""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = text.lower().split("x")
+        size = int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 64x128, got {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    from .formats import MASK_MAPPINGS
+
+    p.add_argument(
+        "dataset", help="a competition .npz, a folder of image/mask pairs, or 'synthetic[:N[:SEED]]'"
+    )
+    p.add_argument(
+        "--mask-mapping",
+        choices=MASK_MAPPINGS,
+        default="identity",
+        help="folders only: how mask values become class ids (ai4mars: 0..3 -> 1..4, 255 -> 0)",
+    )
+    p.add_argument("--size", type=_size, help="folders only: resize to HxW (default: the most common size)")
+
+
+def load_dataset(args: argparse.Namespace) -> Dataset:
+    from .formats import open_dataset
+
+    return open_dataset(args.dataset, mask_mapping=args.mask_mapping, size=args.size)
+
+
+def open_store(dataset, path: str | None = None):
+    """The dataset's corrections store, or None when it has none yet."""
+    from .corrections import CorrectionStore, dataset_hash, existing_store_path
+
+    h = dataset_hash(dataset.images, dataset.masks)
+    target = Path(path) if path else existing_store_path(dataset.source, h)
+    if target is None or not target.exists():
+        return None
+    return CorrectionStore(target, h, len(dataset), dataset.image_shape)
