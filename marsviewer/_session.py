@@ -24,7 +24,7 @@ from ._browser import DatasetBrowser
 from ._review_model import ReviewModel
 from ._training_model import TrainingModel
 
-QUIET_S = 0.2
+QUIET_S = 0.15
 """After a person's last interaction, child jobs stay held this long. Browsing at a
 step every 0.5 s, training keeps more than half its speed; a step's repaint (~50 ms
 here) never shares the cores with training."""

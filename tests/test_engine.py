@@ -195,7 +195,7 @@ def test_minutes_budget_stops_on_time(data):
 
 def test_early_stopping(data, monkeypatch):
     """With patience 2 and a validation score that never improves, training stops early."""
-    import trainer.engine as engine
+    import trainer.epoch_end as epoch_end
     from trainer.metrics import ConfusionMatrix
 
     def constant(*args, **kwargs):
@@ -203,7 +203,7 @@ def test_early_stopping(data, monkeypatch):
         cm.matrix[1, 1] = 10
         return cm
 
-    monkeypatch.setattr(engine, "confusion_on", constant)
+    monkeypatch.setattr(epoch_end, "confusion_on", constant)
     events = list(fit(data, preset("tiny").replace(epochs=20, patience=2)))
     assert events[-1].reason == "early stopping"
     assert [e.epoch for e in events if isinstance(e, ev.Validation)] == [0, 1, 2]
@@ -392,7 +392,7 @@ def test_resume_after_a_stop_mid_epoch_equals_the_uninterrupted_run(data, tmp_pa
 
 def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):
     """A resumed run whose validations are worse than the best so far keeps best.pt."""
-    import trainer.engine as engine
+    import trainer.epoch_end as epoch_end
     from trainer.metrics import ConfusionMatrix
 
     list(fit(data, preset("tiny").replace(epochs=1), tmp_path))
@@ -404,7 +404,7 @@ def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):
         cm.matrix[1, 1], cm.matrix[1, 2] = 1, 999  # mIoU 0.001
         return cm
 
-    monkeypatch.setattr(engine, "confusion_on", poor)
+    monkeypatch.setattr(epoch_end, "confusion_on", poor)
     events = list(
         fit(data, preset("tiny").replace(epochs=3), tmp_path, resume=tmp_path / "checkpoints/last.pt")
     )

@@ -92,3 +92,70 @@ def test_no_orphan_when_the_gui_process_is_killed(tmp_path):
     else:
         os.kill(child_pid, 9)
         raise AssertionError("the training child outlived its parent by a minute")
+
+
+def test_prediction_job_sends_progress_then_its_result(tmp_path):
+    from trainer.process import PredictionProcess
+
+    proc = TrainingProcess(
+        DatasetSpec(path="synthetic:30:4"), preset("tiny").replace(epochs=1), str(tmp_path)
+    )
+    wait_for(proc, lambda s: any(isinstance(e, ev.Finished) for e in s), timeout=90)
+    job = PredictionProcess(
+        DatasetSpec(path="synthetic:30:4"), str(tmp_path / "checkpoints" / "last.pt"), "cpu", 8
+    )
+    seen = wait_for(job, lambda s: any(isinstance(e, ev.JOB_END) for e in s))
+    assert [e.done for e in seen if isinstance(e, ev.Progress)][-1] == 30
+    result = seen[-1]
+    assert isinstance(result, ev.Predicted) and result.masks.shape == (30, 64, 128) and not job.running
+
+
+def test_a_job_whose_checkpoint_is_missing_fails_with_a_message(tmp_path):
+    from trainer.process import PredictionProcess
+
+    job = PredictionProcess(DatasetSpec(path="synthetic:10:4"), str(tmp_path / "nope.pt"), "cpu", 8)
+    seen = wait_for(job, lambda s: any(isinstance(e, ev.Failed) for e in s))
+    assert "nope.pt" in seen[-1].message and "Traceback" not in seen[-1].message
+
+
+def test_audit_job_ranks_with_a_compute_budget(small_sample):
+    from trainer.process import AuditProcess
+
+    ds = small_sample.dataset
+    job = AuditProcess(ds.images, ds.masks, {0}, minutes=0.1, folds=2)
+    seen = wait_for(job, lambda s: any(isinstance(e, ev.JOB_END) for e in s), timeout=120)
+    assert any(isinstance(e, ev.Progress) for e in seen)
+    result = seen[-1]
+    assert isinstance(result, ev.Ranked) and result.predictions.shape == ds.masks.shape
+    assert {r["index"] for r in result.ranking} == set(range(len(ds)))
+
+
+def test_pause_holds_training_between_steps_but_answers_previews(tmp_path):
+    """The cooperative pause (used where a child cannot be suspended): no steps while
+    paused, a preview still answered, and the run goes on by itself afterwards."""
+    import threading
+
+    from trainer.control import TrainControl
+    from trainer.engine import fit
+    from trainer.synth import generate
+
+    ds = generate(20, 0, seed=1).dataset
+    control = TrainControl(preview_indices=[2])
+    kinds: list[tuple[float, str]] = []
+
+    def run() -> None:
+        for e in fit(ds, preset("tiny").replace(epochs=3, log_every=1), control=control):
+            kinds.append((time.monotonic(), e.kind))
+
+    control.pause(1.0)
+    t0 = time.monotonic()
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.5)
+    control.request_preview([5])
+    worker.join(timeout=60)
+    steps = [t for t, k in kinds if k == "step"]
+    previews = [t for t, k in kinds if k == "preview"]
+    assert steps and steps[0] - t0 >= 0.95  # no step before the pause ran out
+    assert previews and previews[0] < steps[0]  # the preview was answered while paused
+    assert kinds[-1][1] == "finished"

@@ -5,8 +5,10 @@ here and from nothing else of the CLI, so the CLI has no import cycle."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
+from .classes import CLASSES
 from .dataset import Dataset
 
 EXIT_BAD_INPUT = 2
@@ -57,3 +59,22 @@ def open_store(dataset, path: str | None = None):
     if target is None or not target.exists():
         return None
     return CorrectionStore(target, h, len(dataset), dataset.image_shape)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def iou_table(iou: list, miou: float) -> str:
+    def fmt(v):
+        return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.3f}"
+
+    names = " ".join(f"{c.name:>9}" for c in CLASSES)
+    values = " ".join(f"{fmt(v):>9}" for v in iou)
+    return f"  IoU {names}      mIoU(1-4)\n      {values}   {fmt(miou)}"

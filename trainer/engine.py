@@ -30,7 +30,7 @@ import torch
 
 from . import events as ev
 from .augment import augment_batch, oversampling_weights
-from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .control import RunState, TrainControl
 from .dataset import Dataset, DatasetError
@@ -43,7 +43,8 @@ from .device import (
     resolve_precision,
     uses_channels_last,
 )
-from .inference import confusion_on, predict_arrays, prepare_model, stratified_split, to_input
+from .epoch_end import EpochEnd, describe_failure
+from .inference import prepare_model, stratified_split, to_input
 from .losses import LossParams, SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .runs import RunDir
@@ -57,16 +58,7 @@ def _lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
     return warm
 
 
-def _describe(exc: BaseException, cfg: TrainConfig) -> str:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return (
-            f"CUDA ran out of memory with batch size {cfg.batch_size}; "
-            f"try --batch-size {max(1, cfg.batch_size // 2)}"
-        )
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-
-
-class _Trainer:
+class _Trainer(EpochEnd):
     """The state and the named steps of one run; :func:`fit` composes them."""
 
     def __init__(self, dataset, cfg, run_dir, control, resume, corrections) -> None:
@@ -166,15 +158,6 @@ class _Trainer:
     def _sample_weights(self) -> torch.Tensor:
         return torch.as_tensor(oversampling_weights(self.presence[self.train_idx], self.cfg.oversample))
 
-    def last_good(self) -> str | None:
-        """Every checkpoint on disk passed the finiteness check before it was written."""
-        if self.runs is None:
-            return None
-        for path in (self.runs.last, self.runs.best):
-            if path.exists():
-                return str(path)
-        return None
-
     def started(self) -> ev.Started:
         if self.runs is not None:
             self.runs.write_start(self.cfg, self.train_idx, self.val_idx)
@@ -246,7 +229,7 @@ class _Trainer:
         except Exception as exc:
             if not self.peers.active:
                 raise
-            problem = _describe(exc, cfg)
+            problem = describe_failure(exc, cfg)
         self.peers.agree(problem)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,135 +305,6 @@ class _Trainer:
                 control.poll()
         self.paused_s += time.perf_counter() - t
 
-    # -- validation, checkpoints, previews
-    def validate(self) -> Iterator[ev.Event]:
-        cfg, st = self.cfg, self.state
-        problem, cm = None, None
-        try:
-            cm = confusion_on(
-                self.model, self.images, self.masks, self.val_idx, 2 * cfg.batch_size, self.dist,
-                self.precision, reduce=False,
-            )  # fmt: skip
-        except Exception as exc:
-            if not self.peers.active:
-                raise
-            problem = _describe(exc, cfg)
-        self.peers.agree(problem)
-        cm.all_reduce()
-        result = cm.compute()
-        miou = result["miou"]
-        improved = not math.isnan(miou) and miou > st.best
-        if improved:
-            st.best, st.stale = miou, 0
-        else:
-            st.stale += 1
-            if cfg.schedule == "plateau" and st.stale % 3 == 0:
-                st.plateau_factor *= 0.5
-        train_loss = (self.epoch_loss / self.epoch_loss_n).item() if self.epoch_loss_n else None
-        self.epoch_loss.zero_()
-        self.epoch_loss_n = 0
-        yield self.emit(
-            ev.Validation(
-                st.epoch, st.step, result["iou"], miou, result["pixel_accuracy"], result["confusion"],
-                st.best, result["miou_keras"], len(self.val_idx), train_loss, self.lr, self.elapsed(),
-            )
-        )  # fmt: skip
-        if improved:
-            yield from self.save("best", miou)
-        if self.control.preview_indices:
-            self.control.take_preview_request()
-            yield self.emit(self.preview())
-
-    def save(self, which: str, miou: float | None = None) -> Iterator[ev.Event]:
-        """Write ``best`` or ``last`` after checking that every tensor is finite; a
-        non-finite one raises instead, so the file on disk stays the last good one."""
-        self.check_finite()
-        tensors = [*self.model.state_dict().values()]
-        tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        bad = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors)
-        self.peers.agree("the weights became non-finite" if bad else None)
-        if self.runs is None:
-            return
-        st = self.state
-        path = self.runs.best if which == "best" else self.runs.last
-        save_checkpoint(
-            path, model=self.model, config=self.cfg, optimizer=self.optimizer.state_dict(),
-            epoch=st.epoch, step=st.step, best_miou=st.best,
-            miou=miou if miou is not None and not math.isnan(miou) else -1.0,
-            plateau_factor=st.plateau_factor, stale=st.stale, elapsed_s=self.elapsed(),
-            resume=self._resume_point(), rng_state=torch.get_rng_state(),
-            train_indices=[int(i) for i in self.base_train_idx], val_indices=[int(i) for i in self.base_val_idx],
-        )  # fmt: skip
-        yield self.emit(ev.Checkpoint(st.epoch, st.step, str(path), which, miou))
-
-    def _resume_point(self) -> dict:
-        st = self.state
-        if st.batch >= self.steps_per_epoch:
-            return {"epoch": st.epoch + 1, "batch": 0}
-        return {"epoch": st.epoch, "batch": st.batch}
-
-    def stop(self) -> Iterator[ev.Event]:
-        path = None
-        for e in self.save("last"):
-            path = e.path
-            yield e
-        yield self.emit(ev.Stopped(self.state.epoch, self.state.step, path))
-
-    def preview(self) -> ev.Preview:
-        idx = [i for i in self.control.preview_indices if 0 <= i < len(self.dataset)]
-        out = predict_arrays(
-            self.model,
-            self.dataset.images[idx],
-            device=self.device,
-            with_entropy=True,
-            precision=self.precision,
-        )
-        self.model.train()
-        self.last_preview = time.perf_counter()
-        return ev.Preview(self.state.epoch, self.state.step, idx, out["masks"], out["entropy"])
-
-    # -- the end of an epoch
-    def end_of_epoch(self) -> Iterator[ev.Event]:
-        """Validate, checkpoint, and decide whether to go on; returns the reason to end
-        the run, or None."""
-        cfg, st = self.cfg, self.state
-        out_of_time = self.out_of_time()
-        last_epoch = out_of_time or (not self.budget_s and st.epoch == cfg.epochs - 1)
-        stop_early = False
-        if (st.epoch + 1) % cfg.val_every == 0 or last_epoch:
-            yield from self.validate()
-            stop_early = cfg.patience > 0 and st.stale >= cfg.patience
-        if out_of_time and st.batch < self.steps_per_epoch:
-            st.batch = self.steps_per_epoch  # the rest of this epoch is not owed on resume
-        if (st.epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop_early:
-            yield from self.save("last")
-        if stop_early:
-            return "early stopping"
-        if out_of_time:
-            return "time budget"
-        if last_epoch:
-            return "completed"
-        st.epoch += 1
-        st.batch = 0
-        return None
-
-    def finished(self, reason: str) -> ev.Finished:
-        seconds = self.elapsed()
-        best_path = str(self.runs.best) if self.runs is not None and self.runs.best.exists() else None
-        st = self.state
-        if self.runs is not None:
-            self.runs.write_summary(
-                {
-                    "best_miou": st.best,
-                    "epochs": st.epoch + 1,
-                    "steps": st.step,
-                    "seconds": seconds,
-                    "reason": reason,
-                    "best_checkpoint": best_path,
-                }
-            )
-        return ev.Finished(st.epoch, st.step, st.best, best_path, seconds, reason)
-
 
 def fit(
     dataset: Dataset,
@@ -496,7 +350,9 @@ def fit(
         yield run.emit(ev.Failed(message, run.state.epoch, run.state.step, run.last_good()))
         return
     except torch.cuda.OutOfMemoryError as exc:
-        yield run.emit(ev.Failed(_describe(exc, cfg), run.state.epoch, run.state.step, run.last_good()))
+        yield run.emit(
+            ev.Failed(describe_failure(exc, cfg), run.state.epoch, run.state.step, run.last_good())
+        )
         return
     finally:
         if run.runs is not None:

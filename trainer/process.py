@@ -18,48 +18,16 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import events as ev
 from .config import TrainConfig
+from .jobs import KNOWN_ERRORS, DatasetSpec, audit_job, predict_job, train_job
 
 NICE = 15
-
-
-@dataclass
-class DatasetSpec:
-    """How the child gets its data: a path (npz, folder, ``synthetic:N:SEED``) or arrays."""
-
-    path: str | None = None
-    mask_mapping: str = "identity"
-    size: tuple[int, int] | None = None
-    images: np.ndarray | None = None
-    masks: np.ndarray | None = None
-    source: str = ""
-    corrections_path: str | None = None  # a CorrectionStore the training re-reads every epoch
-    corrections_hash: str = ""
-
-    def open_corrections(self, dataset):
-        if not self.corrections_path:
-            return None
-        from .corrections import CorrectionStore
-
-        return CorrectionStore(
-            self.corrections_path, self.corrections_hash, len(dataset), dataset.image_shape, readonly=True
-        )
-
-    def load(self):
-        from .dataset import Dataset
-        from .formats import open_dataset
-
-        if self.images is not None:
-            return Dataset(images=self.images, masks=self.masks, source=self.source or "arrays")
-        return open_dataset(self.path, mask_mapping=self.mask_mapping, size=self.size)
 
 
 SUSPENDABLE = sys.platform.startswith("linux")
@@ -93,10 +61,6 @@ def _lower_priority() -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError:
             pass
-
-
-class JobStopped(Exception):
-    """A child job was asked to stop before it had a result."""
 
 
 def _commands(conn, control) -> None:
@@ -143,67 +107,6 @@ def _serve(conn, job, args: tuple, preview: dict) -> None:
             pass
     finally:
         conn.close()
-
-
-KNOWN_ERRORS = ("DatasetError", "ConfigError", "CheckpointError", "DeviceError", "RunDirError", "JobStopped")
-"""Errors whose message is for people as it is; any other also gets its traceback."""
-
-
-def wait_while_paused(control) -> None:
-    """For jobs without steps of their own: honour pause and stop between batches."""
-    control.poll()
-    while control.paused:
-        time.sleep(0.02)
-        control.poll()
-    if control.stop_requested:
-        raise JobStopped("stopped before it finished")
-
-
-def train_job(
-    control, emit, spec: DatasetSpec, cfg_dict: dict, run_dir: str | None, resume: str | None
-) -> None:
-    from .config import from_dict
-    from .engine import fit
-
-    dataset = spec.load()
-    store = spec.open_corrections(dataset)
-    for event in fit(
-        dataset, from_dict(cfg_dict), run_dir, control=control, resume=resume, corrections=store
-    ):
-        emit(event)
-
-
-def predict_job(control, emit, spec: DatasetSpec, checkpoint: str, device: str, batch_size: int) -> None:
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .device import resolve_device
-    from .inference import predict_arrays
-
-    dev = resolve_device(device)
-    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    dataset = spec.load()
-
-    def progress(done: int, total: int) -> None:
-        emit(ev.Progress(f"predicting {done}/{total}", done, total))
-        wait_while_paused(control)
-
-    out = predict_arrays(model.to(dev), dataset.images, batch_size, dev, with_entropy=True, progress=progress)
-    emit(ev.Predicted(out["masks"], out["entropy"]))
-
-
-def audit_job(control, emit, images, masks, excluded, minutes: float, folds: int) -> None:
-    """The review audit with a compute budget: ``minutes`` of this process's CPU time
-    (over its threads), so sharing the CPU with a training does not shrink its models."""
-    from .audit import audit
-    from .dataset import Dataset
-    from .device import compute_clock
-
-    control.clock = compute_clock
-    ds = Dataset(images=images, masks=masks, source="review")
-    ranking, pred, _ = audit(
-        ds, folds=folds, minutes=minutes, excluded=set(excluded),
-        progress=lambda text: emit(ev.Progress(text)), control=control,
-    )  # fmt: skip
-    emit(ev.Ranked(ranking, pred))
 
 
 class _Spawned:

@@ -77,6 +77,38 @@ def _smooth_noise(rng, n, u, v, freq, grid=16):
     return half.repeat(2, axis=1).repeat(2, axis=2)[:, : u.shape[1], : u.shape[2]]
 
 
+def _add_rocks(rng, img, mask, has_rock, horizon, fine, yy, xx) -> None:
+    """Draw one or two big rocks (class 4) with shadows into the chosen images, in place."""
+    h, w = img.shape[1:]
+    for i in np.flatnonzero(has_rock):
+        for _ in range(rng.integers(1, 3)):
+            cy = rng.uniform(max(horizon[i, 0, 0] + 0.25, 0.45), 0.95) * h
+            ry = rng.uniform(0.06, 0.16) * h * (cy / h + 0.2)
+            rx = ry * rng.uniform(1.2, 2.2)
+            cx = rng.uniform(rx, w - rx)
+            d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            shadow = (((yy - cy - 0.5 * ry) / ry) ** 2 + ((xx - cx - 0.6 * rx) / rx) ** 2 < 1.1) & (d >= 1)
+            img[i][shadow] *= 0.45
+            rock = d < 1
+            lit = 0.72 - 0.35 * (yy - (cy - ry)) / (2 * ry) + 0.06 * (fine[i] - 0.5)
+            img[i] = np.where(rock, lit, img[i])
+            mask[i][rock] = 4
+
+
+def _add_rover_parts(rng, img, mask, rover, yy, xx) -> None:
+    """Draw a piece of the rover (background, class 0) into the chosen images, in place."""
+    h, w = img.shape[1:]
+    for i in np.flatnonzero(rover):
+        x0 = rng.uniform(0.0, 0.7) * w
+        width = rng.uniform(0.15, 0.45) * w
+        top = rng.uniform(0.65, 0.9) * h
+        slope = rng.uniform(-0.4, 0.4)
+        part = (xx >= x0) & (xx < x0 + width) & (yy > top + slope * (xx - x0))
+        metal = rng.uniform(0.1, 0.9) + 0.15 * np.sin(xx / rng.uniform(2, 6))
+        img[i] = np.where(part, metal, img[i])
+        mask[i][part] = 0
+
+
 def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
     """Render ``n`` Mars-like images and their masks."""
     f32 = np.float32
@@ -124,22 +156,9 @@ def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
     mask = terrain.copy()
 
     # Big rocks: rare, lit from above, dark underneath, with a shadow on the ground.
-    has_rock = rng.random(n) < BIG_ROCK_IMAGE_RATE
     yy = np.arange(h, dtype=f32)[:, None]
     xx = np.arange(w, dtype=f32)[None, :]
-    for i in np.flatnonzero(has_rock):
-        for _ in range(rng.integers(1, 3)):
-            cy = rng.uniform(max(horizon[i, 0, 0] + 0.25, 0.45), 0.95) * h
-            ry = rng.uniform(0.06, 0.16) * h * (cy / h + 0.2)
-            rx = ry * rng.uniform(1.2, 2.2)
-            cx = rng.uniform(rx, w - rx)
-            d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-            shadow = (((yy - cy - 0.5 * ry) / ry) ** 2 + ((xx - cx - 0.6 * rx) / rx) ** 2 < 1.1) & (d >= 1)
-            img[i][shadow] *= 0.45
-            rock = d < 1
-            lit = 0.72 - 0.35 * (yy - (cy - ry)) / (2 * ry) + 0.06 * (fine[i] - 0.5)
-            img[i] = np.where(rock, lit, img[i])
-            mask[i][rock] = 4
+    _add_rocks(rng, img, mask, rng.random(n) < BIG_ROCK_IMAGE_RATE, horizon, fine, yy, xx)
 
     # Background: hazy far range, sky, rover parts.
     haze = col(rng.uniform(0.5, 0.75, n)) + 0.05 * (
@@ -149,16 +168,7 @@ def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
     sky = col(rng.uniform(0.45, 0.8, n)) - 0.25 * y + 0.02 * rng.standard_normal((n, h, w), dtype=f32)
     img = np.where(below, img, sky)
     mask[far | ~below] = 0
-    rover = rng.random(n) < 0.18
-    for i in np.flatnonzero(rover):
-        x0 = rng.uniform(0.0, 0.7) * w
-        width = rng.uniform(0.15, 0.45) * w
-        top = rng.uniform(0.65, 0.9) * h
-        slope = rng.uniform(-0.4, 0.4)
-        part = (xx >= x0) & (xx < x0 + width) & (yy > top + slope * (xx - x0))
-        metal = rng.uniform(0.1, 0.9) + 0.15 * np.sin(xx / rng.uniform(2, 6))
-        img[i] = np.where(part, metal, img[i])
-        mask[i][part] = 0
+    _add_rover_parts(rng, img, mask, rng.random(n) < 0.18, yy, xx)
 
     # Illumination: sun from one side, gentle ground shading, vignette, gamma, noise.
     sun = col(rng.uniform(-0.25, 0.25, n)) * (x - 0.5)

@@ -1,0 +1,187 @@
+"""``mars-trainer evaluate``, ``predict`` and ``submit``: use a trained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .cli_common import CliError, add_dataset_args, iou_table, load_dataset, positive_int
+from .config import PREDICT_BATCH
+
+
+def _load_model(args):
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .device import init_distributed, resolve_device, resolve_precision
+    from .inference import prepare_model
+
+    data = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(data, args.checkpoint)
+    dist = init_distributed(args.device)
+    device = resolve_device(args.device, dist.local_rank)
+    precision = resolve_precision(args.precision, device)
+    return data, prepare_model(model, device), device, dist, precision
+
+
+def _split_indices(data: dict, split: str, n: int, source: str) -> np.ndarray:
+    if split == "all":
+        return np.arange(n)
+    key = "val_indices" if split == "val" else "train_indices"
+    idx = np.asarray(data.get(key, []), dtype=np.int64)
+    if len(idx) == 0 or idx.max() >= n:
+        raise CliError(
+            f"{source}: the checkpoint's {split} split does not fit this dataset of {n} images; use --split all"
+        )
+    return idx
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .inference import confusion_on
+    from .metrics import nan_to_none
+
+    dataset = load_dataset(args)
+    data, model, device, dist, precision = _load_model(args)
+    idx = _split_indices(data, args.split, len(dataset), args.checkpoint)
+    images = torch.from_numpy(dataset.images).to(device)
+    masks = torch.from_numpy(dataset.masks).to(device)
+    result = confusion_on(model, images, masks, idx, args.batch_size, dist, precision).compute()
+    result["images"] = len(idx)
+    if not dist.is_main:
+        return 0
+    if args.json:
+        print(json.dumps(nan_to_none(result)))
+    else:
+        print(f"{args.split} split: {len(idx)} images")
+        print(iou_table(result["iou"], result["miou"]))
+        print(f"  mIoU as Keras MeanIoU(ignore_class=0) prints it: {result['miou_keras']:.4f}")
+        print(f"  pixel accuracy (background ignored): {result['pixel_accuracy']:.4f}")
+    return 0
+
+
+def _predict_images(args, dataset, data):
+    if args.split == "test":
+        if dataset.test_images is None:
+            raise CliError(f"{args.dataset}: has no test_set to predict; use --split val, train or all")
+        return dataset.test_images
+    return dataset.images[_split_indices(data, args.split, len(dataset), args.checkpoint)]
+
+
+def _progress_printer(label: str):
+    stream = sys.stderr
+
+    def show(done: int, total: int) -> None:
+        if stream is not None and stream.isatty():
+            stream.write(f"\r{label}: {done}/{total}")
+            if done == total:
+                stream.write("\n")
+            stream.flush()
+
+    return show
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import predict_arrays
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise CliError(f"{out}: the output must end in .npz")
+    dataset = load_dataset(args)
+    data, model, device, _, precision = _load_model(args)
+    images = _predict_images(args, dataset, data)
+    result = predict_arrays(
+        model,
+        images,
+        args.batch_size,
+        device,
+        with_probs=args.probs,
+        progress=_progress_printer("predicting"),
+        precision=precision,
+    )
+    try:
+        np.savez_compressed(out, **result)
+    except OSError as exc:
+        raise CliError(f"{out}: could not be written ({exc.strerror or exc})") from None
+    print(f"wrote {out}: masks {result['masks'].shape}" + (" and probs" if args.probs else ""))
+    return 0
+
+
+def submission_lines(masks: np.ndarray):
+    """Yield the competition CSV: ``id,0,...,H*W-1`` then one row per mask (row-major)."""
+    n, h, w = masks.shape
+    yield "id," + ",".join(map(str, range(h * w))) + "\n"
+    if masks.max(initial=0) > 9:
+        raise ValueError("class ids above 9 cannot use the fast single-digit writer")
+    row = np.full(2 * h * w, ord(","), np.uint8)
+    for i in range(n):
+        row[1::2] = masks[i].reshape(-1) + ord("0")
+        yield f"{i}" + row.tobytes().decode("ascii") + "\n"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .inference import predict_arrays
+
+    dataset = load_dataset(args)
+    if dataset.test_images is None:
+        raise CliError(f"{args.dataset}: has no test_set; a submission predicts the test images")
+    _, model, device, _, precision = _load_model(args)
+    result = predict_arrays(
+        model,
+        dataset.test_images,
+        args.batch_size,
+        device,
+        progress=_progress_printer("predicting"),
+        precision=precision,
+    )
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        with open(tmp, "w", newline="") as f:
+            for line in submission_lines(result["masks"]):
+                f.write(line)
+        tmp.replace(out)
+    except OSError as exc:
+        raise CliError(f"{out}: could not be written ({exc.strerror or exc})") from None
+    print(f"wrote {out}: {len(result['masks'])} rows")
+    return 0
+
+
+def register(sub) -> None:
+    def inference_parser(name: str, help: str, splits: tuple, default: str):
+        q = sub.add_parser(name, help=help)
+        add_dataset_args(q)
+        q.add_argument("--checkpoint", required=True, help="a checkpoint written by mars-trainer train")
+        q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        q.add_argument(
+            "--precision",
+            default="auto",
+            choices=["auto", "fp32", "bf16"],
+            help="auto: bf16 on GPUs and on CPUs that compute bf16 natively, else fp32",
+        )
+        q.add_argument(
+            "--batch-size", type=positive_int, default=PREDICT_BATCH, help=f"default {PREDICT_BATCH}"
+        )
+        if splits:
+            q.add_argument(
+                "--split", choices=splits, default=default, help=f"which images (default {default})"
+            )
+        return q
+
+    q = inference_parser("evaluate", "per-class IoU of a checkpoint", ("val", "train", "all"), "val")
+    q.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"iou", "miou", "miou_keras", "pixel_accuracy", "confusion", "images"}',
+    )
+    q.set_defaults(func=cmd_evaluate)
+    q = inference_parser("predict", "predict masks into an .npz", ("test", "val", "train", "all"), "test")
+    q.add_argument("--out", required=True, help="output .npz with key masks (N, H, W) uint8")
+    q.add_argument("--probs", action="store_true", help="also store probs (N, C, H, W) float16")
+    q.set_defaults(func=cmd_predict)
+    q = inference_parser("submit", "write the competition CSV for the test_set", (), "")
+    q.add_argument("--out", required=True, help="output .csv")
+    q.set_defaults(func=cmd_submit)
