@@ -127,7 +127,7 @@ def test_audit_job_ranks_with_a_compute_budget(small_sample):
     assert any(isinstance(e, ev.Progress) for e in seen)
     result = seen[-1]
     assert isinstance(result, ev.Ranked) and result.predictions.shape == ds.masks.shape
-    assert {r["index"] for r in result.ranking} == set(range(len(ds)))
+    assert {r["index"] for r in result.ranking} == set(range(1, len(ds)))  # image 0 was excluded
 
 
 def test_pause_holds_training_between_steps_but_answers_previews(tmp_path):
