@@ -19,17 +19,6 @@ from dataclasses import fields
 from .cli_common import CliError, add_dataset_args, iou_table, load_dataset
 from .config import PRESETS, TrainConfig, build
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 _CONTROLLED = {"epochs", "minutes", "device", "seed"}  # shown in the main group
 
 
