@@ -99,9 +99,9 @@ def main() -> None:
         app.processEvents()
         return (model.record.steps[-1] - first) / (time.perf_counter() - t0)
 
-    panel.form.preset_combo.setCurrentText("cpu")
-    panel.form.device_combo.setCurrentIndex(panel.form.device_combo.count() - 1)
-    panel.form.editors["epochs"].setValue(1000)
+    panel.form.preset.value = "cpu"
+    panel.form.device.value = "cpu"
+    panel.form.editors["epochs"].value = 1000
     cfg_gui = panel.form.config()
     cfg_gui = cfg_gui.replace(threads=args.threads, log_every=1) if args.threads else cfg_gui.replace(log_every=1)
     if args.no_preview:

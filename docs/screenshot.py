@@ -25,20 +25,19 @@ def settle(seconds: float = 0.3) -> None:
 
 def review(viewer, widget, minutes: float) -> None:
     """Rank the sample's masks in the Review tab and show the first misaligned one."""
-    panel = widget.review
-    widget.filter_combo.setCurrentIndex(0)
+    panel, model = widget.review, widget.session.review
+    widget.dataset_panel.filter_combo.setCurrentIndex(0)
     widget.tabs.setCurrentIndex(2)
     done = []
-    panel.audit_done.connect(lambda: done.append(True))
+    model.audit_done.connect(done.append)
     panel.start_audit(minutes=minutes)
     start = time.time()
     while not done and time.time() - start < minutes * 60 + 120:
         settle(0.2)
-    for row in range(panel.queue.count()):
-        item = panel.queue.item(row)
-        if item.data(256)["reasons"][0]["kind"] == "misaligned":
-            panel.queue.setCurrentItem(item)
-            panel._on_queue_clicked(item)
+    for row, entry in enumerate(model.queue):
+        if entry.move is not None:
+            panel.queue.setCurrentRow(row)
+            model.go_to(entry)
             break
     settle()
 
@@ -53,14 +52,15 @@ def main(out: str, train_seconds: float = 0.0, review_minutes: float = 0.0) -> N
     viewer.window._qt_window.resize(1400, 950)
     settle()
     # Show an image with the rare class, found through the class filter.
-    widget.filter_combo.setCurrentIndex(widget.filter_combo.findData(4))
+    combo = widget.dataset_panel.filter_combo
+    combo.setCurrentIndex(combo.findData(4))
     viewer.reset_view()
     settle()
     if train_seconds:
         panel = widget.training
-        panel.runs_root = Path(tempfile.mkdtemp())
-        panel.form.preset_combo.setCurrentText("cpu")
-        panel.form.device_combo.setCurrentIndex(panel.form.device_combo.count() - 1)
+        widget.session.training.runs_root = Path(tempfile.mkdtemp())
+        panel.form.preset.value = "cpu"
+        panel.form.device.value = "cpu"
         widget.tabs.setCurrentIndex(1)
         widget.images_layer.visible = True
         widget.masks_layer.visible = False
@@ -71,8 +71,7 @@ def main(out: str, train_seconds: float = 0.0, review_minutes: float = 0.0) -> N
     if review_minutes:
         review(viewer, widget, review_minutes)
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(out)
-    if train_seconds:
-        widget.training.shutdown()
+    widget.session.shutdown()
     viewer.close()
 
 

@@ -1,12 +1,15 @@
-"""A Qt form generated from the trainer's config dataclass (names, types, choices, help)."""
+"""The training form, generated with magicgui from the trainer's config dataclass: each
+field's name, type, choices and help become a widget, its label and its tooltip, and the
+form's values go back through :meth:`TrainConfig.replace`, so the messages for bad values
+are the CLI's."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import Field, fields
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLineEdit, QSpinBox, QWidget
+from magicgui.widgets import ComboBox, Container, Widget, create_widget
 
-from trainer.config import PRESETS, TrainConfig, preset
+from trainer.config import LOSS_NAMES, PRESETS, TrainConfig, preset
 
 # The fields a person tunes most; the rest keep the preset's values.
 SHOWN = (
@@ -25,91 +28,70 @@ SHOWN = (
     "squeeze_excitation",
 )
 LABELS = {"lr": "learning rate", "oversample": "oversample power", "minutes": "minutes (0 = use epochs)"}
+# Spin-box steps (the number of decimals shown follows the step).
+STEPS = {"lr": 0.0005, "minutes": 0.5}
 
 
 def list_devices() -> list[tuple[str, str]]:
-    """(label, config value) pairs: the GPUs torch sees, then CPU."""
+    """(label, config value) pairs: the GPU torch sees first, then CPU."""
     import torch
 
     out = []
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            out.append((f"GPU {i}: {torch.cuda.get_device_name(i)}", "cuda"))
+        n = torch.cuda.device_count()
+        more = f" (+{n - 1} more through torchrun)" if n > 1 else ""
+        out.append((f"GPU: {torch.cuda.get_device_name(0)}{more}", "cuda"))
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         out.append(("Apple GPU (MPS)", "mps"))
     out.append(("CPU", "cpu"))
     return out
 
 
-class ConfigForm(QWidget):
-    """Preset, device and the SHOWN fields of :class:`TrainConfig`, each with its help as tooltip."""
+def field_widget(f: Field) -> Widget:
+    """The magicgui widget for one config field: a combo box where the field has choices,
+    else the widget magicgui picks for the default's type, bounded at zero."""
+    default, help_text = f.default, f.metadata.get("help", "")
+    label = LABELS.get(f.name, f.name.replace("_", " "))
+    if f.name == "loss":
+        help_text += f" (the registry's names: {', '.join(LOSS_NAMES)})"
+    options: dict = {"tooltip": help_text}
+    if f.metadata.get("choices"):
+        options["choices"] = list(f.metadata["choices"])
+        return create_widget(default, name=f.name, label=label, widget_type="ComboBox", options=options)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        options.update(min=0, max=100_000)
+        if isinstance(default, float):
+            options["step"] = STEPS.get(f.name, 0.1)
+    return create_widget(default, annotation=type(default), name=f.name, label=label, options=options)
 
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        layout = QFormLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+
+class ConfigForm(Container):
+    """Preset, device and the SHOWN fields of :class:`TrainConfig`. ``.native`` is the QWidget."""
+
+    def __init__(self) -> None:
         self.devices = list_devices()
-        self.preset_combo = QComboBox()
-        self.preset_combo.addItems(list(PRESETS))
-        layout.addRow("preset", self.preset_combo)
-        self.device_combo = QComboBox()
-        for label, value in self.devices:
-            self.device_combo.addItem(label, value)
-        layout.addRow("device", self.device_combo)
-        self.editors: dict[str, QWidget] = {}
         meta = {f.name: f for f in fields(TrainConfig)}
-        for name in SHOWN:
-            f = meta[name]
-            default, choices = f.default, f.metadata.get("choices")
-            if choices:
-                w = QComboBox()
-                w.addItems(list(choices))
-            elif isinstance(default, bool):
-                w = QCheckBox()
-            elif isinstance(default, int):
-                w = QSpinBox()
-                w.setRange(0, 100000)
-            elif isinstance(default, float):
-                w = QDoubleSpinBox()
-                w.setDecimals(5 if name == "lr" else 3)
-                w.setSingleStep(0.0005 if name == "lr" else 0.1)
-                w.setRange(0.0, 10000.0)
-            else:
-                w = QLineEdit()
-            w.setToolTip(f.metadata.get("help", ""))
-            self.editors[name] = w
-            layout.addRow(LABELS.get(name, name.replace("_", " ")), w)
+        self.editors: dict[str, Widget] = {name: field_widget(meta[name]) for name in SHOWN}
         gpu = self.devices[0][1] == "cuda"
-        self.preset_combo.setCurrentText("gpu" if gpu else "cpu")
-        self.preset_combo.currentTextChanged.connect(self.load_preset)
-        self.load_preset(self.preset_combo.currentText())
+        self.preset = ComboBox(
+            name="preset", choices=list(PRESETS), value="gpu" if gpu else "cpu",
+            tooltip="starting values for every field; changing it reloads them",
+        )
+        self.device = ComboBox(name="device", choices=self.devices, value=self.devices[0][1])
+        super().__init__(widgets=[self.preset, self.device, *self.editors.values()], labels=True)
+        self.margins = (0, 0, 0, 0)
+        self.preset.changed.connect(self.load_preset)
+        self.load_preset(self.preset.value)
 
     def load_preset(self, name: str) -> None:
         self.set_values(preset(name))
 
     def set_values(self, cfg: TrainConfig) -> None:
         for name, w in self.editors.items():
-            value = getattr(cfg, name)
-            if isinstance(w, QComboBox):
-                w.setCurrentText(str(value))
-            elif isinstance(w, QCheckBox):
-                w.setChecked(bool(value))
-            elif isinstance(w, (QSpinBox, QDoubleSpinBox)):
-                w.setValue(value)
-            else:
-                w.setText(str(value))
+            w.value = getattr(cfg, name)
 
     def config(self) -> TrainConfig:
         """The preset with the form's values; raises ``ConfigError`` on invalid values."""
-        values = {}
-        for name, w in self.editors.items():
-            if isinstance(w, QComboBox):
-                values[name] = w.currentText()
-            elif isinstance(w, QCheckBox):
-                values[name] = w.isChecked()
-            elif isinstance(w, (QSpinBox, QDoubleSpinBox)):
-                values[name] = w.value()
-            else:
-                values[name] = w.text()
-        values["device"] = self.device_combo.currentData()
-        return preset(self.preset_combo.currentText()).replace(**values)
+        values = {name: w.value for name, w in self.editors.items()}
+        values["device"] = self.device.value
+        return preset(self.preset.value).replace(**values)

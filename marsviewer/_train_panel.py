@@ -45,7 +45,7 @@ class TrainingPanel(QWidget):
         self.config_box = box = QGroupBox("Configuration")
         lay = QVBoxLayout(box)
         self.form = ConfigForm()
-        lay.addWidget(self.form)
+        lay.addWidget(self.form.native)
         root.addWidget(box)
 
         row = QHBoxLayout()

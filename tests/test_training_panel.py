@@ -15,8 +15,8 @@ from trainer.cli import main as cli_main
 def widget(npz_widget):
     """The widget set to train the tiny preset on the CPU."""
     form = npz_widget.training.form
-    form.preset_combo.setCurrentText("tiny")
-    form.device_combo.setCurrentIndex(form.device_combo.count() - 1)  # CPU
+    form.preset.value = "tiny"
+    form.device.value = "cpu"
     return npz_widget
 
 
@@ -28,7 +28,7 @@ def ended(widget) -> list:
 
 def test_train_shows_live_prediction_iou_and_predicts_all(widget, qtbot):
     panel, model = widget.training, widget.session.training
-    panel.form.editors["epochs"].setValue(2)
+    panel.form.editors["epochs"].value = 2
     widget.browser.set_index(3)
     seen = ended(widget)
     panel.start_button.click()
@@ -58,7 +58,7 @@ def test_train_shows_live_prediction_iou_and_predicts_all(widget, qtbot):
 
 def test_stop_saves_a_checkpoint(widget, qtbot):
     panel, model = widget.training, widget.session.training
-    panel.form.editors["epochs"].setValue(200)
+    panel.form.editors["epochs"].value = 200
     seen = ended(widget)
     panel.start()
     qtbot.waitUntil(lambda: len(model.record.losses) >= 2, timeout=60_000)
@@ -75,7 +75,7 @@ def test_killed_training_process_is_reported_and_viewer_stays_usable(widget, qtb
     notified = []
     monkeypatch.setattr(wmod, "show_error", notified.append)
     panel, model = widget.training, widget.session.training
-    panel.form.editors["epochs"].setValue(200)
+    panel.form.editors["epochs"].value = 200
     seen = ended(widget)
     panel.start()
     qtbot.waitUntil(lambda: len(model.record.losses) >= 1, timeout=60_000)
@@ -107,3 +107,33 @@ def test_attach_to_a_run_written_by_the_cli(widget, npz_path, tmp_path):
     assert panel.iou_table.item(1, 0).text() != "not trained"
     assert not model.attach(tmp_path)  # not a run directory: a message, nothing breaks
     assert "not a run directory" in panel.status.text()
+
+
+def test_config_form_is_generated_from_the_config_dataclass(qtbot):
+    from dataclasses import fields
+
+    from marsviewer._form import SHOWN, ConfigForm
+    from trainer.config import TrainConfig, preset
+
+    form = ConfigForm()
+    meta = {f.name: f for f in fields(TrainConfig)}
+    for name in SHOWN:  # one widget per field, its help as tooltip, its choices offered
+        w = form.editors[name]
+        assert meta[name].metadata["help"] in w.tooltip
+        if meta[name].metadata.get("choices"):
+            assert list(w.choices) == list(meta[name].metadata["choices"])
+    form.preset.value = "tiny"
+    form.device.value = "cpu"
+    assert form.config() == preset("tiny").replace(device="cpu")  # the preset round-trips
+    form.editors["lr"].value = 0.0005
+    form.editors["class_weighting"].value = "none"
+    cfg = form.config()
+    assert cfg.lr == 0.0005 and cfg.class_weighting == "none" and cfg.base_width == preset("tiny").base_width
+    form.editors["loss"].value = "ce:1,bogus:2"  # the CLI's message for the same value
+    with pytest.raises(Exception, match="unknown loss 'bogus'; valid: ce, focal"):
+        form.config()
+    form.editors["epochs"].value = 0
+    form.editors["minutes"].value = 0
+    form.editors["loss"].value = "ce:1"
+    with pytest.raises(Exception, match="epochs and minutes are both 0"):
+        form.config()
