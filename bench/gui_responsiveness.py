@@ -103,7 +103,9 @@ def main() -> None:
     panel.form.device.value = "cpu"
     panel.form.editors["epochs"].value = 1000
     cfg_gui = panel.form.config()
-    cfg_gui = cfg_gui.replace(threads=args.threads, log_every=1) if args.threads else cfg_gui.replace(log_every=1)
+    cfg_gui = (
+        cfg_gui.replace(threads=args.threads, log_every=1) if args.threads else cfg_gui.replace(log_every=1)
+    )
     if args.no_preview:
         import marsviewer._training_model as training_module
 

@@ -74,7 +74,9 @@ class ConfigForm(Container):
         self.editors: dict[str, Widget] = {name: field_widget(meta[name]) for name in SHOWN}
         gpu = self.devices[0][1] == "cuda"
         self.preset = ComboBox(
-            name="preset", choices=list(PRESETS), value="gpu" if gpu else "cpu",
+            name="preset",
+            choices=list(PRESETS),
+            value="gpu" if gpu else "cpu",
             tooltip="starting values for every field; changing it reloads them",
         )
         self.device = ComboBox(name="device", choices=self.devices, value=self.devices[0][1])
