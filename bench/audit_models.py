@@ -23,12 +23,12 @@ import numpy as np
 from _report import report
 
 from trainer import events as ev
-from trainer.audit import audit_config
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.config import preset
 from trainer.dataset import Dataset
 from trainer.engine import fit
 from trainer.inference import predict_arrays
+from trainer.out_of_fold import audit_config
 from trainer.stats import duplicate_mask_groups
 from trainer.synth import generate
 

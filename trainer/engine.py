@@ -167,30 +167,6 @@ class _Trainer(EpochEnd):
             self.state.epoch, self.precision.name, self.precision.reason, uses_channels_last(self.device),
         )  # fmt: skip
 
-    # -- corrections
-    def reload_corrections(self) -> ev.DataUpdate | None:
-        """Apply the store's current state; returns a DataUpdate event when it changed.
-        Excluded images leave both splits: they neither train nor decide the best checkpoint."""
-        if self.corrections is None:
-            return None
-        version = self.corrections.version()
-        if version == self.seen_version:
-            return None
-        self.seen_version = version
-        edited, excluded = self.corrections.snapshot()
-        effective = self.dataset.masks.copy()
-        for i, m in edited.items():
-            effective[i] = m
-        self.masks.copy_(torch.from_numpy(effective))
-        self.presence = class_presence(effective)
-        drop = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-        self.train_idx = np.setdiff1d(self.base_train_idx, drop)
-        self.val_idx = np.setdiff1d(self.base_val_idx, drop)
-        if len(self.train_idx) == 0:
-            raise DatasetError("every training image is excluded")
-        self.sample_weights = self._sample_weights()
-        return ev.DataUpdate(self.state.epoch, len(edited), len(excluded), len(self.train_idx))
-
     # -- one epoch
     def _step_generator(self, batch: int) -> torch.Generator:
         g = torch.Generator(device=self.device)

@@ -1,5 +1,5 @@
-"""The end of each epoch of a run: validation, checkpoints, previews, and the decision
-to go on. A mixin of the engine's ``_Trainer``, kept apart so that each module reads in
+"""Between the epochs of a run: validation, checkpoints, previews, the decision to go
+on, and the corrections taken in before the next epoch. A mixin of the engine's ``_Trainer``, kept apart so that each module reads in
 one sitting; it uses the trainer's state (``cfg``, ``state``, ``model``, ``runs`` ...)."""
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ import math
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from . import events as ev
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
+from .dataset import DatasetError
 from .inference import confusion_on, predict_arrays
+from .stats import class_presence
 
 
 def describe_failure(exc: BaseException, cfg: TrainConfig) -> str:
@@ -26,7 +29,7 @@ def describe_failure(exc: BaseException, cfg: TrainConfig) -> str:
 
 
 class EpochEnd:
-    """Validate, checkpoint and preview; say when the run ends."""
+    """Validate, checkpoint and preview; say when the run ends; take in corrections."""
 
     def last_good(self) -> str | None:
         """Every checkpoint on disk passed the finiteness check before it was written."""
@@ -165,3 +168,27 @@ class EpochEnd:
                 }
             )
         return ev.Finished(st.epoch, st.step, st.best, best_path, seconds, reason)
+
+    # -- corrections
+    def reload_corrections(self) -> ev.DataUpdate | None:
+        """Apply the store's current state; returns a DataUpdate event when it changed.
+        Excluded images leave both splits: they neither train nor decide the best checkpoint."""
+        if self.corrections is None:
+            return None
+        version = self.corrections.version()
+        if version == self.seen_version:
+            return None
+        self.seen_version = version
+        edited, excluded = self.corrections.snapshot()
+        effective = self.dataset.masks.copy()
+        for i, m in edited.items():
+            effective[i] = m
+        self.masks.copy_(torch.from_numpy(effective))
+        self.presence = class_presence(effective)
+        drop = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
+        self.train_idx = np.setdiff1d(self.base_train_idx, drop)
+        self.val_idx = np.setdiff1d(self.base_val_idx, drop)
+        if len(self.train_idx) == 0:
+            raise DatasetError("every training image is excluded")
+        self.sample_weights = self._sample_weights()
+        return ev.DataUpdate(self.state.epoch, len(edited), len(excluded), len(self.train_idx))
