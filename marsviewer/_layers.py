@@ -8,7 +8,7 @@ import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
 from trainer.classes import CLASSES
-from trainer.dataset import Dataset
+from trainer.dataset import Dataset, DatasetError
 
 META_KEY = "marsviewer"
 
@@ -35,9 +35,15 @@ def dataset_layer_data(dataset: Dataset) -> list[tuple]:
     Both layers carry the dataset's identity in their metadata so the main widget can
     adopt them however they were opened (its own buttons, File > Open, a sample).
     """
+    n_test = 0 if dataset.test_images is None else len(dataset.test_images)
+    if len(dataset) == 0:
+        raise DatasetError(
+            f"{dataset.source}: no labelled images to show ({n_test} images have no mask). Masks are "
+            "matched by file stem, in a masks/ or labels/ folder or named 'name_mask.png'; "
+            "mars-trainer predict and suggest work on images without masks."
+        )
     label = dataset_label(dataset)
     meta = {"source": dataset.source, "names": list(dataset.names)}
-    n_test = 0 if dataset.test_images is None else len(dataset.test_images)
     images = (
         dataset.images,
         {

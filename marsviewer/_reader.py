@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 
 from trainer.formats import open_dataset
-from trainer.formats.folder import IMAGE_SUFFIXES
+from trainer.images import IMAGE_SUFFIXES
 
 from ._layers import dataset_layer_data
 

@@ -5,8 +5,10 @@ every redraw follows one of its signals."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -25,7 +27,11 @@ from trainer.classes import CLASSES, METRIC_CLASSES
 
 from ._curves import CurvePlot
 from ._form import ConfigForm
-from ._training_model import TrainingModel
+from ._training_model import ENDED, TrainingModel
+
+# Curves and tables are redrawn at most this often while a run goes on: every redraw is
+# time taken from the training that shares the machine's cores.
+REDRAW_EVERY_S = 0.5
 
 
 class TrainingPanel(QWidget):
@@ -33,7 +39,11 @@ class TrainingPanel(QWidget):
         super().__init__(parent)
         self.model = model
         self._build()
-        model.record_changed.connect(self._redraw)
+        self._last_redraw = -math.inf
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.timeout.connect(self._redraw)
+        model.record_changed.connect(self._on_record_changed)
         model.status.connect(self._show_message)
         model.busy_changed.connect(self._update_buttons)
         model.predicted.connect(self._after_prediction)
@@ -153,7 +163,17 @@ class TrainingPanel(QWidget):
             self.model.attach(path)
 
     # -- display -------------------------------------------------------------------
+    def _on_record_changed(self) -> None:
+        """Redraw now if the last redraw is old enough or the run ended, else once, later."""
+        wait = REDRAW_EVERY_S - (time.perf_counter() - self._last_redraw)
+        if wait <= 0 or self.model.record.state in ENDED:
+            self._redraw()
+        elif not self._redraw_timer.isActive():
+            self._redraw_timer.start(int(1000 * wait))
+
     def _redraw(self) -> None:
+        self._redraw_timer.stop()
+        self._last_redraw = time.perf_counter()
         h = self.model.record
         self.progress.setValue(int(1000 * min(max(h.progress, 0.0), 1.0)))
         running = h.state in ("running", "stopping")

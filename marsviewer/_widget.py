@@ -12,7 +12,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from trainer.classes import CLASSES
-from trainer.dataset import Dataset
+from trainer.dataset import Dataset, DatasetError
 
 from ._dataset_panel import DatasetPanel
 from ._layers import META_KEY, class_colormap, class_features, dataset_layer_data, ensure_layer, role_of
@@ -155,9 +155,14 @@ class MarsViewerWidget(QWidget):
 
     def show_dataset(self, dataset: Dataset) -> None:
         """Replace the layers of any previous dataset with this one's."""
+        try:
+            layer_data = dataset_layer_data(dataset)
+        except DatasetError as exc:
+            self._on_load_error(exc)
+            return
         for layer in [lyr for lyr in self.viewer.layers if role_of(lyr) or lyr.name in DERIVED]:
             self.viewer.layers.remove(layer)
-        for data, kwargs, kind in dataset_layer_data(dataset):
+        for data, kwargs, kind in layer_data:
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
         self.viewer.dims.set_current_step(0, 0)
         self.viewer.reset_view()

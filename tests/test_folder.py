@@ -102,10 +102,29 @@ def test_empty_folder(tmp_path):
         read_folder(tmp_path)
 
 
-def test_image_without_mask(tmp_path):
-    make_pairs(tmp_path)
-    save(tmp_path / "images" / "orphan.png", np.zeros((8, 12)))
-    with pytest.raises(DatasetError, match=r"1 image\(s\) have no mask: images/orphan\.png"):
+@pytest.mark.parametrize("layout", ["subfolders", "flat"])
+def test_images_without_masks_are_the_unlabelled_pool(tmp_path, layout):
+    images, masks = make_pairs(tmp_path, layout=layout)
+    where = tmp_path / "images" if layout == "subfolders" else tmp_path
+    save(where / "orphan.png", np.full((8, 12), 7))
+    save(where / "zz_big.png", np.full((16, 24), 9))  # another size: resized like the rest
+    ds = read_folder(tmp_path)
+    np.testing.assert_array_equal(ds.masks, masks)
+    assert ds.test_images.shape == (2, 8, 12) and ds.test_names[0].endswith("orphan")
+    assert (ds.test_images[0] == 7).all() and (ds.test_images[1] == 9).all()
+
+
+def test_folder_of_images_only_is_all_pool(tmp_path):
+    for i in range(3):
+        save(tmp_path / f"frame{i}.png", np.full((8, 12), i))
+    ds = read_folder(tmp_path)
+    assert len(ds) == 0 and ds.images.shape == (0, 8, 12) and len(ds.test_images) == 3
+
+
+def test_masks_that_match_no_image(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((4, 4)))
+    save(tmp_path / "masks" / "b.png", np.zeros((4, 4)))
+    with pytest.raises(DatasetError, match="none of the 1 masks"):
         read_folder(tmp_path)
 
 

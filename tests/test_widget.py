@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from marsviewer._widget import MarsViewerWidget
 from trainer.stats import class_presence
@@ -127,6 +128,15 @@ def test_bad_file_is_a_notification_and_viewer_stays_usable(loaded, tmp_path, qt
     assert loaded.browser.loaded and len(loaded.viewer.layers) == 2
     loaded.dataset_panel.next_button.click()
     assert loaded.dataset_panel.sample_button.isEnabled()
+    shown.clear()
+    pool = tmp_path / "frames"  # images without masks only: nothing to browse, a message
+    pool.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 12), i, np.uint8)).save(pool / f"f{i}.png")
+    loaded.open_path(pool)
+    qtbot.waitUntil(lambda: not loaded.loading, timeout=10_000)
+    assert shown and "no labelled images to show (2 images have no mask)" in shown[0]
+    assert loaded.browser.loaded and len(loaded.viewer.layers) == 2
 
 
 def test_opening_a_file_replaces_the_dataset(loaded, npz_path, qtbot):

@@ -29,12 +29,17 @@ def _size(text: str) -> tuple[int, int]:
     return size
 
 
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
+def add_dataset_args(p: argparse.ArgumentParser, inputs: bool = False) -> None:
+    """The DATASET argument and its reading options; ``inputs``: one or more inputs instead."""
     from .formats import MASK_MAPPINGS
 
-    p.add_argument(
-        "dataset", help="a competition .npz, a folder of image/mask pairs, or 'synthetic[:N[:SEED]]'"
-    )
+    what = "a competition .npz, a folder of image/mask pairs, or 'synthetic[:N[:SEED]]'"
+    if inputs:
+        p.add_argument(
+            "inputs", nargs="+", metavar="INPUT", help=f"{what}; or image files and folders of images"
+        )
+    else:
+        p.add_argument("dataset", help=what)
     p.add_argument(
         "--mask-mapping",
         choices=MASK_MAPPINGS,

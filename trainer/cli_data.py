@@ -40,11 +40,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from .stats import dataset_stats, format_stats
 
-    stats = dataset_stats(load_dataset(args))
+    dataset = load_dataset(args)
+    stats = dataset_stats(dataset)
+    pool = 0 if dataset.test_images is None else len(dataset.test_images)
     if args.json:
-        print(json.dumps(stats.to_json()))
+        print(json.dumps({**stats.to_json(), "unlabelled_images": pool}))
     else:
         print(format_stats(stats))
+        if pool:
+            print(f"\n{pool} unlabelled images (not counted above)")
     return 0
 
 

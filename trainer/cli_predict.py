@@ -38,6 +38,16 @@ def _split_indices(data: dict, split: str, n: int, source: str) -> np.ndarray:
     return idx
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return value
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -85,11 +95,18 @@ def _progress_printer(label: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import predict_arrays
+    if str(args.out).endswith(".npz"):
+        return _predict_dataset(args)
+    return _predict_files(args)
 
+
+def _predict_dataset(args: argparse.Namespace) -> int:
+    from .inference import keep_confident, predict_arrays
+
+    if len(args.inputs) != 1:
+        raise CliError("an .npz output takes one dataset; to predict image files give an output folder")
+    args.dataset = args.inputs[0]
     out = Path(args.out)
-    if out.suffix != ".npz":
-        raise CliError(f"{out}: the output must end in .npz")
     dataset = load_dataset(args)
     data, model, device, _, precision = _load_model(args)
     images = _predict_images(args, dataset, data)
@@ -98,15 +115,62 @@ def cmd_predict(args: argparse.Namespace) -> int:
         images,
         args.batch_size,
         device,
-        with_probs=args.probs,
+        with_probs=args.probs or args.min_confidence > 0,
         progress=_progress_printer("predicting"),
         precision=precision,
     )
+    result["masks"] = keep_confident(result["masks"], result.get("probs"), args.min_confidence)
+    if not args.probs:
+        result.pop("probs", None)
     try:
         np.savez_compressed(out, **result)
     except OSError as exc:
         raise CliError(f"{out}: could not be written ({exc.strerror or exc})") from None
     print(f"wrote {out}: masks {result['masks'].shape}" + (" and probs" if args.probs else ""))
+    return 0
+
+
+def _predict_files(args: argparse.Namespace) -> int:
+    """One PNG mask (values 0-4, the input's size) per input image; unreadable files are
+    listed at the end and make the exit code 2, after every readable one is written."""
+    from PIL import Image
+
+    from .dataset import DatasetError
+    from .images import image_files, read_image
+    from .inference import keep_confident, predict_arrays
+
+    try:
+        files = image_files(args.inputs)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from None
+    _, model, device, _, precision = _load_model(args)
+    out = Path(args.out)
+    failed, show = [], _progress_printer("predicting")
+    for k, (path, rel) in enumerate(files):
+        try:
+            image = read_image(path)
+        except DatasetError as exc:
+            failed.append(str(exc))
+            continue
+        want_probs = args.probs or args.min_confidence > 0
+        result = predict_arrays(model, image[None], 1, device, with_probs=want_probs, precision=precision)
+        mask = keep_confident(result["masks"], result.get("probs"), args.min_confidence)[0]
+        target = out / rel.with_suffix(".png")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(target)
+            if args.probs:
+                np.save(target.with_name(target.stem + "_probs.npy"), result["probs"][0])
+        except OSError as exc:
+            raise CliError(f"{target}: could not be written ({exc.strerror or exc})") from None
+        show(k + 1, len(files))
+    print(
+        f"wrote {len(files) - len(failed)} mask(s) to {out}"
+        + (" with class probabilities" if args.probs else "")
+    )
+    if failed:
+        print(f"{len(failed)} file(s) could not be read:", *failed, sep="\n  ", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -151,9 +215,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    def inference_parser(name: str, help: str, splits: tuple, default: str):
+    def inference_parser(name: str, help: str, splits: tuple, default: str, inputs: bool = False):
         q = sub.add_parser(name, help=help)
-        add_dataset_args(q)
+        add_dataset_args(q, inputs=inputs)
         q.add_argument("--checkpoint", required=True, help="a checkpoint written by mars-trainer train")
         q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
         q.add_argument(
@@ -178,9 +242,30 @@ def register(sub) -> None:
         help='print {"iou", "miou", "miou_keras", "pixel_accuracy", "confusion", "images"}',
     )
     q.set_defaults(func=cmd_evaluate)
-    q = inference_parser("predict", "predict masks into an .npz", ("test", "val", "train", "all"), "test")
-    q.add_argument("--out", required=True, help="output .npz with key masks (N, H, W) uint8")
-    q.add_argument("--probs", action="store_true", help="also store probs (N, C, H, W) float16")
+    q = inference_parser(
+        "predict",
+        "predict masks: a dataset into an .npz, or image files and folders into PNG masks",
+        ("test", "val", "train", "all"),
+        "test",
+        inputs=True,
+    )
+    q.add_argument(
+        "--out",
+        required=True,
+        help="an .npz (key masks (N, H, W) uint8) for a dataset; else a folder that gets one PNG "
+        "mask per input image, same name and size, values 0-4",
+    )
+    q.add_argument(
+        "--probs",
+        action="store_true",
+        help="also write class probabilities: key probs (N, C, H, W) float16, or NAME_probs.npy (C, H, W)",
+    )
+    q.add_argument(
+        "--min-confidence",
+        type=_probability,
+        default=0.0,
+        help="pixels whose predicted class has a lower probability become 0 (not labelled); default 0: keep all",
+    )
     q.set_defaults(func=cmd_predict)
     q = inference_parser("submit", "write the competition CSV for the test_set", (), "")
     q.add_argument("--out", required=True, help="output .csv")

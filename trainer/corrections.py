@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sqlite3
 import time
@@ -342,13 +343,4 @@ class CorrectionStore:
         masks = dataset.masks.copy()
         for i, m in edited.items():
             masks[i] = m
-        return (
-            Dataset(
-                images=dataset.images,
-                masks=masks,
-                test_images=dataset.test_images,
-                source=dataset.source,
-                names=dataset.names,
-            ),
-            excluded,
-        )
+        return dataclasses.replace(dataset, masks=masks), excluded

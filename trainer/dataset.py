@@ -25,11 +25,14 @@ class Dataset:
     masks : (N, H, W) uint8
         Masks with class ids 0..4, aligned with ``images``.
     test_images : (M, H, W) uint8 or None
-        Unlabelled images (the competition's ``test_set``), if any.
+        Unlabelled images (the competition's ``test_set``, a folder's images without
+        masks), if any.
     source : str
         Where the data came from (a path, or ``"synthetic:seed=..."``).
     names : list of str
         One name per training image (file stems for folders, indices otherwise).
+    test_names : list of str
+        One name per unlabelled image, likewise.
     """
 
     images: np.ndarray
@@ -37,6 +40,7 @@ class Dataset:
     test_images: np.ndarray | None = None
     source: str = ""
     names: list[str] = field(default_factory=list)
+    test_names: list[str] = field(default_factory=list)
     classes: tuple[TerrainClass, ...] = CLASSES
 
     def __post_init__(self) -> None:
@@ -52,6 +56,8 @@ class Dataset:
             )
         if not self.names:
             self.names = [str(i) for i in range(len(self.images))]
+        if not self.test_names and self.test_images is not None:
+            self.test_names = [str(i) for i in range(len(self.test_images))]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -147,3 +147,13 @@ def predict_arrays(
         if progress is not None:
             progress(min(start + len(chunk), n), n)
     return out
+
+
+def keep_confident(masks: np.ndarray, probs: np.ndarray, min_confidence: float) -> np.ndarray:
+    """``masks`` with every pixel whose predicted class has a probability below
+    ``min_confidence`` set to background (0, "not labelled"). ``probs`` is (N, C, H, W)."""
+    if min_confidence <= 0:
+        return masks
+    out = masks.copy()
+    out[probs.max(axis=1) < min_confidence] = 0
+    return out

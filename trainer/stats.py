@@ -48,7 +48,7 @@ def class_presence(masks: np.ndarray) -> np.ndarray:
     """(N, NUM_CLASSES) bool: does image i contain class c."""
     n = len(masks)
     counts = np.zeros((n, NUM_CLASSES), np.int64)
-    flat = masks.reshape(n, -1)
+    flat = masks.reshape(n, int(np.prod(masks.shape[1:])))
     # One bincount over (image, class) pairs instead of a loop over images.
     keys = (np.arange(n, dtype=np.int64)[:, None] * NUM_CLASSES + flat).reshape(-1)
     counts += np.bincount(keys, minlength=n * NUM_CLASSES).reshape(n, NUM_CLASSES)
@@ -98,7 +98,7 @@ def mask_stats(masks: np.ndarray) -> DatasetStats:
 
 def format_stats(stats: DatasetStats) -> str:
     """A readable table for the terminal."""
-    lines = [f"{stats.images} images", ""]
+    lines = [f"{stats.images} labelled images", ""]
     lines.append(f"{'id':>2}  {'class':<10} {'pixels':>12} {'share':>8} {'images':>8} {'% images':>9}")
     for c in stats.classes:
         pct = 100 * c.images / max(stats.images, 1)

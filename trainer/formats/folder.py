@@ -6,9 +6,9 @@ Two layouts are recognised:
   masks under ``masks``/``mask``/``labels``/``label``/``gt`` (at any depth);
 * flat: ``name.jpg`` beside ``name_mask.png`` (also ``_label``, ``_labels``, ``_gt``).
 
-Images and masks are matched by file stem. RGB images become grayscale; masks keep
-their raw values and go through a value mapping (identity, or the AI4Mars preset
-0..3 -> 1..4 and 255 -> 0).
+Images and masks are matched by file stem; images without a mask are the unlabelled pool
+(``Dataset.test_images``). RGB images become grayscale; masks keep their raw values and
+go through a value mapping (identity, or the AI4Mars preset 0..3 -> 1..4 and 255 -> 0).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 
 from ..classes import NUM_CLASSES
 from ..dataset import Dataset, DatasetError
+from ..images import IMAGE_SUFFIXES, read_image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 IMAGE_DIRS = {"images", "image", "imgs", "img", "edr"}
 MASK_DIRS = {"masks", "mask", "labels", "label", "gt", "annotations"}
 MASK_STEM_SUFFIXES = ("_mask", "_masks", "_label", "_labels", "_gt", "_merged")
@@ -51,7 +51,8 @@ def _mask_key(path: Path) -> str:
     return stem
 
 
-def _find_pairs(root: Path) -> tuple[list[Path], list[Path]]:
+def _find_pairs(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(labelled images, their masks, images without a mask)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(
@@ -75,51 +76,36 @@ def _find_pairs(root: Path) -> tuple[list[Path], list[Path]]:
     by_key = {}
     for m in masks:
         by_key.setdefault(_mask_key(m), m)
-    missing = [p for p in images if p.stem.lower() not in by_key]
-    if missing:
-        shown = ", ".join(str(p.relative_to(root)) for p in missing[:3])
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    labelled = [p for p in images if p.stem.lower() in by_key]
+    unlabelled = [p for p in images if p.stem.lower() not in by_key]
+    if masks and not labelled:
+        shown = ", ".join(str(p.relative_to(root)) for p in masks[:3])
         raise DatasetError(
-            f"{root}: {len(missing)} image(s) have no mask: {shown}{more}; expected a mask "
-            "with the same file stem (in a masks/ or labels/ folder, or named 'stem_mask.png')"
+            f"{root}: none of the {len(masks)} masks ({shown}...) matches an image; expected a mask "
+            "with its image's file stem (in a masks/ or labels/ folder, or named 'stem_mask.png')"
         )
-    return images, [by_key[p.stem.lower()] for p in images]
+    return labelled, [by_key[p.stem.lower()] for p in labelled], unlabelled
 
 
-def _load(path: Path, *, is_mask: bool) -> np.ndarray:
+def _load_mask(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            if is_mask:
-                if im.mode in ("RGB", "RGBA"):
-                    arr = np.asarray(im.convert("RGB"))
-                    if not (arr[..., 0] == arr[..., 1]).all() or not (arr[..., 0] == arr[..., 2]).all():
-                        raise DatasetError(
-                            f"{path}: mask is a colour image; expected one channel of class ids"
-                        )
-                    return arr[..., 0].copy()
-                arr = np.asarray(im)
-            else:
-                arr = np.asarray(im if im.mode in ("L", "I;16", "I", "F") else im.convert("L"))
+            if im.mode in ("RGB", "RGBA"):
+                arr = np.asarray(im.convert("RGB"))
+                if not (arr[..., 0] == arr[..., 1]).all() or not (arr[..., 0] == arr[..., 2]).all():
+                    raise DatasetError(f"{path}: mask is a colour image; expected one channel of class ids")
+                return arr[..., 0].copy()
+            arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DatasetError(f"{path}: unreadable image ({exc})") from None
     if arr.ndim != 2:
-        raise DatasetError(f"{path}: expected a 2-D image, found shape {arr.shape}")
+        raise DatasetError(f"{path}: expected a 2-D mask, found shape {arr.shape}")
     if arr.dtype != np.uint8:
-        if is_mask:
-            if arr.max() > 255 or arr.min() < 0:
-                raise DatasetError(f"{path}: mask values up to {arr.max()}; expected 0..255")
-            arr = arr.astype(np.uint8)
-        else:
-            # 16-bit or float images: stretch to 0..255.
-            a = arr.astype(np.float64)
-            lo, hi = float(a.min()), float(a.max())
-            arr = (
-                np.zeros(a.shape, np.uint8)
-                if hi <= lo
-                else ((a - lo) * (255 / (hi - lo))).round().astype(np.uint8)
-            )
+        if arr.max() > 255 or arr.min() < 0:
+            raise DatasetError(f"{path}: mask values up to {arr.max()}; expected 0..255")
+        arr = arr.astype(np.uint8)
     return arr
 
 
@@ -160,11 +146,12 @@ def read_folder(
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     lut = _mapping_table(mask_mapping)
-    image_paths, mask_paths = _find_pairs(root)
-    images = [_load(p, is_mask=False) for p in image_paths]
+    image_paths, mask_paths, pool_paths = _find_pairs(root)
+    images = [read_image(p) for p in image_paths]
+    pool = [read_image(p) for p in pool_paths]
     masks = []
     for ip, mp, img in zip(image_paths, mask_paths, images, strict=True):
-        raw = _load(mp, is_mask=True)
+        raw = _load_mask(mp)
         if raw.shape != img.shape:
             raise DatasetError(
                 f"{mp}: mask is {raw.shape[0]}x{raw.shape[1]} but its image {ip.name} is "
@@ -179,12 +166,23 @@ def read_folder(
             )
         masks.append(mapped)
     if size is None:
-        size = Counter(a.shape for a in images).most_common(1)[0][0]
-    images = np.stack([_resize(a, size, is_mask=False) for a in images])
-    masks = np.stack([_resize(a, size, is_mask=True) for a in masks])
+        size = Counter(a.shape for a in images + pool).most_common(1)[0][0]
+
+    def stack(arrays: list[np.ndarray], is_mask: bool) -> np.ndarray:
+        return (
+            np.stack([_resize(a, size, is_mask=is_mask) for a in arrays])
+            if arrays
+            else np.zeros((0, *size), np.uint8)
+        )
+
+    def names(paths: list[Path]) -> list[str]:
+        return [str(p.relative_to(root).with_suffix("")) for p in paths]
+
     return Dataset(
-        images=images,
-        masks=masks,
+        images=stack(images, False),
+        masks=stack(masks, True),
+        test_images=stack(pool, False) if pool else None,
         source=str(root),
-        names=[str(p.relative_to(root).with_suffix("")) for p in image_paths],
+        names=names(image_paths),
+        test_names=names(pool_paths),
     )

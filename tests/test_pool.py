@@ -1,0 +1,249 @@
+"""Unlabelled images from the command line: predict image files, rank the pool for
+labelling (suggest), export the model, and their refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+from trainer.cli import main
+from trainer.formats import write_npz
+from trainer.inference import keep_confident, predict_arrays
+from trainer.suggest import PoolScores, _regions, describe, rank_pool
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run on a small synthetic file with an unlabelled test_set of 12 images."""
+    from trainer.synth import generate
+
+    root = tmp_path_factory.mktemp("pool")
+    ds = generate(40, 12, seed=5).dataset
+    data = root / "mars.npz"
+    write_npz(data, ds.images, ds.masks, ds.test_images)
+    argv = ["train", str(data), "--run-dir", str(root / "run"), "--preset", "tiny", "--epochs", "2"]
+    assert main(argv) == 0
+    ckpt = root / "run" / "checkpoints" / "last.pt"
+    model, _ = model_from_checkpoint(load_checkpoint(ckpt))
+    return data, ckpt, ds, model.eval()
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def model_mask(model, image: np.ndarray) -> np.ndarray:
+    return predict_arrays(model, image[None], 1, "cpu")["masks"][0]
+
+
+# -- predict on image files ----------------------------------------------------------
+def test_predict_image_files_any_size_gray_rgb_16bit(trained, tmp_path, capsys):
+    _, ckpt, ds, model = trained
+    src = tmp_path / "frames"
+    (src / "sub").mkdir(parents=True)
+    gray = ds.test_images[0][:45, :77].copy()  # not a multiple of the U-Net's stride
+    Image.fromarray(gray).save(src / "gray.png")
+    rgb = np.stack([ds.test_images[1]] * 3, -1)
+    Image.fromarray(rgb).save(src / "sub" / "colour.png")
+    deep = ds.test_images[2].astype(np.uint16) * 257  # 16-bit: stretched back onto 0..255
+    Image.fromarray(deep).save(src / "deep.tif")
+    (src / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(src / "masks" / "gray.png")  # not an input
+    out = tmp_path / "out"
+    code, stdout, _ = run(["predict", src, "--checkpoint", ckpt, "--out", out, "--probs"], capsys)
+    assert code == 0 and "wrote 3 mask(s)" in stdout
+    got = {p.relative_to(out).as_posix(): np.asarray(Image.open(p)) for p in out.rglob("*.png")}
+    assert set(got) == {"gray.png", "sub/colour.png", "deep.png"}
+    assert got["gray.png"].shape == (45, 77) and got["gray.png"].dtype == np.uint8
+    assert got["gray.png"].max() <= 4
+    np.testing.assert_array_equal(got["gray.png"], model_mask(model, gray))
+    np.testing.assert_array_equal(got["sub/colour.png"], model_mask(model, ds.test_images[1]))
+    lo, hi = ds.test_images[2].min(), ds.test_images[2].max()
+    stretched = ((ds.test_images[2].astype(float) - lo) * 255 / (hi - lo)).round().astype(np.uint8)
+    np.testing.assert_array_equal(got["deep.png"], model_mask(model, stretched))
+    probs = np.load(out / "gray_probs.npy")
+    assert probs.shape == (5, 45, 77) and (probs.argmax(0) == got["gray.png"]).mean() > 0.999
+
+
+def test_predict_min_confidence_leaves_doubtful_pixels_unlabelled(trained, tmp_path, capsys):
+    _, ckpt, ds, model = trained
+    Image.fromarray(ds.test_images[3]).save(tmp_path / "a.png")
+    full = predict_arrays(model, ds.test_images[3][None], 1, "cpu", with_probs=True)
+    level = float(np.median(full["probs"][0].max(0)))  # a tiny model: about half its pixels are sure
+    code, _, _ = run(
+        [
+            "predict",
+            tmp_path / "a.png",
+            "--checkpoint",
+            ckpt,
+            "--out",
+            tmp_path / "o",
+            "--min-confidence",
+            level,
+        ],
+        capsys,
+    )
+    assert code == 0
+    kept = np.asarray(Image.open(tmp_path / "o" / "a.png"))
+    sure = full["probs"][0].max(0) >= level
+    assert 0 < sure.mean() < 1  # the test needs both kinds of pixel
+    np.testing.assert_array_equal(kept[sure], full["masks"][0][sure])
+    assert (kept[~sure] == 0).all()
+    np.testing.assert_array_equal(keep_confident(full["masks"], full["probs"], 0.0), full["masks"])
+
+
+def test_predict_reports_unreadable_files_after_writing_the_rest(trained, tmp_path, capsys):
+    _, ckpt, ds, _ = trained
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(ds.test_images[0]).save(src / "good.png")
+    (src / "broken.png").write_bytes(b"not an image")
+    code, out, err = run(["predict", src, "--checkpoint", ckpt, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "wrote 1 mask(s)" in out
+    assert "broken.png: unreadable image" in err
+    assert (tmp_path / "o" / "good.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["predict", empty, "--checkpoint", ckpt, "--out", tmp_path / "o2"], capsys)
+    assert code == 2 and "empty: no images found" in err
+    not_ckpt = tmp_path / "x.pt"
+    torch.save({"hello": 1}, not_ckpt)
+    code, _, err = run(
+        ["predict", src / "good.png", "--checkpoint", not_ckpt, "--out", tmp_path / "o3"], capsys
+    )
+    assert code == 2 and "x.pt" in err
+
+
+# -- the label-next queue ----------------------------------------------------------
+def test_regions_ignore_speckle_and_boundary_strips():
+    doubt = np.zeros((40, 60))
+    doubt[::7, ::5] = 1.0  # speckle
+    doubt[20, :] = 1.0  # a one-pixel boundary strip
+    doubt[:, 30:32] = 1.0  # a two-pixel strip
+    doubt[30:34, 40:44] = 1.0  # a blob of 16 pixels, below min_region
+    kept, n = _regions(doubt, 0.5, 24)
+    assert n == 0 and not kept.any()
+    doubt[2:12, 2:14] = 0.9  # a real region of 120 pixels
+    kept, n = _regions(doubt, 0.5, 24)
+    assert n == 1 and kept[2:12, 2:14].all() and kept.sum() == 120
+
+
+def _scores(uncertainty, features) -> PoolScores:
+    m = len(uncertainty)
+    f = np.asarray(features, float)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    shares = np.tile([0, 0.5, 0.3, 0.2, 0], (m, 1))
+    return PoolScores(np.asarray(uncertainty, float), np.ones(m, int), np.asarray(uncertainty), shares, f)
+
+
+def test_rank_pool_spreads_the_top_over_different_scenes():
+    rng = np.random.default_rng(0)
+    scene = rng.normal(size=8)
+    near_copies = [scene + 0.01 * rng.normal(size=8) for _ in range(10)]  # one scene, ten frames
+    others = [rng.normal(size=8) for _ in range(6)]
+    scores = _scores([0.9] * 10 + [0.5] * 6, near_copies + others)
+    plain = [e["index"] for e in rank_pool(scores, top=5, diversity=0)]
+    assert all(i < 10 for i in plain)  # uncertainty alone: five frames of the same scene
+    diverse = [e["index"] for e in rank_pool(scores, top=5)]
+    assert diverse[0] < 10 and sum(i < 10 for i in diverse) == 1  # one frame of it, then other scenes
+    top = rank_pool(scores, top=5)
+    assert [e["score"] for e in top] == sorted((e["score"] for e in top), reverse=True)
+    kinds = [r["kind"] for r in top[1]["reasons"]]
+    assert kinds == ["uncertain", "diverse", "predicted"]
+    assert "uncertain region" in describe(top[1]) and "Soil" in describe(top[1])
+
+
+def test_rank_pool_puts_images_like_the_labelled_ones_last():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(6, 8))
+    scores = _scores([0.5] * 6, feats)
+    labelled = scores.features[[2]] + 1e-4  # image 2 is (nearly) labelled already
+    order = [e["index"] for e in rank_pool(scores, labelled_features=labelled)]
+    assert order[-1] == 2
+    first = rank_pool(scores, top=1, labelled_features=labelled)[0]
+    assert any(r.get("versus") == "labelled images" for r in first["reasons"])
+
+
+def test_suggest_cli_ranks_the_test_set(trained, tmp_path, capsys):
+    data, ckpt, ds, _ = trained
+    out = tmp_path / "next.json"
+    code, stdout, _ = run(["suggest", data, "--checkpoint", ckpt, "--top", "5", "--out", out], capsys)
+    assert code == 0 and "5 of 12 unlabelled images" in stdout
+    ranking = json.loads(out.read_text())
+    assert len(ranking) == 5 and len({e["index"] for e in ranking}) == 5
+    assert all(0 <= e["index"] < len(ds.test_images) and e["reasons"] for e in ranking)
+    assert [e["score"] for e in ranking] == sorted((e["score"] for e in ranking), reverse=True)
+    code, _, err = run(["suggest", "synthetic:8", "--checkpoint", ckpt], capsys)
+    assert code == 2 and "no unlabelled images" in err
+
+
+def test_suggest_on_a_folder_ranks_its_images_without_masks(trained, tmp_path, capsys):
+    _, ckpt, ds, _ = trained
+    for i in range(3):
+        Image.fromarray(ds.images[i]).save(tmp_path / f"lab{i}.png")
+        Image.fromarray(ds.masks[i]).save(tmp_path / f"lab{i}_mask.png")
+    for i in range(4):
+        Image.fromarray(ds.test_images[i]).save(tmp_path / f"new{i}.png")
+    code, stdout, _ = run(["suggest", tmp_path, "--checkpoint", ckpt], capsys)
+    ranking = json.loads(stdout[stdout.index("[") :])
+    assert code == 0 and sorted(e["name"] for e in ranking) == [f"new{i}" for i in range(4)]
+
+
+# -- the model anywhere ------------------------------------------------------------
+def test_export_torchscript_runs_without_this_package(trained, tmp_path, capsys):
+    _, ckpt, ds, model = trained
+    out = tmp_path / "model.pt"
+    code, stdout, _ = run(
+        ["export-model", "--checkpoint", ckpt, "--format", "torchscript", "--out", out], capsys
+    )
+    assert code == 0 and "100.00% of pixels" in stdout
+    np.save(tmp_path / "x.npy", ds.test_images[:2])
+    script = (
+        "import sys, numpy as np, torch\n"
+        f"m = torch.jit.load({str(out)!r})\n"
+        f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "a = m(x)\n"  # uint8 (N, H, W)
+        "b = m(x.float().unsqueeze(1) / 255)\n"  # float (N, 1, H, W)
+        "c = m(x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous())\n"  # RGB uint8
+        "assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-3)\n"
+        "assert m(x[:, :45, :77]).shape == (2, 5, 45, 77)\n"
+        "assert not any(k.startswith(('trainer', 'marsviewer')) for k in sys.modules)\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, a.argmax(1).numpy())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    want = predict_arrays(model, ds.test_images[:2], 2, "cpu", precision=None)["masks"]
+    assert (np.load(tmp_path / "y.npy") == want).mean() > 0.999
+
+
+def test_export_onnx_or_a_clear_message(trained, tmp_path, capsys, monkeypatch):
+    _, ckpt, ds, _ = trained
+    out = tmp_path / "model.onnx"
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError:
+        onnxruntime = None
+    if onnxruntime is not None:
+        code, stdout, err = run(
+            ["export-model", "--checkpoint", ckpt, "--format", "onnx", "--out", out], capsys
+        )
+        assert code == 0, err
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        logits = session.run(
+            None, {"image": (ds.test_images[:3, :45, :77].astype(np.float32) / 255)[:, None]}
+        )[0]
+        assert logits.shape == (3, 5, 45, 77)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
+    code, _, err = run(
+        ["export-model", "--checkpoint", ckpt, "--format", "onnx", "--out", tmp_path / "b.onnx"], capsys
+    )
+    assert code == 2 and "pip install" in err and "onnxscript" in err
