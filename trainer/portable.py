@@ -12,6 +12,7 @@ Any height and width of at least 2**depth pixels: the input is padded to a multi
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -139,7 +140,11 @@ def _export_onnx(module: nn.Module, out: Path) -> None:
     h, w = torch.export.Dim("height", min=multiple), torch.export.Dim("width", min=multiple)
     n = torch.export.Dim("batch", min=1)
     example = torch.rand(2, 1, 64, 128)
-    with torch.no_grad():
+    quiet = logging.getLogger("torch.onnx")  # notes on torchvision ops this model does not use
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
             module,
             (example,),
@@ -149,6 +154,7 @@ def _export_onnx(module: nn.Module, out: Path) -> None:
             dynamic_shapes=({0: n, 2: h, 3: w},),
             verbose=False,
         )
+    quiet.setLevel(level)
     program.save(str(out))
 
 
