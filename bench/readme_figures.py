@@ -146,6 +146,21 @@ def compile_check(c: dict) -> list[str]:
     ]
 
 
+def label_confidence(c: dict) -> list[str]:
+    by_level = {r["confidence"]: r for r in c["levels"]}
+    d, every = by_level[c["default"]], by_level[0.0]
+    return [
+        f"Predictions as starting labels (`bench/out/label_confidence.json`, `{c['preset']}` preset, "
+        f"{c['epochs']} epochs on {c['train_images']} synthetic images, {c['held_out_images']} unseen "
+        f"images): every pixel kept, {every['kept_right']} of them are right (the model predicts "
+        f"background on {c['predicted_background_share']} of the pixels, where "
+        f"{c['background_truth_share']} are background). Keeping pixels of confidence >= "
+        f"**{c['default']}** (the lowest whose kept pixels are {c['target_kept_right']} right, the "
+        f"default) keeps {d['kept']} of the pixels, {d['kept_right']} of them right, "
+        f"{d['terrain_covered']} of the terrain.",
+    ]
+
+
 SECTIONS = [
     ("train_throughput", throughput),
     ("compile_check", compile_check),
@@ -154,6 +169,7 @@ SECTIONS = [
     ("audit_models", audit_models),
     ("audit_quality", audit_quality),
     ("gui_responsiveness", gui),
+    ("label_confidence", label_confidence),
 ]
 
 

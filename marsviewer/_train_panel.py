@@ -11,6 +11,7 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
@@ -120,6 +121,16 @@ class TrainingPanel(QWidget):
         self.finetune_button.clicked.connect(lambda: self.fine_tune())
         self.worst_label = QLabel("")
         lay.addWidget(self.worst_label)
+        row = QHBoxLayout()
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip(
+            "an image layer you opened (any size, gray or RGB, or a stack): the model's "
+            "prediction becomes a Labels layer beside it"
+        )
+        self.predict_layer_button = QPushButton("Predict layer")
+        row.addWidget(self.layer_combo, 1)
+        row.addWidget(self.predict_layer_button)
+        lay.addLayout(row)
         names = [c.name for c in CLASSES]
         table = self.confusion_table = QTableWidget(len(CLASSES), len(CLASSES))
         table.setHorizontalHeaderLabels([f"→{n}" for n in names])

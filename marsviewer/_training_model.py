@@ -56,6 +56,7 @@ class TrainingModel:
     predicted = Signal()
     run_ended = Signal(str)
     notify = Signal(str, str)
+    layer_predicted = Signal(str, object)  # (layer name, class ids of its image(s))
 
     def __init__(self, browser, training_data: Callable, runs_root: Path | None = None) -> None:
         self.browser = browser
@@ -64,6 +65,7 @@ class TrainingModel:
         self.process = None
         self.follower: RunFollower | None = None
         self.predictor = None
+        self.layer_job: tuple | None = None  # (layer name, its PredictionProcess, one 2-D image?)
         self.record = RunRecord()
         self.prediction: np.ndarray | None = None  # (N, H, W) uint8, shown as a Labels layer
         self.entropy: np.ndarray | None = None  # (N, H, W) float32, shown as an Image layer
@@ -193,6 +195,8 @@ class TrainingModel:
         self._send_preview_request()
         if self.predictor is not None:
             self._poll_prediction()
+        if self.layer_job is not None:
+            self._poll_layer_job()
         if events and self.record.state in ENDED:
             self.follower = None
             self.busy_changed.emit()
@@ -259,6 +263,45 @@ class TrainingModel:
             self.busy_changed.emit()
             self.predicted.emit()
 
+    def predict_image(self, name: str, data, rgb: bool = False):
+        """Predict any image the person opened (a 2-D gray or RGB image, or a stack of
+        them, any size) with the current checkpoint, in a child process; ``layer_predicted``
+        follows. Images are made gray as training images are (``trainer.images``)."""
+        from trainer.images import to_gray_u8
+        from trainer.process import DatasetSpec, PredictionProcess
+
+        if not self.checkpoint:
+            self.status.emit("No checkpoint yet: train first, or open a run.", True)
+            return None
+        arr = np.asarray(data)
+        spatial = arr.ndim - (1 if rgb else 0)
+        if spatial not in (2, 3) or min(arr.shape[:spatial][-2:]) < 1:
+            self.status.emit(
+                f"Cannot predict {name!r}: expected a 2-D image or a stack of them, got shape {arr.shape}",
+                True,
+            )
+            return None
+        frames = arr[None] if spatial == 2 else arr
+        images = np.stack([to_gray_u8(f) for f in frames])
+        h, w = images.shape[1:]
+        spec = DatasetSpec(images=images, masks=np.zeros_like(images), source=name)
+        job = PredictionProcess(spec, self.checkpoint, batch_size=max(1, min(64, 64 * 128 * 32 // (h * w))))
+        self.layer_job = (name, job, spatial == 2)
+        self.status.emit(f"Predicting {name!r} with {Path(self.checkpoint).name}…", False)
+        return job
+
+    def _poll_layer_job(self) -> None:
+        name, job, single = self.layer_job
+        for e in job.events():
+            if isinstance(e, ev.Predicted):
+                self.layer_predicted.emit(name, e.masks[0] if single else e.masks)
+                self.status.emit(f"Predicted {name!r}: the layer {name!r} prediction shows it.", False)
+            elif isinstance(e, ev.Failed):
+                self.status.emit(f"Prediction of {name!r} failed: {e.message}", True)
+                self.notify.emit(f"Prediction of {name!r} failed: {e.message.splitlines()[0]}", "error")
+        if job.finished:
+            self.layer_job = None
+
     def _take_prediction(self, masks: np.ndarray, entropy: np.ndarray) -> None:
         self.prediction[:] = masks
         self.entropy[:] = entropy
@@ -293,3 +336,6 @@ class TrainingModel:
         if self.predictor is not None:
             self.predictor.kill()
             self.predictor = None
+        if self.layer_job is not None:
+            self.layer_job[1].kill()
+            self.layer_job = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
@@ -44,6 +45,7 @@ class MarsViewerWidget(QWidget):
         self._connect_viewer()
         for layer in list(self.viewer.layers):
             self._adopt(layer)
+        self._list_predictable_layers()
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(session.poll)
@@ -71,6 +73,7 @@ class MarsViewerWidget(QWidget):
         ):
             self.tabs.addTab(_scrolled(panel), title)
         self.training.uncertainty_check.toggled.connect(self._toggle_uncertainty)
+        self.training.predict_layer_button.clicked.connect(self._predict_layer)
 
     def _connect_session(self) -> None:
         s = self.session
@@ -82,12 +85,15 @@ class MarsViewerWidget(QWidget):
         s.review.overlay_changed.connect(self._show_overlay)
         s.training.prediction_changed.connect(self._show_prediction)
         s.training.busy_changed.connect(lambda: self.ensure_prediction_layers() if s.jobs() else None)
+        s.training.layer_predicted.connect(self._show_layer_prediction)
 
     def _connect_viewer(self) -> None:
         v = self.viewer
         v.dims.events.current_step.connect(self._on_dims_step)
         v.layers.events.inserted.connect(lambda e: self._adopt(e.value))
         v.layers.events.removed.connect(self._on_layer_removed)
+        for event in (v.layers.events.inserted, v.layers.events.removed):
+            event.connect(lambda _e=None: self._list_predictable_layers())
         v.scene.camera.events.connect(lambda _e=None: self.session.user_active())
         keys = (
             ("Alt-S", lambda: self.session.review.save()),
@@ -166,6 +172,40 @@ class MarsViewerWidget(QWidget):
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
         self.viewer.dims.set_current_step(0, 0)
         self.viewer.reset_view()
+
+    # -- predicting any image layer ----------------------------------------------
+    def predictable_layers(self) -> list:
+        """Image layers the person opened: not the dataset's, not a view of it."""
+        return [
+            lyr
+            for lyr in self.viewer.layers
+            if isinstance(lyr, Image) and not role_of(lyr) and lyr.name not in DERIVED
+        ]
+
+    def _list_predictable_layers(self) -> None:
+        combo = self.training.layer_combo
+        current = combo.currentText()
+        combo.clear()
+        combo.addItems([lyr.name for lyr in self.predictable_layers()])
+        if current:
+            combo.setCurrentText(current)
+        self.training.predict_layer_button.setEnabled(combo.count() > 0)
+
+    def _predict_layer(self):
+        name = self.training.layer_combo.currentText()
+        if name not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[name]
+        return self.session.training.predict_image(name, layer.data, rgb=bool(layer.rgb))
+
+    def _show_layer_prediction(self, name: str, masks) -> None:
+        layer = ensure_layer(
+            self.viewer, f"{name} prediction", masks, "labels",
+            colormap=class_colormap(), opacity=0.6, features=class_features(),
+        )  # fmt: skip
+        if name in self.viewer.layers:
+            source = self.viewer.layers[name]
+            layer.scale, layer.translate = source.scale[-masks.ndim :], source.translate[-masks.ndim :]
 
     # -- following the viewer's layers -----------------------------------------
     def _on_layer_removed(self, event) -> None:

@@ -247,3 +247,12 @@ def test_export_onnx_or_a_clear_message(trained, tmp_path, capsys, monkeypatch):
         ["export-model", "--checkpoint", ckpt, "--format", "onnx", "--out", tmp_path / "b.onnx"], capsys
     )
     assert code == 2 and "pip install" in err and "onnxscript" in err
+
+
+def test_label_confidence_default_is_the_measured_one():
+    from pathlib import Path
+
+    from trainer.inference import LABEL_CONFIDENCE
+
+    measured = Path(__file__).parent.parent / "bench" / "out" / "label_confidence.json"
+    assert json.loads(measured.read_text())["default"] == LABEL_CONFIDENCE

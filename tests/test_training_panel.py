@@ -137,3 +137,31 @@ def test_config_form_is_generated_from_the_config_dataclass(qtbot):
     form.editors["loss"].value = "ce:1"
     with pytest.raises(Exception, match="epochs and minutes are both 0"):
         form.config()
+
+
+def test_predict_any_image_layer(widget, npz_path, tmp_path, qtbot):
+    run_dir = _cli_run(npz_path, tmp_path / "cli_run", epochs=1)
+    model = widget.session.training
+    assert not widget.training.predict_layer_button.isEnabled()  # no image of the person's yet
+    assert model.attach(run_dir)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (45, 77, 3), dtype=np.uint8)  # any size, RGB
+    widget.viewer.add_image(rgb, name="my frame", rgb=True)
+    combo = widget.training.layer_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == ["my frame"]  # not the dataset's
+    seen = []
+    model.layer_predicted.connect(lambda name, masks: seen.append(name))
+    widget.training.predict_layer_button.click()
+    qtbot.waitUntil(lambda: bool(seen), timeout=60_000)
+    layer = widget.viewer.layers["my frame prediction"]
+    assert layer.data.shape == (45, 77) and 1 <= layer.data.min() and layer.data.max() <= 4
+    assert layer.features["class"].tolist()[2] == "Bedrock"
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from trainer.images import to_gray_u8
+    from trainer.inference import predict_arrays
+
+    net, _ = model_from_checkpoint(load_checkpoint(model.checkpoint))
+    want = predict_arrays(net, to_gray_u8(rgb)[None], 1, "cpu")["masks"][0]
+    np.testing.assert_array_equal(layer.data, want)
+    widget.viewer.add_image(np.zeros((2, 3, 4, 5)), name="odd")  # 4-D gray: a message, no job
+    assert model.predict_image("odd", widget.viewer.layers["odd"].data) is None

@@ -149,6 +149,11 @@ def predict_arrays(
     return out
 
 
+# The confidence a prediction needs to become a starting label: the lowest at which 95% of
+# the kept pixels are right with the default preset (bench/label_confidence.py).
+LABEL_CONFIDENCE = 0.7
+
+
 def keep_confident(masks: np.ndarray, probs: np.ndarray, min_confidence: float) -> np.ndarray:
     """``masks`` with every pixel whose predicted class has a probability below
     ``min_confidence`` set to background (0, "not labelled"). ``probs`` is (N, C, H, W)."""
