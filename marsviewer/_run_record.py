@@ -45,6 +45,7 @@ class RunRecord:
     run_dir: str | None = None
     corrected: int = 0
     excluded: int = 0
+    newly_labelled: int = 0
     background_weight: float = 0.0
 
     def apply(self, event) -> dict:
@@ -80,6 +81,7 @@ class RunRecord:
             self.latest_confusion = e.get("confusion")
         elif kind == "data_update":
             self.corrected, self.excluded = e.get("corrected", 0), e.get("excluded", 0)
+            self.newly_labelled = e.get("newly_labelled", 0)
         elif kind == "checkpoint":
             if e.get("which") == "best":
                 self.best_checkpoint = e["path"]
@@ -131,8 +133,8 @@ class RunRecord:
             return self.message
         eta = "?" if self.eta_s is None else _clock(self.eta_s)
         fixes = (
-            f" · {self.corrected} corrected, {self.excluded} excluded"
-            if self.corrected or self.excluded
+            f" · {self.corrected} corrected, {self.newly_labelled} newly labelled, {self.excluded} excluded"
+            if self.corrected or self.excluded or self.newly_labelled
             else ""
         )
         return f"epoch {self.epoch + 1} · {self.images_per_s:.1f} img/s · ETA {eta}{fixes} · {self.device}"

@@ -4,6 +4,7 @@ a concurrent reader, and the original dataset file left untouched."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -268,3 +269,39 @@ def test_effective_mask_follows_saves_restores_and_undo(tmp_path):
     store.undo(0)
     np.testing.assert_array_equal(store.effective_mask(0, original), edited)
     np.testing.assert_array_equal(store.effective_mask(1, original), original)  # other images untouched
+
+
+def test_unlabelled_images_get_labels_with_history_and_export(tmp_path, capsys):
+    """Store index n + j is unlabelled image j: save, undo, restore (back to unlabelled),
+    and export writes it into training_set while test_set stays whole."""
+    from trainer.cli import main
+    from trainer.formats import read_npz, write_npz
+    from trainer.synth import generate
+
+    ds = generate(12, 3, seed=2, plant_problems=False).dataset
+    path = tmp_path / "m.npz"
+    write_npz(path, ds.images, ds.masks, ds.test_images, dtype="uint8")
+    data = read_npz(path)
+    store = CorrectionStore.for_dataset(data)
+    n = len(data)
+    label = np.full(data.image_shape, 2, np.uint8)
+    store.save_mask(n + 1, label)
+    store.save_mask(n + 1, label + 1)
+    store.undo(n + 1)
+    assert list(store.pool_labels()) == [1] and (store.pool_labels()[1] == 2).all()
+    applied, _ = store.apply(data)
+    assert len(applied) == n + 1 and (applied.images[n] == data.test_images[1]).all()
+    assert (applied.masks[n] == 2).all() and len(applied.test_images) == 3
+    store.save_mask(4, np.ones(data.image_shape, np.uint8))  # an ordinary correction too
+    out = tmp_path / "out.npz"
+    assert main(["export", str(path), "--out", str(out), "--dtype", "uint8"]) == 0
+    assert "1 corrected masks, 1 newly labelled" in capsys.readouterr().out
+    exported = read_npz(out)
+    assert len(exported) == n + 1 and (exported.masks[n] == 2).all() and (exported.masks[4] == 1).all()
+    np.testing.assert_array_equal(exported.test_images, data.test_images)
+    log = json.loads(out.with_name("out.changelog.json").read_text())
+    assert log["newly_labelled"] == 1
+    assert any(c["action"] == "labelled" and c["unlabelled_index"] == 1 for c in log["changes"])
+    store.restore(n + 1)  # back to unlabelled
+    assert store.pool_labels() == {}
+    assert len(store.apply(data)[0]) == n

@@ -492,3 +492,28 @@ def test_batches_cover_every_index_once_in_order():
     assert [b.tolist() for b in batches(np.arange(10), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert [b.tolist() for b in batches(np.arange(8), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert list(batches(np.arange(0), 4)) == []
+
+
+def test_a_labelled_unlabelled_image_joins_the_next_epoch(tmp_path):
+    """A mask saved for an unlabelled image (store index n + j) makes it a training image
+    at the next epoch; restoring makes it unlabelled again."""
+    from trainer.corrections import CorrectionStore
+
+    sample = generate(30, 4, seed=7, plant_problems=False)
+    ds = sample.dataset
+    store = CorrectionStore.for_dataset(ds, path=tmp_path / "c.sqlite")
+    reader = CorrectionStore(
+        tmp_path / "c.sqlite", _hash(ds), len(ds), ds.image_shape, readonly=True, n_pool=len(ds.test_images)
+    )
+    updates = []
+    for e in fit(ds, preset("tiny").replace(epochs=3), corrections=reader):
+        if isinstance(e, ev.DataUpdate):
+            updates.append(e)
+        if isinstance(e, ev.Validation) and e.epoch == 0:
+            store.save_mask(len(ds) + 2, np.full(ds.image_shape, 3, np.uint8))  # all sand
+        if isinstance(e, ev.Validation) and e.epoch == 1:
+            store.restore(len(ds) + 2)
+    assert [(u.epoch, u.newly_labelled, u.corrected) for u in updates] == [(0, 0, 0), (1, 1, 0), (2, 0, 0)]
+    assert updates[1].train_images == updates[0].train_images + 1 == updates[2].train_images + 1
+    with pytest.raises(IndexError):
+        store.save_mask(len(ds) + 4, np.zeros(ds.image_shape, np.uint8))  # past the pool

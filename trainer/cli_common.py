@@ -63,7 +63,8 @@ def open_store(dataset, path: str | None = None):
     target = Path(path) if path else existing_store_path(dataset.source, h)
     if target is None or not target.exists():
         return None
-    return CorrectionStore(target, h, len(dataset), dataset.image_shape)
+    pool = 0 if dataset.test_images is None else len(dataset.test_images)
+    return CorrectionStore(target, h, len(dataset), dataset.image_shape, n_pool=pool)
 
 
 def positive_int(text: str) -> int:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from .classes import CLASSES
 from .cli_common import CliError, add_dataset_args, load_dataset, positive_int
 
 
@@ -21,7 +22,8 @@ def _checkpoint_model(path: str):
 def cmd_suggest(args: argparse.Namespace) -> int:
     from .cli_predict import _progress_printer
     from .device import resolve_device
-    from .suggest import describe, suggest
+    from .stats import class_pixel_counts
+    from .suggest import describe, rank_pool, score_pool
 
     dataset = load_dataset(args)
     if dataset.test_images is None or not len(dataset.test_images):
@@ -31,15 +33,17 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         )
     model = _checkpoint_model(args.checkpoint)
     device = resolve_device(args.device)
-    ranking = suggest(
-        model,
-        dataset.test_images,
-        labelled=dataset.images if len(dataset) else None,
-        top=args.top,
-        measure=args.measure,
-        diversity=args.diversity,
-        device=device,
-        progress=_progress_printer("scoring"),
+    scores = score_pool(
+        model, dataset.test_images, measure=args.measure, device=device, progress=_progress_printer("scoring")
+    )
+    labelled = score_pool(model, dataset.images, device=device).features if len(dataset) else None
+    ranking = rank_pool(scores, args.top, labelled, args.diversity)
+    pool_share = scores.class_share.mean(0)
+    counts = class_pixel_counts(dataset.masks)
+    balance = "  ".join(
+        f"{c.name} {100 * pool_share[c.id]:.1f}%"
+        + (f" ({100 * counts[c.id] / max(counts[1:].sum(), 1):.1f}%)" if len(dataset) else "")
+        for c in CLASSES[1:]
     )
     for entry in ranking:
         entry["name"] = dataset.test_names[entry["index"]]
@@ -52,10 +56,15 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         print(
             f"wrote {args.out}: {len(ranking)} of {len(dataset.test_images)} unlabelled images, most useful first"
         )
+    info = sys.stdout if args.out else sys.stderr
+    print(
+        f"predicted class balance of the unlabelled images (labelled terrain in brackets): {balance}",
+        file=info,
+    )
     for k, entry in enumerate(ranking[: args.show]):
         print(
             f"{k + 1:>4}. {entry['name']:>12}  {entry['score']:.4f}  {describe(entry)}",
-            file=sys.stderr if not args.out else sys.stdout,
+            file=info,
         )
     if not args.out:
         print(text)

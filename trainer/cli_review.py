@@ -88,11 +88,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         edited, excluded = store.snapshot()
     masks = dataset.masks.copy()
     changes = []
+    n = len(dataset)
     for i, m in sorted(edited.items()):
+        if i >= n:
+            continue
         changed = int((m != dataset.masks[i]).sum())
         masks[i] = m
         changes.append(
             {"index": i, "action": "mask", "changed_pixels": changed, "history": _history(store, i)}
+        )
+    # Unlabelled images labelled since: appended to training_set (test_set stays whole).
+    new_labels = sorted(i for i in edited if i >= n)
+    for k, i in enumerate(new_labels):
+        changes.append(
+            {"index": n + k, "action": "labelled", "unlabelled_index": i - n, "history": _history(store, i)}
         )
     for i in sorted(excluded):
         changes.append(
@@ -103,16 +112,28 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "history": _history(store, i),
             }
         )
+    if new_labels:
+        rows = np.array(new_labels) - n
+        images = np.concatenate([dataset.images, dataset.test_images[rows]])
+        masks = np.concatenate([masks, np.stack([edited[i] for i in new_labels])])
+    else:
+        images = dataset.images
     keep = np.array(
-        [i for i in range(len(dataset)) if not (args.drop_excluded and i in excluded)], dtype=np.int64
+        [
+            i
+            for i in range(len(images))
+            if not (args.drop_excluded and _store_index(i, n, new_labels) in excluded)
+        ],
+        dtype=np.int64,
     )
     # The real file is float64; keep the dtype people's notebooks expect unless asked.
-    write_npz(out, dataset.images[keep], masks[keep], dataset.test_images, dtype=args.dtype)
+    write_npz(out, images[keep], masks[keep], dataset.test_images, dtype=args.dtype)
     log = {
         "source": dataset.source,
         "corrections": str(store.path) if store is not None else None,
         "images": int(len(keep)),
-        "edited": len(edited),
+        "edited": len(edited) - len(new_labels),
+        "newly_labelled": len(new_labels),
         "excluded": len(excluded),
         "dropped_excluded": bool(args.drop_excluded),
         "kept_indices": keep.tolist() if args.drop_excluded else None,
@@ -121,10 +142,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     changelog = out.with_name(out.stem + ".changelog.json")
     changelog.write_text(json.dumps(log, indent=1))
     print(
-        f"wrote {out} ({len(keep)} images, {len(edited)} corrected masks, {len(excluded)} excluded"
+        f"wrote {out} ({len(keep)} images, {len(edited) - len(new_labels)} corrected masks, "
+        f"{len(new_labels)} newly labelled, {len(excluded)} excluded"
         f"{' and dropped' if args.drop_excluded else ''}) and {changelog.name}"
     )
     return 0
+
+
+def _store_index(row: int, n: int, new_labels: list[int]) -> int:
+    """The store's index of an exported row (rows past ``n`` are newly labelled images)."""
+    return row if row < n else new_labels[row - n]
 
 
 def _history(store, i: int) -> list[dict]:

@@ -161,9 +161,10 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
             )
         elif kind == "step":
             progress.step(event)
-        elif kind == "data_update" and (event.corrected or event.excluded):
+        elif kind == "data_update" and (event.corrected or event.excluded or event.newly_labelled):
             progress.line(
-                f"epoch {event.epoch + 1}: training on {event.corrected} corrected masks, {event.excluded} excluded images"
+                f"epoch {event.epoch + 1}: training on {event.corrected} corrected masks and "
+                f"{event.newly_labelled} newly labelled images, {event.excluded} excluded images"
             )
         elif kind == "validation":
             progress.miou = event.miou

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sqlite3
 import time
 import zlib
@@ -26,6 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset
+from .store_location import dataset_hash, default_store_path, existing_store_path
+
+__all__ = [
+    "CorrectionStore",
+    "CorrectionsError",
+    "Entry",
+    "dataset_hash",
+    "default_store_path",
+    "existing_store_path",
+]
 
 ACTIONS = ("mask", "restore", "exclude", "include")
 SCHEMA = """
@@ -60,57 +69,23 @@ class Entry:
     current: bool = False
 
 
-def dataset_hash(images: np.ndarray, masks: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images).data)
-    h.update(np.ascontiguousarray(masks).data)
-    return h.hexdigest()
-
-
-def _candidate_folders(source: str, content_hash: str) -> tuple[Path | None, Path]:
-    """(beside the dataset, or None for synthetic data; in the user data folder by hash)."""
-    from platformdirs import user_data_dir
-
-    src = Path(source) if source and not source.startswith("synthetic") else None
-    beside = None
-    if src is not None and src.exists():
-        beside = src.parent / (f"{src.stem}.marsviewer" if src.is_file() else f"{src.name}.marsviewer")
-    return beside, Path(user_data_dir("marsviewer")) / "corrections" / content_hash
-
-
-def existing_store_path(source: str, content_hash: str) -> Path | None:
-    """Where this dataset's corrections already are, if anywhere (creates nothing)."""
-    for folder in _candidate_folders(source, content_hash):
-        if folder is not None and (folder / "corrections.sqlite").exists():
-            return folder / "corrections.sqlite"
-    return None
-
-
-def default_store_path(source: str, content_hash: str) -> Path:
-    """Beside the dataset if writable, else in the user data folder by content hash."""
-    beside, fallback = _candidate_folders(source, content_hash)
-    if beside is not None:
-        try:
-            beside.mkdir(exist_ok=True)
-            probe = beside / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-            return beside / "corrections.sqlite"
-        except OSError:
-            pass
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback / "corrections.sqlite"
-
-
 class CorrectionStore:
-    """Corrections of one dataset of ``n`` masks of ``shape``."""
+    """Corrections of one dataset of ``n`` masks of ``shape``, and labels of its ``n_pool``
+    unlabelled images: image ``n + j`` is unlabelled image ``j``. Such an image's original
+    mask is "not labelled" (all background): a saved mask makes it a training image,
+    restore makes it unlabelled again."""
 
     def __init__(
-        self, path: str | Path, content_hash: str, n: int, shape: tuple[int, int], readonly: bool = False
+        self,
+        path: str | Path,
+        content_hash: str,
+        n: int,
+        shape: tuple[int, int],
+        readonly: bool = False,
+        n_pool: int = 0,
     ) -> None:
         self.path = Path(path)
-        self.n, self.shape = n, tuple(shape)
+        self.n, self.shape, self.n_pool = n, tuple(shape), n_pool
         try:
             if readonly:
                 uri = f"file:{self.path}?mode=ro"
@@ -146,7 +121,8 @@ class CorrectionStore:
     ) -> CorrectionStore:
         masks = dataset.masks if original_masks is None else original_masks
         h = dataset_hash(dataset.images, masks)
-        return cls(path or default_store_path(dataset.source, h), h, len(masks), masks.shape[1:])
+        pool = 0 if dataset.test_images is None else len(dataset.test_images)
+        return cls(path or default_store_path(dataset.source, h), h, len(masks), masks.shape[1:], n_pool=pool)
 
     def _has_meta(self) -> bool:
         return bool(self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone())
@@ -169,8 +145,8 @@ class CorrectionStore:
     # -- writing ---------------------------------------------------------------
     def _check(self, image: int) -> int:
         image = int(image)
-        if not 0 <= image < self.n:
-            raise IndexError(f"image {image} out of range 0..{self.n - 1}")
+        if not 0 <= image < self.n + self.n_pool:
+            raise IndexError(f"image {image} out of range 0..{self.n + self.n_pool - 1}")
         return image
 
     def _cursor(self, image: int) -> int | None:
@@ -337,10 +313,34 @@ class CorrectionStore:
         ).fetchall()
         return [Entry(*r, current=r[0] == cur) for r in rows]
 
+    def pool_labels(self) -> dict[int, np.ndarray]:
+        """Unlabelled image j -> its saved mask, for those that have one now."""
+        edited, _ = self.snapshot()
+        return {i - self.n: m for i, m in sorted(edited.items()) if i >= self.n}
+
     def apply(self, dataset: Dataset) -> tuple[Dataset, set[int]]:
-        """The dataset with effective masks (a copy; the dataset is unchanged) and the excluded set."""
+        """The dataset with effective masks and the unlabelled images labelled since
+        appended to it (a copy; the dataset is unchanged; ``test_images`` stay as they
+        are), and the excluded set (indices into the returned dataset)."""
         edited, excluded = self.snapshot()
         masks = dataset.masks.copy()
         for i, m in edited.items():
-            masks[i] = m
-        return dataclasses.replace(dataset, masks=masks), excluded
+            if i < self.n:
+                masks[i] = m
+        labelled = sorted(i for i in edited if i >= self.n)
+        if not labelled or dataset.test_images is None:
+            return dataclasses.replace(dataset, masks=masks), excluded
+        rows = np.array(labelled) - self.n
+        return (
+            dataclasses.replace(
+                dataset,
+                images=np.concatenate([dataset.images, dataset.test_images[rows]]),
+                masks=np.concatenate([masks, np.stack([edited[i] for i in labelled])]),
+                names=list(dataset.names) + [dataset.test_names[j] for j in rows],
+            ),
+            {
+                i if i < self.n else self.n + labelled.index(i)
+                for i in excluded
+                if i < self.n or i in labelled
+            },
+        )

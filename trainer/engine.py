@@ -78,9 +78,18 @@ class _Trainer(EpochEnd):
         self.presence = class_presence(dataset.masks)
         data = load_checkpoint(resume) if resume else None
         self._split(data)
-        self.images = torch.from_numpy(dataset.images).to(device)
+        # With a corrections store, the unlabelled images ride along (after the labelled
+        # ones, as the store numbers them): a label saved for one joins the next epoch.
+        pool = dataset.test_images if corrections is not None and dataset.test_images is not None else None
+        self.n_labelled = len(dataset)
+        self.base_masks = dataset.masks
+        images = dataset.images
+        if pool is not None and len(pool):
+            images = np.concatenate([dataset.images, pool])
+            self.base_masks = np.concatenate([dataset.masks, np.zeros_like(pool)])
+        self.images = torch.from_numpy(images).to(device)
         # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
-        self.masks = torch.from_numpy(dataset.masks).to(device, copy=corrections is not None)
+        self.masks = torch.from_numpy(self.base_masks).to(device, copy=corrections is not None)
         self._build(data)
         self.seen_version = None
         self.sample_weights = self._sample_weights()

@@ -180,15 +180,18 @@ class EpochEnd:
             return None
         self.seen_version = version
         edited, excluded = self.corrections.snapshot()
-        effective = self.dataset.masks.copy()
+        effective = self.base_masks.copy()
         for i, m in edited.items():
-            effective[i] = m
+            if i < len(effective):
+                effective[i] = m
         self.masks.copy_(torch.from_numpy(effective))
         self.presence = class_presence(effective)
         drop = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-        self.train_idx = np.setdiff1d(self.base_train_idx, drop)
+        new_labels = np.array(sorted(i for i in edited if self.n_labelled <= i < len(effective)), np.int64)
+        self.train_idx = np.setdiff1d(np.union1d(self.base_train_idx, new_labels), drop)
         self.val_idx = np.setdiff1d(self.base_val_idx, drop)
         if len(self.train_idx) == 0:
             raise DatasetError("every training image is excluded")
         self.sample_weights = self._sample_weights()
-        return ev.DataUpdate(self.state.epoch, len(edited), len(excluded), len(self.train_idx))
+        corrected = sum(1 for i in edited if i < self.n_labelled)
+        return ev.DataUpdate(self.state.epoch, corrected, len(excluded), len(self.train_idx), len(new_labels))

@@ -98,6 +98,7 @@ class DataUpdate(Event):
     corrected: int
     excluded: int
     train_images: int
+    newly_labelled: int = 0  # unlabelled images given a label, now training images
     kind = "data_update"
 
 

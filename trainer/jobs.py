@@ -21,6 +21,7 @@ class DatasetSpec:
     size: tuple[int, int] | None = None
     images: np.ndarray | None = None
     masks: np.ndarray | None = None
+    pool: np.ndarray | None = None  # unlabelled images: labels saved for them join the training
     source: str = ""
     corrections_path: str | None = None  # a CorrectionStore the training re-reads every epoch
     corrections_hash: str = ""
@@ -30,8 +31,14 @@ class DatasetSpec:
             return None
         from .corrections import CorrectionStore
 
+        pool = 0 if dataset.test_images is None else len(dataset.test_images)
         return CorrectionStore(
-            self.corrections_path, self.corrections_hash, len(dataset), dataset.image_shape, readonly=True
+            self.corrections_path,
+            self.corrections_hash,
+            len(dataset),
+            dataset.image_shape,
+            readonly=True,
+            n_pool=pool,
         )
 
     def load(self):
@@ -39,7 +46,9 @@ class DatasetSpec:
         from .formats import open_dataset
 
         if self.images is not None:
-            return Dataset(images=self.images, masks=self.masks, source=self.source or "arrays")
+            return Dataset(
+                images=self.images, masks=self.masks, test_images=self.pool, source=self.source or "arrays"
+            )
         return open_dataset(self.path, mask_mapping=self.mask_mapping, size=self.size)
 
 

@@ -35,6 +35,21 @@ OUTLIER_RATE = 110 / 2615
 CORRUPT_RATE = 0.04
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where the rover is: what differs from one landing site or traverse to another.
+    The defaults are the built-in sample's."""
+
+    terrain_mix: tuple[float, float, float] = (2.4, 1.7, 1.4)  # Dirichlet weights: soil, bedrock, sand
+    rock_rate: float = BIG_ROCK_IMAGE_RATE  # share of images with big rocks
+    brightness: float = 0.0  # added to the image (0..1 scale) before the camera's gamma
+    contrast: float = 1.0  # scales the image around mid-grey
+    texture_scale: float = 1.0  # finer (> 1) or coarser grain and ripples
+
+
+DEFAULT_SITE = Site()
+
+
 @dataclass
 class SyntheticSample:
     """A generated dataset with its ground truth about planted label problems."""
@@ -109,8 +124,8 @@ def _add_rover_parts(rng, img, mask, rover, yy, xx) -> None:
         mask[i][part] = 0
 
 
-def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
-    """Render ``n`` Mars-like images and their masks."""
+def _render_batch(rng: np.random.Generator, n: int, h: int, w: int, site: Site = DEFAULT_SITE):
+    """Render ``n`` Mars-like images and their masks at ``site``."""
     f32 = np.float32
     y = np.arange(h, dtype=f32)[None, :, None] / h
     x = np.arange(w, dtype=f32)[None, None, :] / w
@@ -129,7 +144,7 @@ def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
     gv = depth + col(rng.uniform(0, 100, n))
 
     # Terrain classes: the largest of three noise fields, biased per image.
-    share = rng.dirichlet([2.4, 1.7, 1.4], n).astype(f32)  # soil, bedrock, sand
+    share = rng.dirichlet(list(site.terrain_mix), n).astype(f32)  # soil, bedrock, sand
     fields = np.stack(
         [_smooth_noise(rng, n, gu, gv, 0.6) + 0.25 * np.log(share[:, k])[:, None, None] for k in range(3)]
     )
@@ -141,14 +156,14 @@ def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
         2: col(rng.uniform(0.4, 0.7, n)),
         3: col(rng.uniform(0.38, 0.62, n)),
     }
-    fine = _noise(rng, n, gu, gv, 24.0, grid=64)
+    fine = _noise(rng, n, gu, gv, 24.0 * site.texture_scale, grid=64)
     soil = base[1] + 0.16 * (fine - 0.5) + 0.22 * (_noise(rng, n, gu, gv, 16.0, grid=64) > 0.88)
     slab = _smooth_noise(rng, n, gu, gv, 2.0)
     crack_field = _noise(rng, n, gu, gv, 3.0)
     cracks = np.abs(crack_field - 0.5) < 0.012
     bedrock = base[2] + 0.22 * (slab - 0.5) + 0.05 * (fine - 0.5) - 0.3 * cracks
     theta = col(rng.uniform(0, np.pi, n))
-    ripple_freq = col(rng.uniform(14.0, 24.0, n))
+    ripple_freq = col(rng.uniform(14.0, 24.0, n)) * f32(site.texture_scale)
     warp = _smooth_noise(rng, n, gu, gv, 0.8)
     phase = (gu * np.cos(theta) + gv * np.sin(theta)) * ripple_freq + 3.0 * warp
     sand = base[3] + 0.1 * np.sin(phase) + 0.03 * (fine - 0.5)
@@ -158,7 +173,7 @@ def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
     # Big rocks: rare, lit from above, dark underneath, with a shadow on the ground.
     yy = np.arange(h, dtype=f32)[:, None]
     xx = np.arange(w, dtype=f32)[None, :]
-    _add_rocks(rng, img, mask, rng.random(n) < BIG_ROCK_IMAGE_RATE, horizon, fine, yy, xx)
+    _add_rocks(rng, img, mask, rng.random(n) < site.rock_rate, horizon, fine, yy, xx)
 
     # Background: hazy far range, sky, rover parts.
     haze = col(rng.uniform(0.5, 0.75, n)) + 0.05 * (
@@ -175,6 +190,8 @@ def _render_batch(rng: np.random.Generator, n: int, h: int, w: int):
     shading = 0.12 * (_smooth_noise(rng, n, gu, gv, 0.6) - 0.5) * below
     vignette = 0.1 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)
     img = img + sun + shading - vignette
+    if site.contrast != 1.0 or site.brightness != 0.0:
+        img = (img - 0.5) * f32(site.contrast) + f32(0.5 + site.brightness)
     img = np.clip(img, 0, 1) ** col(rng.uniform(0.8, 1.25, n))
     img = img + 0.025 * rng.standard_normal((n, h, w), dtype=f32)
     images = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
@@ -233,6 +250,7 @@ def generate(
     seed: int = 0,
     shape: tuple[int, int] = (64, 128),
     plant_problems: bool = True,
+    site: Site = DEFAULT_SITE,
 ) -> SyntheticSample:
     """Generate a synthetic Mars dataset.
 
@@ -246,6 +264,8 @@ def generate(
         Image size; the competition's is 64x128.
     plant_problems : bool
         Plant an outlier group and corrupted masks (recorded in ``truth``).
+    site : Site
+        Terrain mix, rock density, lighting and texture scale (default: the sample's).
     """
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got {n_train} and {n_test}")
@@ -256,7 +276,7 @@ def generate(
     for k, start in enumerate(range(0, total, BATCH)):
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,)))
         b = min(BATCH, total - start)
-        batch_images, batch_masks = _render_batch(rng, BATCH, h, w)
+        batch_images, batch_masks = _render_batch(rng, BATCH, h, w, site)
         images[start : start + b], masks[start : start + b] = batch_images[:b], batch_masks[:b]
     train_images, clean = images[:n_train].copy(), masks[:n_train].copy()
     train_masks = clean.copy()
