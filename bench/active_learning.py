@@ -11,7 +11,8 @@ held-out set drawn equally from every site. Both strategies share the first roun
 
 ``labels_saved``: 1 - (labels the queue needed to reach random selection's final mIoU,
 interpolated between rounds) / (random's final label count), on the curves averaged over
-seeds; 0 when the queue never reaches it. Per seed too.
+seeds; 0 when the queue never reaches it, null when random selection did not improve on
+the first round. Per seed too.
 
     python bench/active_learning.py [--seeds 0,1,2] [--rounds 5] [--steps 250] [--json OUT]
 """
@@ -123,8 +124,11 @@ def run_seed(seed: int, args) -> dict:
     return {"seed": seed, **{f"{k}_miou": v for k, v in curves.items()}, "picks_by_site": picks_by_site}
 
 
-def labels_saved(labels: list[int], queue: list[float], random: list[float]) -> float:
+def labels_saved(labels: list[int], queue: list[float], random: list[float]) -> float | None:
+    """None when random selection did not improve on the shared first round."""
     target = random[-1]
+    if target <= random[0]:
+        return None
     for k in range(len(labels)):
         if queue[k] >= target:
             if k == 0:

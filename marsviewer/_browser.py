@@ -6,11 +6,15 @@ browsing logic lives and where tests exercise it without a viewer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from psygnal import Signal
 
-from trainer.classes import NUM_CLASSES
+from trainer.classes import CLASSES, NUM_CLASSES
 from trainer.stats import DatasetStats, class_pixel_counts, class_presence, mask_stats
+
+SHOW = ("labelled", "unlabelled", "all")
 
 
 class DatasetBrowser:
@@ -24,11 +28,18 @@ class DatasetBrowser:
         The current image changed.
     filter_changed(object)
         The class filter changed (a class id, or None for all images).
+    show_changed(str)
+        Which images are browsed changed: "labelled", "unlabelled" or "all".
+
+    Rows from ``n_labelled`` on are the unlabelled images (the npz ``test_set``, a
+    folder's images without masks); those given a saved label since are in
+    ``pool_labelled`` and count as labelled in the statistics.
     """
 
     dataset_changed = Signal()
     index_changed = Signal(int)
     filter_changed = Signal(object)
+    show_changed = Signal(str)
 
     def __init__(self) -> None:
         self.masks: np.ndarray | None = None
@@ -39,6 +50,9 @@ class DatasetBrowser:
         self.presence = np.zeros((0, NUM_CLASSES), bool)
         self.index = 0
         self.class_filter: int | None = None
+        self.n_labelled = 0
+        self.pool_labelled: set[int] = set()
+        self.show = "labelled"
 
     # -- loading ---------------------------------------------------------------
     def set_dataset(self, masks: np.ndarray, names=None, source: str = "", n_test: int = 0) -> None:
@@ -47,16 +61,20 @@ class DatasetBrowser:
         self.names = list(names) if names else [str(i) for i in range(len(masks))]
         self.source = source
         self.n_test = n_test
-        self.stats = mask_stats(masks)
+        self.n_labelled = len(masks) - n_test
+        self.pool_labelled = set()
+        self.show = "labelled" if self.n_labelled else "unlabelled"
+        self.stats = self._labelled_stats()
         self.presence = class_presence(masks)
-        self.index = 0
         self.class_filter = None
+        self.index = int(self.matching_indices()[0]) if len(self.matching_indices()) else 0
         self.dataset_changed.emit()
-        self.index_changed.emit(0)
+        self.index_changed.emit(self.index)
 
     def clear(self) -> None:
         """No dataset any more (its masks layer was removed)."""
         self.masks, self.stats, self.names, self.n_test = None, None, [], 0
+        self.n_labelled, self.pool_labelled = 0, set()
         self.presence = np.zeros((0, NUM_CLASSES), bool)
         self.index = 0
         self.dataset_changed.emit()
@@ -64,9 +82,31 @@ class DatasetBrowser:
     def refresh_stats(self) -> None:
         """Recompute statistics after masks were edited in place."""
         if self.masks is not None:
-            self.stats = mask_stats(self.masks)
+            self.stats = self._labelled_stats()
             self.presence = class_presence(self.masks)
             self.dataset_changed.emit()
+
+    def _labelled_stats(self) -> DatasetStats:
+        """Statistics of the labelled rows, duplicate groups given as row indices."""
+        rows = self.labelled_rows()
+        stats = mask_stats(np.asarray(self.masks)[rows])
+        groups = tuple(tuple(int(rows[i]) for i in g) for g in stats.duplicate_mask_groups)
+        return dataclasses.replace(stats, duplicate_mask_groups=groups)
+
+    def set_pool_labelled(self, rows) -> None:
+        """These unlabelled images now have a saved label (statistics follow)."""
+        self.pool_labelled = set(int(i) for i in rows)
+        self.refresh_stats()
+
+    def labelled_rows(self) -> np.ndarray:
+        """The labelled images and the unlabelled ones labelled since."""
+        return np.concatenate(
+            [np.arange(self.n_labelled), np.array(sorted(self.pool_labelled), dtype=np.int64)]
+        )
+
+    def is_unlabelled(self, index: int | None = None) -> bool:
+        i = self.index if index is None else index
+        return i >= self.n_labelled and i not in self.pool_labelled
 
     @property
     def loaded(self) -> bool:
@@ -91,11 +131,28 @@ class DatasetBrowser:
         if len(matching) and self.index not in set(matching.tolist()):
             self.step(+1)
 
+    def set_show(self, show: str) -> None:
+        """Browse the "labelled" images, the "unlabelled" ones or "all"."""
+        if show not in SHOW:
+            raise ValueError(f"show must be one of {SHOW}, got {show!r}")
+        self.show = show
+        self.show_changed.emit(show)
+        matching = self.matching_indices()
+        if len(matching) and self.index not in set(matching.tolist()):
+            self.step(+1)
+
     def matching_indices(self) -> np.ndarray:
-        """Indices of the images the filter lets through, in order."""
-        if self.class_filter is None:
-            return np.arange(len(self))
-        return np.flatnonzero(self.presence[:, self.class_filter])
+        """Indices of the images the show choice and the class filter let through, in order."""
+        rows = np.arange(len(self))
+        if self.show == "labelled":
+            rows = self.labelled_rows()
+        elif self.show == "unlabelled":
+            rows = np.array(
+                [i for i in range(self.n_labelled, len(self)) if i not in self.pool_labelled], np.int64
+            )
+        if self.class_filter is not None:
+            rows = rows[self.presence[rows, self.class_filter]]
+        return np.sort(rows)
 
     def step(self, direction: int) -> None:
         """Move to the next (+1) or previous (-1) image that passes the filter, wrapping around."""
@@ -133,3 +190,22 @@ class DatasetBrowser:
             if index in g:
                 return g
         return None
+
+    def pool_balance(self, masks: np.ndarray) -> str:
+        """A line: the class shares ``masks`` (a prediction of every row) gives the unlabelled
+        images, beside the labelled terrain's ("" without unlabelled images)."""
+        b = self
+        pool = [i for i in range(b.n_labelled, len(masks)) if i not in b.pool_labelled]
+        if not pool or b.stats is None:
+            return ""
+        predicted = class_pixel_counts(masks[pool])
+        labelled = np.array([c.pixels for c in b.stats.classes], float)
+        parts = [
+            f"{c.name} {100 * predicted[c.id] / max(predicted[1:].sum(), 1):.0f}% "
+            f"({100 * labelled[c.id] / max(labelled[1:].sum(), 1):.0f}%)"
+            for c in CLASSES[1:]
+        ]
+        return (
+            f"\nPredicted for the {len(pool)} unlabelled images (labelled terrain in brackets): "
+            + ", ".join(parts)
+        )

@@ -36,7 +36,8 @@ class DatasetPanel(QWidget):
         self.browser = browser
         self._build(open_file, open_folder, open_sample)
         browser.dataset_changed.connect(self._on_dataset_changed)
-        browser.index_changed.connect(self._on_index_changed)
+        browser.index_changed.connect(self.show_index)
+        browser.show_changed.connect(self._on_show_changed)
         self._on_dataset_changed()
 
     def _build(self, open_file, open_folder, open_sample) -> None:
@@ -58,7 +59,7 @@ class DatasetPanel(QWidget):
         root.addWidget(box)
         root.addWidget(self._build_browse())
 
-        self.balance_box = QGroupBox("Class balance (whole dataset)")
+        self.balance_box = QGroupBox("Class balance (labelled images)")
         lay = QVBoxLayout(self.balance_box)
         self.share_bars = ClassBars("Pixel share")
         self.presence_bars = ClassBars("Images containing the class")
@@ -92,6 +93,11 @@ class DatasetPanel(QWidget):
         lay.addLayout(row)
         row = QHBoxLayout()
         row.addWidget(QLabel("Show"))
+        self.show_combo = QComboBox()
+        self.show_combo.setToolTip("browse the labelled images, the unlabelled ones, or all")
+        self.show_combo.setSizeAdjustPolicy(QComboBox.AdjustToContents)
+        row.addWidget(self.show_combo, 1)
+        row.addWidget(QLabel("with"))
         self.filter_combo = QComboBox()
         row.addWidget(self.filter_combo, 1)
         lay.addLayout(row)
@@ -105,6 +111,11 @@ class DatasetPanel(QWidget):
         self.index_spin.valueChanged.connect(self.browser.set_index)
         self.filter_combo.currentIndexChanged.connect(
             lambda _row: self.browser.set_filter(self.filter_combo.currentData())
+        )
+        self.show_combo.currentIndexChanged.connect(
+            lambda _row: (
+                self.show_combo.currentData() and self.browser.set_show(self.show_combo.currentData())
+            )
         )
         return self.browse_box
 
@@ -121,30 +132,44 @@ class DatasetPanel(QWidget):
         loaded = b.loaded and b.stats is not None
         for box in (self.browse_box, self.balance_box, self.dup_box):
             box.setEnabled(loaded)
-        self.filter_combo.blockSignals(True)
-        self.filter_combo.clear()
+        for combo in (self.filter_combo, self.show_combo):
+            combo.blockSignals(True)
+            combo.clear()
         self.dup_list.clear()
         if not loaded:
             self.summary.setText(EMPTY_TEXT)
             self.filter_combo.blockSignals(False)
+            self.show_combo.blockSignals(False)
             return
-        n = len(b)
+        n, labelled = len(b), b.stats.images
         h, w = b.masks.shape[1:]
-        test = f", {b.n_test} unlabelled test images (not shown)" if b.n_test else ""
-        self.summary.setText(f"<b>{source_title(b.source)}</b>: {n} images of {h}x{w}{test}")
+        pool = (
+            f", {b.n_test} unlabelled ({len(b.pool_labelled)} labelled since)" if b.pool_labelled
+            else f", {b.n_test} unlabelled" if b.n_test else ""
+        )  # fmt: skip
+        self.summary.setText(
+            f"<b>{source_title(b.source)}</b>: {b.n_labelled} labelled images of {h}x{w}{pool}"
+        )
+        unlabelled = b.n_test - len(b.pool_labelled)
+        for mode, count in (("labelled", labelled), ("unlabelled", unlabelled), ("all", n)):
+            self.show_combo.addItem(f"{mode} ({count})", mode)
+        self.show_combo.setCurrentIndex(self.show_combo.findData(b.show))
+        self.show_combo.setEnabled(b.n_test > 0)
+        self.show_combo.blockSignals(False)
         self.index_spin.blockSignals(True)
         self.index_spin.setRange(0, n - 1)
         self.index_spin.setValue(b.index)
         self.index_spin.blockSignals(False)
         self.count_label.setText(f"of {n - 1}")
-        self.filter_combo.addItem(f"All images ({n})", None)
+        self.filter_combo.addItem("any class", None)
         for c in CLASSES:
-            self.filter_combo.addItem(f"Images with {c.name} ({int(b.presence[:, c.id].sum())})", c.id)
+            self.filter_combo.addItem(f"{c.name} ({int(b.presence[:, c.id].sum())})", c.id)
         self.filter_combo.blockSignals(False)
         classes = b.stats.classes
         self.share_bars.set_values([c.share for c in classes], [percent(c.share) for c in classes])
         self.presence_bars.set_values(
-            [c.images for c in classes], [f"{c.images} ({100 * c.images / max(n, 1):.0f}%)" for c in classes]
+            [c.images for c in classes],
+            [f"{c.images} ({100 * c.images / max(labelled, 1):.0f}%)" for c in classes],
         )
         groups = b.stats.duplicate_mask_groups
         self.dup_hint.setText(
@@ -158,9 +183,14 @@ class DatasetPanel(QWidget):
             item = QListWidgetItem(f"{len(g)} images: {shown}")
             item.setData(256, list(g))  # Qt.UserRole
             self.dup_list.addItem(item)
-        self._on_index_changed(b.index)
+        self.show_index(b.index)
 
-    def _on_index_changed(self, index: int) -> None:
+    def _on_show_changed(self, show: str) -> None:
+        self.show_combo.blockSignals(True)
+        self.show_combo.setCurrentIndex(self.show_combo.findData(show))
+        self.show_combo.blockSignals(False)
+
+    def show_index(self, index: int) -> None:
         b = self.browser
         if not b.loaded:
             return
@@ -172,6 +202,10 @@ class DatasetPanel(QWidget):
         name = b.names[index] if index < len(b.names) else str(index)
         group = b.group_of(index)
         extra = f" · shares its mask with {len(group) - 1} other image(s)" if group else ""
+        if b.is_unlabelled(index):
+            extra = " · unlabelled: paint its classes (or start from the prediction) and save to train on it"
+        elif index >= b.n_labelled:
+            extra = " · labelled here (was unlabelled)"
         self.image_label.setText(f"Image {index} ({name}){extra}")
 
 

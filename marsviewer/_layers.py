@@ -36,16 +36,20 @@ def dataset_layer_data(dataset: Dataset) -> list[tuple]:
     adopt them however they were opened (its own buttons, File > Open, a sample).
     """
     n_test = 0 if dataset.test_images is None else len(dataset.test_images)
-    if len(dataset) == 0:
-        raise DatasetError(
-            f"{dataset.source}: no labelled images to show ({n_test} images have no mask). Masks are "
-            "matched by file stem, in a masks/ or labels/ folder or named 'name_mask.png'; "
-            "mars-trainer predict and suggest work on images without masks."
-        )
+    if len(dataset) + n_test == 0:
+        raise DatasetError(f"{dataset.source}: no images")
     label = dataset_label(dataset)
-    meta = {"source": dataset.source, "names": list(dataset.names)}
+    images, masks = dataset.images, dataset.masks
+    names = list(dataset.names)
+    if n_test:
+        # The unlabelled images follow the labelled ones: row n + j is unlabelled image j,
+        # as the corrections store numbers them; their masks are empty until labelled.
+        images = np.concatenate([dataset.images, dataset.test_images])
+        masks = np.concatenate([dataset.masks, np.zeros_like(dataset.test_images)])
+        names += [f"unlabelled {name}" for name in dataset.test_names]
+    meta = {"source": dataset.source, "names": names}
     images = (
-        dataset.images,
+        images,
         {
             "name": f"{label} images",
             "metadata": {META_KEY: {**meta, "role": "images", "n_test": n_test}},
@@ -54,7 +58,7 @@ def dataset_layer_data(dataset: Dataset) -> list[tuple]:
         "image",
     )
     masks = (
-        dataset.masks,
+        masks,
         {
             "name": f"{label} masks",
             "metadata": {META_KEY: {**meta, "role": "masks"}},

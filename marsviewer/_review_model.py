@@ -93,6 +93,7 @@ class ReviewModel:
     def __init__(self, browser) -> None:
         self.browser = browser
         self.store: CorrectionStore | None = None
+        self.n_labelled = 0  # rows from here on are unlabelled images
         self.masks: np.ndarray | None = None  # the live array the viewer paints into
         self.images: np.ndarray | None = None
         self.original_masks: np.ndarray | None = None
@@ -107,16 +108,20 @@ class ReviewModel:
         browser.index_changed.connect(self._on_index)
 
     # -- the dataset -------------------------------------------------------------
-    def attach(self, images: np.ndarray, masks: np.ndarray, source: str) -> None:
-        """Open (or create) the dataset's store and apply its corrections to ``masks``."""
+    def attach(
+        self, images: np.ndarray, masks: np.ndarray, source: str, n_labelled: int | None = None
+    ) -> None:
+        """Open (or create) the dataset's store and apply its corrections to ``masks``.
+        Rows from ``n_labelled`` on are unlabelled images: a mask saved there labels them."""
         self.detach()
         self.images, self.masks = images, masks
+        self.n_labelled = n = len(masks) if n_labelled is None else n_labelled
         self.original_masks = np.array(masks, dtype=np.uint8, copy=True)
-        self.content_hash = dataset_hash(np.asarray(images), self.original_masks)
+        self.content_hash = dataset_hash(np.asarray(images[:n]), self.original_masks[:n])
         self.changed = self.disagreement = self.audit_masks = None
         try:
             path = default_store_path(source, self.content_hash)
-            self.store = CorrectionStore(path, self.content_hash, len(masks), masks.shape[1:])
+            self.store = CorrectionStore(path, self.content_hash, n, masks.shape[1:], n_pool=len(masks) - n)
         except (CorrectionsError, OSError) as exc:
             self.store = None
             self.notify.emit(f"Corrections are off for this dataset: {exc}", "error")
@@ -124,6 +129,7 @@ class ReviewModel:
         edited, excluded = self.store.snapshot()
         for i, m in edited.items():
             masks[i] = m
+        self.browser.set_pool_labelled(i for i in edited if i >= n)
         if edited:
             self.masks_changed.emit(sorted(edited))
         self.rerank()
@@ -177,12 +183,21 @@ class ReviewModel:
             )
             return False
         self.store.save_mask(i, mask, note)
+        self._sync_pool(i)
         self._emit_state(i)
         self.saved.emit(i)
         return True
 
+    def _sync_pool(self, i: int) -> None:
+        """An unlabelled image with a saved mask counts as labelled (balance, filters)."""
+        if i >= self.n_labelled:
+            labelled = self.store.state(i)[0] is not None
+            if labelled != (i in self.browser.pool_labelled):
+                self.browser.set_pool_labelled(self.browser.pool_labelled ^ {i})
+
     def _rewrite(self, i: int) -> None:
         self.masks[i] = self._effective(i)
+        self._sync_pool(i)
         self.masks_changed.emit([i])
         self._emit_state(i)
 
@@ -205,6 +220,9 @@ class ReviewModel:
         i = self.browser.index
         if not self.active:
             return
+        if i >= self.n_labelled and i not in self.browser.pool_labelled:
+            self.notify.emit("An unlabelled image trains only once it has a saved label.", "info")
+            return
         if self.store.is_excluded(i):
             self.store.include(i)
         else:
@@ -220,14 +238,16 @@ class ReviewModel:
     def rerank(self, ranking: list[dict] | None = None) -> None:
         """Rank by duplicate masks now (or take an audit's ranking) and refill the queue."""
         if ranking is None:
-            ranking = rank(np.asarray(self.masks, dtype=np.uint8), None, None, self.excluded())
+            ranking = rank(
+                np.asarray(self.masks[: self.n_labelled], dtype=np.uint8), None, None, self.excluded()
+            )
         shown = [r for r in ranking if r["score"] > QUEUE_MIN_SCORE][:QUEUE_MAX]
         self.queue = [QueueEntry.from_ranking(r) for r in shown]
         self.queue_changed.emit()
 
     def go_to(self, entry: QueueEntry) -> None:
         self.browser.set_index(entry.index)
-        if self.audit_masks is not None:
+        if self.audit_masks is not None and entry.index < len(self.audit_masks):
             self.disagreement = _overlay(self.disagreement, self.masks.shape)
             self.disagreement[entry.index] = self.audit_masks[entry.index] != self.masks[entry.index]
             self.overlay_changed.emit(DISAGREEMENT, entry.index)
@@ -250,9 +270,12 @@ class ReviewModel:
         if entry.move is None:
             self.notify.emit("The model does not suggest moving this mask.", "info")
             return
-        i = entry.index
-        self.browser.set_index(i)
-        self.masks[i] = move_mask(np.asarray(self.masks[i]), *entry.move)
+        self.browser.set_index(entry.index)
+        self.propose(entry.index, move_mask(np.asarray(self.masks[entry.index]), *entry.move))
+
+    def propose(self, i: int, mask: np.ndarray) -> None:
+        """Put ``mask`` into image ``i`` as an unsaved edit, for the person to check and save."""
+        self.masks[i] = mask
         self.masks_changed.emit([i])
         self._emit_state(i)
 
@@ -262,9 +285,11 @@ class ReviewModel:
 
         if not self.active or self.auditor is not None:
             return None
-        masks = np.asarray(self.masks, dtype=np.uint8).copy()
+        n = self.n_labelled
+        masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()
+        excluded = {i for i in self.excluded() if i < n}
         self.auditor = AuditProcess(
-            np.asarray(self.images, dtype=np.uint8), masks, self.excluded(), minutes, folds
+            np.asarray(self.images[:n], dtype=np.uint8), masks, excluded, minutes, folds
         )
         self.audit_progress.emit(f"Training {folds} out-of-fold models ({minutes:g} min of compute)…")
         return self.auditor

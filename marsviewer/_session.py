@@ -1,8 +1,8 @@
 """The plugin's composition root, without Qt: one ``Session`` per main widget.
 
 It owns the dataset being browsed (``browser``), its corrections and review queue
-(``review``), training, prediction and the runs (``training``), and the child jobs they
-start. Panels forward user actions to it in one line each and redraw on its signals;
+(``review``), training, prediction and the runs (``training``), the label-next queue of
+unlabelled images (``label_next``), and the child jobs they start. Panels forward user actions to it in one line each and redraw on its signals;
 nothing here imports Qt or napari, so its behaviour is tested with plain pytest.
 
 Training yields to the person at the screen: every interaction (a browse step, a paint
@@ -21,6 +21,7 @@ from psygnal import Signal
 from trainer.config import ConfigError
 
 from ._browser import DatasetBrowser
+from ._label_next_model import LabelNextModel
 from ._review_model import ReviewModel
 from ._training_model import TrainingModel
 
@@ -46,21 +47,23 @@ class Session:
         self.browser = DatasetBrowser()
         self.review = ReviewModel(self.browser)
         self.training = TrainingModel(self.browser, self.training_data, runs_root)
+        self.label_next = LabelNextModel(self.browser, self.review, self.training)
         self.images: np.ndarray | None = None
         self.clock = clock
         self.quiet_at = 0.0
         self.held: list = []
-        for model in (self.review, self.training):
+        for model in (self.review, self.training, self.label_next):
             model.notify.connect(self.notify.emit)
 
     # -- the dataset ---------------------------------------------------------------------
     def set_dataset(self, images, masks, names=None, source: str = "", n_test: int = 0) -> None:
         """Browse these arrays. ``masks`` is the array the viewer shows and paints into:
-        saved corrections are written into it, and edits in it are what gets saved."""
+        saved corrections are written into it, and edits in it are what gets saved. Its
+        last ``n_test`` rows are unlabelled images (all background until labelled)."""
         self.images = images
         self.browser.set_dataset(masks, names, source, n_test)
         if images is not None and np.shape(images) == np.shape(masks):
-            self.review.attach(images, masks, source)
+            self.review.attach(images, masks, source, len(masks) - n_test)
             if self.review.active and self.review.store.snapshot()[0]:
                 self.browser.refresh_stats()  # corrections were applied to the masks
         self.training.set_shape(np.shape(masks))
@@ -80,20 +83,22 @@ class Session:
 
         if self.images is None or not self.browser.loaded:
             raise ConfigError("open a dataset first (Dataset tab)")
+        n = self.browser.n_labelled
         images = np.asarray(self.images, dtype=np.uint8)
+        pool = images[n:] if len(images) > n else None
         review = self.review
         if review.active:
             return DatasetSpec(
-                images=images, masks=review.original_masks, source=self.browser.source,
+                images=images[:n], masks=review.original_masks[:n], pool=pool, source=self.browser.source,
                 corrections_path=str(review.store.path), corrections_hash=review.content_hash,
             )  # fmt: skip
         return DatasetSpec(
-            images=images, masks=np.asarray(self.browser.masks, np.uint8), source=self.browser.source
+            images=images[:n], masks=np.asarray(self.browser.masks[:n], np.uint8), source=self.browser.source
         )
 
     # -- child jobs and the person at the screen --------------------------------------------
     def jobs(self) -> list:
-        return self.training.jobs() + self.review.jobs()
+        return self.training.jobs() + self.review.jobs() + self.label_next.jobs()
 
     def user_active(self) -> None:
         """The person browsed, painted or moved the view: hold every child job until the
@@ -117,11 +122,13 @@ class Session:
             self.held = []
         self.training.poll()
         self.review.poll()
+        self.label_next.poll()
 
     def shutdown(self) -> None:
         """Stop everything this session started (napari is closing)."""
         for job in self.held:
             job.release()
         self.held = []
+        self.label_next.shutdown()
         self.review.shutdown()
         self.training.shutdown()

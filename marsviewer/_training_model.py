@@ -306,14 +306,19 @@ class TrainingModel:
         self.prediction[:] = masks
         self.entropy[:] = entropy
         self.prediction_changed.emit(None)
+        # Scored where there are labels: the labelled images and those labelled since.
+        rows = self.browser.labelled_rows()
         labels = np.asarray(self.browser.masks)
-        self.image_miou = per_image_miou(masks, labels)
-        self.worst_order = worst_first(self.image_miou)
+        self.image_miou = np.full(len(masks), np.nan)
+        self.image_miou[rows] = per_image_miou(masks[rows], labels[rows])
+        order = worst_first(self.image_miou)
+        self.worst_order = order[~np.isnan(self.image_miou[order])]
         self.worst_position = -1
-        self.confusion = confusion_matrix(masks, labels)
+        self.confusion = confusion_matrix(masks[rows], labels[rows])
         self.status.emit(
             f"Predicted all {len(masks)} images. Mean per-image mIoU {np.nanmean(self.image_miou):.3f}; "
-            "'Next worst IoU' visits the images the model disagrees with most.",
+            "'Next worst IoU' visits the images the model disagrees with most."
+            + self.browser.pool_balance(masks),
             False,
         )
 

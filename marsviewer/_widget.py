@@ -16,6 +16,7 @@ from trainer.classes import CLASSES
 from trainer.dataset import Dataset, DatasetError
 
 from ._dataset_panel import DatasetPanel
+from ._label_next_panel import LabelNextPanel
 from ._layers import META_KEY, class_colormap, class_features, dataset_layer_data, ensure_layer, role_of
 from ._review_model import CHANGED, DISAGREEMENT
 from ._review_panel import ReviewPanel
@@ -66,10 +67,12 @@ class MarsViewerWidget(QWidget):
         self.dataset_panel = DatasetPanel(self.browser, self._ask_file, self._ask_folder, self.load_sample)
         self.training = TrainingPanel(self.session.training)
         self.review = ReviewPanel(self.session.review)
+        self.label_next = LabelNextPanel(self.session.label_next)
         for panel, title in (
             (self.dataset_panel, "Dataset"),
             (self.training, "Train"),
             (self.review, "Review"),
+            (self.label_next, "Label next"),
         ):
             self.tabs.addTab(_scrolled(panel), title)
         self.training.uncertainty_check.toggled.connect(self._toggle_uncertainty)
@@ -79,9 +82,7 @@ class MarsViewerWidget(QWidget):
         s = self.session
         s.notify.connect(_notify)
         s.browser.index_changed.connect(self._show_index)
-        s.review.masks_changed.connect(
-            lambda _rows: self.masks_layer is not None and self.masks_layer.refresh()
-        )
+        s.review.masks_changed.connect(self._on_masks_changed)
         s.review.overlay_changed.connect(self._show_overlay)
         s.training.prediction_changed.connect(self._show_prediction)
         s.training.busy_changed.connect(lambda: self.ensure_prediction_layers() if s.jobs() else None)
@@ -231,6 +232,11 @@ class MarsViewerWidget(QWidget):
                 images.data if images is not None else None, layer.data, info.get("names"),
                 info.get("source", ""), n_test,
             )  # fmt: skip
+
+    def _on_masks_changed(self, _rows) -> None:
+        if self.masks_layer is not None:
+            self.masks_layer.refresh()
+        self.dataset_panel.show_index(self.browser.index)  # its class shares
 
     def _on_paint(self) -> None:
         self.session.user_active()

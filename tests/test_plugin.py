@@ -45,8 +45,10 @@ def test_reader_reads_competition_npz(npz_path, small_sample):
     assert reader is not None
     (img, img_kw, img_type), (msk, msk_kw, msk_type) = reader(str(npz_path))
     assert (img_type, msk_type) == ("image", "labels")
-    np.testing.assert_array_equal(msk, small_sample.dataset.masks)
-    assert img_kw["metadata"]["marsviewer"]["n_test"] == 8
+    n = len(small_sample.dataset)
+    np.testing.assert_array_equal(msk[:n], small_sample.dataset.masks)
+    assert img_kw["metadata"]["marsviewer"]["n_test"] == 8 and len(img) == n + 8
+    assert not msk[n:].any()  # the unlabelled images follow, with empty masks
     cmap = msk_kw["colormap"]
     for c in CLASSES[1:]:
         np.testing.assert_allclose(cmap.map(np.array([c.id]))[0], c.rgba, atol=1e-6)

@@ -208,3 +208,82 @@ def test_a_held_training_makes_no_steps_and_goes_on_by_itself(session):
     t.stop()
     wait(session, lambda: not t.running, timeout=30)
     assert t.record.state == "stopped"
+
+
+@pytest.fixture
+def pool_session(tmp_path, small_sample):
+    """The sample's first 20 images labelled, 6 more as unlabelled rows after them."""
+    ds = small_sample.dataset
+    s = Session(runs_root=tmp_path / "runs")
+    images = ds.images[:26].copy()
+    masks = np.concatenate([ds.masks[:20], np.zeros_like(ds.masks[20:26])])
+    (tmp_path / "pool.npz").write_bytes(b"")
+    s.set_dataset(images, masks, None, str(tmp_path / "pool.npz"), n_test=6)
+    yield s
+    s.shutdown()
+
+
+def test_unlabelled_images_are_browsed_labelled_and_trained_on(pool_session, small_sample):
+    s, b, review = pool_session, pool_session.browser, pool_session.review
+    notes = Recorder(s.notify)
+    assert b.n_labelled == 20 and b.show == "labelled" and b.stats.images == 20
+    assert b.matching_indices().tolist() == list(range(20))
+    b.set_show("unlabelled")
+    assert b.index == 20 and b.matching_indices().tolist() == list(range(20, 26))
+    review.toggle_exclude()  # nothing to exclude yet: a message, no store entry
+    assert "saved label" in notes.calls[-1][0] and not review.store.is_excluded(20)
+    b.masks[20] = small_sample.dataset.masks[20]  # the person paints the whole image
+    assert review.save()
+    assert b.pool_labelled == {20} and b.stats.images == 21  # it counts in the class balance
+    assert 20 not in b.matching_indices()  # no longer unlabelled
+    b.set_show("labelled")
+    assert b.matching_indices().tolist() == list(range(21)) and 20 in b.labelled_rows()
+    spec = s.training_data()
+    assert len(spec.images) == 20 and len(spec.pool) == 6 and spec.corrections_path
+    from trainer.corrections import CorrectionStore
+
+    dataset = spec.load()
+    applied, _ = spec.open_corrections(dataset).apply(dataset)
+    assert len(applied) == 21  # the child trains on it
+    b.set_index(20)
+    review.restore()  # back to unlabelled
+    assert b.pool_labelled == set() and not b.masks[20].any() and b.stats.images == 20
+    assert isinstance(review.store, CorrectionStore) and review.store.n_pool == 6
+
+
+def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
+    from trainer.cli import main
+
+    run_dir = tmp_path / "run"
+    assert (
+        main(["train", "synthetic:24:3", "--run-dir", str(run_dir), "--preset", "tiny", "--epochs", "1"]) == 0
+    )
+    s, b, nxt = pool_session, pool_session.browser, pool_session.label_next
+    notes = Recorder(s.notify)
+    assert nxt.start_from_prediction(3) is None  # labelled: a message, nothing changes
+    assert "has a label already" in notes.calls[-1][0]
+    assert nxt.start() is None and "No checkpoint yet" in notes.calls[-1][0]
+    assert s.training.attach(run_dir)
+    done = Recorder(nxt.done)
+    assert nxt.start() is not None
+    wait(s, lambda: done.calls, timeout=120)
+    assert done.calls == [(True,)]
+    rows = [e.row for e in nxt.entries]
+    assert sorted(rows) == list(range(20, 26))  # every unlabelled image, each once
+    assert all(e.text for e in nxt.entries)
+    nxt.go_to(nxt.entries[0])
+    row = b.index
+    assert row == rows[0]
+    nxt.confidence = 0.0  # keep every pixel: the whole prediction becomes the mask
+    assert nxt.start_from_prediction() is not None
+    wait(s, lambda: nxt.seed is None, timeout=120)
+    assert b.masks[row].min() >= 1 and s.review.has_unsaved_edits(row)  # unsaved until checked
+    first = b.masks[row].copy()
+    s.review.restore()  # back to the empty mask
+    nxt.confidence = 0.99
+    nxt.start_from_prediction()
+    wait(s, lambda: nxt.seed is None, timeout=120)
+    kept = b.masks[row] > 0
+    assert (b.masks[row][kept] == first[kept]).all() and kept.sum() < first.size  # only the sure pixels
+    assert s.review.save()
+    assert b.pool_labelled == {row}

@@ -45,7 +45,7 @@ def test_sample_layers_and_imbalance(loaded):
     share = np.bincount(masks.ravel(), minlength=5) / masks.size
     np.testing.assert_allclose(loaded.dataset_panel.share_bars.values, share)
     np.testing.assert_array_equal(loaded.dataset_panel.presence_bars.values, class_presence(masks).sum(0))
-    assert "200 images of 64x128" in loaded.dataset_panel.summary.text()
+    assert "200 labelled images of 64x128" in loaded.dataset_panel.summary.text()
     # The outlier group of the sample is listed first.
     assert loaded.dataset_panel.dup_list.count() >= 1
     assert (
@@ -129,29 +129,49 @@ def test_bad_file_is_a_notification_and_viewer_stays_usable(loaded, tmp_path, qt
     loaded.dataset_panel.next_button.click()
     assert loaded.dataset_panel.sample_button.isEnabled()
     shown.clear()
-    pool = tmp_path / "frames"  # images without masks only: nothing to browse, a message
+    pool = tmp_path / "frames"  # images without masks only: browsed as unlabelled images
     pool.mkdir()
     for i in range(2):
         Image.fromarray(np.full((8, 12), i, np.uint8)).save(pool / f"f{i}.png")
     loaded.open_path(pool)
     qtbot.waitUntil(lambda: not loaded.loading, timeout=10_000)
-    assert shown and "no labelled images to show (2 images have no mask)" in shown[0]
-    assert loaded.browser.loaded and len(loaded.viewer.layers) == 2
+    assert not shown and loaded.browser.n_labelled == 0 and loaded.browser.show == "unlabelled"
+    loaded.dataset_panel.next_button.click()
+    assert loaded.browser.index == 1
 
 
 def test_opening_a_file_replaces_the_dataset(loaded, npz_path, qtbot):
     loaded.open_path(npz_path)
     qtbot.waitUntil(lambda: not loaded.loading, timeout=20_000)
     assert len(loaded.viewer.layers) == 2
-    assert loaded.masks_layer.data.shape == (60, 64, 128)
-    assert (
-        "mars_for_students.npz" in loaded.dataset_panel.summary.text()
-        and "8 unlabelled test images" in loaded.dataset_panel.summary.text()
-    )
+    assert loaded.masks_layer.data.shape == (68, 64, 128)  # the 8 unlabelled images after the 60
+    text = loaded.dataset_panel.summary.text()
+    assert "mars_for_students.npz" in text and "60 labelled images" in text and "8 unlabelled" in text
+    assert loaded.browser.show == "labelled" and len(loaded.browser.matching_indices()) == 60
+    loaded.dataset_panel.show_combo.setCurrentIndex(loaded.dataset_panel.show_combo.findData("unlabelled"))
+    assert loaded.browser.index == 60 and loaded.viewer.dims.current_step[0] == 60
+    assert "unlabelled" in loaded.dataset_panel.image_label.text()
 
 
 def test_layers_opened_by_napari_are_adopted(widget, npz_path):
     widget.viewer.open(str(npz_path), plugin="marsviewer")
-    assert widget.browser.loaded and len(widget.browser) == 60
+    assert widget.browser.loaded and len(widget.browser) == 68 and widget.browser.n_labelled == 60
     widget.viewer.layers.clear()
     assert not widget.browser.loaded and not widget.dataset_panel.browse_box.isEnabled()
+
+
+def test_label_next_tab_wiring(loaded):
+    from marsviewer._label_next_model import NextEntry
+
+    model, panel = loaded.session.label_next, loaded.label_next
+    model.entries = [NextEntry(7, 0.5, "2 uncertain region(s), 30% of the image; unlike the labelled images")]
+    model.queue_changed.emit()
+    assert panel.queue.count() == 1 and "2 uncertain region(s)" in panel.queue.item(0).text()
+    item = panel.queue.item(0)
+    panel.queue.itemClicked.emit(item)
+    assert loaded.browser.index == 7 and loaded.viewer.dims.current_step[0] == 7
+    panel.confidence_spin.setValue(0.85)
+    assert model.confidence == 0.85
+    panel.seed_button.click()  # a labelled image: a message, nothing starts
+    assert model.seed is None
+    assert loaded.browser.show == "labelled"  # a labelled row: the show choice stays

@@ -42,6 +42,8 @@ def near_duplicate_groups(masks: np.ndarray, agreement: float = 0.98) -> list[tu
     """Groups of masks that agree on at least ``agreement`` of their pixels (coarse
     signatures first, so this is not a full pairwise comparison)."""
     n = len(masks)
+    if n == 0:
+        return []
     sig = masks[:, ::8, ::8].reshape(n, -1)
     buckets: dict[bytes, list[int]] = {}
     for i in range(n):
@@ -202,6 +204,8 @@ def rank(
 ) -> list[dict]:
     """Combine the evidence into ``[{"index", "score", "reasons"}]``, most suspicious first."""
     n = len(masks)
+    if n == 0:
+        return []
     scores = np.zeros(n)
     reasons: list[list[dict]] = [[] for _ in range(n)]
 

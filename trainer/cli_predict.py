@@ -119,7 +119,8 @@ def _predict_dataset(args: argparse.Namespace) -> int:
         progress=_progress_printer("predicting"),
         precision=precision,
     )
-    result["masks"] = keep_confident(result["masks"], result.get("probs"), args.min_confidence)
+    if args.min_confidence > 0:
+        result["masks"] = keep_confident(result["masks"], result["probs"].max(axis=1), args.min_confidence)
     if not args.probs:
         result.pop("probs", None)
     try:
@@ -154,7 +155,9 @@ def _predict_files(args: argparse.Namespace) -> int:
             continue
         want_probs = args.probs or args.min_confidence > 0
         result = predict_arrays(model, image[None], 1, device, with_probs=want_probs, precision=precision)
-        mask = keep_confident(result["masks"], result.get("probs"), args.min_confidence)[0]
+        mask = result["masks"][0]
+        if args.min_confidence > 0:
+            mask = keep_confident(mask, result["probs"][0].max(axis=0), args.min_confidence)
         target = out / rel.with_suffix(".png")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -115,10 +115,11 @@ class EpochEnd:
         yield self.emit(ev.Stopped(self.state.epoch, self.state.step, path))
 
     def preview(self) -> ev.Preview:
-        idx = [i for i in self.control.preview_indices if 0 <= i < len(self.dataset)]
+        # Any row the trainer holds: the labelled images, then the unlabelled ones.
+        idx = [i for i in self.control.preview_indices if 0 <= i < len(self.images)]
         out = predict_arrays(
             self.model,
-            self.dataset.images[idx],
+            self.images[torch.as_tensor(idx, dtype=torch.long, device=self.images.device)],
             device=self.device,
             with_entropy=True,
             precision=self.precision,

@@ -146,6 +146,7 @@ class Predicted(Event):
 
     masks: np.ndarray = field(repr=False)  # (N, H, W) uint8
     entropy: np.ndarray | None = field(default=None, repr=False)  # (N, H, W) float16
+    confidence: np.ndarray | None = field(default=None, repr=False)  # (N, H, W) float16, if asked
     kind = "predicted"
 
 
@@ -158,7 +159,15 @@ class Ranked(Event):
     kind = "ranked"
 
 
+@dataclass
+class Suggested(Event):
+    """The label-next queue: unlabelled images most useful to label first."""
+
+    ranking: list = field(repr=False)  # [{"index", "score", "reasons": [...]}], index into the pool
+    kind = "suggested"
+
+
 TERMINAL = (Finished, Stopped, Failed)
 """The events that end a training run."""
-JOB_END = (*TERMINAL, Predicted, Ranked)
+JOB_END = (*TERMINAL, Predicted, Ranked, Suggested)
 """The events that end any child job."""

@@ -154,11 +154,11 @@ def predict_arrays(
 LABEL_CONFIDENCE = 0.7
 
 
-def keep_confident(masks: np.ndarray, probs: np.ndarray, min_confidence: float) -> np.ndarray:
-    """``masks`` with every pixel whose predicted class has a probability below
-    ``min_confidence`` set to background (0, "not labelled"). ``probs`` is (N, C, H, W)."""
+def keep_confident(masks: np.ndarray, confidence: np.ndarray | None, min_confidence: float) -> np.ndarray:
+    """``masks`` with every pixel whose ``confidence`` (the predicted class's probability,
+    same shape) is below ``min_confidence`` set to background (0, "not labelled")."""
     if min_confidence <= 0:
         return masks
     out = masks.copy()
-    out[probs.max(axis=1) < min_confidence] = 0
+    out[confidence < min_confidence] = 0
     return out

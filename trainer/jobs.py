@@ -84,7 +84,11 @@ def train_job(
         emit(event)
 
 
-def predict_job(control, emit, spec: DatasetSpec, checkpoint: str, device: str, batch_size: int) -> None:
+def predict_job(
+    control, emit, spec: DatasetSpec, checkpoint: str, device: str, batch_size: int, confidence: bool = False
+) -> None:
+    """Masks and entropy maps (and, with ``confidence``, the predicted class's
+    probability) of the labelled images, then the unlabelled ones."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .device import resolve_device
     from .inference import predict_arrays
@@ -97,8 +101,31 @@ def predict_job(control, emit, spec: DatasetSpec, checkpoint: str, device: str, 
         emit(ev.Progress(f"predicting {done}/{total}", done, total))
         wait_while_paused(control)
 
-    out = predict_arrays(model.to(dev), dataset.images, batch_size, dev, with_entropy=True, progress=progress)
-    emit(ev.Predicted(out["masks"], out["entropy"]))
+    images = dataset.images
+    if dataset.test_images is not None and len(dataset.test_images):
+        images = np.concatenate([dataset.images, dataset.test_images])  # as the viewer stacks them
+    out = predict_arrays(
+        model.to(dev), images, batch_size, dev, with_entropy=True, with_probs=confidence,
+        flip_tta=confidence, progress=progress,
+    )  # fmt: skip
+    best = out["probs"].max(axis=1) if confidence else None
+    emit(ev.Predicted(out["masks"], out["entropy"], best))
+
+
+def suggest_job(control, emit, pool, labelled, checkpoint: str, top: int | None) -> None:
+    """Rank the unlabelled images for labelling next (``trainer.suggest``)."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .suggest import rank_pool, score_pool
+
+    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+
+    def progress(done: int, total: int) -> None:
+        emit(ev.Progress(f"scoring unlabelled images {done}/{total}", done, total))
+        wait_while_paused(control)
+
+    scores = score_pool(model, pool, progress=progress)
+    features = score_pool(model, labelled).features if labelled is not None and len(labelled) else None
+    emit(ev.Suggested(rank_pool(scores, top, features)))
 
 
 def audit_job(control, emit, images, masks, excluded, minutes: float, folds: int) -> None:

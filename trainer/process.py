@@ -25,7 +25,7 @@ import numpy as np
 
 from . import events as ev
 from .config import TrainConfig
-from .jobs import KNOWN_ERRORS, DatasetSpec, audit_job, predict_job, train_job
+from .jobs import KNOWN_ERRORS, DatasetSpec, audit_job, predict_job, suggest_job, train_job
 
 NICE = 15
 
@@ -289,9 +289,25 @@ class PredictionProcess(ChildJob):
     what = "prediction"
 
     def __init__(
-        self, spec: DatasetSpec, checkpoint: str, device: str = "auto", batch_size: int = 64
+        self,
+        spec: DatasetSpec,
+        checkpoint: str,
+        device: str = "auto",
+        batch_size: int = 64,
+        confidence: bool = False,
     ) -> None:
-        super().__init__(predict_job, spec, checkpoint, device, batch_size)
+        super().__init__(predict_job, spec, checkpoint, device, batch_size, confidence)
+
+
+class SuggestProcess(ChildJob):
+    """Rank unlabelled images for labelling next: ``Progress`` events, then ``Suggested``."""
+
+    what = "label-next ranking"
+
+    def __init__(
+        self, pool: np.ndarray, labelled: np.ndarray | None, checkpoint: str, top: int | None = None
+    ):
+        super().__init__(suggest_job, pool, labelled, checkpoint, top)
 
 
 class AuditProcess(ChildJob):
