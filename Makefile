@@ -41,6 +41,7 @@ screenshot: sysdeps $(VENV)/.installed
 	$(XVFB) $(PY) docs/screenshot.py docs/screenshot.png
 	$(XVFB) $(PY) docs/screenshot.py docs/training.png 45
 	$(XVFB) $(PY) docs/screenshot.py docs/review.png review 3
+	$(XVFB) $(PY) docs/screenshot.py docs/label_next.png label-next 60
 
 # Every figure in the README comes from here: bench/out/*.json (machine and date inside).
 bench: sysdeps $(VENV)/.installed

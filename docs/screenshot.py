@@ -42,6 +42,46 @@ def review(viewer, widget, minutes: float) -> None:
     settle()
 
 
+def label_next(out: str, train_seconds: float) -> None:
+    """A synthetic file with unlabelled images: train, rank them, start one from the prediction."""
+    from trainer.formats import write_npz
+    from trainer.synth import generate
+
+    tmp = Path(tempfile.mkdtemp())
+    ds = generate(300, 300, seed=1).dataset
+    write_npz(tmp / "rover_traverse.npz", ds.images, ds.masks, ds.test_images, dtype="uint8")
+    viewer = napari.Viewer(title="Mars Viewer")
+    _, widget = viewer.window.add_plugin_dock_widget("marsviewer", "Mars Viewer")
+    viewer.window._qt_window.resize(1400, 950)
+    widget.open_path(tmp / "rover_traverse.npz")
+    while widget.loading:
+        settle(0.1)
+    session, panel = widget.session, widget.training
+    session.training.runs_root = tmp / "runs"
+    panel.form.preset.value = "cpu"
+    panel.form.device.value = "cpu"
+    panel.form.editors["epochs"].value = 0
+    panel.form.editors["minutes"].value = train_seconds / 60
+    panel.start()
+    while session.training.running:
+        settle(0.2)
+    widget.tabs.setCurrentIndex(3)
+    widget.label_next.start()
+    while session.label_next.job is not None:
+        settle(0.2)
+    widget.label_next.queue.setCurrentRow(0)
+    session.label_next.go_to(session.label_next.entries[0])
+    session.label_next.start_from_prediction()
+    while session.label_next.seed is not None:
+        settle(0.2)
+    viewer.layers["prediction"].visible = False
+    viewer.reset_view()
+    settle(1.0)
+    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(out)
+    session.shutdown()
+    viewer.close()
+
+
 def main(out: str, train_seconds: float = 0.0, review_minutes: float = 0.0) -> None:
     viewer = napari.Viewer(title="Mars Viewer")
     _, widget = viewer.window.add_plugin_dock_widget("marsviewer", "Mars Viewer")
@@ -78,8 +118,11 @@ def main(out: str, train_seconds: float = 0.0, review_minutes: float = 0.0) -> N
 if __name__ == "__main__":
     # python docs/screenshot.py OUT.png [SECONDS]: with SECONDS, train that long first.
     # python docs/screenshot.py OUT.png review [MINUTES]: rank the masks in the Review tab.
+    # python docs/screenshot.py OUT.png label-next [SECONDS]: unlabelled images and the queue.
     args = sys.argv[1:]
-    if len(args) > 1 and args[1] == "review":
+    if len(args) > 1 and args[1] == "label-next":
+        label_next(args[0], float(args[2]) if len(args) > 2 else 60.0)
+    elif len(args) > 1 and args[1] == "review":
         main(args[0], review_minutes=float(args[2]) if len(args) > 2 else 3.0)
     else:
         main(args[0] if args else "screenshot.png", float(args[1]) if len(args) > 1 else 0.0)

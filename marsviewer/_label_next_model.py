@@ -29,11 +29,18 @@ class NextEntry:
 
     row: int  # the image's row in the browsed stack
     score: float
-    text: str
+    text: str  # every reason, for the tooltip
+    short: str = ""  # the headline, for the list
 
     @property
     def label(self) -> str:
-        return f"image {self.row:>5} · {self.score:.3f} · {self.text.split('; ')[0]}"
+        return f"image {self.row:>5} · {self.score:.2f} · {self.short or self.text}"
+
+    @classmethod
+    def from_ranking(cls, row: int, entry: dict) -> NextEntry:
+        unc = next((r for r in entry["reasons"] if r["kind"] == "uncertain"), None)
+        short = f"{unc['regions']} region(s), {100 * unc['share']:.0f}% uncertain" if unc else ""
+        return cls(row, float(entry["score"]), describe(entry), short)
 
 
 class LabelNextModel:
@@ -126,10 +133,7 @@ class LabelNextModel:
                 if isinstance(e, ev.Progress):
                     self.progress.emit(e.text)
                 elif isinstance(e, ev.Suggested):
-                    self.entries = [
-                        NextEntry(int(self.rows[r["index"]]), float(r["score"]), describe(r))
-                        for r in e.ranking
-                    ]
+                    self.entries = [NextEntry.from_ranking(int(self.rows[r["index"]]), r) for r in e.ranking]
                     self.queue_changed.emit()
                     self.progress.emit(f"Ranked {len(self.rows)} unlabelled images; the most useful first.")
                     self.done.emit(True)

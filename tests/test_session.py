@@ -270,7 +270,7 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     assert done.calls == [(True,)]
     rows = [e.row for e in nxt.entries]
     assert sorted(rows) == list(range(20, 26))  # every unlabelled image, each once
-    assert all(e.text for e in nxt.entries)
+    assert all(e.text and "uncertain" in e.label for e in nxt.entries)
     nxt.go_to(nxt.entries[0])
     row = b.index
     assert row == rows[0]
