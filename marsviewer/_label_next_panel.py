@@ -35,7 +35,8 @@ class LabelNextPanel(QWidget):
         self.seed_button = QPushButton("Start from prediction")
         self.seed_button.setToolTip(
             "put the model's mask for this unlabelled image into the masks layer (unsaved): "
-            "pixels below the confidence stay background for you to paint; then Save (Alt-S)"
+            "pixels below the confidence stay background for you to paint; then Save (Alt-S). "
+            "Shortcut in the viewer: Alt-L"
         )
         self.seed_button.clicked.connect(lambda: self.model.start_from_prediction())
         self.confidence_spin = QDoubleSpinBox()

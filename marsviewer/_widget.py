@@ -103,6 +103,7 @@ class MarsViewerWidget(QWidget):
             ("Alt-E", self.session.review.toggle_exclude),
             ("Alt-N", lambda: self.review.step_queue(+1)),
             ("Alt-P", lambda: self.review.step_queue(-1)),
+            ("Alt-L", lambda: self.session.label_next.start_from_prediction()),
         )
         for key, action in keys:
             v.bind_key(key, lambda _viewer, a=action: a(), overwrite=True)

@@ -50,6 +50,10 @@ def test_painting_with_napari_marks_unsaved_changes_and_keys_save(widget, qtbot)
     assert "unsaved" not in widget.review.state_label.text()
     assert widget.session.review.store.state(3)[0][30, 60] == 4
     assert "Alt-S" in widget.review.toolTip()
+    called = []
+    widget.session.label_next.start_from_prediction = lambda: called.append(1)
+    widget.viewer.keymap[KeyBinding.from_str("Alt-L")](widget.viewer)
+    assert called == [1]
 
 
 def test_queue_fills_and_a_click_visits_the_entry(widget, small_sample):
