@@ -54,6 +54,7 @@ bench: sysdeps $(VENV)/.installed
 	cd bench && ../$(PY) audit_quality.py --seeds 1,2,3,4,5 --json out/audit_quality.json
 	cd bench && $(XVFB) ../$(PY) gui_responsiveness.py --json out/gui_responsiveness.json
 	cd bench && ../$(PY) label_confidence.py --json out/label_confidence.json
+	cd bench && ../$(PY) active_learning.py --json out/active_learning.json
 	$(PY) bench/readme_figures.py
 
 clean:

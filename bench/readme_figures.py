@@ -161,6 +161,28 @@ def label_confidence(c: dict) -> list[str]:
     ]
 
 
+def active_learning(a: dict) -> list[str]:
+    labels = a["labels"]
+    rows = " | ".join(str(n) for n in labels)
+    per_seed = ", ".join("-" if v is None else f"{v}" for v in a["labels_saved_per_seed"])
+    saved = a["labels_saved"]
+    return [
+        f"Label next against random picks (`bench/out/active_learning.json`, {len(a['runs'])} seeds, "
+        f"{a['sites']} synthetic sites, the first {labels[0]} labels from sites "
+        f"{', '.join(map(str, a['start_sites']))}, +{labels[1] - labels[0]} labels a round, "
+        f"{a['steps_per_round']} training steps a round; mIoU on held-out images of every site):",
+        "",
+        f"| labels | {rows} |",
+        "| --- |" + " --- |" * len(labels),
+        "| queue mIoU | " + " | ".join(f"{v:.3f}" for v in a["queue_miou"]) + " |",
+        "| random mIoU | " + " | ".join(f"{v:.3f}" for v in a["random_miou"]) + " |",
+        "",
+        f"The queue reached random selection's final mIoU with "
+        f"**{'-' if saved is None else f'{100 * saved:.0f}%'} fewer labels** (per seed: {per_seed}; "
+        f"spread of random's final mIoU over seeds {a['seed_spread_final']}).",
+    ]
+
+
 SECTIONS = [
     ("train_throughput", throughput),
     ("compile_check", compile_check),
@@ -170,6 +192,7 @@ SECTIONS = [
     ("audit_quality", audit_quality),
     ("gui_responsiveness", gui),
     ("label_confidence", label_confidence),
+    ("active_learning", active_learning),
 ]
 
 
