@@ -194,12 +194,11 @@ class DatasetBrowser:
     def pool_balance(self, masks: np.ndarray) -> str:
         """A line: the class shares ``masks`` (a prediction of every row) gives the unlabelled
         images, beside the labelled terrain's ("" without unlabelled images)."""
-        b = self
-        pool = [i for i in range(b.n_labelled, len(masks)) if i not in b.pool_labelled]
-        if not pool or b.stats is None:
+        pool = [i for i in range(self.n_labelled, len(masks)) if i not in self.pool_labelled]
+        if not pool or self.stats is None:
             return ""
         predicted = class_pixel_counts(masks[pool])
-        labelled = np.array([c.pixels for c in b.stats.classes], float)
+        labelled = np.array([c.pixels for c in self.stats.classes], float)
         parts = [
             f"{c.name} {100 * predicted[c.id] / max(predicted[1:].sum(), 1):.0f}% "
             f"({100 * labelled[c.id] / max(labelled[1:].sum(), 1):.0f}%)"

@@ -39,14 +39,8 @@ def dataset_layer_data(dataset: Dataset) -> list[tuple]:
     if len(dataset) + n_test == 0:
         raise DatasetError(f"{dataset.source}: no images")
     label = dataset_label(dataset)
-    images, masks = dataset.images, dataset.masks
-    names = list(dataset.names)
-    if n_test:
-        # The unlabelled images follow the labelled ones: row n + j is unlabelled image j,
-        # as the corrections store numbers them; their masks are empty until labelled.
-        images = np.concatenate([dataset.images, dataset.test_images])
-        masks = np.concatenate([dataset.masks, np.zeros_like(dataset.test_images)])
-        names += [f"unlabelled {name}" for name in dataset.test_names]
+    images, masks = dataset.stacked()  # the unlabelled images after the labelled ones
+    names = list(dataset.names) + [f"unlabelled {name}" for name in dataset.test_names]
     meta = {"source": dataset.source, "names": names}
     images = (
         images,

@@ -8,62 +8,22 @@ redraw on its signals; tests drive it without Qt.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from psygnal import Signal
 
 from trainer import events as ev
-from trainer.audit import describe_reason, move_mask, rank
+from trainer.audit import move_mask, rank
 from trainer.corrections import CorrectionsError, CorrectionStore, dataset_hash, default_store_path
+
+from ._review_entries import ImageReview, QueueEntry
+
+__all__ = ["CHANGED", "DISAGREEMENT", "ImageReview", "QueueEntry", "ReviewModel"]
 
 CHANGED = "changed pixels"
 DISAGREEMENT = "model disagrees"
 QUEUE_MIN_SCORE = 0.05
 QUEUE_MAX = 500
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    """One image of the review queue and why it is there."""
-
-    index: int
-    score: float
-    text: str  # the headline reason, e.g. "misaligned (move 12 px left)"
-    group: tuple[int, ...] | None = None  # its duplicate-mask group, if any
-    move: tuple[int, int] | None = None  # (dy, dx) the model suggests, if misaligned
-
-    @classmethod
-    def from_ranking(cls, entry: dict) -> QueueEntry:
-        reasons = entry["reasons"]
-        group = next((tuple(r["group"]) for r in reasons if "group" in r), None)
-        move = next(((r["shift_y"], r["shift_x"]) for r in reasons if r["kind"] == "misaligned"), None)
-        return cls(int(entry["index"]), float(entry["score"]), describe_reason(reasons[0]), group, move)
-
-    @property
-    def label(self) -> str:
-        return f"image {self.index:>5} · {self.score:.2f} · {self.text}"
-
-
-@dataclass(frozen=True)
-class ImageReview:
-    """What the Review tab says about one image."""
-
-    index: int
-    edited: bool
-    excluded: bool
-    unsaved: bool
-    changed_pixels: int
-    history: tuple[str, ...]  # one line per store entry, the current one marked
-
-    @property
-    def summary(self) -> str:
-        bits = [f"Image {self.index}", "edited" if self.edited else "original mask"]
-        if self.excluded:
-            bits.append("EXCLUDED from training")
-        if self.unsaved:
-            bits.append("unsaved changes")
-        return " · ".join(bits) + f" · {self.changed_pixels} pixel(s) differ from the original"
 
 
 class ReviewModel:

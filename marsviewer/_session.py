@@ -117,18 +117,19 @@ class Session:
         """Called every few tens of ms by the widget: release held jobs once the viewer is
         quiet, then read what every job sent (never waits)."""
         if self.held and self.clock() >= self.quiet_at:
-            for job in self.held:
-                job.release()
-            self.held = []
+            self._release_held()
         self.training.poll()
         self.review.poll()
         self.label_next.poll()
 
-    def shutdown(self) -> None:
-        """Stop everything this session started (napari is closing)."""
+    def _release_held(self) -> None:
         for job in self.held:
             job.release()
         self.held = []
+
+    def shutdown(self) -> None:
+        """Stop everything this session started (napari is closing)."""
+        self._release_held()
         self.label_next.shutdown()
         self.review.shutdown()
         self.training.shutdown()

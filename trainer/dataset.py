@@ -66,6 +66,17 @@ class Dataset:
     def image_shape(self) -> tuple[int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, masks) of every image: the labelled ones, then the unlabelled ones with
+        empty masks. Row ``n + j`` is unlabelled image ``j``, as the corrections store, the
+        viewer and a training with corrections number them."""
+        if self.test_images is None or not len(self.test_images):
+            return self.images, self.masks
+        return (
+            np.concatenate([self.images, self.test_images]),
+            np.concatenate([self.masks, np.zeros_like(self.test_images)]),
+        )
+
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES

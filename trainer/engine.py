@@ -80,13 +80,10 @@ class _Trainer(EpochEnd):
         self._split(data)
         # With a corrections store, the unlabelled images ride along (after the labelled
         # ones, as the store numbers them): a label saved for one joins the next epoch.
-        pool = dataset.test_images if corrections is not None and dataset.test_images is not None else None
         self.n_labelled = len(dataset)
-        self.base_masks = dataset.masks
-        images = dataset.images
-        if pool is not None and len(pool):
-            images = np.concatenate([dataset.images, pool])
-            self.base_masks = np.concatenate([dataset.masks, np.zeros_like(pool)])
+        images, self.base_masks = (
+            dataset.stacked() if corrections is not None else (dataset.images, dataset.masks)
+        )
         self.images = torch.from_numpy(images).to(device)
         # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
         self.masks = torch.from_numpy(self.base_masks).to(device, copy=corrections is not None)

@@ -101,9 +101,7 @@ def predict_job(
         emit(ev.Progress(f"predicting {done}/{total}", done, total))
         wait_while_paused(control)
 
-    images = dataset.images
-    if dataset.test_images is not None and len(dataset.test_images):
-        images = np.concatenate([dataset.images, dataset.test_images])  # as the viewer stacks them
+    images, _ = dataset.stacked()  # as the viewer stacks them
     out = predict_arrays(
         model.to(dev), images, batch_size, dev, with_entropy=True, with_probs=confidence,
         flip_tta=confidence, progress=progress,
