@@ -153,3 +153,74 @@ def test_originals_untouched(tmp_path):
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
     read_folder(tmp_path, size=(4, 6))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before
+
+
+def test_value_pairs_and_class_names(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((2, 3)))
+    save(tmp_path / "labels" / "a.png", np.array([[0, 255, 0], [7, 7, 255]]))
+    ds = read_folder(tmp_path, mask_mapping="0:1, 255:big rock, 7:Sand")
+    np.testing.assert_array_equal(ds.masks[0], [[1, 4, 1], [3, 3, 4]])
+    with pytest.raises(DatasetError, match=r"a\.png: mask values \[7\].*'0:1,255:4'.*lists 0, 255"):
+        read_folder(tmp_path, mask_mapping="0:1,255:4")
+    with pytest.raises(DatasetError, match="'lava' is not a class"):
+        read_folder(tmp_path, mask_mapping="0:lava")
+
+
+def test_colour_masks_through_a_colour_mapping(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((2, 3)))
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 1] = (255, 0, 0)
+    save(tmp_path / "labels" / "a.png", rgb)
+    ds = read_folder(tmp_path, mask_mapping="#000000:1,#FF0000:4")
+    np.testing.assert_array_equal(ds.masks[0], [[1, 4, 1], [1, 1, 1]])
+    rgb[1, 2] = (0, 255, 0)
+    save(tmp_path / "labels" / "a.png", rgb)
+    with pytest.raises(DatasetError, match=r"a\.png: mask colours #00ff00 are not in the mapping"):
+        read_folder(tmp_path, mask_mapping="#000000:1,#ff0000:4")
+    with pytest.raises(DatasetError, match="mask is a colour image.*--mask-mapping"):
+        read_folder(tmp_path)
+
+
+def test_toml_mapping(tmp_path):
+    save(tmp_path / "data" / "images" / "a.png", np.zeros((2, 2)))
+    save(tmp_path / "data" / "labels" / "a.png", np.array([[0, 9], [9, 0]]))
+    table = tmp_path / "classes.toml"
+    table.write_text('[mask_mapping]\n"0" = "soil"\n"9" = 2\n')
+    ds = read_folder(tmp_path / "data", mask_mapping=str(table))
+    np.testing.assert_array_equal(ds.masks[0], [[1, 2], [2, 1]])
+    table.write_text("not = [toml")
+    with pytest.raises(DatasetError, match=r"classes\.toml: not a readable TOML file"):
+        read_folder(tmp_path / "data", mask_mapping=str(table))
+
+
+def test_ai4mars_layout_with_rover_and_range_masks(tmp_path):
+    """AI4Mars: images/edr, labels/train and labels/test/<agreement>/..._merged.png,
+    images/mxy (rover) and images/rng-30m (beyond 30 m) mark pixels to ignore."""
+    msl = tmp_path / "msl"
+    for name in ("NLB_1_EDR_F1", "NLB_2_EDR_F1", "NLB_3_EDR_F1"):
+        save(msl / "images" / "edr" / f"{name}.JPG", np.full((4, 4), 100))
+    save(msl / "labels" / "train" / "NLB_1_EDR_F1.png", np.full((4, 4), 2))
+    save(
+        msl / "labels" / "test" / "masked-gold-min3-100agree" / "NLB_2_EDR_F1_merged.png", np.full((4, 4), 0)
+    )
+    rover = np.zeros((4, 4))
+    rover[3] = 1
+    far = np.zeros((4, 4))
+    far[0] = 1
+    save(msl / "images" / "mxy" / "NLB_1_MXY_F1.png", rover)
+    save(msl / "images" / "rng-30m" / "NLB_1_RNG_F1.png", far)
+    ds = read_folder(tmp_path, mask_mapping="ai4mars")
+    assert [n.split("/")[-1] for n in ds.names] == ["NLB_1_EDR_F1", "NLB_2_EDR_F1"]
+    assert [n.split("/")[-1] for n in ds.test_names] == ["NLB_3_EDR_F1"]
+    np.testing.assert_array_equal(ds.masks[0], [[0] * 4, [3] * 4, [3] * 4, [0] * 4])
+    assert (ds.masks[1] == 1).all()
+    save(msl / "images" / "mxy" / "NLB_1_MXY_F1.png", np.zeros((5, 4)))
+    with pytest.raises(DatasetError, match=r"NLB_1_MXY_F1\.png: rover/range mask is 5x4"):
+        read_folder(tmp_path, mask_mapping="ai4mars")
+
+
+def test_sixteen_bit_frames_are_stretched(tmp_path):
+    frame = np.array([[1000, 1000], [3000, 5000]], np.uint16)
+    Image.fromarray(frame).save(tmp_path / "f.png")
+    ds = read_folder(tmp_path)
+    np.testing.assert_array_equal(ds.test_images[0], [[0, 0], [128, 255]])

@@ -171,3 +171,20 @@ def test_original_file_is_not_written(npz_path):
     before = npz_path.read_bytes()
     read_npz(npz_path)
     assert npz_path.read_bytes() == before
+
+
+def test_header_declaring_more_than_the_file_holds(tmp_path):
+    """A header that declares 10^6 images of 1024x1024 is refused before allocating."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, _training(4))
+    data = buf.getvalue()
+    header = data[: data.index(b"\n") + 1].decode("latin1")
+    fake = header.replace("(4, 2,", "(1000000, 2,").replace("8, 16)", "1024, 1024)")
+    fake = fake[:-1].rstrip().ljust(len(header) - 1) + "\n"  # same header length
+    assert len(fake) == len(header)
+    p = tmp_path / "huge.npz"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("training_set.npy", fake.encode("latin1") + data[len(header) :])
+    expect_error(p, str(p), "declares 1000000 images", "TB", "damaged or truncated")

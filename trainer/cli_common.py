@@ -31,8 +31,6 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_dataset_args(p: argparse.ArgumentParser, inputs: bool = False) -> None:
     """The DATASET argument and its reading options; ``inputs``: one or more inputs instead."""
-    from .formats import MASK_MAPPINGS
-
     what = "a competition .npz, a folder of image/mask pairs, or 'synthetic[:N[:SEED]]'"
     if inputs:
         p.add_argument(
@@ -42,9 +40,11 @@ def add_dataset_args(p: argparse.ArgumentParser, inputs: bool = False) -> None:
         p.add_argument("dataset", help=what)
     p.add_argument(
         "--mask-mapping",
-        choices=MASK_MAPPINGS,
         default="identity",
-        help="folders only: how mask values become class ids (ai4mars: 0..3 -> 1..4, 255 -> 0)",
+        metavar="MAPPING",
+        help="folders only: how mask values become class ids: identity (0..4), ai4mars "
+        "(0..3 -> 1..4, 255 -> 0), value pairs '0:1,255:4', colour pairs '#000000:1,#ff0000:4', "
+        "or a .toml file of such pairs (default: identity)",
     )
     p.add_argument("--size", type=_size, help="folders only: resize to HxW (default: the most common size)")
 

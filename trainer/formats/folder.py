@@ -1,46 +1,43 @@
 """Folders of image/mask pairs (PNG, JPG, TIF), such as NASA JPL's AI4Mars.
 
-Two layouts are recognised:
+Layouts recognised:
 
 * sub-folders: images under a folder named ``images``/``image``/``imgs``/``edr`` and
-  masks under ``masks``/``mask``/``labels``/``label``/``gt`` (at any depth);
-* flat: ``name.jpg`` beside ``name_mask.png`` (also ``_label``, ``_labels``, ``_gt``).
+  masks under ``masks``/``mask``/``labels``/``label``/``gt`` (at any depth, any split
+  folders beneath: AI4Mars' ``labels/train`` and ``labels/test/...``);
+* flat: ``name.jpg`` beside ``name_mask.png`` (also ``_label``, ``_labels``, ``_gt``,
+  ``_merged``);
+* AI4Mars' rover masks (``mxy/``) and range masks (``rng-30m/``): their non-zero pixels
+  (the rover itself, terrain beyond 30 m) become 0, "not labelled", in the frame's mask.
+  ``NLB_..._MXY_...`` and ``NLB_..._RNG_...`` belong to the frame ``NLB_..._EDR_...``.
 
 Images and masks are matched by file stem; images without a mask are the unlabelled pool
-(``Dataset.test_images``). RGB images become grayscale; masks keep their raw values and
-go through a value mapping (identity, or the AI4Mars preset 0..3 -> 1..4 and 255 -> 0).
+(``Dataset.test_images``). Images follow the rule of :mod:`trainer.images` (RGB -> luma,
+16-bit and float stretched from their minimum to their maximum onto 0..255); masks go
+through a :class:`~trainer.mask_mapping.MaskMapping` (values, colours, or a preset).
+
+``read_folder`` reads everything into memory at one size (for small datasets);
+``mars-trainer convert`` reads the same :class:`FolderIndex` item by item into a zarr
+store at each frame's own size.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..classes import NUM_CLASSES
 from ..dataset import Dataset, DatasetError
 from ..images import IMAGE_SUFFIXES, read_image
+from ..mask_mapping import PRESETS, MaskMapping
 
 IMAGE_DIRS = {"images", "image", "imgs", "img", "edr"}
 MASK_DIRS = {"masks", "mask", "labels", "label", "gt", "annotations"}
 MASK_STEM_SUFFIXES = ("_mask", "_masks", "_label", "_labels", "_gt", "_merged")
-
-
-def _mapping_table(name: str) -> np.ndarray:
-    """A 256-entry lookup table; 255 in the table marks a value that is not allowed."""
-    lut = np.full(256, 255, np.uint8)
-    if name == "identity":
-        lut[:NUM_CLASSES] = np.arange(NUM_CLASSES)
-    elif name == "ai4mars":
-        lut[0:4] = [1, 2, 3, 4]
-        lut[255] = 0
-    else:
-        raise DatasetError(f"unknown mask mapping {name!r}; valid: identity, ai4mars")
-    return lut
-
-
-MASK_MAPPINGS = ("identity", "ai4mars")
+IGNORE_DIRS = ("mxy", "rng")  # AI4Mars rover masks and range masks (rng-30m)
+MASK_MAPPINGS = PRESETS
 
 
 def _mask_key(path: Path) -> str:
@@ -51,8 +48,37 @@ def _mask_key(path: Path) -> str:
     return stem
 
 
-def _find_pairs(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """(labelled images, their masks, images without a mask)."""
+def _ignore_key(path: Path) -> str:
+    return path.stem.lower().replace("_mxy_", "_edr_").replace("_rng_", "_edr_")
+
+
+@dataclass
+class FolderItem:
+    """One frame: its image file, its mask file (None: unlabelled) and the files whose
+    non-zero pixels are to be ignored (AI4Mars rover and range masks)."""
+
+    image: Path
+    mask: Path | None = None
+    ignore: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class FolderIndex:
+    root: Path
+    labelled: list[FolderItem]
+    unlabelled: list[FolderItem]
+
+    def name(self, item: FolderItem) -> str:
+        return str(item.image.relative_to(self.root).with_suffix(""))
+
+
+def index_folder(root: str | Path) -> FolderIndex:
+    """Find the frames of a folder without decoding any of them."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(
@@ -60,11 +86,14 @@ def _find_pairs(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
             "'images/' and 'masks/' sub-folders or as 'name.png' beside 'name_mask.png'"
         )
 
-    def under(p: Path, names: set[str]) -> bool:
-        return any(part.lower() in names for part in p.relative_to(root).parts[:-1])
+    def dirs(p: Path) -> list[str]:
+        return [part.lower() for part in p.relative_to(root).parts[:-1]]
 
-    in_image_dirs = [p for p in files if under(p, IMAGE_DIRS)]
-    in_mask_dirs = [p for p in files if under(p, MASK_DIRS)]
+    ignore_files = [p for p in files if any(d.startswith(IGNORE_DIRS) for d in dirs(p))]
+    ignored = set(ignore_files)
+    files = [p for p in files if p not in ignored]
+    in_image_dirs = [p for p in files if IMAGE_DIRS & set(dirs(p))]
+    in_mask_dirs = [p for p in files if MASK_DIRS & set(dirs(p))]
     if in_image_dirs or in_mask_dirs:
         images, masks = in_image_dirs, in_mask_dirs
     else:
@@ -73,40 +102,67 @@ def _find_pairs(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
         images = [p for p in files if p not in mask_set]
     if not images:
         raise DatasetError(f"{root}: found {len(masks)} masks but no images")
-    by_key = {}
+    by_key: dict[str, Path] = {}
     for m in masks:
         by_key.setdefault(_mask_key(m), m)
-    labelled = [p for p in images if p.stem.lower() in by_key]
-    unlabelled = [p for p in images if p.stem.lower() not in by_key]
+    ignore_by_key: dict[str, list[Path]] = {}
+    for p in ignore_files:
+        ignore_by_key.setdefault(_ignore_key(p), []).append(p)
+    labelled, unlabelled = [], []
+    for p in images:
+        key = p.stem.lower()
+        item = FolderItem(p, by_key.get(key), ignore_by_key.get(key, []))
+        (labelled if item.mask is not None else unlabelled).append(item)
     if masks and not labelled:
         shown = ", ".join(str(p.relative_to(root)) for p in masks[:3])
         raise DatasetError(
             f"{root}: none of the {len(masks)} masks ({shown}...) matches an image; expected a mask "
             "with its image's file stem (in a masks/ or labels/ folder, or named 'stem_mask.png')"
         )
-    return labelled, [by_key[p.stem.lower()] for p in labelled], unlabelled
+    return FolderIndex(root, labelled, unlabelled)
 
 
-def _load_mask(path: Path) -> np.ndarray:
+def read_mask_file(path: Path) -> np.ndarray:
+    """A mask file's raw values: (H, W) integers, or (H, W, 3) for an RGB(A) file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            if im.mode in ("RGB", "RGBA"):
-                arr = np.asarray(im.convert("RGB"))
-                if not (arr[..., 0] == arr[..., 1]).all() or not (arr[..., 0] == arr[..., 2]).all():
-                    raise DatasetError(f"{path}: mask is a colour image; expected one channel of class ids")
-                return arr[..., 0].copy()
+            if im.mode in ("RGB", "RGBA", "P", "PA"):
+                return np.asarray(im.convert("RGB"))
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable image ({exc})") from None
     if arr.ndim != 2:
         raise DatasetError(f"{path}: expected a 2-D mask, found shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        if arr.max() > 255 or arr.min() < 0:
-            raise DatasetError(f"{path}: mask values up to {arr.max()}; expected 0..255")
+    if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     return arr
+
+
+def load_item(item: FolderItem, mapping: MaskMapping) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode one frame: (image (H, W) uint8, mask (H, W) uint8 class ids or None)."""
+    image = read_image(item.image)
+    if item.mask is None:
+        return image, None
+
+    def same_size(arr: np.ndarray, path: Path, what: str) -> None:
+        if arr.shape[:2] != image.shape:
+            raise DatasetError(
+                f"{path}: {what} is {arr.shape[0]}x{arr.shape[1]} but its image {item.image.name} is "
+                f"{image.shape[0]}x{image.shape[1]}; expected the same size"
+            )
+
+    raw = read_mask_file(item.mask)
+    same_size(raw, item.mask, "mask")
+    mask = mapping.apply(raw, item.mask)
+    for path in item.ignore:
+        ignore = read_mask_file(path)
+        same_size(ignore, path, "rover/range mask")
+        mask = np.where(ignore.reshape(*image.shape, -1).any(-1), 0, mask).astype(np.uint8)
+    return image, mask
 
 
 def _resize(arr: np.ndarray, size: tuple[int, int], *, is_mask: bool) -> np.ndarray:
@@ -126,45 +182,27 @@ def _resize(arr: np.ndarray, size: tuple[int, int], *, is_mask: bool) -> np.ndar
 
 def read_folder(
     root: str | Path,
-    mask_mapping: str = "identity",
+    mask_mapping: str | MaskMapping = "identity",
     size: tuple[int, int] | None = None,
 ) -> Dataset:
-    """Read a folder of image/mask pairs.
+    """Read a folder of image/mask pairs into memory.
 
     Parameters
     ----------
     root : path
         The folder.
-    mask_mapping : {"identity", "ai4mars"}
-        How mask values become class ids.
+    mask_mapping : str or MaskMapping
+        How mask values become class ids: a preset (identity, ai4mars), value or colour
+        pairs, or a TOML file (see :mod:`trainer.mask_mapping`).
     size : (H, W), optional
         Resize everything to this size; by default the most common image size.
     """
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"{root}: no such folder")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder")
-    lut = _mapping_table(mask_mapping)
-    image_paths, mask_paths, pool_paths = _find_pairs(root)
-    images = [read_image(p) for p in image_paths]
-    pool = [read_image(p) for p in pool_paths]
-    masks = []
-    for ip, mp, img in zip(image_paths, mask_paths, images, strict=True):
-        raw = _load_mask(mp)
-        if raw.shape != img.shape:
-            raise DatasetError(
-                f"{mp}: mask is {raw.shape[0]}x{raw.shape[1]} but its image {ip.name} is "
-                f"{img.shape[0]}x{img.shape[1]}; expected the same size"
-            )
-        mapped = lut[raw]
-        if (mapped == 255).any():
-            bad = sorted(set(np.unique(raw[mapped == 255]).tolist()))
-            raise DatasetError(
-                f"{mp}: mask values {bad[:8]} are not valid with the {mask_mapping!r} mapping; "
-                + ("expected 0..4" if mask_mapping == "identity" else "expected 0..3 and 255 (AI4Mars)")
-            )
-        masks.append(mapped)
+    mapping = MaskMapping.parse(mask_mapping)
+    index = index_folder(root)
+    loaded = [load_item(item, mapping) for item in index.labelled]
+    images = [image for image, _ in loaded]
+    masks = [mask for _, mask in loaded]
+    pool = [read_image(item.image) for item in index.unlabelled]
     if size is None:
         size = Counter(a.shape for a in images + pool).most_common(1)[0][0]
 
@@ -175,14 +213,11 @@ def read_folder(
             else np.zeros((0, *size), np.uint8)
         )
 
-    def names(paths: list[Path]) -> list[str]:
-        return [str(p.relative_to(root).with_suffix("")) for p in paths]
-
     return Dataset(
         images=stack(images, False),
         masks=stack(masks, True),
         test_images=stack(pool, False) if pool else None,
-        source=str(root),
-        names=names(image_paths),
-        test_names=names(pool_paths),
+        source=str(index.root),
+        names=[index.name(i) for i in index.labelled],
+        test_names=[index.name(i) for i in index.unlabelled],
     )

@@ -56,6 +56,14 @@ def _check_values(chunk: np.ndarray, path: Path, what: str, hi: int, first_index
         )
 
 
+def _size_text(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"
+
+
 def _read_header(f, path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     try:
         version = np.lib.format.read_magic(f)
@@ -85,8 +93,17 @@ def _stream_member(
             raise DatasetError(f"{path}: {key!r} has shape {shape}; expected {expect_desc}")
         if shape[0] == 0 or 0 in shape:
             raise DatasetError(f"{path}: {key!r} is empty (shape {shape})")
-        yield shape
         per_item = int(np.prod(shape[1:])) * dtype.itemsize
+        # Check the declared size against what the member holds before anyone allocates
+        # for it: a damaged or hand-made header may declare terabytes.
+        held = zf.getinfo(name).file_size - f.tell()
+        if per_item * shape[0] > held:
+            raise DatasetError(
+                f"{path}: {key!r} declares {shape[0]} images of {'x'.join(map(str, shape[1:]))} "
+                f"{dtype} ({_size_text(per_item * shape[0])}) but the file holds {_size_text(max(held, 0))} "
+                "of it; the file is damaged or truncated"
+            )
+        yield shape
         if fortran:
             # Rare (only from hand-written files): read whole, then it is C order.
             data = f.read()
