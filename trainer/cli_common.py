@@ -31,7 +31,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_dataset_args(p: argparse.ArgumentParser, inputs: bool = False) -> None:
     """The DATASET argument and its reading options; ``inputs``: one or more inputs instead."""
-    what = "a competition .npz, a folder of image/mask pairs, or 'synthetic[:N[:SEED]]'"
+    what = "a competition .npz, a folder of image/mask pairs, a .zarr dataset, or 'synthetic[:N[:SEED]]'"
     if inputs:
         p.add_argument(
             "inputs", nargs="+", metavar="INPUT", help=f"{what}; or image files and folders of images"
@@ -49,10 +49,12 @@ def add_dataset_args(p: argparse.ArgumentParser, inputs: bool = False) -> None:
     p.add_argument("--size", type=_size, help="folders only: resize to HxW (default: the most common size)")
 
 
-def load_dataset(args: argparse.Namespace) -> Dataset:
+def load_dataset(args: argparse.Namespace, lazy: bool = False) -> Dataset:
+    """The command's dataset; ``lazy``: a large zarr dataset may come back unread
+    (a :class:`~trainer.formats.StoredDataset`) for commands that read it from disk."""
     from .formats import open_dataset
 
-    return open_dataset(args.dataset, mask_mapping=args.mask_mapping, size=args.size)
+    return open_dataset(args.dataset, mask_mapping=args.mask_mapping, size=args.size, lazy=lazy)
 
 
 def open_store(dataset, path: str | None = None):

@@ -38,17 +38,63 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import dataset_stats, format_stats
+    from .formats import StoredDataset
+    from .stats import counts_stats, dataset_stats, format_stats
 
-    dataset = load_dataset(args)
-    stats = dataset_stats(dataset)
-    pool = 0 if dataset.test_images is None else len(dataset.test_images)
+    dataset = load_dataset(args, lazy=True)
+    if isinstance(dataset, StoredDataset):  # from its class table; duplicates not searched
+        pixels = dataset.class_pixels
+        stats = counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(dataset))
+        pool = dataset.n_unlabelled
+    else:
+        stats = dataset_stats(dataset)
+        pool = 0 if dataset.test_images is None else len(dataset.test_images)
     if args.json:
         print(json.dumps({**stats.to_json(), "unlabelled_images": pool}))
     else:
-        print(format_stats(stats))
+        text = format_stats(stats)
+        if isinstance(dataset, StoredDataset):
+            text = text.replace(
+                "no duplicate masks", "duplicate masks: not searched in a dataset read from disk"
+            )
+        print(text)
         if pool:
             print(f"\n{pool} unlabelled images (not counted above)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from .convert import convert
+
+    out = Path(args.out)
+    if out.suffix != ".zarr":
+        raise CliError(f"{out}: the output must end in .zarr")
+    if not out.parent.exists():
+        raise CliError(f"{out.parent}: no such folder")
+    show = None
+    if sys.stderr.isatty():
+
+        def show(done: int, total: int) -> None:
+            print(
+                f"\rconverting {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True
+            )
+
+    t = time.perf_counter()
+    report = convert(
+        args.src, out, args.mask_mapping, workers=args.workers, skip_bad=args.skip_bad,
+        overwrite=args.overwrite, progress=show,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t
+    n = report.labelled + report.unlabelled
+    sizes = f"{report.sizes} frame sizes, padded to " if report.sizes > 1 else ""
+    print(
+        f"wrote {report.out}: {report.labelled} labelled and {report.unlabelled} unlabelled images "
+        f"({sizes}{report.frame[0]}x{report.frame[1]}) in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s)"
+    )
+    for line in report.skipped:
+        print(f"skipped: {line}", file=sys.stderr)
     return 0
 
 
@@ -66,6 +112,21 @@ def register(sub) -> None:
     )
     p.add_argument("--no-problems", action="store_true", help="plant no outliers or corrupted masks")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "convert", help="write a folder or an npz as a chunked zarr dataset that is read lazily"
+    )
+    p.add_argument("src", help="a folder of images (with masks), an .npz, or 'synthetic[:N[:SEED]]'")
+    p.add_argument("--out", required=True, help="the dataset to write, NAME.zarr")
+    p.add_argument(
+        "--mask-mapping", default="identity", metavar="MAPPING",
+        help="how mask values become class ids (as for every command: identity, ai4mars, "
+        "'0:1,255:4', '#000000:1,#ff0000:4' or a .toml file)",
+    )  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs, at most 8)")
+    p.add_argument("--skip-bad", action="store_true", help="leave out frames that cannot be read (listed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("stats", help="class balance and duplicate-mask groups of a dataset")
     add_dataset_args(p)

@@ -86,14 +86,18 @@ def dataset_stats(dataset: Dataset) -> DatasetStats:
 
 def mask_stats(masks: np.ndarray) -> DatasetStats:
     """:func:`dataset_stats` for a bare (N, H, W) stack of masks."""
-    pixels = class_pixel_counts(masks)
+    return counts_stats(class_presence(masks).sum(axis=0), class_pixel_counts(masks), len(masks),
+                        tuple(duplicate_mask_groups(masks)))  # fmt: skip
+
+
+def counts_stats(presence: np.ndarray, pixels: np.ndarray, n: int, groups: tuple = ()) -> DatasetStats:
+    """Stats from per-class image counts and pixel counts (a stored dataset's table)."""
     total = max(int(pixels.sum()), 1)
-    presence = class_presence(masks).sum(axis=0)
     classes = tuple(
         ClassStats(c.id, c.name, int(pixels[c.id]), float(pixels[c.id] / total), int(presence[c.id]))
         for c in CLASSES
     )
-    return DatasetStats(len(masks), classes, tuple(duplicate_mask_groups(masks)))
+    return DatasetStats(n, classes, groups)
 
 
 def format_stats(stats: DatasetStats) -> str:

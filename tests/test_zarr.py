@@ -1,0 +1,141 @@
+"""Converted zarr datasets: folders and npz in, the same data out, lazily when large;
+every bad input stops with the file named and leaves nothing that looks complete."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer import formats
+from trainer.cli import main
+from trainer.convert import convert
+from trainer.dataset import DatasetError
+from trainer.formats import StoredDataset, open_dataset, open_zarr, read_npz
+
+
+def save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr, np.uint8)).save(path)
+
+
+def mixed_folder(root):
+    """Two labelled frames of different sizes (neither a multiple of 16) and one unlabelled."""
+    rng = np.random.default_rng(0)
+    frames = {"a": (37, 50), "b": (45, 29), "c": (20, 20)}
+    arrays = {}
+    for name, shape in frames.items():
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        save(root / "images" / f"{name}.png", img)
+        arrays[name] = [img, None]
+        if name != "c":
+            mask = rng.integers(0, 5, shape, dtype=np.uint8)
+            save(root / "masks" / f"{name}.png", mask)
+            arrays[name][1] = mask
+    return arrays
+
+
+def test_folder_of_mixed_sizes_keeps_each_frame(tmp_path):
+    arrays = mixed_folder(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "d.zarr", workers=2)
+    assert (report.labelled, report.unlabelled, report.frame, report.sizes) == (2, 1, (45, 50), 3)
+    ds = open_dataset(tmp_path / "d.zarr", lazy=True)
+    assert isinstance(ds, StoredDataset) and not ds.uniform  # several sizes: never stacked in memory
+    assert ds.labelled_names == ["images/a", "images/b"] and ds.test_names == ["images/c"]
+    for i, name in enumerate("abc"):
+        np.testing.assert_array_equal(ds.image(i), arrays[name][0])
+        if arrays[name][1] is not None:
+            np.testing.assert_array_equal(ds.mask(i), arrays[name][1])
+            counts = np.bincount(arrays[name][1].ravel(), minlength=5)
+            np.testing.assert_array_equal(ds.class_pixels[i], counts)
+            np.testing.assert_array_equal(ds.class_cells()[i].sum(axis=(1, 2)), counts)
+    with pytest.raises(
+        DatasetError, match="frames of several sizes; this command reads datasets into memory"
+    ):
+        open_dataset(tmp_path / "d.zarr")
+
+
+def test_npz_round_trip_in_memory_when_small_lazily_when_large(tmp_path, npz_path, monkeypatch):
+    out = tmp_path / "n.zarr"
+    assert main(["convert", str(npz_path), "--out", str(out)]) == 0
+    want = read_npz(npz_path)
+    got = open_dataset(out)
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.masks, want.masks)
+    np.testing.assert_array_equal(got.test_images, want.test_images)
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    lazy = open_dataset(out, lazy=True)
+    assert isinstance(lazy, StoredDataset) and lazy.n_unlabelled == len(want.test_images)
+    np.testing.assert_array_equal(lazy.image(len(want) + 1), want.test_images[1])
+
+
+def test_undecodable_frame_stops_and_leaves_nothing(tmp_path, capsys):
+    mixed_folder(tmp_path / "src")
+    (tmp_path / "src" / "images" / "b.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "d.zarr"
+    assert main(["convert", str(tmp_path / "src"), "--out", str(out)]) == 2
+    assert "b.png: unreadable image" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "d.zarr.partial").exists()
+    assert main(["convert", str(tmp_path / "src"), "--out", str(out), "--skip-bad"]) == 0
+    assert "skipped:" in capsys.readouterr().err and open_zarr(out).names == ["images/a", "images/c"]
+
+
+def test_mask_of_another_size_names_the_file(tmp_path):
+    mixed_folder(tmp_path / "src")
+    save(tmp_path / "src" / "masks" / "a.png", np.zeros((10, 10)))
+    with pytest.raises(DatasetError, match=r"a\.png: mask is 10x10 but its image a\.png is 37x50"):
+        convert(tmp_path / "src", tmp_path / "d.zarr")
+    assert not list(tmp_path.glob("d.zarr*"))
+
+
+def test_disk_full_during_convert_leaves_nothing(tmp_path, monkeypatch):
+    mixed_folder(tmp_path / "src")
+    from trainer.formats import zarr_dataset
+
+    def full(self, row, image, mask):
+        if row == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr_dataset.ZarrWriter, "add", full)
+    with pytest.raises(
+        DatasetError, match=r"d\.zarr: could not be written \(the disk is full\).*nothing was left"
+    ):
+        convert(tmp_path / "src", tmp_path / "d.zarr")
+    assert not list(tmp_path.glob("d.zarr*"))
+
+
+def test_foreign_and_unfinished_stores_are_refused(tmp_path):
+    import zarr
+
+    g = zarr.open_group(tmp_path / "other.zarr", mode="w")
+    g.create_array("x", shape=(2,), dtype="uint8")
+    with pytest.raises(DatasetError, match="other.zarr: a zarr store, but not a marsviewer dataset"):
+        open_dataset(tmp_path / "other.zarr")
+    convert("synthetic:4", tmp_path / "s.zarr")
+    g = zarr.open_group(tmp_path / "s.zarr", mode="r+")
+    g.attrs["complete"] = False
+    with pytest.raises(DatasetError, match="did not finish"):
+        open_dataset(tmp_path / "s.zarr")
+    (tmp_path / "junk.zarr").mkdir()
+    (tmp_path / "junk.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="junk.zarr: not a readable zarr store"):
+        open_dataset(tmp_path / "junk.zarr")
+
+
+def test_existing_output_is_kept(tmp_path, capsys):
+    convert("synthetic:4", tmp_path / "s.zarr")
+    assert main(["convert", "synthetic:4", "--out", str(tmp_path / "s.zarr")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert len(open_zarr(tmp_path / "s.zarr").names) == 4
+
+
+def test_stats_of_a_large_store_from_its_class_table(tmp_path, npz_path, monkeypatch, capsys):
+    out = tmp_path / "n.zarr"
+    convert(npz_path, out)
+    assert main(["stats", str(npz_path)]) == 0
+    from_npz = capsys.readouterr().out.splitlines()[:8]
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    assert main(["stats", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[:8] == from_npz

@@ -1,0 +1,159 @@
+"""``mars-trainer convert``: a folder, an npz or the synthetic sample -> a zarr dataset.
+
+Folders are decoded by a pool of threads (PIL and zstd release the GIL), a window of a
+few frames per thread at a time, and written in order as they come: memory holds a
+window of frames, never the dataset. Frames keep their own size (the store pads them to
+the largest and records each size).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataset import DatasetError
+from .formats.folder import FolderIndex, FolderItem, index_folder, load_item
+from .formats.zarr_dataset import ZarrWriter, is_zarr
+from .mask_mapping import MaskMapping
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    labelled: int
+    unlabelled: int
+    frame: tuple[int, int]
+    sizes: int  # distinct frame sizes
+    skipped: list[str] = field(default_factory=list)  # "file: why" of frames left out
+
+
+def _frame_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({exc})") from None
+
+
+def _ordered(func: Callable, items: list, workers: int) -> Iterator[tuple[object, object]]:
+    """(item, result or the DatasetError) in order, at most 4 per worker in flight."""
+
+    def safe(item):
+        try:
+            return func(item)
+        except DatasetError as exc:
+            return exc
+
+    window = max(1, 4 * workers)
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(items), window):
+            part = items[start : start + window]
+            yield from zip(part, pool.map(safe, part), strict=True)
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    mask_mapping: str = "identity",
+    workers: int | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ConvertReport:
+    """Write ``src`` as a zarr dataset at ``out``. A frame that cannot be decoded stops
+    the conversion (naming the file) unless ``skip_bad``, which leaves it out and lists
+    it in the report; a stopped conversion leaves nothing under ``out``."""
+    src, out = Path(src), Path(out)
+    workers = workers or min(8, os.cpu_count() or 1)
+    mapping = MaskMapping.parse(mask_mapping)
+    if out.exists() and not overwrite:
+        raise DatasetError(f"{out}: already exists; choose another --out or pass --overwrite")
+    if (str(src).startswith("synthetic") and not src.exists()) or (src.is_file() and not is_zarr(src)):
+        return _convert_arrays(src, out, progress)
+    if is_zarr(src):
+        raise DatasetError(f"{src}: is already a zarr dataset")
+    index = index_folder(src)
+    return _convert_folder(index, out, mapping, workers, skip_bad, progress)
+
+
+def _write(out: Path, writer: ZarrWriter, fill: Callable[[ZarrWriter], tuple[list[str], int]]):
+    try:
+        names, n_labelled = fill(writer)
+        return writer.finish(names, n_labelled)
+    except OSError as exc:
+        writer.abandon()
+        full = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
+        raise DatasetError(
+            f"{out}: could not be written{full}: {exc.strerror or exc}; nothing was left behind"
+        ) from None
+    except BaseException:
+        writer.abandon()
+        raise
+
+
+def _convert_folder(index: FolderIndex, out: Path, mapping, workers, skip_bad, progress) -> ConvertReport:
+    items: list[FolderItem] = index.labelled + index.unlabelled
+    skipped: list[str] = []
+    sizes: dict[Path, tuple[int, int]] = {}
+    for item, size in _ordered(lambda it: _frame_size(it.image), items, workers):
+        if isinstance(size, DatasetError):
+            if not skip_bad:
+                raise size
+            skipped.append(str(size))
+        else:
+            sizes[item.image] = size
+    items = [it for it in items if it.image in sizes]
+    if not items:
+        raise DatasetError(f"{index.root}: no readable images")
+    frame = (max(h for h, _ in sizes.values()), max(w for _, w in sizes.values()))
+    n_planned = sum(1 for it in items if it.mask is not None)
+    writer = ZarrWriter(
+        out, n_planned, len(items), frame, {"source": str(index.root), "mask_mapping": mapping.spec}
+    )
+
+    def fill(w: ZarrWriter):
+        names, row, n_labelled = [], 0, 0
+        for k, (item, result) in enumerate(_ordered(lambda it: load_item(it, mapping), items, workers)):
+            if isinstance(result, DatasetError):
+                if not skip_bad:
+                    raise result
+                skipped.append(str(result))
+                continue
+            image, mask = result
+            w.add(row, image, mask)
+            names.append(index.name(item))
+            n_labelled += mask is not None
+            row += 1
+            if progress is not None:
+                progress(k + 1, len(items))
+        return names, n_labelled
+
+    path = _write(out, writer, fill)
+    n = len(writer.sizes)
+    return ConvertReport(path, writer.masks.shape[0], n - writer.masks.shape[0], frame,
+                         len({tuple(s) for s in writer.sizes.tolist()}), skipped)  # fmt: skip
+
+
+def _convert_arrays(src: Path, out: Path, progress) -> ConvertReport:
+    from .formats import open_dataset
+
+    ds = open_dataset(src)
+    images, masks = ds.stacked()
+    n = len(ds)
+    writer = ZarrWriter(out, n, len(images), ds.image_shape, {"source": str(src), "mask_mapping": "identity"})
+
+    def fill(w: ZarrWriter):
+        for i in range(len(images)):
+            w.add(i, images[i], masks[i] if i < n else None)
+            if progress is not None:
+                progress(i + 1, len(images))
+        return list(ds.names) + list(ds.test_names), n
+
+    path = _write(out, writer, fill)
+    return ConvertReport(path, n, len(images) - n, ds.image_shape, 1)

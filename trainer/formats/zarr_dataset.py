@@ -1,0 +1,283 @@
+"""The chunked on-disk dataset: a zarr (v3) group that napari and the trainer read lazily.
+
+Layout of ``NAME.zarr``::
+
+    zarr.json        attributes: format "marsviewer-dataset", version, complete, id,
+                     source, mask_mapping, image_rule, classes, names, n_labelled
+    images           (N, H, W) uint8: the labelled frames, then the unlabelled ones
+    masks            (n_labelled, H, W) uint8 class ids
+    sizes            (N, 2) int32: each frame's own height and width; frames smaller than
+                     (H, W) sit in the top-left corner, the rest is 0 ("not labelled")
+    class_pixels     (n_labelled, C) int64: pixels of each class in each mask
+    class_cells      (n_labelled, C, H/64, W/64) uint16: the same per 64x64 cell, for
+                     class-aware crops without reading masks
+
+Frames are chunked (1, 256, 256) when large and many to a chunk when small, so reading
+a crop or one frame touches a few chunks. ``complete`` is set last, after every frame
+is written: a store without it (a convert that stopped) is refused, and convert writes
+under ``NAME.zarr.partial`` and renames only when done.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..classes import CLASSES, NUM_CLASSES
+from ..dataset import Dataset, DatasetError
+
+FORMAT = "marsviewer-dataset"
+VERSION = 1
+CELL = 64
+IMAGE_RULE = (
+    "RGB -> ITU-R 601 luma; 16-bit and float stretched from their minimum to their maximum onto 0..255"
+)
+# A stored dataset whose frames all have one size and whose arrays take less than this is
+# read into memory for training (faster there); larger ones train from disk by crops.
+IN_MEMORY_BYTES = 1 << 30
+
+
+def chunk_shape(h: int, w: int) -> tuple[int, int, int]:
+    ch, cw = min(h, 256), min(w, 256)
+    return max(1, (1 << 20) // (ch * cw)), ch, cw
+
+
+def is_zarr(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix.lower() == ".zarr" or (p.is_dir() and (p / "zarr.json").exists())
+
+
+@dataclass
+class StoredDataset:
+    """A converted dataset, opened lazily: only attributes and small tables are read.
+
+    ``images[i]`` / ``masks[i]`` read one padded frame; :meth:`image` and :meth:`mask`
+    return it at its own size. Row ``n_labelled + j`` of ``images`` is unlabelled image j.
+    """
+
+    path: Path
+    images: object  # zarr.Array (N, H, W)
+    masks: object  # zarr.Array (n_labelled, H, W)
+    sizes: np.ndarray
+    names: list[str]
+    n_labelled: int
+    class_pixels: np.ndarray
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+    @property
+    def id(self) -> str:
+        return self.attrs.get("id", "")
+
+    def __len__(self) -> int:
+        return self.n_labelled
+
+    @property
+    def n_unlabelled(self) -> int:
+        return len(self.names) - self.n_labelled
+
+    @property
+    def test_names(self) -> list[str]:
+        return self.names[self.n_labelled :]
+
+    @property
+    def labelled_names(self) -> list[str]:
+        return self.names[: self.n_labelled]
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def uniform(self) -> bool:
+        return bool(len(self.sizes)) and bool((self.sizes == self.sizes[0]).all())
+
+    @property
+    def nbytes(self) -> int:
+        h, w = self.frame_shape
+        return (len(self.names) + self.n_labelled) * h * w
+
+    def image(self, i: int) -> np.ndarray:
+        h, w = self.sizes[i]
+        return np.asarray(self.images[i, :h, :w])
+
+    def mask(self, i: int) -> np.ndarray:
+        h, w = self.sizes[i]
+        return np.asarray(self.masks[i, :h, :w])
+
+    def class_cells(self) -> np.ndarray:
+        import zarr
+
+        return np.asarray(zarr.open_array(self.path / "class_cells", mode="r")[:])
+
+    def to_memory(self) -> Dataset:
+        """The whole store as an in-memory :class:`Dataset` (frames of one size only)."""
+        if not self.uniform:
+            raise DatasetError(
+                f"{self.path}: its frames have several sizes; it trains from disk by crops (--tile)"
+            )
+        h, w = (int(v) for v in self.sizes[0]) if len(self.sizes) else self.frame_shape
+        n = self.n_labelled
+        images = np.asarray(self.images[:, :h, :w]) if len(self.names) else np.zeros((0, h, w), np.uint8)
+        masks = np.asarray(self.masks[:, :h, :w]) if n else np.zeros((0, h, w), np.uint8)
+        return Dataset(
+            images=images[:n],
+            masks=masks,
+            test_images=images[n:] if len(images) > n else None,
+            source=str(self.path),
+            names=self.names[:n],
+            test_names=self.names[n:],
+        )
+
+
+def open_zarr(path: str | Path) -> StoredDataset:
+    """Open a dataset written by ``mars-trainer convert``; anything else is refused."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such dataset")
+    if Path(str(path) + ".partial").exists() and not (path / "zarr.json").exists():
+        raise DatasetError(
+            f"{path}: conversion did not finish (only {path.name}.partial exists); convert again"
+        )
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+    except Exception as exc:  # zarr raises several types for a foreign or broken store
+        raise DatasetError(f"{path}: not a readable zarr store ({type(exc).__name__}: {exc})") from None
+    if attrs.get("format") != FORMAT:
+        raise DatasetError(
+            f"{path}: a zarr store, but not a marsviewer dataset (no format attribute {FORMAT!r}); "
+            "write one with: mars-trainer convert SRC --out DATASET.zarr"
+        )
+    if int(attrs.get("version", 0)) > VERSION:
+        raise DatasetError(
+            f"{path}: written by a newer marsviewer (dataset version {attrs['version']}, this one reads "
+            f"up to {VERSION}); upgrade marsviewer"
+        )
+    if not attrs.get("complete"):
+        raise DatasetError(f"{path}: the conversion that wrote it did not finish; convert again")
+    try:
+        images, masks = group["images"], group["masks"]
+        sizes = np.asarray(group["sizes"][:])
+        class_pixels = np.asarray(group["class_pixels"][:])
+    except KeyError as exc:
+        raise DatasetError(f"{path}: incomplete dataset, array {exc} is missing; convert again") from None
+    names = list(attrs.get("names", []))
+    n = int(attrs.get("n_labelled", 0))
+    if len(names) != images.shape[0] or masks.shape[0] != n or len(sizes) != len(names):
+        raise DatasetError(
+            f"{path}: inconsistent dataset ({images.shape[0]} images, {len(names)} names, "
+            f"{masks.shape[0]} masks for {n} labelled); convert again"
+        )
+    return StoredDataset(path, images, masks, sizes, names, n, class_pixels, attrs)
+
+
+class ZarrWriter:
+    """Writes a dataset frame by frame under ``OUT.partial``; :meth:`finish` marks it
+    complete and renames it to ``OUT``. Frames come in blocks of the chunk's length, so
+    a block of small frames is one write and nothing larger than a block is held."""
+
+    def __init__(self, out: Path, n_labelled: int, n_total: int, frame: tuple[int, int], attrs: dict):
+        import zarr
+
+        self.out, self.tmp = out, out.with_name(out.name + ".partial")
+        if self.tmp.exists():
+            import shutil
+
+            shutil.rmtree(self.tmp)
+        h, w = frame
+        self.chunks = chunk_shape(h, w)
+        self.group = zarr.open_group(self.tmp, mode="w")
+        gh, gw = -(-h // CELL), -(-w // CELL)
+
+        def array(name, shape, dtype, chunks):
+            return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+
+        self.images = array("images", (n_total, h, w), "uint8", self.chunks)
+        self.masks = array("masks", (n_labelled, h, w), "uint8", self.chunks)
+        self.sizes = np.zeros((n_total, 2), np.int32)
+        self.class_pixels = np.zeros((n_labelled, NUM_CLASSES), np.int64)
+        self.class_cells = array(
+            "class_cells", (n_labelled, NUM_CLASSES, gh, gw), "uint16", (256, NUM_CLASSES, gh, gw)
+        )
+        self.attrs = {
+            "format": FORMAT, "version": VERSION, "complete": False, "id": uuid.uuid4().hex,
+            "image_rule": IMAGE_RULE, "classes": [[c.id, c.name, c.hex] for c in CLASSES], **attrs,
+        }  # fmt: skip
+        self.group.attrs.update(self.attrs)
+        self.frame = (h, w)
+        self._block: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+
+    def add(self, row: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        """Frame ``row`` (rows are added in order)."""
+        h, w = image.shape
+        self.sizes[row] = (h, w)
+        if mask is not None:
+            self.class_pixels[row] = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        self._block.append((row, image, mask))
+        if len(self._block) == self.chunks[0]:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._block:
+            return
+        H, W = self.frame
+        rows = [r for r, _, _ in self._block]
+        lo, hi = rows[0], rows[-1] + 1
+        if hi - lo != len(rows):
+            raise AssertionError("frames must be added in order")
+        block = np.zeros((hi - lo, H, W), np.uint8)
+        for k, (_, image, _) in enumerate(self._block):
+            block[k, : image.shape[0], : image.shape[1]] = image
+        self.images[lo:hi] = block
+        labelled = [(r, m) for r, _, m in self._block if m is not None]
+        if labelled:
+            mlo, mhi = labelled[0][0], labelled[-1][0] + 1
+            mblock = np.zeros((mhi - mlo, H, W), np.uint8)
+            for r, m in labelled:
+                mblock[r - mlo, : m.shape[0], : m.shape[1]] = m
+            self.masks[mlo:mhi] = mblock
+            self.class_cells[mlo:mhi] = np.stack([_cell_counts(m, self.frame) for _, m in labelled])
+        self._block = []
+
+    def finish(self, names: list[str], n_labelled: int) -> Path:
+        """Close the dataset with ``names`` (rows beyond them, frames that were skipped,
+        are cut off) and move it to its final name."""
+        import shutil
+
+        self._flush()
+        n = len(names)
+        if n < self.images.shape[0] or n_labelled < self.masks.shape[0]:
+            self.images.resize((n, *self.frame))
+            self.masks.resize((n_labelled, *self.frame))
+            self.class_cells.resize((n_labelled, *self.class_cells.shape[1:]))
+            self.sizes, self.class_pixels = self.sizes[:n], self.class_pixels[:n_labelled]
+        self.group.create_array("sizes", data=self.sizes, chunks=self.sizes.shape or (1, 2))
+        self.group.create_array("class_pixels", data=self.class_pixels, chunks=self.class_pixels.shape)
+        self.group.attrs.update({"names": names, "n_labelled": int(self.masks.shape[0]), "complete": True})
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.tmp.rename(self.out)
+        return self.out
+
+    def abandon(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _cell_counts(mask: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
+    """(C, ceil(H/64), ceil(W/64)) pixel counts of each class per 64x64 cell of the frame."""
+    gh, gw = -(-frame[0] // CELL), -(-frame[1] // CELL)
+    padded = np.full((gh * CELL, gw * CELL), 255, np.uint8)
+    padded[: mask.shape[0], : mask.shape[1]] = mask
+    blocks = padded.reshape(gh, CELL, gw, CELL).transpose(0, 2, 1, 3).reshape(gh, gw, -1)
+    return np.stack([(blocks == c).sum(-1) for c in range(NUM_CLASSES)]).astype(np.uint16)
