@@ -259,3 +259,43 @@ def test_label_confidence_default_is_the_measured_one():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     line = next(x for x in readme.splitlines() if x.startswith("Predictions as starting labels"))
     assert f"**{LABEL_CONFIDENCE}**" in line
+
+
+def test_predict_and_evaluate_a_zarr_dataset_from_disk(trained, tmp_path, capsys, monkeypatch):
+    """Frames of a stored dataset are predicted one by one (unlabelled ones by default),
+    and evaluate reads it frame by frame when it is too large for memory: the figures
+    equal those of the npz it was converted from (up to bf16 rounding: one frame a batch
+    here, 32 there)."""
+    from trainer import formats
+
+    data, ckpt, ds, model = trained
+    store = tmp_path / "d.zarr"
+    run(["convert", data, "--out", store], capsys)
+    code, out, _ = run(["predict", store, "--checkpoint", ckpt, "--out", tmp_path / "masks"], capsys)
+    assert code == 0 and "wrote 12 mask(s)" in out
+    first = np.asarray(Image.open(tmp_path / "masks" / "0.png"))
+    want = predict_arrays(model, ds.test_images[:1], with_probs=True)["masks"][0]
+    np.testing.assert_array_equal(first, want)
+    _, from_npz, _ = run(["evaluate", data, "--checkpoint", ckpt, "--split", "all", "--json"], capsys)
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    _, from_disk, _ = run(["evaluate", store, "--checkpoint", ckpt, "--split", "all", "--json"], capsys)
+    a, b = json.loads(from_npz), json.loads(from_disk)
+    ca, cb = np.array(a["confusion"]), np.array(b["confusion"])
+    assert ca.sum() == cb.sum() and np.abs(ca - cb).sum() < 1e-3 * ca.sum()
+    assert a["images"] == b["images"] == 40 and abs(a["miou"] - b["miou"]) < 0.005
+
+
+def test_predict_a_frame_larger_than_a_megapixel_by_tiles(trained, tmp_path, capsys, monkeypatch):
+    from trainer import tiling
+
+    data, ckpt, ds, model = trained
+    big = np.tile(ds.test_images[0], (3, 2))[:181, :250]  # 45k px: tiles when the limit is lower
+    Image.fromarray(big).save(tmp_path / "frame.png")
+    monkeypatch.setattr(tiling, "WHOLE_IMAGE_PIXELS", 10_000)
+    code, out, _ = run(
+        ["predict", tmp_path / "frame.png", "--checkpoint", ckpt, "--out", tmp_path / "o"], capsys
+    )
+    assert code == 0
+    mask = np.asarray(Image.open(tmp_path / "o" / "frame.png"))
+    whole = predict_arrays(model, big[None])["masks"][0]
+    assert mask.shape == big.shape and (mask == whole).mean() >= 0.98

@@ -51,15 +51,20 @@ def _probability(text: str) -> float:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from .formats import StoredDataset
     from .inference import confusion_on
     from .metrics import nan_to_none
+    from .tiling import confusion_by_frames
 
-    dataset = load_dataset(args)
+    dataset = load_dataset(args, lazy=True)
     data, model, device, dist, precision = _load_model(args)
     idx = _split_indices(data, args.split, len(dataset), args.checkpoint)
-    images = torch.from_numpy(dataset.images).to(device)
-    masks = torch.from_numpy(dataset.masks).to(device)
-    result = confusion_on(model, images, masks, idx, args.batch_size, dist, precision).compute()
+    if isinstance(dataset, StoredDataset):  # frame by frame from disk, large frames by tiles
+        result = confusion_by_frames(model, dataset, idx, device, precision, dist).compute()
+    else:
+        images = torch.from_numpy(dataset.images).to(device)
+        masks = torch.from_numpy(dataset.masks).to(device)
+        result = confusion_on(model, images, masks, idx, args.batch_size, dist, precision).compute()
     result["images"] = len(idx)
     if not dist.is_main:
         return 0
@@ -131,44 +136,63 @@ def _predict_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_files(args: argparse.Namespace) -> int:
-    """One PNG mask (values 0-4, the input's size) per input image; unreadable files are
-    listed at the end and make the exit code 2, after every readable one is written."""
-    from PIL import Image
-
+def _frames(args):
+    """(name to write, image loader) for each input: image files and folders of them, or
+    the frames of one zarr dataset (``--split test``: its unlabelled frames; else all)."""
     from .dataset import DatasetError
+    from .formats import is_zarr, open_zarr
     from .images import image_files, read_image
-    from .inference import keep_confident, predict_arrays
 
+    if len(args.inputs) == 1 and is_zarr(args.inputs[0]):
+        stored = open_zarr(args.inputs[0])
+        rows = (
+            range(stored.n_labelled, len(stored.names)) if args.split == "test" else range(len(stored.names))
+        )
+        if not len(rows):
+            raise CliError(f"{args.inputs[0]}: has no unlabelled frames to predict; use --split all")
+        return [(Path(stored.names[i]), lambda i=i: stored.image(i)) for i in rows]
     try:
         files = image_files(args.inputs)
     except DatasetError as exc:
         raise CliError(str(exc)) from None
+    return [(rel, lambda path=path: read_image(path)) for path, rel in files]
+
+
+def _predict_files(args: argparse.Namespace) -> int:
+    """One PNG mask (values 0-4, the input's size) per input image, images larger than a
+    megapixel by overlapping tiles; unreadable files are listed at the end and make the
+    exit code 2, after every readable one is written."""
+    from PIL import Image
+
+    from .dataset import DatasetError
+    from .inference import keep_confident
+    from .tiling import predict_any
+
+    frames = _frames(args)
     _, model, device, _, precision = _load_model(args)
     out = Path(args.out)
     failed, show = [], _progress_printer("predicting")
-    for k, (path, rel) in enumerate(files):
+    for k, (rel, load) in enumerate(frames):
         try:
-            image = read_image(path)
+            image = load()
         except DatasetError as exc:
             failed.append(str(exc))
             continue
-        want_probs = args.probs or args.min_confidence > 0
-        result = predict_arrays(model, image[None], 1, device, with_probs=want_probs, precision=precision)
-        mask = result["masks"][0]
+        probs = predict_any(model, image, device, precision=precision)
+        mask = probs.argmax(0).astype(np.uint8)
         if args.min_confidence > 0:
-            mask = keep_confident(mask, result["probs"][0].max(axis=0), args.min_confidence)
+            mask = keep_confident(mask, probs.max(axis=0), args.min_confidence)
         target = out / rel.with_suffix(".png")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask).save(target)
             if args.probs:
-                np.save(target.with_name(target.stem + "_probs.npy"), result["probs"][0])
+                np.save(target.with_name(target.stem + "_probs.npy"), probs.astype(np.float16))
         except OSError as exc:
             raise CliError(f"{target}: could not be written ({exc.strerror or exc})") from None
-        show(k + 1, len(files))
+        show(k + 1, len(frames))
     print(
-        f"wrote {len(files) - len(failed)} mask(s) to {out}"
+        f"wrote {len(frames) - len(failed)} mask(s) to {out}"
         + (" with class probabilities" if args.probs else "")
     )
     if failed:
