@@ -102,7 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import TrainControl
 
     cfg = config_from_args(args)
-    dataset = load_dataset(args)
+    from .formats import StoredDataset
+
+    dataset = load_dataset(args, lazy=True)
     # Under torchrun only rank 0 talks; the others train silently.
     quiet = int(os.environ.get("RANK", "0")) != 0
     progress = Progress()
@@ -117,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         control.request_stop()
 
     store = None
-    if not args.no_corrections:
+    if not args.no_corrections and not isinstance(dataset, StoredDataset):
         from .cli_common import open_store
 
         store = open_store(dataset, None)
@@ -159,6 +161,8 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
                 + (f", {event.world_size} processes" if event.world_size > 1 else "")
                 + (f", resumed at epoch {event.start_epoch + 1}" if event.resumed_from else "")
             )
+            if event.data:
+                progress.line(f"data: {event.data}")
         elif kind == "step":
             progress.step(event)
         elif kind == "data_update" and (event.corrected or event.excluded or event.newly_labelled):

@@ -74,6 +74,13 @@ class TrainConfig:
     oversample: float = _opt(
         0.5, "oversample images with rare classes: weight = (1/frequency)^this (0 = off)"
     )
+    tile: int = _opt(
+        0,
+        "train on random crops of TILE x TILE pixels at native resolution, half of them around "
+        "rare classes, read by background threads (0: whole images; a dataset too large for "
+        "memory always trains on crops, of 256 unless set)",
+    )
+    data_workers: int = _opt(2, "threads that read crops ahead of training (with tile)")
     # -- run
     seed: int = _opt(0, "random seed: runs with the same seed and device are repeatable")
     device: str = _opt("auto", "auto picks CUDA, then Apple MPS, then CPU", ("auto", "cpu", "cuda", "mps"))
@@ -118,8 +125,17 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
     return terms
 
 
-_POSITIVE = ("depth", "base_width", "batch_size", "val_every", "log_every", "checkpoint_every")
+_POSITIVE = (
+    "depth",
+    "base_width",
+    "batch_size",
+    "val_every",
+    "log_every",
+    "checkpoint_every",
+    "data_workers",
+)
 _NON_NEGATIVE = (
+    "tile",
     "epochs",
     "minutes",
     "weight_decay",
@@ -151,6 +167,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in _NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if cfg.tile and cfg.tile % 2**cfg.depth:
+        raise ConfigError(f"tile: must be a multiple of 2**depth = {2**cfg.depth}, got {cfg.tile}")
     if cfg.depth > 6:
         raise ConfigError(f"depth: at most 6, got {cfg.depth}")
     if not 0 < cfg.lr < 1:

@@ -33,6 +33,7 @@ from .augment import augment_batch, oversampling_weights
 from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .control import RunState, TrainControl
+from .crops import CropSource, MemoryFrames
 from .dataset import Dataset, DatasetError
 from .device import (
     Peers,
@@ -44,11 +45,14 @@ from .device import (
     uses_channels_last,
 )
 from .epoch_end import EpochEnd, describe_failure
+from .formats.zarr_dataset import StoredDataset
 from .inference import prepare_model, stratified_split, to_input
 from .losses import LossParams, SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .runs import RunDir
 from .stats import class_pixel_counts, class_presence
+
+DISK_TILE = 256  # crop size for datasets trained from disk when --tile is not given
 
 
 def _lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -75,18 +79,27 @@ class _Trainer(EpochEnd):
         self.runs = RunDir(run_dir) if (run_dir is not None and self.dist.is_main) else None
         self.peers = Peers(self.dist)
         self.resumed_from = str(resume) if resume else None
-        self.presence = class_presence(dataset.masks)
+        self.stored = dataset if isinstance(dataset, StoredDataset) else None
+        if self.stored is not None and corrections is not None:
+            raise DatasetError(
+                f"{dataset.source}: corrections of a dataset read from disk are not applied in training "
+                "yet; train with --no-corrections"
+            )
+        self.presence = dataset.class_pixels > 0 if self.stored is not None else class_presence(dataset.masks)
         data = load_checkpoint(resume) if resume else None
         self._split(data)
-        # With a corrections store, the unlabelled images ride along (after the labelled
-        # ones, as the store numbers them): a label saved for one joins the next epoch.
         self.n_labelled = len(dataset)
-        images, self.base_masks = (
-            dataset.stacked() if corrections is not None else (dataset.images, dataset.masks)
-        )
-        self.images = torch.from_numpy(images).to(device)
-        # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
-        self.masks = torch.from_numpy(self.base_masks).to(device, copy=corrections is not None)
+        self.images = self.masks = self.base_masks = None
+        if self.stored is None:
+            # With a corrections store, the unlabelled images ride along (after the labelled
+            # ones, as the store numbers them): a label saved for one joins the next epoch.
+            images, self.base_masks = (
+                dataset.stacked() if corrections is not None else (dataset.images, dataset.masks)
+            )
+            self.images = torch.from_numpy(images).to(device)
+            # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
+            self.masks = torch.from_numpy(self.base_masks).to(device, copy=corrections is not None)
+        self.crops = self._crop_source()
         self._build(data)
         self.seen_version = None
         self.sample_weights = self._sample_weights()
@@ -118,12 +131,33 @@ class _Trainer(EpochEnd):
         self.base_train_idx, self.base_val_idx = train_idx, val_idx
         self.train_idx, self.val_idx = train_idx, val_idx
 
+    def _crop_source(self) -> CropSource | None:
+        """Random crops when ``tile`` is set or the dataset stays on disk (256 by default)."""
+        tile = self.cfg.tile or (DISK_TILE if self.stored is not None else 0)
+        if not tile:
+            self.data_mode = f"whole images held in memory on {self.device.type}"
+            return None
+        if self.stored is not None:
+            frames = self.stored
+            self.data_mode = (
+                f"{tile}x{tile} crops read from disk by {self.cfg.data_workers} threads "
+                f"({len(self.stored.names)} frames, {self.stored.nbytes / 1e6:,.0f} MB)"
+            )
+        else:
+            frames = MemoryFrames(self.base_masks, self.images.cpu().numpy(), self.n_labelled)
+            self.data_mode = f"{tile}x{tile} crops of images held in memory"
+        return CropSource(frames, self.train_idx, tile, self.cfg.batch_size, self.cfg.seed,
+                          self.dist.rank, self.cfg.data_workers)  # fmt: skip
+
     def _build(self, data: dict | None) -> None:
         """Loss, model and optimiser, restored from the checkpoint when resuming."""
         cfg, device = self.cfg, self.device
-        weights = frequency_class_weights(
-            class_pixel_counts(self.dataset.masks[self.train_idx]), cfg.background_weight, cfg.class_weighting
+        pixels = (
+            self.stored.class_pixels[self.train_idx].sum(axis=0)
+            if self.stored is not None
+            else class_pixel_counts(self.dataset.masks[self.train_idx])
         )
+        weights = frequency_class_weights(pixels, cfg.background_weight, cfg.class_weighting)
         self.criterion = SegmentationLoss(parse_loss_spec(cfg.loss), weights, LossParams.from_config(cfg)).to(
             device
         )
@@ -171,6 +205,7 @@ class _Trainer(EpochEnd):
             self.cfg.to_dict(), str(self.device), device_name(self.device), len(self.train_idx),
             len(self.val_idx), count_parameters(self.model), self.dist.world, self.resumed_from,
             self.state.epoch, self.precision.name, self.precision.reason, uses_channels_last(self.device),
+            self.data_mode,
         )  # fmt: skip
 
     # -- one epoch
@@ -192,14 +227,14 @@ class _Trainer(EpochEnd):
             return self.used() / self.budget_s
         return self.state.step / max(self.total_steps, 1)
 
-    def train_step(self, idx: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images_u8: torch.Tensor, masks_u8: torch.Tensor) -> torch.Tensor:
         """One optimisation step. Forward and loss run under a guard so that, under
         torchrun, a rank that fails there tells the others before anyone enters the
         gradient all-reduce of ``backward``."""
         cfg, st = self.cfg, self.state
         problem, loss = None, None
         try:
-            x, y = to_input(self.images[idx], self.device), self.masks[idx].long()
+            x, y = to_input(images_u8, self.device), masks_u8.long()
             if cfg.augment:
                 x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
             self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress())
@@ -234,8 +269,19 @@ class _Trainer(EpochEnd):
     def run_epoch(self) -> Iterator[ev.Event]:
         """The steps of the current epoch from ``state.batch`` on, with step events and
         previews. Returns True when a stop was requested (after yielding Stopped)."""
+        st = self.state
+        if self.crops is None:
+            mine = self._epoch_draws()
+        else:
+            crops = self.crops.batches(st.epoch, st.batch, self.steps_per_epoch)
+        try:
+            return (yield from self._steps(mine if self.crops is None else crops))
+        finally:
+            if self.crops is not None:
+                crops.close()
+
+    def _steps(self, source) -> Iterator[ev.Event]:
         cfg, st, control = self.cfg, self.state, self.control
-        mine = self._epoch_draws()
         self.train_model.train()
         loss_sum, loss_n, t_log, n_log = torch.zeros((), device=self.device), 0, time.perf_counter(), 0
         while st.batch < self.steps_per_epoch:
@@ -247,11 +293,15 @@ class _Trainer(EpochEnd):
                 yield from self.stop()
                 return True
             k = st.batch
-            idx = mine[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-            loss = self.train_step(idx)
+            if self.crops is None:
+                idx = source[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+                images, masks = self.images[idx], self.masks[idx]
+            else:
+                images, masks = (torch.from_numpy(a).to(self.device) for a in next(source))
+            loss = self.train_step(images, masks)
             loss_sum += loss
             loss_n += 1
-            n_log += len(idx) * self.dist.world
+            n_log += len(images) * self.dist.world
             if st.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch:
                 mean_loss = (loss_sum / loss_n).item()
                 self.check_finite(mean_loss)

@@ -17,6 +17,7 @@ from .config import TrainConfig
 from .dataset import DatasetError
 from .inference import confusion_on, predict_arrays
 from .stats import class_presence
+from .tiling import confusion_by_frames, predict_any
 
 
 def describe_failure(exc: BaseException, cfg: TrainConfig) -> str:
@@ -45,10 +46,21 @@ class EpochEnd:
         cfg, st = self.cfg, self.state
         problem, cm = None, None
         try:
-            cm = confusion_on(
-                self.model, self.images, self.masks, self.val_idx, 2 * cfg.batch_size, self.dist,
-                self.precision, reduce=False,
-            )  # fmt: skip
+            if self.stored is not None:  # whole frames from disk, large ones by tiles
+                cm = confusion_by_frames(
+                    self.model,
+                    self.stored,
+                    self.val_idx,
+                    self.device,
+                    self.precision,
+                    self.dist,
+                    reduce=False,
+                )
+            else:
+                cm = confusion_on(
+                    self.model, self.images, self.masks, self.val_idx, 2 * cfg.batch_size, self.dist,
+                    self.precision, reduce=False,
+                )  # fmt: skip
         except Exception as exc:
             if not self.peers.active:
                 raise
@@ -115,6 +127,8 @@ class EpochEnd:
         yield self.emit(ev.Stopped(self.state.epoch, self.state.step, path))
 
     def preview(self) -> ev.Preview:
+        if self.stored is not None:
+            return self._preview_stored()
         # Any row the trainer holds: the labelled images, then the unlabelled ones.
         idx = [i for i in self.control.preview_indices if 0 <= i < len(self.images)]
         out = predict_arrays(
@@ -127,6 +141,22 @@ class EpochEnd:
         self.model.train()
         self.last_preview = time.perf_counter()
         return ev.Preview(self.state.epoch, self.state.step, idx, out["masks"], out["entropy"])
+
+    def _preview_stored(self) -> ev.Preview:
+        """Previews of frames read from disk, predicted at their own size (padded to the
+        store's frame size so they stack like the frames napari shows)."""
+        idx = [i for i in self.control.preview_indices if 0 <= i < len(self.stored.names)]
+        h, w = self.stored.frame_shape
+        masks = np.zeros((len(idx), h, w), np.uint8)
+        entropy = np.zeros((len(idx), h, w), np.float16)
+        for k, i in enumerate(idx):
+            probs = predict_any(self.model, self.stored.image(i), self.device, self.precision)
+            fh, fw = probs.shape[1:]
+            masks[k, :fh, :fw] = probs.argmax(0)
+            entropy[k, :fh, :fw] = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0)
+        self.model.train()
+        self.last_preview = time.perf_counter()
+        return ev.Preview(self.state.epoch, self.state.step, idx, masks, entropy)
 
     # -- the end of an epoch
     def end_of_epoch(self) -> Iterator[ev.Event]:
@@ -193,6 +223,9 @@ class EpochEnd:
         self.val_idx = np.setdiff1d(self.base_val_idx, drop)
         if len(self.train_idx) == 0:
             raise DatasetError("every training image is excluded")
+        if self.crops is not None:
+            self.crops.overrides = {i: effective[i] for i in edited if i < len(effective)}
+            self.crops.set_rows(self.train_idx)
         self.sample_weights = self._sample_weights()
         corrected = sum(1 for i in edited if i < self.n_labelled)
         return ev.DataUpdate(self.state.epoch, corrected, len(excluded), len(self.train_idx), len(new_labels))

@@ -38,6 +38,9 @@ class Started(Event):
     precision: str = "fp32"  # the autocast precision chosen once for the run: fp32 or bf16
     precision_reason: str = ""  # why: "auto: the CPU computes bf16 natively (avx512_bf16)"
     channels_last: bool = False
+    data: str = (
+        ""  # how batches are made: "whole images held in memory ...", "256x256 crops read from disk ..."
+    )
     kind = "started"
 
 

@@ -1,0 +1,122 @@
+"""Training on random crops of frames at their native resolution, read by background
+threads from a zarr dataset on disk (or from memory, for comparison and small data).
+
+* Which crop: half the crops are class-aware (a foreground class drawn uniformly among
+  those the training frames hold, a frame holding it, a 64x64 cell of that frame holding
+  it weighted by its pixels there, a crop around a point of that cell), half uniform
+  (a frame, a position). Rare classes are seen at least 1/8 of the time each.
+* Every draw of batch k of epoch e on rank r comes from a generator seeded with
+  (seed, e, k, r): runs repeat, a resumed run draws what the uninterrupted one drew, and
+  under torchrun each rank reads its own crops.
+* Memory: ``prefetch`` batches in flight, whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .classes import NUM_CLASSES
+from .formats.zarr_dataset import CELL, _cell_counts
+
+CLASS_AWARE_SHARE = 0.5
+
+
+class MemoryFrames:
+    """In-memory frames of one size seen as a stored dataset: rows ``n_labelled`` on are
+    unlabelled (their masks, all 0, are never read: only corrections label them)."""
+
+    def __init__(self, masks: np.ndarray, images: np.ndarray, n_labelled: int) -> None:
+        self.images, self.masks, self.n_labelled = images, masks, n_labelled
+        n, h, w = images.shape
+        self.sizes = np.tile(np.array([h, w], np.int32), (n, 1))
+        labelled = masks[:n_labelled]
+        self.class_pixels = np.stack([np.bincount(m.ravel(), minlength=NUM_CLASSES) for m in labelled])
+        self._cells = np.stack([_cell_counts(m, (h, w)) for m in labelled])
+
+    def class_cells(self) -> np.ndarray:
+        return self._cells
+
+
+class CropSource:
+    """Batches of (images, masks) uint8 crops of ``tile`` x ``tile`` from ``frames`` (a
+    :class:`~trainer.formats.StoredDataset` or :class:`MemoryFrames`)."""
+
+    def __init__(self, frames, rows: np.ndarray, tile: int, batch: int, seed: int,
+                 rank: int = 0, workers: int = 2, prefetch: int = 4) -> None:  # fmt: skip
+        self.frames, self.tile, self.batch, self.seed, self.rank = frames, tile, batch, seed, rank
+        self.workers, self.prefetch = max(1, workers), max(1, prefetch)
+        self.sizes = np.asarray(frames.sizes)
+        self.cells = frames.class_cells()
+        self.overrides: dict[int, np.ndarray] = {}  # row -> corrected mask at the frame's size
+        self.set_rows(rows)
+
+    def set_rows(self, rows: np.ndarray, pixels: np.ndarray | None = None) -> None:
+        """The training rows and, per row, class pixel counts (default: the stored ones)."""
+        self.rows = np.asarray(rows, np.int64)
+        counts = pixels if pixels is not None else self.frames.class_pixels
+        held = counts[self.rows[self.rows < len(counts)]] if len(counts) else np.zeros((0, NUM_CLASSES))
+        self.by_class = {
+            c: self.rows[self.rows < len(counts)][held[:, c] > 0]
+            for c in range(1, NUM_CLASSES)
+            if (held[:, c] > 0).any()
+        }
+
+    # -- which crops
+    def _cells_of(self, row: int) -> np.ndarray:
+        if row in self.overrides:
+            return _cell_counts(self.overrides[row], tuple(self.sizes[row]))
+        return self.cells[row]
+
+    def plan(self, epoch: int, batch: int) -> list[tuple[int, int, int]]:
+        """(row, y, x) of each crop of batch ``batch`` of ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch, batch, self.rank])
+        classes = sorted(self.by_class)
+        out = []
+        for _ in range(self.batch):
+            h, w = (0, 0)
+            if classes and rng.random() < CLASS_AWARE_SHARE:
+                c = classes[rng.integers(len(classes))]
+                row = int(self.by_class[c][rng.integers(len(self.by_class[c]))])
+                h, w = self.sizes[row]
+                cells = self._cells_of(row)[c].astype(np.float64)
+                k = rng.choice(cells.size, p=cells.ravel() / cells.sum())
+                cy, cx = divmod(k, cells.shape[1])
+                y = cy * CELL + rng.integers(CELL) - self.tile // 2
+                x = cx * CELL + rng.integers(CELL) - self.tile // 2
+            else:
+                row = int(self.rows[rng.integers(len(self.rows))])
+                h, w = self.sizes[row]
+                y, x = rng.integers(max(1, h - self.tile + 1)), rng.integers(max(1, w - self.tile + 1))
+            y = int(np.clip(y, 0, max(0, h - self.tile)))
+            x = int(np.clip(x, 0, max(0, w - self.tile)))
+            out.append((row, y, x))
+        return out
+
+    # -- reading them
+    def read(self, plan: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        t = self.tile
+        images = np.zeros((len(plan), t, t), np.uint8)
+        masks = np.zeros((len(plan), t, t), np.uint8)  # beyond a small frame: 0, ignored
+        for k, (row, y, x) in enumerate(plan):
+            h, w = self.sizes[row]
+            th, tw = min(t, h - y), min(t, w - x)
+            images[k, :th, :tw] = self.frames.images[row, y : y + th, x : x + tw]
+            if row in self.overrides:
+                masks[k, :th, :tw] = self.overrides[row][y : y + th, x : x + tw]
+            elif row < self.frames.n_labelled:
+                masks[k, :th, :tw] = self.frames.masks[row, y : y + th, x : x + tw]
+        return images, masks
+
+    def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches ``start..stop-1`` of ``epoch`` in order, read ahead by the threads."""
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="crops") as pool:
+            pending = []
+            k = start
+            while k < stop or pending:
+                while k < stop and len(pending) < self.prefetch:
+                    pending.append(pool.submit(lambda b=k: self.read(self.plan(epoch, b))))
+                    k += 1
+                yield pending.pop(0).result()
