@@ -183,6 +183,21 @@ def active_learning(a: dict) -> list[str]:
     ]
 
 
+def scale(r: dict) -> list[str]:
+    return [
+        f"Data larger than memory (`bench/out/scale.json`, {r['date']}, {r['machine']}): "
+        f"{r['frames']} synthetic frames of {r['size']}x{r['size']} ({r['dataset_gb']} GB of images and "
+        f"masks). `convert`: {r['convert_images_per_s']} frames/s, peak memory {r['convert_peak_rss_mb']} MB. "
+        f"Training the `cpu` preset on {r['train_tile']}x{r['train_tile']} crops, batch {r['train_batch']}: "
+        f"{r['train_disk_images_per_s']} crops/s read from disk against {r['train_memory_images_per_s']} "
+        f"from {r['memory_frames']} frames held in memory (**{r['disk_vs_memory']}x**), peak memory "
+        f"{r['train_disk_peak_rss_mb']} MB from disk. A {r['predict_shape'][0]}x{r['predict_shape'][1]} "
+        f"frame predicted by tiles in {r['predict_4096_s']} s (peak memory {r['predict_peak_rss_mb']} MB); "
+        f"a tiled prediction of a {r['agreement_frame'][0]}x{r['agreement_frame'][1]} frame agrees with the "
+        f"whole-frame prediction on **{100 * r['agreement_tiled_whole']:.2f}%** of pixels.",
+    ]
+
+
 SECTIONS = [
     ("train_throughput", throughput),
     ("compile_check", compile_check),
@@ -193,6 +208,7 @@ SECTIONS = [
     ("gui_responsiveness", gui),
     ("label_confidence", label_confidence),
     ("active_learning", active_learning),
+    ("scale", scale),
 ]
 
 
