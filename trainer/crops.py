@@ -22,6 +22,26 @@ from .classes import NUM_CLASSES
 from .formats.zarr_dataset import CELL, _cell_counts
 
 CLASS_AWARE_SHARE = 0.5
+DISK_TILE = 256  # crop size for datasets trained from disk when --tile is not given
+
+
+def crop_source(cfg, stored, images, masks, n_labelled: int, rows, rank: int):
+    """(the run's CropSource or None, what it trains on in words): crops when ``tile`` is
+    set or the dataset stays on disk (``stored``), else whole images from memory.
+    ``images`` is the trainer's image tensor, ``masks`` its masks as an array."""
+    tile = cfg.tile or (DISK_TILE if stored is not None else 0)
+    if not tile:
+        return None, "whole images held in memory"
+    if stored is not None:
+        frames = stored
+        mode = (
+            f"{tile}x{tile} crops read from disk by {cfg.data_workers} threads "
+            f"({len(stored.names)} frames, {stored.nbytes / 1e6:,.0f} MB)"
+        )
+    else:
+        frames = MemoryFrames(masks, images.cpu().numpy(), n_labelled)
+        mode = f"{tile}x{tile} crops of images held in memory"
+    return CropSource(frames, rows, tile, cfg.batch_size, cfg.seed, rank, cfg.data_workers), mode
 
 
 class MemoryFrames:

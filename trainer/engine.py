@@ -33,7 +33,7 @@ from .augment import augment_batch, oversampling_weights
 from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .control import RunState, TrainControl
-from .crops import CropSource, MemoryFrames
+from .crops import crop_source
 from .dataset import Dataset, DatasetError
 from .device import (
     Peers,
@@ -51,8 +51,6 @@ from .losses import LossParams, SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .runs import RunDir
 from .stats import class_pixel_counts, class_presence
-
-DISK_TILE = 256  # crop size for datasets trained from disk when --tile is not given
 
 
 def _lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -99,7 +97,17 @@ class _Trainer(EpochEnd):
             self.images = torch.from_numpy(images).to(device)
             # A copy when corrections may rewrite rows: on the CPU .to() would share the caller's array.
             self.masks = torch.from_numpy(self.base_masks).to(device, copy=corrections is not None)
-        self.crops = self._crop_source()
+        self.crops, self.data_mode = crop_source(
+            self.cfg,
+            self.stored,
+            self.images,
+            self.base_masks,
+            self.n_labelled,
+            self.train_idx,
+            self.dist.rank,
+        )
+        if self.crops is None:
+            self.data_mode += f" on {device.type}"
         self._build(data)
         self.seen_version = None
         self.sample_weights = self._sample_weights()
@@ -130,24 +138,6 @@ class _Trainer(EpochEnd):
             train_idx, val_idx = stratified_split(self.presence, self.cfg.val_fraction, self.cfg.seed)
         self.base_train_idx, self.base_val_idx = train_idx, val_idx
         self.train_idx, self.val_idx = train_idx, val_idx
-
-    def _crop_source(self) -> CropSource | None:
-        """Random crops when ``tile`` is set or the dataset stays on disk (256 by default)."""
-        tile = self.cfg.tile or (DISK_TILE if self.stored is not None else 0)
-        if not tile:
-            self.data_mode = f"whole images held in memory on {self.device.type}"
-            return None
-        if self.stored is not None:
-            frames = self.stored
-            self.data_mode = (
-                f"{tile}x{tile} crops read from disk by {self.cfg.data_workers} threads "
-                f"({len(self.stored.names)} frames, {self.stored.nbytes / 1e6:,.0f} MB)"
-            )
-        else:
-            frames = MemoryFrames(self.base_masks, self.images.cpu().numpy(), self.n_labelled)
-            self.data_mode = f"{tile}x{tile} crops of images held in memory"
-        return CropSource(frames, self.train_idx, tile, self.cfg.batch_size, self.cfg.seed,
-                          self.dist.rank, self.cfg.data_workers)  # fmt: skip
 
     def _build(self, data: dict | None) -> None:
         """Loss, model and optimiser, restored from the checkpoint when resuming."""
