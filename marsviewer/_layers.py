@@ -8,6 +8,7 @@ import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
 from trainer.classes import CLASSES
+from trainer.corrections import row_keys
 from trainer.dataset import Dataset, DatasetError
 
 META_KEY = "marsviewer"
@@ -41,7 +42,8 @@ def dataset_layer_data(dataset: Dataset) -> list[tuple]:
     label = dataset_label(dataset)
     images, masks = dataset.stacked()  # the unlabelled images after the labelled ones
     names = list(dataset.names) + [f"unlabelled {name}" for name in dataset.test_names]
-    meta = {"source": dataset.source, "names": names}
+    keys = row_keys(dataset.names, dataset.test_names)  # how corrections find each image
+    meta = {"source": dataset.source, "names": names, "keys": keys}
     images = (
         images,
         {

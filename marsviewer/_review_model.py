@@ -14,7 +14,14 @@ from psygnal import Signal
 
 from trainer import events as ev
 from trainer.audit import move_mask, rank
-from trainer.corrections import CorrectionsError, CorrectionStore, dataset_hash, default_store_path
+from trainer.corrections import (
+    CorrectionsError,
+    CorrectionStore,
+    dataset_hash,
+    default_store_path,
+    keyed_by_name,
+    row_keys,
+)
 
 from ._review_entries import ImageReview, QueueEntry
 
@@ -69,20 +76,32 @@ class ReviewModel:
 
     # -- the dataset -------------------------------------------------------------
     def attach(
-        self, images: np.ndarray, masks: np.ndarray, source: str, n_labelled: int | None = None
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        source: str,
+        n_labelled: int | None = None,
+        keys: list[str] | None = None,
     ) -> None:
         """Open (or create) the dataset's store and apply its corrections to ``masks``.
-        Rows from ``n_labelled`` on are unlabelled images: a mask saved there labels them."""
+        Rows from ``n_labelled`` on are unlabelled images: a mask saved there labels them.
+        ``keys`` (one per row: the images' names) let a folder or zarr dataset's store
+        find its images again after images were added; without them rows are positions."""
         self.detach()
         self.images, self.masks = images, masks
         self.n_labelled = n = len(masks) if n_labelled is None else n_labelled
         self.original_masks = np.array(masks, dtype=np.uint8, copy=True)
         self.content_hash = dataset_hash(np.asarray(images[:n]), self.original_masks[:n])
         self.changed = self.disagreement = self.audit_masks = None
+        pool = len(masks) - n
+        by_name = keys is not None and keyed_by_name(source)
         try:
+            keys = list(keys) if keys is not None else row_keys(range(n), range(pool))
             path = default_store_path(source, self.content_hash)
-            self.store = CorrectionStore(path, self.content_hash, n, masks.shape[1:], n_pool=len(masks) - n)
-        except (CorrectionsError, OSError) as exc:
+            self.store = CorrectionStore(
+                path, self.content_hash, n, masks.shape[1:], n_pool=pool, keys=keys, by_name=by_name
+            )
+        except (CorrectionsError, OSError, ValueError) as exc:
             self.store = None
             self.notify.emit(f"Corrections are off for this dataset: {exc}", "error")
             return
@@ -99,6 +118,24 @@ class ReviewModel:
             self.notify.emit(
                 f"Applied {len(edited)} saved correction(s); {len(excluded)} image(s) excluded ({path}).",
                 "info",
+            )
+        self._report_lost()
+
+    def _report_lost(self) -> None:
+        """Corrections the dataset cannot take: images gone from it, or resized since."""
+        orphans, misfits = self.store.orphans(), sorted(self.store.misfits)
+        if orphans:
+            self.notify.emit(
+                f"{len(orphans)} corrected image(s) are no longer in this dataset "
+                f"({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''}); their corrections "
+                "are kept and come back with the images.",
+                "info",
+            )
+        if misfits:
+            self.notify.emit(
+                f"{len(misfits)} image(s) changed size since their masks were saved "
+                f"({', '.join(misfits[:3])}); their original masks are shown.",
+                "error",
             )
 
     def detach(self) -> None:

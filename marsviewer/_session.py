@@ -56,14 +56,15 @@ class Session:
             model.notify.connect(self.notify.emit)
 
     # -- the dataset ---------------------------------------------------------------------
-    def set_dataset(self, images, masks, names=None, source: str = "", n_test: int = 0) -> None:
+    def set_dataset(self, images, masks, names=None, source: str = "", n_test: int = 0, keys=None) -> None:
         """Browse these arrays. ``masks`` is the array the viewer shows and paints into:
         saved corrections are written into it, and edits in it are what gets saved. Its
-        last ``n_test`` rows are unlabelled images (all background until labelled)."""
+        last ``n_test`` rows are unlabelled images (all background until labelled).
+        ``keys``: how the corrections store finds each row again (the images' names)."""
         self.images = images
         self.browser.set_dataset(masks, names, source, n_test)
         if images is not None and np.shape(images) == np.shape(masks):
-            self.review.attach(images, masks, source, len(masks) - n_test)
+            self.review.attach(images, masks, source, len(masks) - n_test, keys)
             if self.review.active and self.review.store.snapshot()[0]:
                 self.browser.refresh_stats()  # corrections were applied to the masks
         self.training.set_shape(np.shape(masks))
@@ -90,7 +91,7 @@ class Session:
         if review.active:
             return DatasetSpec(
                 images=images[:n], masks=review.original_masks[:n], pool=pool, source=self.browser.source,
-                corrections_path=str(review.store.path), corrections_hash=review.content_hash,
+                corrections_path=str(review.store.path), corrections_keys=review.store.keys,
             )  # fmt: skip
         return DatasetSpec(
             images=images[:n], masks=np.asarray(self.browser.masks[:n], np.uint8), source=self.browser.source

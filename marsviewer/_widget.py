@@ -232,7 +232,7 @@ class MarsViewerWidget(QWidget):
             layer.events.paint.connect(lambda _e=None: self._on_paint())
             self.session.set_dataset(
                 images.data if images is not None else None, layer.data, info.get("names"),
-                info.get("source", ""), n_test,
+                info.get("source", ""), n_test, info.get("keys"),
             )  # fmt: skip
             settle_garbage_collector()
 

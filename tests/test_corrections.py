@@ -305,3 +305,191 @@ def test_unlabelled_images_get_labels_with_history_and_export(tmp_path, capsys):
     store.restore(n + 1)  # back to unlabelled
     assert store.pool_labels() == {}
     assert len(store.apply(data)[0]) == n
+
+
+# -- keyed by name: folders and zarr datasets ------------------------------------------------
+def _frame(root, name, shape=(6, 8), value=1, labelled=True):
+    from PIL import Image
+
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    for sub, arr in (("images", rng.integers(0, 256, shape)), ("masks", np.full(shape, value))):
+        if sub == "masks" and not labelled:
+            continue
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(arr, np.uint8)).save(root / sub / f"{name}.png")
+
+
+def _remove(root, name):
+    for sub in ("images", "masks"):
+        (root / sub / f"{name}.png").unlink(missing_ok=True)
+
+
+def _open(root):
+    from trainer.formats import open_dataset
+
+    ds = open_dataset(root)
+    return ds, CorrectionStore.for_dataset(ds)
+
+
+def test_folder_corrections_follow_names_when_images_come_and_go(tmp_path):
+    """Images added before the corrected ones move them to other rows; a removed image's
+    correction is kept and comes back with it; the store says which schema it is."""
+    root = tmp_path / "frames"
+    for name in ("b", "c", "d"):
+        _frame(root, name)
+    _frame(root, "u", labelled=False)
+    ds, store = _open(root)
+    assert store.by_name and store.path.parent.name == "frames.marsviewer"
+    assert dict(store.db.execute("SELECT key, value FROM meta"))["schema_version"] == "2"
+    fixed = np.full(ds.image_shape, 3, np.uint8)
+    store.save_mask(ds.names.index("images/c"), fixed)
+    store.exclude(ds.names.index("images/d"))
+    store.save_mask(len(ds) + ds.test_names.index("images/u"), np.full(ds.image_shape, 2, np.uint8))
+    store.close()
+
+    _frame(root, "a")  # sorts first: every labelled image moves one row down
+    _frame(root, "0u", labelled=False)
+    ds, store = _open(root)
+    edited, excluded = store.snapshot()
+    assert {ds.names[i] for i in edited if i < len(ds)} == {"images/c"}
+    np.testing.assert_array_equal(edited[ds.names.index("images/c")], fixed)
+    assert excluded == {ds.names.index("images/d")}
+    assert store.pool_labels().keys() == {ds.test_names.index("images/u")}
+    applied, _ = store.apply(ds)
+    assert applied.names[-1] == "images/u" and (applied.masks[-1] == 2).all()
+    store.close()
+
+    _remove(root, "c")
+    ds, store = _open(root)
+    assert store.orphans() == ["images/c"] and ds.names.index("images/d") in store.excluded()
+    assert all(ds.names[i] != "images/c" for i in store.snapshot()[0] if i < len(ds))
+    store.close()
+    _frame(root, "c")
+    ds, store = _open(root)
+    np.testing.assert_array_equal(store.state(ds.names.index("images/c"))[0], fixed)
+    assert store.orphans() == []
+
+
+def test_a_resized_image_shows_its_original_mask(tmp_path):
+    root = tmp_path / "frames"
+    for name in ("b", "c"):
+        _frame(root, name)
+    ds, store = _open(root)
+    store.save_mask(0, np.full(ds.image_shape, 4, np.uint8))
+    store.close()
+    _frame(root, "b", shape=(6, 8))
+    _frame(root, "c", shape=(6, 8))
+    from trainer.formats import open_dataset
+
+    ds = open_dataset(root, size=(4, 4))  # read at another size: the saved 6x8 mask cannot apply
+    store = CorrectionStore.for_dataset(ds)
+    assert store.snapshot() == ({}, set()) and store.misfits == {"images/b"}
+
+
+# the schema of version 1, as earlier versions wrote it
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE entries (id INTEGER PRIMARY KEY AUTOINCREMENT, image INTEGER NOT NULL, parent INTEGER,
+    action TEXT NOT NULL, mask BLOB, time REAL NOT NULL, note TEXT NOT NULL DEFAULT '');
+CREATE TABLE cursors (image INTEGER PRIMARY KEY, entry INTEGER);
+CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, image INTEGER, what TEXT, entry INTEGER, time REAL);
+"""
+
+
+def _v1_store(path, ds, row, mask):
+    import sqlite3
+    import zlib
+
+    from trainer.corrections import dataset_hash
+
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("dataset_hash", dataset_hash(ds.images, ds.masks)), ("n", str(len(ds))), ("shape", "6x8")],
+    )
+    db.execute(
+        "INSERT INTO entries (image, parent, action, mask, time) VALUES (?, NULL, 'mask', ?, 0)",
+        (row, zlib.compress(mask.tobytes())),
+    )
+    db.execute("INSERT INTO entries (image, parent, action, time) VALUES (?, NULL, 'exclude', 0)", (row + 1,))
+    db.execute("INSERT INTO cursors VALUES (?, 1), (?, 2)", (row, row + 1))
+    db.commit()
+    db.close()
+
+
+def test_a_version_1_store_is_migrated_for_its_own_dataset(tmp_path):
+    from trainer.formats import open_dataset
+
+    root = tmp_path / "frames"
+    for name in ("b", "c", "d"):
+        _frame(root, name)
+    ds = open_dataset(root)
+    fixed = np.full(ds.image_shape, 2, np.uint8)
+    path = tmp_path / "frames.marsviewer" / "corrections.sqlite"
+    path.parent.mkdir()
+    _v1_store(path, ds, 1, fixed)
+    reader = CorrectionStore.for_dataset(ds, readonly=True)  # read as it is, not migrated
+    np.testing.assert_array_equal(reader.state(1)[0], fixed)
+    reader.close()
+    store = CorrectionStore.for_dataset(ds)
+    assert store.path == path
+    meta = dict(store.db.execute("SELECT key, value FROM meta"))
+    assert meta["schema_version"] == "2" and meta["keyed_by"] == "name"
+    np.testing.assert_array_equal(store.state(1)[0], fixed)
+    assert store.excluded() == {2} and [e.action for e in store.history(1)] == ["mask"]
+    store.close()
+    _frame(root, "a")  # from now on the names hold
+    ds, store = _open(root)
+    np.testing.assert_array_equal(store.state(ds.names.index("images/c"))[0], fixed)
+    assert store.excluded() == {ds.names.index("images/d")}
+
+
+def test_a_version_1_store_of_other_content_and_a_newer_schema_are_refused(tmp_path):
+    import sqlite3
+
+    from trainer.formats import open_dataset
+
+    root = tmp_path / "frames"
+    for name in ("b", "c"):
+        _frame(root, name)
+    ds = open_dataset(root)
+    path = tmp_path / "frames.marsviewer" / "corrections.sqlite"
+    path.parent.mkdir()
+    _v1_store(path, ds, 0, np.ones(ds.image_shape, np.uint8))
+    _frame(root, "a")  # another content: the positions of version 1 mean nothing now
+    with pytest.raises(CorrectionsError, match="belong to another dataset"):
+        _open(root)
+    path.unlink()
+    ds, store = _open(root)
+    store.db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    store.close()
+    with pytest.raises(CorrectionsError, match="newer marsviewer.*schema 3"):
+        CorrectionStore.for_dataset(ds)
+    db = sqlite3.connect(path)  # keyed by name, but the dataset has no names that last
+    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(CorrectionsError, match="find images by name"):
+        CorrectionStore(path, "h", len(ds), ds.image_shape, n_pool=0)
+
+
+def test_a_zarr_dataset_on_disk_takes_corrections_of_each_frame_size(tmp_path):
+    from trainer.convert import convert
+    from trainer.formats import open_zarr
+
+    root = tmp_path / "frames"
+    _frame(root, "b", shape=(9, 5))
+    _frame(root, "c", shape=(4, 7))
+    _frame(root, "u", shape=(3, 3), labelled=False)
+    convert(root, tmp_path / "d.zarr")
+    stored = open_zarr(tmp_path / "d.zarr")
+    store = CorrectionStore.for_dataset(stored)
+    assert store.path.parent.name == "d.zarr.marsviewer" and store.by_name
+    c = stored.names.index("images/c")
+    with pytest.raises(ValueError, match=r"expected \(4, 7\)"):
+        store.save_mask(c, np.zeros((9, 5), np.uint8))
+    store.save_mask(c, np.full((4, 7), 3, np.uint8))
+    store.save_mask(stored.n_labelled, np.full((3, 3), 1, np.uint8))  # labels the unlabelled frame
+    edited, _ = store.snapshot()
+    assert edited[c].shape == (4, 7) and edited[stored.n_labelled].shape == (3, 3)

@@ -74,3 +74,28 @@ def test_training_from_disk_by_crops(stored, tmp_path):
     validations = [e for e in events if e.kind == "validation"]
     assert len(validations) == 2 and validations[0].images >= 1
     assert sum(map(sum, validations[0].confusion)) == 96 * 160 * validations[0].images
+
+
+def test_training_from_disk_takes_corrections(stored, tmp_path):
+    """A zarr dataset on disk keeps its corrections by name: the crops and the validation
+    read the corrected masks, an excluded frame leaves both splits."""
+    from trainer.corrections import CorrectionStore
+    from trainer.engine import _Trainer
+    from trainer.control import TrainControl
+
+    _, s = stored
+    store = CorrectionStore.for_dataset(s)
+    for i in range(5):
+        store.save_mask(i, np.full((96, 160), 3, np.uint8))  # every frame but the last is sand
+    store.exclude(5)
+    cfg = TrainConfig(depth=2, base_width=8, epochs=1, batch_size=4, warmup_steps=1, device="cpu")
+    events = list(fit(s, cfg, tmp_path / "run", corrections=store))
+    update = next(e for e in events if e.kind == "data_update")
+    assert (update.corrected, update.excluded, update.train_images) == (5, 1, 4)
+    val = next(e for e in events if e.kind == "validation")
+    confusion = np.array(val.confusion)
+    assert val.images == 1 and confusion.sum() == confusion[3].sum() == 96 * 160
+    run = _Trainer(s, cfg, None, TrainControl(), None, store)
+    run.reload_corrections()
+    images, masks = run.crops.read(run.crops.plan(0, 0))
+    assert (masks[:, :96, :160] == 3).all() and 5 not in run.crops.rows

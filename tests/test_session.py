@@ -287,3 +287,46 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     assert (b.masks[row][kept] == first[kept]).all() and kept.sum() < first.size  # only the sure pixels
     assert s.review.save()
     assert b.pool_labelled == {row}
+
+
+def test_folder_corrections_survive_images_added_to_the_folder(tmp_path):
+    """The plugin's path: layers carry the images' names, the session keys the store by
+    them, and the training child reads the same corrections at the images' new rows."""
+    from PIL import Image
+
+    from marsviewer._layers import dataset_layer_data
+    from trainer.formats import open_dataset
+
+    root = tmp_path / "frames"
+
+    def add(name):
+        for sub, value in (("images", 90), ("masks", 1)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 16), value, np.uint8)).save(root / sub / f"{name}.png")
+
+    def open_session():
+        ds = open_dataset(root)
+        (images, image_kw, _), (masks, mask_kw, _) = dataset_layer_data(ds)
+        info = mask_kw["metadata"]["marsviewer"]
+        s = Session(runs_root=tmp_path / "runs")
+        n_test = image_kw["metadata"]["marsviewer"]["n_test"]
+        s.set_dataset(images, masks, info["names"], info["source"], n_test, info["keys"])
+        return ds, s
+
+    for name in ("b", "c"):
+        add(name)
+    ds, s = open_session()
+    row = ds.names.index("images/c")
+    s.browser.set_index(row)
+    s.browser.masks[row] = 3
+    assert s.review.save()
+    s.shutdown()
+    add("a")  # sorts first: "c" moves from row 1 to row 2
+    ds, s = open_session()
+    row = ds.names.index("images/c")
+    assert row == 2 and (s.browser.masks[row] == 3).all() and (s.browser.masks[1] == 1).all()
+    spec = s.training_data()
+    dataset = spec.load()
+    applied, _ = spec.open_corrections(dataset).apply(dataset)
+    assert (applied.masks[row] == 3).all() and (applied.masks[:2] == 1).all()
+    s.shutdown()

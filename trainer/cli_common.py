@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from .classes import CLASSES
 from .dataset import Dataset
@@ -59,14 +58,9 @@ def load_dataset(args: argparse.Namespace, lazy: bool = False) -> Dataset:
 
 def open_store(dataset, path: str | None = None):
     """The dataset's corrections store, or None when it has none yet."""
-    from .corrections import CorrectionStore, dataset_hash, existing_store_path
+    from .corrections import CorrectionStore
 
-    h = dataset_hash(dataset.images, dataset.masks)
-    target = Path(path) if path else existing_store_path(dataset.source, h)
-    if target is None or not target.exists():
-        return None
-    pool = 0 if dataset.test_images is None else len(dataset.test_images)
-    return CorrectionStore(target, h, len(dataset), dataset.image_shape, n_pool=pool)
+    return CorrectionStore.existing(dataset, path)
 
 
 def positive_int(text: str) -> int:

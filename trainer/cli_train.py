@@ -102,7 +102,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import TrainControl
 
     cfg = config_from_args(args)
-    from .formats import StoredDataset
 
     dataset = load_dataset(args, lazy=True)
     # Under torchrun only rank 0 talks; the others train silently.
@@ -119,14 +118,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         control.request_stop()
 
     store = None
-    if not args.no_corrections and not isinstance(dataset, StoredDataset):
+    if not args.no_corrections:
         from .cli_common import open_store
 
         store = open_store(dataset, None)
         if store is not None and not quiet:
             edited, excluded = store.snapshot()
+            orphans = store.orphans()
             progress.line(
                 f"using corrections from {store.path}: {len(edited)} edited, {len(excluded)} excluded"
+                + (f" ({len(orphans)} more for images no longer in the dataset)" if orphans else "")
             )
     previous = (
         signal.signal(signal.SIGINT, on_interrupt)

@@ -78,11 +78,6 @@ class _Trainer(EpochEnd):
         self.peers = Peers(self.dist)
         self.resumed_from = str(resume) if resume else None
         self.stored = dataset if isinstance(dataset, StoredDataset) else None
-        if self.stored is not None and corrections is not None:
-            raise DatasetError(
-                f"{dataset.source}: corrections of a dataset read from disk are not applied in training "
-                "yet; train with --no-corrections"
-            )
         self.presence = dataset.class_pixels > 0 if self.stored is not None else class_presence(dataset.masks)
         data = load_checkpoint(resume) if resume else None
         self._split(data)

@@ -13,6 +13,7 @@ import torch
 
 from . import events as ev
 from .checkpoint import save_checkpoint
+from .classes import NUM_CLASSES
 from .config import TrainConfig
 from .dataset import DatasetError
 from .inference import confusion_on, predict_arrays
@@ -55,6 +56,7 @@ class EpochEnd:
                     self.precision,
                     self.dist,
                     reduce=False,
+                    overrides=self.crops.overrides if self.crops is not None else None,
                 )
             else:
                 cm = confusion_on(
@@ -211,21 +213,32 @@ class EpochEnd:
             return None
         self.seen_version = version
         edited, excluded = self.corrections.snapshot()
-        effective = self.base_masks.copy()
-        for i, m in edited.items():
-            if i < len(effective):
+        n_rows = len(self.base_masks) if self.stored is None else len(self.stored.names)
+        edited = {i: m for i, m in edited.items() if i < n_rows}
+        if self.stored is None:
+            effective = self.base_masks.copy()
+            for i, m in edited.items():
                 effective[i] = m
-        self.masks.copy_(torch.from_numpy(effective))
-        self.presence = class_presence(effective)
+            self.masks.copy_(torch.from_numpy(effective))
+            self.presence = class_presence(effective)
+            pixels = None
+            if self.crops is not None:  # crops drawn from memory: by the corrected classes
+                pixels = np.stack([np.bincount(m.ravel(), minlength=NUM_CLASSES) for m in effective])
+        else:  # frames on disk: corrected masks ride along with the crops, the rest stay there
+            pixels = np.zeros((n_rows, NUM_CLASSES), np.int64)
+            pixels[: self.n_labelled] = self.stored.class_pixels
+            for i, m in edited.items():
+                pixels[i] = np.bincount(m.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+            self.presence = pixels > 0
         drop = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-        new_labels = np.array(sorted(i for i in edited if self.n_labelled <= i < len(effective)), np.int64)
+        new_labels = np.array(sorted(i for i in edited if i >= self.n_labelled), np.int64)
         self.train_idx = np.setdiff1d(np.union1d(self.base_train_idx, new_labels), drop)
         self.val_idx = np.setdiff1d(self.base_val_idx, drop)
         if len(self.train_idx) == 0:
             raise DatasetError("every training image is excluded")
         if self.crops is not None:
-            self.crops.overrides = {i: effective[i] for i in edited if i < len(effective)}
-            self.crops.set_rows(self.train_idx)
+            self.crops.overrides = dict(edited)
+            self.crops.set_rows(self.train_idx, pixels)
         self.sample_weights = self._sample_weights()
         corrected = sum(1 for i in edited if i < self.n_labelled)
         return ev.DataUpdate(self.state.epoch, corrected, len(excluded), len(self.train_idx), len(new_labels))

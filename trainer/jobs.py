@@ -24,22 +24,17 @@ class DatasetSpec:
     pool: np.ndarray | None = None  # unlabelled images: labels saved for them join the training
     source: str = ""
     corrections_path: str | None = None  # a CorrectionStore the training re-reads every epoch
-    corrections_hash: str = ""
+    corrections_keys: list[str] | None = None  # the store's key of each image (default: from the dataset)
 
     def open_corrections(self, dataset):
         if not self.corrections_path:
             return None
-        from .corrections import CorrectionStore
+        from .corrections import CorrectionStore, identity
 
-        pool = 0 if dataset.test_images is None else len(dataset.test_images)
-        return CorrectionStore(
-            self.corrections_path,
-            self.corrections_hash,
-            len(dataset),
-            dataset.image_shape,
-            readonly=True,
-            n_pool=pool,
-        )
+        ident = identity(dataset)
+        if self.corrections_keys is not None:
+            ident["keys"] = list(self.corrections_keys)
+        return CorrectionStore(self.corrections_path, readonly=True, **ident)
 
     def load(self):
         from .dataset import Dataset

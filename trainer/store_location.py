@@ -1,8 +1,11 @@
-"""Where a dataset's corrections store lives, and the content hash that ties it to its dataset."""
+"""Where a dataset's corrections store lives, and how the store finds the dataset's
+images again: by name for folders and zarr datasets (their files can be added to), by
+position under a content hash for files that never change (npz, synthetic data)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +19,66 @@ def dataset_hash(images: np.ndarray, masks: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _candidate_folders(source: str, content_hash: str) -> tuple[Path | None, Path]:
-    """(beside the dataset, or None for synthetic data; in the user data folder by hash)."""
+def keyed_by_name(source: str) -> bool:
+    """Folders and zarr datasets: images have names that stay theirs when others are added."""
+    return bool(source) and not source.startswith("synthetic") and Path(source).is_dir()
+
+
+def row_keys(names: Sequence[str], test_names: Sequence[str] = ()) -> list[str]:
+    """One key per row of the store: the labelled images' names, then the unlabelled
+    ones'. Where the two share names (an npz numbers both sets from 0), the unlabelled
+    images' keys get an ``unlabelled/`` prefix."""
+    keys = [str(n) for n in names] + [str(n) for n in test_names]
+    if len(set(keys)) != len(keys):
+        keys = [str(n) for n in names] + [f"unlabelled/{n}" for n in test_names]
+    if len(set(keys)) != len(keys):
+        seen, dup = set(), []
+        for k in keys:
+            if k in seen:
+                dup.append(k)
+            seen.add(k)
+        raise ValueError(f"images share names ({', '.join(dup[:3])}): corrections could not tell them apart")
+    return keys
+
+
+def location_key(source: str, content_hash: str | None) -> str:
+    """The user-data folder's name for this dataset's store: the path of a named dataset
+    (its content changes as images are added), else the content hash."""
+    if keyed_by_name(source) or content_hash is None:
+        return "path-" + hashlib.blake2b(str(Path(source).resolve()).encode(), digest_size=16).hexdigest()
+    return content_hash
+
+
+def _candidate_folders(source: str, key: str) -> tuple[Path | None, Path]:
+    """(beside the dataset, or None for synthetic data; in the user data folder by key)."""
     from platformdirs import user_data_dir
 
     src = Path(source) if source and not source.startswith("synthetic") else None
     beside = None
     if src is not None and src.exists():
         beside = src.parent / (f"{src.stem}.marsviewer" if src.is_file() else f"{src.name}.marsviewer")
-    return beside, Path(user_data_dir("marsviewer")) / "corrections" / content_hash
+    return beside, Path(user_data_dir("marsviewer")) / "corrections" / key
 
 
-def existing_store_path(source: str, content_hash: str) -> Path | None:
-    """Where this dataset's corrections already are, if anywhere (creates nothing)."""
-    for folder in _candidate_folders(source, content_hash):
+def existing_store_path(source: str, content_hash: str | None) -> Path | None:
+    """Where this dataset's corrections already are, if anywhere (creates nothing). A
+    named dataset's store may also be where an older version put it, by content hash."""
+    beside, fallback = _candidate_folders(source, location_key(source, content_hash))
+    candidates = [beside, fallback]
+    if content_hash is not None:
+        candidates.append(_candidate_folders(source, content_hash)[1])
+    for folder in candidates:
         if folder is not None and (folder / "corrections.sqlite").exists():
             return folder / "corrections.sqlite"
     return None
 
 
-def default_store_path(source: str, content_hash: str) -> Path:
-    """Beside the dataset if writable, else in the user data folder by content hash."""
-    beside, fallback = _candidate_folders(source, content_hash)
+def default_store_path(source: str, content_hash: str | None) -> Path:
+    """The existing store, else beside the dataset if writable, else the user data folder."""
+    found = existing_store_path(source, content_hash)
+    if found is not None:
+        return found
+    beside, fallback = _candidate_folders(source, location_key(source, content_hash))
     if beside is not None:
         try:
             beside.mkdir(exist_ok=True)
