@@ -12,7 +12,9 @@ import numpy as np
 from psygnal import Signal
 
 from trainer.classes import CLASSES, NUM_CLASSES
-from trainer.stats import DatasetStats, class_pixel_counts, class_presence, mask_stats
+from trainer.stats import DatasetStats, class_pixel_counts, class_presence, counts_stats, mask_stats
+
+from ._stack import is_stack
 
 SHOW = ("labelled", "unlabelled", "all")
 
@@ -56,7 +58,9 @@ class DatasetBrowser:
 
     # -- loading ---------------------------------------------------------------
     def set_dataset(self, masks: np.ndarray, names=None, source: str = "", n_test: int = 0) -> None:
-        masks = np.asarray(masks)
+        """``masks``: an array, or a :class:`~marsviewer._stack.FrameStack` of a dataset
+        read from disk (statistics then come from its class table, never its frames)."""
+        masks = masks if is_stack(masks) else np.asarray(masks)
         self.masks = masks
         self.names = list(names) if names else [str(i) for i in range(len(masks))]
         self.source = source
@@ -65,7 +69,7 @@ class DatasetBrowser:
         self.pool_labelled = set()
         self.show = "labelled" if self.n_labelled else "unlabelled"
         self.stats = self._labelled_stats()
-        self.presence = class_presence(masks)
+        self.presence = self._presence()
         self.class_filter = None
         self.index = int(self.matching_indices()[0]) if len(self.matching_indices()) else 0
         self.dataset_changed.emit()
@@ -83,12 +87,21 @@ class DatasetBrowser:
         """Recompute statistics after masks were edited in place."""
         if self.masks is not None:
             self.stats = self._labelled_stats()
-            self.presence = class_presence(self.masks)
+            self.presence = self._presence()
             self.dataset_changed.emit()
 
+    def _presence(self) -> np.ndarray:
+        if is_stack(self.masks):
+            return self.masks.class_pixels > 0
+        return class_presence(self.masks)
+
     def _labelled_stats(self) -> DatasetStats:
-        """Statistics of the labelled rows, duplicate groups given as row indices."""
+        """Statistics of the labelled rows, duplicate groups given as row indices (not
+        looked for in a dataset read from disk: that would read every mask)."""
         rows = self.labelled_rows()
+        if is_stack(self.masks):
+            pixels = self.masks.class_pixels[rows]
+            return counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(rows))
         stats = mask_stats(np.asarray(self.masks)[rows])
         groups = tuple(tuple(int(rows[i]) for i in g) for g in stats.duplicate_mask_groups)
         return dataclasses.replace(stats, duplicate_mask_groups=groups)

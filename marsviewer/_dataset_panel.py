@@ -11,6 +11,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListWidget,
     QListWidgetItem,
     QPushButton,
@@ -55,6 +56,19 @@ class DatasetPanel(QWidget):
                           (self.sample_button, open_sample)):  # fmt: skip
             row.addWidget(b)
             b.clicked.connect(lambda *_, a=action: a())
+        self.open_folder_button.setToolTip("A folder of images and masks, or a converted .zarr dataset")
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Mask values:"))
+        self.mapping_edit = QLineEdit()
+        self.mapping_edit.setPlaceholderText("identity  (or ai4mars, 0:1,255:4, #ff0000:4, a .toml file)")
+        self.mapping_edit.setToolTip(
+            "How the masks' values become classes when a folder is opened: 'identity' (0..4), "
+            "'ai4mars', value pairs '0:1,255:4', colour pairs '#000000:1,#ff0000:4' for RGB masks, "
+            "class names as targets ('255:big rock'), or a TOML file of pairs. The same text as "
+            "mars-trainer's --mask-mapping."
+        )
+        row.addWidget(self.mapping_edit, 1)
         lay.addLayout(row)
         root.addWidget(box)
         root.addWidget(self._build_browse())
@@ -78,6 +92,10 @@ class DatasetPanel(QWidget):
         lay.addWidget(self.dup_list)
         root.addWidget(self.dup_box)
         root.addStretch(1)
+
+    def mask_mapping(self) -> str:
+        """The mask mapping typed in the dialog ("identity" when empty)."""
+        return self.mapping_edit.text().strip() or "identity"
 
     def _build_browse(self) -> QGroupBox:
         self.browse_box = QGroupBox("Browse")

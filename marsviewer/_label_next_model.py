@@ -20,6 +20,8 @@ from trainer import events as ev
 from trainer.inference import LABEL_CONFIDENCE, keep_confident
 from trainer.suggest import describe
 
+from ._stack import is_stack
+
 QUEUE_TOP = 100
 
 
@@ -76,6 +78,14 @@ class LabelNextModel:
         rows = np.array([i for i in range(b.n_labelled, len(b)) if i not in b.pool_labelled], np.int64)
         if not len(rows):
             self.notify.emit("There are no unlabelled images to rank.", "info")
+            return None
+        if is_stack(b.masks):
+            self.notify.emit(
+                "Ranking unlabelled images needs the dataset in memory; this one is read from disk "
+                "frame by frame. Browse its unlabelled images and start each from the model's "
+                "prediction (Alt-L).",
+                "error",
+            )
             return None
         checkpoint = self._checkpoint()
         if not checkpoint:

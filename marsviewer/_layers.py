@@ -9,7 +9,10 @@ from napari.utils.colormaps import DirectLabelColormap
 
 from trainer.classes import CLASSES
 from trainer.corrections import row_keys
-from trainer.dataset import Dataset, DatasetError
+from trainer.dataset import DatasetError
+from trainer.formats import StoredDataset
+
+from ._stack import FrameStack
 
 META_KEY = "marsviewer"
 
@@ -23,27 +26,47 @@ def class_colormap() -> DirectLabelColormap:
     return DirectLabelColormap(color_dict=colors)
 
 
-def dataset_label(dataset: Dataset) -> str:
+def dataset_label(dataset) -> str:
     source = dataset.source
     if source.startswith("synthetic"):
         return "synthetic Mars"
     return Path(source).stem or source
 
 
-def dataset_layer_data(dataset: Dataset) -> list[tuple]:
+def dataset_layer_data(dataset) -> list[tuple]:
     """Layer-data tuples: the images as an Image layer, the masks as a Labels layer.
 
     Both layers carry the dataset's identity in their metadata so the main widget can
     adopt them however they were opened (its own buttons, File > Open, a sample).
+    A zarr dataset too large for memory (a :class:`~trainer.formats.StoredDataset`)
+    becomes lazy layers: napari reads the frame on screen from disk, and the masks are a
+    :class:`~marsviewer._stack.FrameStack` that holds only the frames painted on.
     """
+    if isinstance(dataset, StoredDataset):
+        return _stored_layer_data(dataset)
     n_test = 0 if dataset.test_images is None else len(dataset.test_images)
     if len(dataset) + n_test == 0:
         raise DatasetError(f"{dataset.source}: no images")
-    label = dataset_label(dataset)
     images, masks = dataset.stacked()  # the unlabelled images after the labelled ones
-    names = list(dataset.names) + [f"unlabelled {name}" for name in dataset.test_names]
-    keys = row_keys(dataset.names, dataset.test_names)  # how corrections find each image
-    meta = {"source": dataset.source, "names": names, "keys": keys}
+    return _layer_tuples(dataset, images, masks, dataset.names, dataset.test_names, n_test)
+
+
+def _stored_layer_data(stored: StoredDataset) -> list[tuple]:
+    if not len(stored.names):
+        raise DatasetError(f"{stored.source}: no images")
+    masks = FrameStack(
+        stored.images.shape, base=stored.masks, sizes=stored.sizes, class_pixels=stored.class_pixels
+    )
+    return _layer_tuples(
+        stored, stored.images, masks, stored.labelled_names, stored.test_names, stored.n_unlabelled, lazy=True
+    )
+
+
+def _layer_tuples(dataset, images, masks, names, test_names, n_test: int, lazy: bool = False) -> list[tuple]:
+    label = dataset_label(dataset)
+    shown = list(names) + [f"unlabelled {name}" for name in test_names]
+    keys = row_keys(names, test_names)  # how corrections find each image
+    meta = {"source": dataset.source, "names": shown, "keys": keys, "lazy": lazy}
     images = (
         images,
         {

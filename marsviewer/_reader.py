@@ -1,11 +1,11 @@
-"""Reader for competition ``.npz`` files and image/mask folders."""
+"""Reader for competition ``.npz`` files, converted ``.zarr`` datasets and image/mask folders."""
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
 
-from trainer.formats import open_dataset
+from trainer.formats import is_zarr, open_dataset
 from trainer.images import IMAGE_SUFFIXES
 
 from ._layers import dataset_layer_data
@@ -35,13 +35,14 @@ def _looks_like_image_folder(path: Path) -> bool:
 
 
 def get_reader(path):
-    """Return a reader for a competition ``.npz`` or an image/mask folder, else None."""
+    """Return a reader for a competition ``.npz``, a converted ``.zarr`` dataset or an
+    image/mask folder, else None."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
     p = Path(path)
-    if _is_competition_npz(p) or _looks_like_image_folder(p):
+    if _is_competition_npz(p) or is_zarr(p) or _looks_like_image_folder(p):
         return read_dataset
     return None
 
@@ -54,4 +55,4 @@ def read_dataset(path) -> list[tuple]:
     """
     if isinstance(path, list):
         path = path[0]
-    return dataset_layer_data(open_dataset(path))
+    return dataset_layer_data(open_dataset(path, lazy=True))

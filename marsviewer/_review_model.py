@@ -24,6 +24,7 @@ from trainer.corrections import (
 )
 
 from ._review_entries import ImageReview, QueueEntry
+from ._stack import FrameStack, blank_like, is_stack
 
 __all__ = ["CHANGED", "DISAGREEMENT", "ImageReview", "QueueEntry", "ReviewModel"]
 
@@ -90,16 +91,21 @@ class ReviewModel:
         self.detach()
         self.images, self.masks = images, masks
         self.n_labelled = n = len(masks) if n_labelled is None else n_labelled
-        self.original_masks = np.array(masks, dtype=np.uint8, copy=True)
-        self.content_hash = dataset_hash(np.asarray(images[:n]), self.original_masks[:n])
         self.changed = self.disagreement = self.audit_masks = None
         pool = len(masks) - n
         by_name = keys is not None and keyed_by_name(source)
+        if is_stack(masks):  # on disk: the originals are read from there, nothing is hashed
+            self.original_masks = FrameStack(masks.shape, base=masks.base, sizes=masks.sizes)
+            self.content_hash, shape, by_name = None, [tuple(s) for s in masks.sizes], True
+        else:
+            self.original_masks = np.array(masks, dtype=np.uint8, copy=True)
+            self.content_hash = dataset_hash(np.asarray(images[:n]), self.original_masks[:n])
+            shape = masks.shape[1:]
         try:
             keys = list(keys) if keys is not None else row_keys(range(n), range(pool))
             path = default_store_path(source, self.content_hash)
             self.store = CorrectionStore(
-                path, self.content_hash, n, masks.shape[1:], n_pool=pool, keys=keys, by_name=by_name
+                path, self.content_hash, n, shape, n_pool=pool, keys=keys, by_name=by_name
             )
         except (CorrectionsError, OSError, ValueError) as exc:
             self.store = None
@@ -107,7 +113,7 @@ class ReviewModel:
             return
         edited, excluded = self.store.snapshot()
         for i, m in edited.items():
-            masks[i] = m
+            masks[i] = self._padded(i, m)
         self.browser.set_pool_labelled(i for i in edited if i >= n)
         if edited:
             self.masks_changed.emit(sorted(edited))
@@ -153,8 +159,13 @@ class ReviewModel:
         return self.store.excluded() if self.store is not None else set()
 
     # -- one image ---------------------------------------------------------------
+    def _padded(self, i: int, mask: np.ndarray) -> np.ndarray:
+        """A stored mask (a frame's own size) as the viewer's frame (padded to the stack's)."""
+        return self.masks.padded(i, mask) if is_stack(self.masks) else mask
+
     def _effective(self, i: int) -> np.ndarray:
-        return self.store.effective_mask(i, self.original_masks[i])
+        mask = self.store.state(i)[0]
+        return self.original_masks[i] if mask is None else self._padded(i, mask)
 
     def has_unsaved_edits(self, i: int) -> bool:
         return self.active and not np.array_equal(self.masks[i], self._effective(i))
@@ -179,7 +190,7 @@ class ReviewModel:
                 f"Image {i}: label {int(mask.max())} is not a class (0..4); fix it before saving.", "error"
             )
             return False
-        self.store.save_mask(i, mask, note)
+        self.store.save_mask(i, self.masks.own_size(i, mask) if is_stack(self.masks) else mask, note)
         self._sync_pool(i)
         self._emit_state(i)
         self.saved.emit(i)
@@ -193,7 +204,10 @@ class ReviewModel:
                 self.browser.set_pool_labelled(self.browser.pool_labelled ^ {i})
 
     def _rewrite(self, i: int) -> None:
-        self.masks[i] = self._effective(i)
+        if is_stack(self.masks) and self.store.state(i)[0] is None:
+            self.masks.forget(i)  # the original again: read from disk, nothing held
+        else:
+            self.masks[i] = self._effective(i)
         self._sync_pool(i)
         self.masks_changed.emit([i])
         self._emit_state(i)
@@ -234,6 +248,8 @@ class ReviewModel:
     # -- the queue -----------------------------------------------------------------
     def rerank(self, ranking: list[dict] | None = None) -> None:
         """Rank by duplicate masks now (or take an audit's ranking) and refill the queue."""
+        if ranking is None and is_stack(self.masks):
+            ranking = []  # duplicate masks are looked for in datasets held in memory
         if ranking is None:
             ranking = rank(
                 np.asarray(self.masks[: self.n_labelled], dtype=np.uint8), None, None, self.excluded()
@@ -245,7 +261,7 @@ class ReviewModel:
     def go_to(self, entry: QueueEntry) -> None:
         self.browser.set_index(entry.index)
         if self.audit_masks is not None and entry.index < len(self.audit_masks):
-            self.disagreement = _overlay(self.disagreement, self.masks.shape)
+            self.disagreement = _overlay(self.disagreement, self.masks)
             self.disagreement[entry.index] = self.audit_masks[entry.index] != self.masks[entry.index]
             self.overlay_changed.emit(DISAGREEMENT, entry.index)
 
@@ -281,6 +297,13 @@ class ReviewModel:
         from trainer.process import AuditProcess
 
         if not self.active or self.auditor is not None:
+            return None
+        if is_stack(self.masks):
+            self.notify.emit(
+                "Ranking by out-of-fold models needs the dataset in memory; this one is read from "
+                "disk frame by frame.",
+                "error",
+            )
             return None
         n = self.n_labelled
         masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()
@@ -337,14 +360,14 @@ class ReviewModel:
     def _emit_state(self, i: int) -> None:
         state = self.state_of(i)
         if state.changed_pixels or self.changed is not None:
-            self.changed = _overlay(self.changed, self.masks.shape)
+            self.changed = _overlay(self.changed, self.masks)
             self.changed[i] = self.masks[i] != self.original_masks[i]
             self.overlay_changed.emit(CHANGED, i)
         self.image_changed.emit(state)
 
 
-def _overlay(array: np.ndarray | None, shape: tuple) -> np.ndarray:
-    """An overlay array of ``shape``: the one given if it fits, else a new zero one."""
-    if array is None or array.shape != shape:
-        return np.zeros(shape, np.uint8)
+def _overlay(array, like):
+    """An overlay shaped like the masks ``like``: the one given if it fits, else a new zero one."""
+    if array is None or array.shape != like.shape or is_stack(array) != is_stack(like):
+        return blank_like(like)
     return array

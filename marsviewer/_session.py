@@ -23,6 +23,7 @@ from trainer.config import ConfigError
 from ._browser import DatasetBrowser
 from ._label_next_model import LabelNextModel
 from ._review_model import ReviewModel
+from ._stack import is_stack
 from ._training_model import TrainingModel
 
 QUIET_S = 0.15
@@ -67,14 +68,14 @@ class Session:
             self.review.attach(images, masks, source, len(masks) - n_test, keys)
             if self.review.active and self.review.store.snapshot()[0]:
                 self.browser.refresh_stats()  # corrections were applied to the masks
-        self.training.set_shape(np.shape(masks))
+        self.training.set_frames(masks)
         self.dataset_changed.emit()
 
     def clear(self) -> None:
         self.review.detach()
         self.images = None
         self.browser.clear()
-        self.training.set_shape(None)
+        self.training.set_frames(None)
         self.dataset_changed.emit()
 
     def training_data(self):
@@ -85,9 +86,15 @@ class Session:
         if self.images is None or not self.browser.loaded:
             raise ConfigError("open a dataset first (Dataset tab)")
         n = self.browser.n_labelled
+        review = self.review
+        if is_stack(self.browser.masks):  # a zarr dataset on disk: the child reads it there too
+            return DatasetSpec(
+                path=self.browser.source, lazy=True, source=self.browser.source,
+                corrections_path=str(review.store.path) if review.active else None,
+                corrections_keys=review.store.keys if review.active else None,
+            )  # fmt: skip
         images = np.asarray(self.images, dtype=np.uint8)
         pool = images[n:] if len(images) > n else None
-        review = self.review
         if review.active:
             return DatasetSpec(
                 images=images[:n], masks=review.original_masks[:n], pool=pool, source=self.browser.source,

@@ -20,6 +20,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.metrics import confusion_matrix, per_image_miou, worst_first
 
 from ._run_record import RunFollower, RunRecord
+from ._stack import blank_like, is_stack
 
 PREVIEW_EVERY_S = 3.0
 PREVIEW_THROTTLE_S = 0.15  # at most one preview request per this while the person browses
@@ -80,14 +81,19 @@ class TrainingModel:
         browser.index_changed.connect(self._want_preview)
 
     # -- the dataset -------------------------------------------------------------------
-    def set_shape(self, shape: tuple | None) -> None:
-        """A dataset of this (N, H, W) shape is open (None: none): fresh prediction arrays."""
+    def set_frames(self, masks) -> None:
+        """A dataset with these (N, H, W) masks is open (None: none): fresh prediction
+        arrays of its shape (frame stacks for a dataset read from disk)."""
         self.worst_order = self.image_miou = self.confusion = None
-        if shape is None:
+        if masks is None:
             self.prediction = self.entropy = None
-        elif self.prediction is None or self.prediction.shape != tuple(shape):
-            self.prediction = np.zeros(shape, np.uint8)
-            self.entropy = np.zeros(shape, np.float32)
+        elif (
+            self.prediction is None
+            or self.prediction.shape != tuple(np.shape(masks))
+            or is_stack(masks) != is_stack(self.prediction)
+        ):
+            self.prediction = blank_like(masks, np.uint8)
+            self.entropy = blank_like(masks, np.float32)
         self.prediction_changed.emit(None)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -238,6 +244,14 @@ class TrainingModel:
         checkpoint = checkpoint or self.checkpoint
         if not checkpoint:
             self.status.emit("No checkpoint yet: train first, or open a run.", True)
+            return None
+        if is_stack(self.prediction):
+            self.status.emit(
+                "This dataset is read from disk frame by frame: predict all of it with "
+                f"'mars-trainer predict {self.browser.source} --checkpoint {checkpoint} --out FOLDER'; "
+                "the live preview shows the image on screen while training.",
+                True,
+            )
             return None
         try:
             spec = self.training_data()

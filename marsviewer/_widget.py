@@ -14,7 +14,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from trainer.classes import CLASSES
-from trainer.dataset import Dataset, DatasetError
+from trainer.dataset import DatasetError
 
 from ._dataset_panel import DatasetPanel
 from ._label_next_panel import LabelNextPanel
@@ -113,19 +113,20 @@ class MarsViewerWidget(QWidget):
     def _ask_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open a competition .npz", "", "NumPy archives (*.npz)")
         if path:
-            self.open_path(path)
+            self.open_path(path, self.dataset_panel.mask_mapping())
 
     def _ask_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open a folder of image/mask pairs")
+        path = QFileDialog.getExistingDirectory(self, "Open a folder of image/mask pairs or a .zarr dataset")
         if path:
-            self.open_path(path)
+            self.open_path(path, self.dataset_panel.mask_mapping())
 
     def open_path(self, path: str | Path, mask_mapping: str = "identity"):
-        """Read a dataset in a worker thread; errors become notifications."""
+        """Read a dataset in a worker thread; errors become notifications. A converted zarr
+        dataset too large for memory opens lazily (frames read as they are shown)."""
         from trainer.formats import open_dataset
 
         return self._start_load(
-            f"Opening {Path(path).name}…", open_dataset, str(path), mask_mapping=mask_mapping
+            f"Opening {Path(path).name}…", open_dataset, str(path), mask_mapping=mask_mapping, lazy=True
         )
 
     def load_sample(self):
@@ -162,7 +163,7 @@ class MarsViewerWidget(QWidget):
         self.dataset_panel.set_loading(None)
         self._worker = None
 
-    def show_dataset(self, dataset: Dataset) -> None:
+    def show_dataset(self, dataset) -> None:
         """Replace the layers of any previous dataset with this one's."""
         try:
             layer_data = dataset_layer_data(dataset)

@@ -7,11 +7,17 @@ from pathlib import Path
 import numpy as np
 
 from ._layers import META_KEY
+from ._stack import MATERIALISE_BYTES, is_stack
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
     """Save a Labels layer. Never overwrites the dataset the masks were read from."""
     out = Path(path)
+    if is_stack(data) and data.nbytes > MATERIALISE_BYTES:
+        raise ValueError(
+            f"{out}: these masks are a dataset read from disk ({len(data)} frames); edits are saved "
+            "as corrections beside it (Alt-S) and every command reads them from there"
+        )
     arr = np.asarray(data)
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise ValueError(f"{out}: label values {arr.min()}..{arr.max()} do not fit in 0..255")

@@ -23,7 +23,7 @@ def test_manifest_is_valid_and_widget_comes_first():
     assert contrib.writers[0].layer_types == ["labels"]
     assert contrib.sample_data[0].key == "synthetic_mars"
     # The reader claims what it reads (npz files and folders), not every file.
-    assert contrib.readers[0].filename_patterns == ["*.npz"]
+    assert contrib.readers[0].filename_patterns == ["*.npz", "*.zarr"]
 
 
 def test_napari_offers_the_reader_for_npz_and_folders_only(tmp_path):

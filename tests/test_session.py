@@ -330,3 +330,74 @@ def test_folder_corrections_survive_images_added_to_the_folder(tmp_path):
     applied, _ = spec.open_corrections(dataset).apply(dataset)
     assert (applied.masks[row] == 3).all() and (applied.masks[:2] == 1).all()
     s.shutdown()
+
+
+def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path, monkeypatch):
+    """A converted dataset too large for memory: the masks are a frame stack (nothing read
+    but the frames shown), statistics come from its class table, a correction is saved at
+    the frame's own size and comes back in a new session, and training reads it from disk."""
+    from PIL import Image
+
+    from marsviewer._layers import dataset_layer_data
+    from marsviewer._stack import FrameStack
+    from trainer import formats
+    from trainer.convert import convert
+    from trainer.formats import open_dataset
+
+    root = tmp_path / "frames"
+    for i, shape in enumerate([(40, 56), (24, 32), (40, 56), (32, 32)]):
+        for sub in ("images", "masks") if i < 3 else ("images",):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            value = 100 if sub == "images" else 1 + i % 2
+            Image.fromarray(np.full(shape, value, np.uint8)).save(root / sub / f"f{i}.png")
+    convert(root, tmp_path / "d.zarr")
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+
+    def open_session():
+        (images, image_kw, _), (masks, mask_kw, _) = dataset_layer_data(
+            open_dataset(tmp_path / "d.zarr", lazy=True)
+        )
+        info = mask_kw["metadata"]["marsviewer"]
+        s = Session(runs_root=tmp_path / "runs")
+        s.set_dataset(
+            images,
+            masks,
+            info["names"],
+            info["source"],
+            image_kw["metadata"]["marsviewer"]["n_test"],
+            info["keys"],
+        )
+        return s
+
+    s = open_session()
+    b, review = s.browser, s.review
+    assert isinstance(b.masks, FrameStack) and review.active and b.n_labelled == 3 and len(b) == 4
+    assert b.stats.images == 3 and b.stats.classes[2].images == 1  # from the class table
+    assert b.masks.written == {}  # nothing held
+    b.set_index(1)  # a 24x32 frame padded to 40x56
+    b.masks[1, 0:4, 0:4] = 4  # a paint stroke
+    assert review.has_unsaved_edits(1) and review.save()
+    mask, _ = review.store.state(1)
+    assert mask.shape == (24, 32) and (mask[:4, :4] == 4).all() and (mask[4:, 4:] == 2).all()
+    b.set_index(3)  # the unlabelled frame: a saved label makes it a training image
+    b.masks[3] = 1
+    assert review.save() and b.pool_labelled == {3}
+    spec = s.training_data()
+    assert spec.lazy and spec.path.endswith("d.zarr") and spec.corrections_path
+    dataset = spec.load()
+    assert isinstance(dataset, formats.StoredDataset)
+    edited, _ = spec.open_corrections(dataset).snapshot()
+    assert edited[1].shape == (24, 32) and edited[3].shape == (32, 32)
+    assert s.training.predict_all("x.pt") is None  # a message: predict from the command line
+    b.set_index(0)
+    review.restore()  # nothing saved there: an entry, the original read again
+    assert 0 not in b.masks.written
+    s.shutdown()
+
+    s = open_session()
+    assert (s.browser.masks[1][:4, :4] == 4).all() and (s.browser.masks[1][24:] == 0).all()
+    assert s.browser.pool_labelled == {3} and set(s.browser.masks.written) == {1, 3}
+    s.browser.set_index(1)
+    s.review.restore()
+    assert 1 not in s.browser.masks.written and (s.browser.masks[1][:4, :4] == 2).all()
+    s.shutdown()

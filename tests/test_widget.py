@@ -175,3 +175,35 @@ def test_label_next_tab_wiring(loaded):
     panel.seed_button.click()  # a labelled image: a message, nothing starts
     assert model.seed is None
     assert loaded.browser.show == "labelled"  # a labelled row: the show choice stays
+
+
+def test_a_large_zarr_dataset_opens_lazily_and_paints(widget, tmp_path, qtbot, monkeypatch):
+    """A converted dataset over the in-memory limit: napari reads the frames on screen,
+    paint strokes land in the frame stack, save keeps them; the open dialog's mask values
+    are those a folder is read with."""
+    from marsviewer._stack import FrameStack
+    from trainer import formats
+    from trainer.convert import convert
+
+    root = tmp_path / "frames"
+    for sub, value in (("images", 90), ("masks", 255)):
+        (root / sub).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 56), value, np.uint8)).save(root / sub / f"f{i}.png")
+    widget.dataset_panel.mapping_edit.setText("0:1,255:2")
+    widget.open_path(root, widget.dataset_panel.mask_mapping())
+    qtbot.waitUntil(lambda: not widget.loading, timeout=20_000)
+    assert widget.browser.stats.classes[2].images == 3  # 255 read as bedrock
+    convert(root, tmp_path / "d.zarr", mask_mapping="0:1,255:2")
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    widget.open_path(tmp_path / "d.zarr")
+    qtbot.waitUntil(lambda: not widget.loading, timeout=20_000)
+    layer = widget.masks_layer
+    assert isinstance(layer.data, FrameStack) and widget.session.review.active
+    widget.viewer.dims.set_current_step(0, 2)
+    layer.selected_label = 4
+    layer.paint((2, 20, 20), 4)
+    assert widget.session.review.has_unsaved_edits(2) and set(layer.data.written) == {2}
+    assert widget.session.review.save() and (widget.session.review.store.state(2)[0] == 4).any()
+    widget.viewer.dims.set_current_step(0, 0)
+    assert (widget.viewer.layers[layer.name]._slice.image.raw == 2).all()

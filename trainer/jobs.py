@@ -25,6 +25,7 @@ class DatasetSpec:
     source: str = ""
     corrections_path: str | None = None  # a CorrectionStore the training re-reads every epoch
     corrections_keys: list[str] | None = None  # the store's key of each image (default: from the dataset)
+    lazy: bool = False  # a large zarr dataset stays on disk (trained on by crops)
 
     def open_corrections(self, dataset):
         if not self.corrections_path:
@@ -44,7 +45,7 @@ class DatasetSpec:
             return Dataset(
                 images=self.images, masks=self.masks, test_images=self.pool, source=self.source or "arrays"
             )
-        return open_dataset(self.path, mask_mapping=self.mask_mapping, size=self.size)
+        return open_dataset(self.path, mask_mapping=self.mask_mapping, size=self.size, lazy=self.lazy)
 
 
 class JobStopped(Exception):
