@@ -79,9 +79,9 @@ def test_training_from_disk_by_crops(stored, tmp_path):
 def test_training_from_disk_takes_corrections(stored, tmp_path):
     """A zarr dataset on disk keeps its corrections by name: the crops and the validation
     read the corrected masks, an excluded frame leaves both splits."""
+    from trainer.control import TrainControl
     from trainer.corrections import CorrectionStore
     from trainer.engine import _Trainer
-    from trainer.control import TrainControl
 
     _, s = stored
     store = CorrectionStore.for_dataset(s)
