@@ -55,7 +55,7 @@ bench: sysdeps $(VENV)/.installed
 	cd bench && $(XVFB) ../$(PY) gui_responsiveness.py --json out/gui_responsiveness.json
 	cd bench && ../$(PY) label_confidence.py --json out/label_confidence.json
 	cd bench && ../$(PY) active_learning.py --json out/active_learning.json
-	cd bench && ../$(PY) scale.py --json out/scale.json
+	cd bench && $(XVFB) ../$(PY) scale.py --json out/scale.json
 	$(PY) bench/readme_figures.py
 
 clean:

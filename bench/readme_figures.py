@@ -194,7 +194,11 @@ def scale(r: dict) -> list[str]:
         f"{r['train_disk_peak_rss_mb']} MB from disk. A {r['predict_shape'][0]}x{r['predict_shape'][1]} "
         f"frame predicted by tiles in {r['predict_4096_s']} s (peak memory {r['predict_peak_rss_mb']} MB); "
         f"a tiled prediction of a {r['agreement_frame'][0]}x{r['agreement_frame'][1]} frame agrees with the "
-        f"whole-frame prediction on **{100 * r['agreement_tiled_whole']:.2f}%** of pixels.",
+        f"whole-frame prediction on **{100 * r['agreement_tiled_whole']:.2f}%** of pixels. "
+        f"napari ({'lazily, from disk' if r['napari_lazy'] else 'read into memory'}): the dataset opens in "
+        f"**{r['napari_open_s']} s**; {r['napari_browse_steps']} browse steps to frames not seen before take "
+        f"{r['napari_browse_median_ms']} ms (median), {r['napari_browse_worst_ms']} ms at worst; a paint "
+        f"stroke saved in {r['napari_paint_save_s']} s; peak memory {r['napari_peak_rss_mb']} MB.",
     ]
 
 

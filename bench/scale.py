@@ -6,10 +6,14 @@ that its peak memory (max RSS) is its own:
 
 * ``convert``: ``mars-trainer convert`` of the folder: images/s and peak RSS;
 * ``train_disk``: training from the zarr dataset on 256x256 crops read by threads;
-  ``train_memory``: the same model and crops from frames held in memory (as many frames
-  as MEMORY_FRAMES); ``disk_vs_memory`` = img/s from disk / img/s from memory;
+  ``train_memory``: the same model and crops from frames held in memory (enough frames
+  that neither side ends an epoch, and so validates, inside the measured steps);
+  ``disk_vs_memory`` = img/s from disk / img/s from memory;
 * ``predict``: a 4096x4096 frame predicted by tiles (seconds), and the agreement of a
-  tiled and a whole-image prediction of a 1024x1024 frame.
+  tiled and a whole-image prediction of a 1024x1024 frame;
+* ``napari``: the main widget opens the dataset (lazily: frames read as they are shown),
+  browses BROWSE_STEPS frames (median and worst step), paints on one and saves it;
+  seconds and peak RSS. Needs a display (``make bench`` runs it under Xvfb).
 
     python bench/scale.py [--frames 3000] [--size 1024] [--steps 30] [--json OUT]
 """
@@ -29,7 +33,13 @@ from pathlib import Path
 import numpy as np
 from _report import report
 
-MEMORY_FRAMES = 48
+BATCH = 8
+BROWSE_STEPS = 60
+
+
+def memory_frames(steps: int) -> int:
+    """Frames held in memory: one epoch outlasts the warm-up and the measured steps."""
+    return int(np.ceil(BATCH * (steps + 5) / 0.98)) + 1
 
 
 def make_frames(root: Path, frames: int, size: int, seed: int = 0) -> None:
@@ -71,11 +81,11 @@ def part_train(store: str, steps: int, memory: bool) -> dict:
     if memory:  # the same crops of frames held in memory
         from trainer.dataset import Dataset
 
-        n = MEMORY_FRAMES
+        n = memory_frames(steps)
         dataset = Dataset(images=np.asarray(stored.images[:n]), masks=np.asarray(stored.masks[:n]))
     else:
         dataset = stored
-    cfg = preset("cpu").replace(tile=256, batch_size=8, epochs=1, val_fraction=0.02, device="cpu")
+    cfg = preset("cpu").replace(tile=256, batch_size=BATCH, epochs=1, val_fraction=0.02, device="cpu")
     control = TrainControl()
     rates, t0 = [], None
     for event in fit(dataset, cfg, None, control=control):
@@ -87,7 +97,7 @@ def part_train(store: str, steps: int, memory: bool) -> dict:
             if event.step >= steps + 3:
                 control.request_stop()
     seconds = time.perf_counter() - t0
-    return {"images_per_s": round(8 * (rates[-1] - 3) / seconds, 2), "threads": torch.get_num_threads()}
+    return {"images_per_s": round(BATCH * (rates[-1] - 3) / seconds, 2), "threads": torch.get_num_threads()}
 
 
 def part_predict(store: str) -> dict:
@@ -122,17 +132,65 @@ def part_predict(store: str) -> dict:
     }
 
 
+def part_napari(store: str) -> dict:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from marsviewer._widget import MarsViewerWidget
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(show=True)
+    widget = MarsViewerWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    app.processEvents()
+    t = time.perf_counter()
+    widget.open_path(store)
+    while widget.loading or not widget.browser.loaded:
+        app.processEvents()
+        time.sleep(0.005)
+    app.processEvents()
+    open_s = time.perf_counter() - t
+    lazy = type(widget.masks_layer.data).__name__ == "FrameStack"
+    steps = []
+    rng = np.random.default_rng(0)
+    n = len(widget.browser)
+    for row in rng.choice(n, min(n, BROWSE_STEPS), replace=False):  # no frame twice: read from disk
+        t = time.perf_counter()
+        viewer.dims.set_current_step(0, int(row))
+        app.processEvents()
+        steps.append(time.perf_counter() - t)
+    layer = widget.masks_layer
+    layer.selected_label = 4
+    t = time.perf_counter()
+    layer.paint((widget.browser.index, 100, 100), 4)
+    saved = widget.session.review.save()
+    save_s = time.perf_counter() - t
+    widget.session.shutdown()
+    viewer.close()
+    return {
+        "napari_lazy": lazy,
+        "napari_open_s": round(open_s, 2),
+        "napari_browse_median_ms": round(1000 * float(np.median(steps)), 1),
+        "napari_browse_worst_ms": round(1000 * float(np.max(steps)), 1),
+        "napari_browse_steps": len(steps),
+        "napari_paint_save_s": round(save_s, 3) if saved else None,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=3000)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--json")
-    p.add_argument("--part", choices=["train_disk", "train_memory", "predict"])
+    p.add_argument("--part", choices=["train_disk", "train_memory", "predict", "napari"])
     p.add_argument("--store")
     args = p.parse_args()
     if args.part == "predict":
         print(json.dumps(part_predict(args.store)))
+        return
+    if args.part == "napari":
+        print(json.dumps(part_napari(args.store)))
         return
     if args.part:
         print(json.dumps(part_train(args.store, args.steps, memory=args.part == "train_memory")))
@@ -156,6 +214,7 @@ def main() -> None:
             ["--part", "train_memory", "--store", str(store), "--steps", str(args.steps)]
         )
         predicted, predict_rss = run_part(["--part", "predict", "--store", str(store)])
+        viewer, viewer_rss = run_part(["--part", "napari", "--store", str(store)])
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -166,16 +225,17 @@ def main() -> None:
         "convert_images_per_s": round(args.frames / convert_s, 1),
         "convert_peak_rss_mb": round(usage.ru_maxrss / 1024),
         "train_tile": 256,
-        "train_batch": 8,
+        "train_batch": BATCH,
         "train_disk_images_per_s": disk["images_per_s"],
         "train_memory_images_per_s": memory["images_per_s"],
         "disk_vs_memory": round(disk["images_per_s"] / memory["images_per_s"], 3),
         "train_disk_peak_rss_mb": round(disk_rss),
         "train_memory_peak_rss_mb": round(memory_rss),
-        "memory_frames": MEMORY_FRAMES,
+        "memory_frames": memory_frames(args.steps),
         **predicted,
         "predict_peak_rss_mb": round(predict_rss),
-        "napari": None,
+        **viewer,
+        "napari_peak_rss_mb": round(viewer_rss),
     }
     report(result, args.json)
 

@@ -26,8 +26,9 @@ class FrameStack:
     for ``i < len(base)``, else zeros. ``sizes`` (N, 2): each frame's own size inside
     the padded H x W (the dataset's frames may differ in size)."""
 
-    def __init__(self, shape, dtype=np.uint8, base=None, sizes=None, class_pixels=None) -> None:
+    def __init__(self, shape, dtype=np.uint8, base=None, sizes=None, class_pixels=None, keep=None) -> None:
         self.shape = tuple(int(v) for v in shape)
+        self.keep = keep  # at most this many written frames, the oldest dropped (None: all)
         self.dtype = np.dtype(dtype)
         self.base = base
         self.n_base = 0 if base is None else int(base.shape[0])
@@ -105,7 +106,12 @@ class FrameStack:
         if i not in self.written:
             self.written[i] = np.array(self.frame(i), copy=True)
             self._cache.pop(i, None)
+        else:  # the most recently written last
+            self.written[i] = self.written.pop(i)
         self._dirty.add(i)
+        if self.keep is not None:
+            while len(self.written) > self.keep:
+                self.forget(next(iter(self.written)))
         return self.written[i]
 
     def _row(self, i) -> int:
@@ -197,8 +203,13 @@ def is_stack(array) -> bool:
     return isinstance(array, FrameStack)
 
 
+KEEP_DERIVED = 32  # frames of predictions and overlays a stack keeps (the latest written)
+
+
 def blank_like(array, dtype=np.uint8):
-    """Zeros shaped like ``array``: an array in memory, or an empty stack for a stack."""
+    """Zeros shaped like ``array``: an array in memory, or for a stack an empty stack that
+    keeps the KEEP_DERIVED frames written last (predictions and overlays are redone when
+    a frame is shown again; memory stays bounded however long the session)."""
     if is_stack(array):
-        return FrameStack(array.shape, dtype, sizes=array.sizes)
+        return FrameStack(array.shape, dtype, sizes=array.sizes, keep=KEEP_DERIVED)
     return np.zeros(np.shape(array), dtype)

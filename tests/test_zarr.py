@@ -71,6 +71,55 @@ def test_npz_round_trip_in_memory_when_small_lazily_when_large(tmp_path, npz_pat
     np.testing.assert_array_equal(lazy.image(len(want) + 1), want.test_images[1])
 
 
+def test_npz_is_converted_a_chunk_at_a_time(tmp_path, npz_path, monkeypatch):
+    """convert streams an npz (float64, as the real file) into the store: no chunk read
+    holds more than the chunk size, and a member cut short stops it with nothing left."""
+    import io
+    import zipfile
+
+    from trainer.formats import npz as npz_format
+
+    want = read_npz(npz_path)
+    per_image = 2 * 64 * 128 * 8  # an image and its mask in float64
+    monkeypatch.setattr(npz_format, "_CHUNK_BYTES", 5 * per_image)
+    seen = []
+    real = npz_format._stream_member
+
+    def spy(*args):
+        for item in real(*args):
+            if isinstance(item, tuple) and len(item) == 2:
+                seen.append(len(item[1]))
+            yield item
+
+    monkeypatch.setattr(npz_format, "_stream_member", spy)
+    from trainer.formats import zarr_dataset
+
+    read_when_written = []
+    add = zarr_dataset.ZarrWriter.add
+    monkeypatch.setattr(
+        zarr_dataset.ZarrWriter, "add", lambda w, *a: (read_when_written.append(len(seen)), add(w, *a))[1]
+    )
+    convert(npz_path, tmp_path / "n.zarr")
+    assert seen == [5] * 12 + [8]  # 60 images with masks 5 at a time, then the 8 test images
+    assert read_when_written[:6] == [1] * 5 + [2]  # each chunk written before the next is read
+    got = open_dataset(tmp_path / "n.zarr")
+    np.testing.assert_array_equal(got.masks, want.masks)
+    np.testing.assert_array_equal(got.test_images, want.test_images)
+    bad = tmp_path / "cut.npz"
+    with zipfile.ZipFile(bad, "w") as zf:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((20, 2, 8, 8)))
+        zf.writestr("training_set.npy", buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(DatasetError, match="declares 20 images"):
+        convert(bad, tmp_path / "cut.zarr")
+    late = np.zeros((20, 2, 64, 128))
+    late[15, 1, 3, 3] = 9  # found in the fourth chunk, after three were written
+    np.savez(tmp_path / "late.npz", training_set=late)
+    with pytest.raises(DatasetError, match="mask of image 15 has the value 9"):
+        convert(tmp_path / "late.npz", tmp_path / "late.zarr")
+    assert not list(tmp_path.glob("cut.zarr*")) and not list(tmp_path.glob("late.zarr*"))
+
+
 def test_undecodable_frame_stops_and_leaves_nothing(tmp_path, capsys):
     mixed_folder(tmp_path / "src")
     (tmp_path / "src" / "images" / "b.png").write_bytes(b"\x89PNG broken")

@@ -141,9 +141,11 @@ def _convert_folder(index: FolderIndex, out: Path, mapping, workers, skip_bad, p
 
 
 def _convert_arrays(src: Path, out: Path, progress) -> ConvertReport:
+    if src.is_file():
+        return _convert_npz(src, out, progress)
     from .formats import open_dataset
 
-    ds = open_dataset(src)
+    ds = open_dataset(src)  # the synthetic sample: made in memory anyway
     images, masks = ds.stacked()
     n = len(ds)
     writer = ZarrWriter(out, n, len(images), ds.image_shape, {"source": str(src), "mask_mapping": "identity"})
@@ -157,3 +159,23 @@ def _convert_arrays(src: Path, out: Path, progress) -> ConvertReport:
 
     path = _write(out, writer, fill)
     return ConvertReport(path, n, len(images) - n, ds.image_shape, 1)
+
+
+def _convert_npz(src: Path, out: Path, progress) -> ConvertReport:
+    """An npz streamed a chunk at a time into the store (the real file is float64, ~1 GB)."""
+    from .formats.npz import stream_npz
+
+    with stream_npz(src) as npz:
+        n, total = npz.n_train, npz.n_train + npz.n_test
+        writer = ZarrWriter(out, n, total, npz.shape, {"source": str(src), "mask_mapping": "identity"})
+
+        def fill(w: ZarrWriter):
+            for start, images, masks in npz.chunks:
+                for k in range(len(images)):
+                    w.add(start + k, images[k], None if masks is None else masks[k])
+                if progress is not None:
+                    progress(start + len(images), total)
+            return [str(i) for i in range(n)] + [str(j) for j in range(npz.n_test)], n
+
+        path = _write(out, writer, fill)
+    return ConvertReport(path, n, total - n, npz.shape, 1)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +127,82 @@ def _stream_member(
             yield start, np.frombuffer(buf, dtype=dtype).reshape((k, *shape[1:]))
 
 
+@dataclass
+class NpzStream:
+    """A competition npz read a chunk at a time: its sizes first, then ``chunks`` yields
+    ``(first_row, images, masks)`` uint8 chunks, the training images (with masks) first,
+    then the test images (masks None). Rows of test images follow the training rows."""
+
+    path: Path
+    n_train: int
+    n_test: int
+    shape: tuple[int, int]
+    chunks: Iterator[tuple[int, np.ndarray, np.ndarray | None]]
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; expected an .npz file")
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(
+            f"{path}: not an npz file (an npz is a zip archive of .npy arrays); "
+            "the file is either another format or truncated"
+        )
+
+
+@contextmanager
+def _npz_errors(path: Path):
+    try:
+        yield
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise DatasetError(f"{path}: corrupt or truncated npz file ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: could not be read ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def stream_npz(path: str | Path):
+    """Open a competition npz for reading a chunk at a time (:class:`NpzStream`); every
+    value is checked as it comes, and no more than a chunk (~32 MB of the file's values)
+    is held. A context manager: the file stays open while the chunks are read."""
+    path = Path(path)
+    _check_file(path)
+    with _npz_errors(path), zipfile.ZipFile(path) as zf:
+        members = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+        if TRAIN_KEY not in members:
+            found = ", ".join(sorted(members)) or "no arrays"
+            raise DatasetError(
+                f"{path}: missing key {TRAIN_KEY!r}; expected {TRAIN_KEY!r} "
+                f"(N, 2, H, W) and optionally {TEST_KEY!r} (M, H, W), found: {found}"
+            )
+        train = _stream_member(zf, path, TRAIN_KEY, 4, "(N, 2, H, W): image and mask")
+        shape = next(train)
+        test, tshape = None, (0,)
+        if TEST_KEY in members:
+            test = _stream_member(zf, path, TEST_KEY, 3, "(M, H, W) images")
+            tshape = next(test)
+            if tshape[1:] != shape[2:]:
+                raise DatasetError(
+                    f"{path}: {TEST_KEY!r} images are {tshape[1]}x{tshape[2]} but "
+                    f"{TRAIN_KEY!r} images are {shape[2]}x{shape[3]}; expected the same size"
+                )
+
+        def chunks():
+            with _npz_errors(path):
+                for start, chunk in train:
+                    img, msk = chunk[:, 0], chunk[:, 1]
+                    _check_values(img, path, f"{TRAIN_KEY} image", 255, start)
+                    _check_values(msk, path, f"{TRAIN_KEY} mask", NUM_CLASSES - 1, start)
+                    yield start, img.astype(np.uint8), msk.astype(np.uint8)
+                for start, chunk in test or ():
+                    _check_values(chunk, path, f"{TEST_KEY} image", 255, start)
+                    yield shape[0] + start, chunk.astype(np.uint8), None
+
+        yield NpzStream(path, shape[0], tshape[0], tuple(shape[2:]), chunks())
+
+
 def read_npz(path: str | Path) -> Dataset:
     """Read a competition-format ``.npz`` (any file name) into a :class:`Dataset`.
 
@@ -135,53 +214,16 @@ def read_npz(path: str | Path) -> Dataset:
         If the file is missing, not an npz, truncated, lacks ``training_set``, or holds
         arrays of the wrong shape or values.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
-    if path.is_dir():
-        raise DatasetError(f"{path}: is a folder; expected an .npz file")
-    if not zipfile.is_zipfile(path):
-        raise DatasetError(
-            f"{path}: not an npz file (an npz is a zip archive of .npy arrays); "
-            "the file is either another format or truncated"
-        )
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-            if TRAIN_KEY not in members:
-                found = ", ".join(sorted(members)) or "no arrays"
-                raise DatasetError(
-                    f"{path}: missing key {TRAIN_KEY!r}; expected {TRAIN_KEY!r} "
-                    f"(N, 2, H, W) and optionally {TEST_KEY!r} (M, H, W), found: {found}"
-                )
-            stream = _stream_member(zf, path, TRAIN_KEY, 4, "(N, 2, H, W): image and mask")
-            shape = next(stream)
-            images = np.empty((shape[0], *shape[2:]), np.uint8)
-            masks = np.empty_like(images)
-            for start, chunk in stream:
-                img, msk = chunk[:, 0], chunk[:, 1]
-                _check_values(img, path, f"{TRAIN_KEY} image", 255, start)
-                _check_values(msk, path, f"{TRAIN_KEY} mask", NUM_CLASSES - 1, start)
-                images[start : start + len(chunk)] = img
-                masks[start : start + len(chunk)] = msk
-            test = None
-            if TEST_KEY in members:
-                stream = _stream_member(zf, path, TEST_KEY, 3, "(M, H, W) images")
-                tshape = next(stream)
-                if tshape[1:] != shape[2:]:
-                    raise DatasetError(
-                        f"{path}: {TEST_KEY!r} images are {tshape[1]}x{tshape[2]} but "
-                        f"{TRAIN_KEY!r} images are {shape[2]}x{shape[3]}; expected the same size"
-                    )
-                test = np.empty(tshape, np.uint8)
-                for start, chunk in stream:
-                    _check_values(chunk, path, f"{TEST_KEY} image", 255, start)
-                    test[start : start + len(chunk)] = chunk
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise DatasetError(f"{path}: corrupt or truncated npz file ({exc})") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: could not be read ({exc.strerror or exc})") from None
-    return Dataset(images=images, masks=masks, test_images=test, source=str(path))
+    with stream_npz(path) as npz:
+        n = npz.n_train
+        images = np.empty((n + npz.n_test, *npz.shape), np.uint8)
+        masks = np.empty((n, *npz.shape), np.uint8)
+        for start, img, msk in npz.chunks:
+            images[start : start + len(img)] = img
+            if msk is not None:
+                masks[start : start + len(msk)] = msk
+    test = images[n:] if npz.n_test else None
+    return Dataset(images=images[:n], masks=masks, test_images=test, source=str(npz.path))
 
 
 def write_npz(
