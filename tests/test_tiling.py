@@ -22,8 +22,14 @@ def test_tiles_cover_with_at_least_the_overlap_on_the_pooling_grid(length, tile,
 
 
 @pytest.fixture(scope="module")
-def model_and_image(small_sample, tmp_path_factory):
-    """A briefly trained model (an untrained one predicts one class everywhere)."""
+def model_and_image(trained):
+    return trained[:2]
+
+
+@pytest.fixture(scope="module")
+def trained(small_sample, tmp_path_factory):
+    """A briefly trained model (an untrained one predicts one class everywhere), a frame
+    and the model's checkpoint."""
     from trainer.checkpoint import load_checkpoint, model_from_checkpoint
     from trainer.engine import fit
 
@@ -37,7 +43,39 @@ def model_and_image(small_sample, tmp_path_factory):
     image = np.concatenate([np.concatenate(list(ims[r * 4 : r * 4 + 4]), axis=1) for r in range(3)])[
         :181, :497
     ]
-    return model, np.ascontiguousarray(image)
+    return model, np.ascontiguousarray(image), events[-1].best_checkpoint
+
+
+def test_the_prediction_job_predicts_large_frames_by_tiles(trained, monkeypatch):
+    """The job behind napari's predictions: frames over the whole-image limit go one at a
+    time by tiles, and give what the whole-image path gives."""
+    from trainer import tiling
+    from trainer.control import TrainControl
+    from trainer.jobs import DatasetSpec, predict_job
+
+    _, image, checkpoint = trained
+    big = np.tile(image, (2, 2))  # larger than a tile: tiles overlap and blend
+    frames = np.stack([big, big[::-1]])
+    spec = DatasetSpec(images=frames, masks=np.zeros_like(frames))
+    results, tiled_frames = {}, []
+    real = tiling.predict_tiled
+    monkeypatch.setattr(
+        tiling,
+        "predict_tiled",
+        lambda m, image, *a, **k: (tiled_frames.append(1), real(m, image, *a, **k))[1],
+    )
+    for limit in (10**9, 64 * 64):
+        monkeypatch.setattr(tiling, "WHOLE_IMAGE_PIXELS", limit)
+        sent = []
+        predict_job(TrainControl(), sent.append, spec, checkpoint, "cpu", 2, confidence=True)
+        results[limit] = sent[-1]
+        assert [e.done for e in sent[:-1]][-1] == 2
+        assert len(tiled_frames) == (0 if limit > 10**8 else 2)
+    whole, tiled = results[10**9], results[64 * 64]
+    assert tiled.masks.shape == whole.masks.shape == frames.shape
+    assert (tiled.masks == whole.masks).mean() > 0.98
+    assert np.abs(tiled.entropy.astype(float) - whole.entropy.astype(float)).mean() < 0.05
+    assert tiled.confidence.shape == frames.shape
 
 
 def test_tiled_agrees_with_whole_image(model_and_image):

@@ -58,10 +58,11 @@ KNOWN_ERRORS = ("DatasetError", "ConfigError", "CheckpointError", "DeviceError",
 
 def wait_while_paused(control) -> None:
     """For jobs without steps of their own: honour pause and stop between batches."""
-    control.poll()
+    poll = control.poll or (lambda: None)  # no pipe when the job runs in this process
+    poll()
     while control.paused:
         time.sleep(0.02)
-        control.poll()
+        poll()
     if control.stop_requested:
         raise JobStopped("stopped before it finished")
 
@@ -85,6 +86,7 @@ def predict_job(
 ) -> None:
     """Masks and entropy maps (and, with ``confidence``, the predicted class's
     probability) of the labelled images, then the unlabelled ones."""
+    from . import tiling
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .device import resolve_device
     from .inference import predict_arrays
@@ -98,12 +100,34 @@ def predict_job(
         wait_while_paused(control)
 
     images, _ = dataset.stacked()  # as the viewer stacks them
+    if images[0].size > tiling.WHOLE_IMAGE_PIXELS:  # large frames: one at a time, by tiles
+        emit(ev.Predicted(*_predict_large(model.to(dev), images, dev, confidence, progress)))
+        return
     out = predict_arrays(
         model.to(dev), images, batch_size, dev, with_entropy=True, with_probs=confidence,
         flip_tta=confidence, progress=progress,
     )  # fmt: skip
     best = out["probs"].max(axis=1) if confidence else None
     emit(ev.Predicted(out["masks"], out["entropy"], best))
+
+
+def _predict_large(model, images: np.ndarray, device, confidence: bool, progress):
+    """(masks, entropy, best probability or None) of frames too large to predict whole."""
+    from . import tiling
+
+    masks = np.empty(images.shape, np.uint8)
+    entropy = np.empty(images.shape, np.float16)
+    best = np.empty(images.shape, np.float16) if confidence else None
+    for k, image in enumerate(images):
+        probs = tiling.predict_any(
+            model, image, device, flip_tta=confidence, whole_pixels=tiling.WHOLE_IMAGE_PIXELS
+        )
+        masks[k] = probs.argmax(0)
+        entropy[k] = -(probs * np.log(np.maximum(probs, 1e-8))).sum(0)
+        if best is not None:
+            best[k] = probs.max(0)
+        progress(k + 1, len(images))
+    return masks, entropy, best
 
 
 def suggest_job(control, emit, pool, labelled, checkpoint: str, top: int | None) -> None:
