@@ -24,7 +24,7 @@ from trainer.corrections import (
 )
 
 from ._review_entries import ImageReview, QueueEntry
-from ._stack import FrameStack, blank_like, is_stack
+from ._stack import CorrectedFrames, FrameStack, blank_like, is_stack
 
 __all__ = ["CHANGED", "DISAGREEMENT", "ImageReview", "QueueEntry", "ReviewModel"]
 
@@ -95,7 +95,8 @@ class ReviewModel:
         pool = len(masks) - n
         by_name = keys is not None and keyed_by_name(source)
         if is_stack(masks):  # on disk: the originals are read from there, nothing is hashed
-            self.original_masks = FrameStack(masks.shape, base=masks.base, sizes=masks.sizes)
+            stored = masks.base.masks if isinstance(masks.base, CorrectedFrames) else masks.base
+            self.original_masks = FrameStack(masks.shape, base=stored, sizes=masks.sizes)
             self.content_hash, shape, by_name = None, [tuple(s) for s in masks.sizes], True
         else:
             self.original_masks = np.array(masks, dtype=np.uint8, copy=True)
@@ -111,9 +112,13 @@ class ReviewModel:
             self.store = None
             self.notify.emit(f"Corrections are off for this dataset: {exc}", "error")
             return
-        edited, excluded = self.store.snapshot()
-        for i, m in edited.items():
-            masks[i] = self._padded(i, m)
+        if is_stack(masks):  # saved masks are read from the store when shown, not held
+            edited, excluded = self.store.edited(), self.store.excluded()
+            masks.rebase(CorrectedFrames(self.original_masks.base, self.store, masks.shape), edited)
+        else:
+            edited, excluded = self.store.snapshot()
+            for i, m in edited.items():
+                masks[i] = m
         self.browser.set_pool_labelled(i for i in edited if i >= n)
         if edited:
             self.masks_changed.emit(sorted(edited))
@@ -190,7 +195,11 @@ class ReviewModel:
                 f"Image {i}: label {int(mask.max())} is not a class (0..4); fix it before saving.", "error"
             )
             return False
-        self.store.save_mask(i, self.masks.own_size(i, mask) if is_stack(self.masks) else mask, note)
+        if is_stack(self.masks):
+            self.store.save_mask(i, self.masks.own_size(i, mask), note)
+            self.masks.forget(i)  # read back from the store: an edit saved is not held
+        else:
+            self.store.save_mask(i, mask, note)
         self._sync_pool(i)
         self._emit_state(i)
         self.saved.emit(i)
@@ -204,8 +213,8 @@ class ReviewModel:
                 self.browser.set_pool_labelled(self.browser.pool_labelled ^ {i})
 
     def _rewrite(self, i: int) -> None:
-        if is_stack(self.masks) and self.store.state(i)[0] is None:
-            self.masks.forget(i)  # the original again: read from disk, nothing held
+        if is_stack(self.masks):
+            self.masks.forget(i)  # its base reads the effective mask: nothing held
         else:
             self.masks[i] = self._effective(i)
         self._sync_pool(i)

@@ -66,7 +66,7 @@ class Session:
         self.browser.set_dataset(masks, names, source, n_test)
         if images is not None and np.shape(images) == np.shape(masks):
             self.review.attach(images, masks, source, len(masks) - n_test, keys)
-            if self.review.active and self.review.store.snapshot()[0]:
+            if self.review.active and self.review.store.edited():
                 self.browser.refresh_stats()  # corrections were applied to the masks
         self.training.set_frames(masks)
         self.dataset_changed.emit()

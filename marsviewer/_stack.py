@@ -121,10 +121,18 @@ class FrameStack:
             raise IndexError(f"frame {i} out of range 0..{n - 1}")
         return i % n
 
+    def rebase(self, base, changed=()) -> None:
+        """Read unwritten frames from ``base`` from now on; ``changed``: the rows whose
+        frame differs from the old base's (their class counts are redone)."""
+        self.base, self.n_base = base, int(base.shape[0])
+        self._cache.clear()
+        self._dirty.update(int(i) for i in changed)
+
     def forget(self, i: int) -> None:
         """Drop what was written to frame ``i``: it reads from the base again."""
         i = self._row(i)
         self.written.pop(i, None)
+        self._cache.pop(i, None)  # the base may have changed under it (a saved correction)
         self._dirty.add(i)
 
     def own_size(self, i: int, mask: np.ndarray) -> np.ndarray:
@@ -197,6 +205,26 @@ class FrameStack:
             self._pixels[i] = np.bincount(data[:h, :w].ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
         self._dirty.clear()
         return self._pixels
+
+
+class CorrectedFrames:
+    """The base of a dataset's masks stack with its saved corrections: row ``i`` is the
+    saved mask (padded to the frame) when the store has one, else the stored mask, else
+    (an unlabelled frame) zeros. Nothing is held: a frame is read when asked for."""
+
+    def __init__(self, masks, store, shape) -> None:
+        self.masks, self.store = masks, store
+        self.shape = tuple(shape)
+
+    def __getitem__(self, i) -> np.ndarray:
+        i = int(i)
+        saved = self.store.state(i)[0]
+        out = np.zeros(self.shape[1:], np.uint8)
+        if saved is not None:
+            out[: saved.shape[0], : saved.shape[1]] = saved
+        elif self.masks is not None and i < self.masks.shape[0]:
+            out[:] = np.asarray(self.masks[i])
+        return out
 
 
 def is_stack(array) -> bool:

@@ -111,6 +111,7 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def same_state(self):
         edited, excluded = self.store.snapshot()
+        assert self.store.edited() == set(edited) and self.store.excluded() == excluded
         for i in range(N):
             mask, ex = self.model.state(i)
             got_mask, got_ex = self.store.state(i)

@@ -474,6 +474,21 @@ class CorrectionStore:
         finally:
             self.db.execute("COMMIT")
 
+    def edited(self) -> set[int]:
+        """The images whose effective mask is a saved one, without decompressing any."""
+        self.db.execute("BEGIN")
+        try:
+            out = set()
+            for i in self._current_rows():
+                for _, _, action, _ in self._chain(self._id(i)):
+                    if action in ("mask", "restore"):
+                        if action == "mask":
+                            out.add(i)
+                        break
+            return out
+        finally:
+            self.db.execute("COMMIT")
+
     def orphans(self) -> list[str]:
         """Names of images with saved corrections that the dataset no longer has (kept in
         the store: they come back if the images do)."""
