@@ -185,7 +185,11 @@ class DatasetBrowser:
         """Pixel share of each class in one image (defaults to the current one)."""
         if not self.loaded:
             return np.zeros(NUM_CLASSES)
-        counts = class_pixel_counts(np.asarray(self.masks[self.index if index is None else index]))
+        i = self.index if index is None else index
+        if is_stack(self.masks):  # counted inside the frame's own size, kept up to date
+            counts = self.masks.class_pixels[i]
+        else:
+            counts = class_pixel_counts(np.asarray(self.masks[i]))
         return counts / max(counts.sum(), 1)
 
     def visit_group(self, members) -> None:

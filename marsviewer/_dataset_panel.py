@@ -24,6 +24,7 @@ from trainer.classes import CLASSES
 
 from ._bars import ClassBars
 from ._browser import DatasetBrowser
+from ._stack import is_stack
 
 EMPTY_TEXT = (
     "No dataset yet. Open a competition .npz, a folder of image/mask pairs, "
@@ -165,9 +166,17 @@ class DatasetPanel(QWidget):
             f", {b.n_test} unlabelled ({len(b.pool_labelled)} labelled since)" if b.pool_labelled
             else f", {b.n_test} unlabelled" if b.n_test else ""
         )  # fmt: skip
-        self.summary.setText(
-            f"<b>{source_title(b.source)}</b>: {b.n_labelled} labelled images of {h}x{w}{pool}"
-        )
+        if is_stack(b.masks):  # a converted dataset read from disk
+            sizes = len({tuple(v) for v in b.masks.sizes.tolist()})
+            size = f"up to {h}x{w} ({sizes} sizes)" if sizes > 1 else f"{h}x{w}"
+            self.summary.setText(
+                f"<b>{source_title(b.source)}</b>: {b.n_labelled} labelled frames of {size}{pool}, "
+                "read from disk as they are shown"
+            )
+        else:
+            self.summary.setText(
+                f"<b>{source_title(b.source)}</b>: {b.n_labelled} labelled images of {h}x{w}{pool}"
+            )
         unlabelled = b.n_test - len(b.pool_labelled)
         for mode, count in (("labelled", labelled), ("unlabelled", unlabelled), ("all", n)):
             self.show_combo.addItem(f"{mode} ({count})", mode)
@@ -194,6 +203,8 @@ class DatasetPanel(QWidget):
             f"{len(groups)} group(s) of images share an identical mask: often pasted-in "
             "outliers or copied labels. Click a group to step through it."
             if groups
+            else "Duplicate masks are looked for in datasets held in memory; this one is read from disk."
+            if is_stack(b.masks)
             else "No two images have identical masks."
         )
         for g in groups:

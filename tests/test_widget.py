@@ -200,6 +200,8 @@ def test_a_large_zarr_dataset_opens_lazily_and_paints(widget, tmp_path, qtbot, m
     qtbot.waitUntil(lambda: not widget.loading, timeout=20_000)
     layer = widget.masks_layer
     assert isinstance(layer.data, FrameStack) and widget.session.review.active
+    assert "3 labelled frames of 40x56, read from disk" in widget.dataset_panel.summary.text()
+    assert "read from disk" in widget.dataset_panel.dup_hint.text()
     widget.viewer.dims.set_current_step(0, 2)
     layer.selected_label = 4
     layer.paint((2, 20, 20), 4)
