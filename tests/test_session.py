@@ -390,6 +390,11 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     edited, _ = spec.open_corrections(dataset).snapshot()
     assert edited[1].shape == (24, 32) and edited[3].shape == (32, 32)
     assert s.training.predict_all("x.pt") is None  # a message: predict from the command line
+    s.training.start(preset("tiny").replace(epochs=1, device="cpu"))  # the child reads the store
+    wait(s, lambda: s.training.record.state in ("finished", "failed"))
+    assert s.training.record.state == "finished", s.training.record.message
+    assert set(s.training.prediction.written) == {b.index}  # the live preview of the frame on screen
+    assert s.training.prediction[b.index].shape == (40, 56)
     b.set_index(0)
     review.restore()  # nothing saved there: an entry, the original read again
     assert 0 not in b.masks.written
