@@ -207,5 +207,11 @@ def test_a_large_zarr_dataset_opens_lazily_and_paints(widget, tmp_path, qtbot, m
     layer.paint((2, 20, 20), 4)
     assert widget.session.review.has_unsaved_edits(2) and set(layer.data.written) == {2}
     assert widget.session.review.save() and (widget.session.review.store.state(2)[0] == 4).any()
+    layer.fill((2, 39, 55), 3)  # the bucket: the whole frame but the stroke is one region
+    assert (layer.data[2] == 3).sum() == 40 * 56 - (layer.data[2] == 4).sum()
+    widget.session.review.undo()  # the saved stroke undone (the fill was never saved): the original
+    assert (layer.data[2] == 2).all() and 2 not in layer.data.written
+    widget.session.review.redo()
+    assert (layer.data[2] == 4).sum() == (widget.session.review.store.state(2)[0] == 4).sum() > 0
     widget.viewer.dims.set_current_step(0, 0)
     assert (widget.viewer.layers[layer.name]._slice.image.raw == 2).all()
