@@ -24,13 +24,22 @@ import dataclasses
 import sqlite3
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .corrections_db import CorrectionsError, connect, open_schema, transaction
 from .dataset import Dataset
-from .store_location import dataset_hash, default_store_path, existing_store_path, keyed_by_name, row_keys
+from .store_location import (
+    dataset_hash,
+    default_store_path,
+    existing_store_path,
+    identity,
+    keyed_by_name,
+    row_keys,
+)
 
 __all__ = [
     "CorrectionStore",
@@ -39,56 +48,12 @@ __all__ = [
     "dataset_hash",
     "default_store_path",
     "existing_store_path",
+    "identity",
     "keyed_by_name",
     "row_keys",
 ]
 
 ACTIONS = ("mask", "restore", "exclude", "include")
-SCHEMA_VERSION = 2
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    image INTEGER NOT NULL,
-    parent INTEGER,
-    action TEXT NOT NULL,
-    mask BLOB,
-    time REAL NOT NULL,
-    note TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS entries_image ON entries (image);
-CREATE TABLE IF NOT EXISTS cursors (image INTEGER PRIMARY KEY, entry INTEGER);
-CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY AUTOINCREMENT, image INTEGER, what TEXT, entry INTEGER, time REAL);
-"""
-"""``image`` in entries, cursors and log is an ``images.id``; the dataset's rows are found
-by ``images.key``. (Version 1 had no images table: ``image`` was the row itself.)"""
-
-
-def identity(dataset, original_masks: np.ndarray | None = None) -> dict:
-    """What ties a store to ``dataset`` (a :class:`Dataset` or a
-    :class:`~trainer.formats.StoredDataset`): the keyword arguments of
-    :class:`CorrectionStore` but its path. A zarr dataset on disk is not hashed (it may
-    be tens of GB): it is keyed by name and its masks' shapes are read from its size table."""
-    by_name = keyed_by_name(dataset.source)
-    if hasattr(dataset, "sizes"):  # on disk: its names are all rows'
-        keys = row_keys(dataset.labelled_names, dataset.test_names)
-        shapes = [tuple(int(v) for v in s) for s in dataset.sizes]
-        return dict(
-            content_hash=None, n=dataset.n_labelled, shape=shapes,
-            n_pool=dataset.n_unlabelled, keys=keys, by_name=True,
-        )  # fmt: skip
-    keys = row_keys(dataset.names, dataset.test_names)
-    masks = dataset.masks if original_masks is None else original_masks
-    pool = 0 if dataset.test_images is None else len(dataset.test_images)
-    return dict(
-        content_hash=dataset_hash(dataset.images, masks), n=len(masks), shape=masks.shape[1:],
-        n_pool=pool, keys=keys, by_name=by_name,
-    )  # fmt: skip
-
-
-class CorrectionsError(RuntimeError):
-    """The store cannot be opened or does not belong to this dataset."""
 
 
 @dataclass(frozen=True)
@@ -138,87 +103,11 @@ class CorrectionStore:
             raise ValueError(f"expected {n + n_pool} distinct image keys, got {len(set(self.keys))}")
         self.misfits: set[str] = set()  # images whose saved mask no longer fits them
         try:
-            if readonly:
-                uri = f"file:{self.path}?mode=ro"
-                self.db = sqlite3.connect(
-                    uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False
-                )
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.db = sqlite3.connect(
-                    self.path, timeout=30, isolation_level=None, check_same_thread=False
-                )
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=FULL")
-            self._open(content_hash, readonly)
+            self.db = connect(self.path, readonly)
+            self._legacy = open_schema(self.db, self.path, self.keys, by_name, content_hash, readonly)
         except sqlite3.Error as exc:
             raise CorrectionsError(f"{self.path}: cannot open the corrections database ({exc})") from None
-
-    def _open(self, content_hash: str | None, readonly: bool) -> None:
-        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall()) if self._has_meta() else {}
-        mode = "name" if self.by_name else "content"
-        version = int(meta.get("schema_version", 1)) if meta else None
-        if version is not None and version > SCHEMA_VERSION:
-            raise CorrectionsError(
-                f"{self.path}: written by a newer marsviewer (corrections schema {version}; this "
-                f"version reads up to {SCHEMA_VERSION}); upgrade marsviewer to open it"
-            )
-        if version is None and readonly:
-            raise CorrectionsError(f"{self.path}: not a corrections database (no meta table)")
-        if version is None:
-            self.db.executescript(SCHEMA)
-            rows = [("schema_version", str(SCHEMA_VERSION)), ("keyed_by", mode)]
-            if not self.by_name:
-                rows.append(("dataset_hash", str(content_hash)))
-            with self._tx():
-                self.db.executemany("INSERT INTO meta VALUES (?, ?)", rows)
-            self._legacy = False
-        elif version == 1:
-            # rows by position, tied to the content hash: only the same content can read them
-            if content_hash is None or meta.get("dataset_hash") != content_hash:
-                raise CorrectionsError(
-                    f"{self.path}: these corrections belong to another dataset "
-                    f"(hash {meta.get('dataset_hash')}, this dataset {content_hash})"
-                )
-            self._legacy = readonly  # read as they are; a writer migrates them
-            if not readonly:
-                self._migrate_v1(mode)
-        else:
-            stored_mode = meta.get("keyed_by", "content")
-            if stored_mode == "content" and (self.by_name or meta.get("dataset_hash") != content_hash):
-                raise CorrectionsError(
-                    f"{self.path}: these corrections belong to another dataset "
-                    f"(hash {meta.get('dataset_hash')}, this dataset {content_hash})"
-                )
-            if stored_mode == "name" and not self.by_name:
-                raise CorrectionsError(
-                    f"{self.path}: these corrections find images by name (a folder or zarr "
-                    "dataset); this dataset has no lasting names"
-                )
-            self._legacy = False
         self._load_ids()
-
-    def _migrate_v1(self, mode: str) -> None:
-        """Version 1 -> 2 in one transaction: each row ``r`` becomes images.id ``r`` with
-        its key, so entries, cursors and log keep their numbers."""
-        self.db.executescript(SCHEMA)
-        with self._tx():
-            used = {
-                r[0]
-                for table in ("entries", "cursors", "log")
-                for r in self.db.execute(f"SELECT DISTINCT image FROM {table}")  # noqa: S608
-                if r[0] is not None
-            }
-            bad = sorted(i for i in used if not 0 <= i < len(self.keys))
-            if bad:
-                raise CorrectionsError(f"{self.path}: rows {bad[:3]} are outside this dataset; not migrated")
-            self.db.executemany(
-                "INSERT INTO images (id, key) VALUES (?, ?)", [(i, self.keys[i]) for i in sorted(used)]
-            )
-            self.db.executemany(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                [("schema_version", str(SCHEMA_VERSION)), ("keyed_by", mode), ("migrated", str(time.time()))],
-            )
 
     def _load_ids(self) -> None:
         if self._legacy:
@@ -259,21 +148,6 @@ class CorrectionStore:
         if target is None or not target.exists():
             return None
         return cls(target, readonly=readonly, **ident)
-
-    def _has_meta(self) -> bool:
-        return bool(self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone())
-
-    def _tx(self):
-        store = self
-
-        class _Tx:
-            def __enter__(self):
-                store.db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, *_):
-                store.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-        return _Tx()
 
     def close(self) -> None:
         self.db.close()
@@ -319,7 +193,7 @@ class CorrectionStore:
             if mask.max(initial=0) > 4:
                 raise ValueError(f"mask of image {image} has class {int(mask.max())}; expected 0..4")
             blob = zlib.compress(mask.tobytes(), 6)
-        with self._tx():
+        with transaction(self.db):
             image_id = self._id(image, create=True)
             parent = self._cursor(image_id)
             cur = self.db.execute(
@@ -356,7 +230,7 @@ class CorrectionStore:
     def undo(self, image: int) -> bool:
         """Step the image back to the previous state; False when there is nothing to undo."""
         image = self._check(image)
-        with self._tx():
+        with transaction(self.db):
             image_id = self._id(image)
             cur = self._cursor(image_id)
             if cur is None:
@@ -372,7 +246,7 @@ class CorrectionStore:
     def redo(self, image: int) -> bool:
         """Step forward along the newest branch; False when there is nothing to redo."""
         image = self._check(image)
-        with self._tx():
+        with transaction(self.db):
             image_id = self._id(image)
             if image_id is None:
                 return False
@@ -407,28 +281,37 @@ class CorrectionStore:
             entry = row[1]
         return out
 
-    def state(self, image: int) -> tuple[np.ndarray | None, bool]:
-        """(edited mask or None for the original, excluded?) of one image."""
-        image = self._check(image)
-        self.db.execute("BEGIN")  # one read transaction: a consistent view under WAL
+    @contextmanager
+    def _reading(self):
+        """One read transaction: a consistent view under WAL while a writer goes on."""
+        self.db.execute("BEGIN")
         try:
-            return self._state(image)
+            yield
         finally:
             self.db.execute("COMMIT")
 
-    def _state(self, image: int, with_mask: bool = True) -> tuple[np.ndarray | None, bool]:
-        chain = self._chain(self._id(image))
-        mask, excluded, mask_known, excl_known = None, False, False, False
-        for _, _, action, blob in chain:
+    def state(self, image: int) -> tuple[np.ndarray | None, bool]:
+        """(edited mask or None for the original, excluded?) of one image."""
+        image = self._check(image)
+        with self._reading():
+            return self._state(image)
+
+    def _state(self, image: int) -> tuple[np.ndarray | None, bool]:
+        blob, excluded = self._walk(image)
+        return (None if blob is None else self._decode(image, blob)), excluded
+
+    def _walk(self, image: int) -> tuple[bytes | None, bool]:
+        """(the compressed saved mask, or None for the original; excluded?): the newest
+        mask/restore entry and the newest exclude/include entry along the image's chain."""
+        blob, excluded, mask_known, excl_known = None, False, False, False
+        for _, _, action, data in self._chain(self._id(image)):
             if not mask_known and action in ("mask", "restore"):
-                mask_known = True
-                if action == "mask" and with_mask:
-                    mask = self._decode(image, blob)
+                mask_known, blob = True, data if action == "mask" else None
             if not excl_known and action in ("exclude", "include"):
                 excl_known, excluded = True, action == "exclude"
             if mask_known and excl_known:
                 break
-        return mask, excluded
+        return blob, excluded
 
     def _decode(self, image: int, blob: bytes) -> np.ndarray | None:
         """A saved mask, or None (the original counts) when the image changed size since."""
@@ -454,40 +337,24 @@ class CorrectionStore:
     def snapshot(self) -> tuple[dict[int, np.ndarray], set[int]]:
         """All edited masks and excluded images, read in one transaction."""
         edited, excluded = {}, set()
-        self.db.execute("BEGIN")
-        try:
+        with self._reading():
             for i in self._current_rows():
                 mask, ex = self._state(i)
                 if mask is not None:
                     edited[i] = mask
                 if ex:
                     excluded.add(i)
-        finally:
-            self.db.execute("COMMIT")
         return edited, excluded
 
     def excluded(self) -> set[int]:
         """The excluded images, without decompressing any mask."""
-        self.db.execute("BEGIN")
-        try:
-            return {i for i in self._current_rows() if self._state(i, with_mask=False)[1]}
-        finally:
-            self.db.execute("COMMIT")
+        with self._reading():
+            return {i for i in self._current_rows() if self._walk(i)[1]}
 
     def edited(self) -> set[int]:
-        """The images whose effective mask is a saved one, without decompressing any."""
-        self.db.execute("BEGIN")
-        try:
-            out = set()
-            for i in self._current_rows():
-                for _, _, action, _ in self._chain(self._id(i)):
-                    if action in ("mask", "restore"):
-                        if action == "mask":
-                            out.add(i)
-                        break
-            return out
-        finally:
-            self.db.execute("COMMIT")
+        """The images with a saved mask in effect, without decompressing any."""
+        with self._reading():
+            return {i for i in self._current_rows() if self._walk(i)[0] is not None}
 
     def orphans(self) -> list[str]:
         """Names of images with saved corrections that the dataset no longer has (kept in

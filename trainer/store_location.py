@@ -41,6 +41,28 @@ def row_keys(names: Sequence[str], test_names: Sequence[str] = ()) -> list[str]:
     return keys
 
 
+def identity(dataset, original_masks: np.ndarray | None = None) -> dict:
+    """What ties a store to ``dataset`` (a :class:`Dataset` or a
+    :class:`~trainer.formats.StoredDataset`): the keyword arguments of
+    :class:`~trainer.corrections.CorrectionStore` but its path. A zarr dataset on disk is not hashed (it may
+    be tens of GB): it is keyed by name and its masks' shapes are read from its size table."""
+    by_name = keyed_by_name(dataset.source)
+    if hasattr(dataset, "sizes"):  # on disk: its names are all rows'
+        keys = row_keys(dataset.labelled_names, dataset.test_names)
+        shapes = [tuple(int(v) for v in s) for s in dataset.sizes]
+        return dict(
+            content_hash=None, n=dataset.n_labelled, shape=shapes,
+            n_pool=dataset.n_unlabelled, keys=keys, by_name=True,
+        )  # fmt: skip
+    keys = row_keys(dataset.names, dataset.test_names)
+    masks = dataset.masks if original_masks is None else original_masks
+    pool = 0 if dataset.test_images is None else len(dataset.test_images)
+    return dict(
+        content_hash=dataset_hash(dataset.images, masks), n=len(masks), shape=masks.shape[1:],
+        n_pool=pool, keys=keys, by_name=by_name,
+    )  # fmt: skip
+
+
 def location_key(source: str, content_hash: str | None) -> str:
     """The user-data folder's name for this dataset's store: the path of a named dataset
     (its content changes as images are added), else the content hash."""
