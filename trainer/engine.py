@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import events as ev
-from .augment import augment_batch, oversampling_weights
+from .augment import oversampling_weights
 from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .control import RunState, TrainControl
@@ -45,22 +45,16 @@ from .device import (
     uses_channels_last,
 )
 from .epoch_end import EpochEnd, describe_failure
+from .epoch_steps import EpochSteps
 from .formats.zarr_dataset import StoredDataset
-from .inference import prepare_model, stratified_split, to_input
+from .inference import prepare_model, stratified_split
 from .losses import LossParams, SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .runs import RunDir
 from .stats import class_pixel_counts, class_presence
 
 
-def _lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    if cfg.schedule == "cosine":
-        return warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-    return warm
-
-
-class _Trainer(EpochEnd):
+class _Trainer(EpochSteps, EpochEnd):
     """The state and the named steps of one run; :func:`fit` composes them."""
 
     def __init__(self, dataset, cfg, run_dir, control, resume, corrections) -> None:
@@ -192,135 +186,6 @@ class _Trainer(EpochEnd):
             self.state.epoch, self.precision.name, self.precision.reason, uses_channels_last(self.device),
             self.data_mode,
         )  # fmt: skip
-
-    # -- one epoch
-    def _step_generator(self, batch: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        return g.manual_seed(
-            ((self.cfg.seed * 1_000_003 + self.state.epoch) * 100_003 + batch) * 64 + self.dist.rank
-        )
-
-    def _epoch_draws(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.state.epoch)
-        draws = torch.multinomial(
-            self.sample_weights, self.steps_per_epoch * self.per_step, replacement=True, generator=g
-        )
-        return torch.as_tensor(self.train_idx)[draws[self.dist.rank :: self.dist.world]].to(self.device)
-
-    def _progress(self) -> float:
-        if self.budget_s:
-            return self.used() / self.budget_s
-        return self.state.step / max(self.total_steps, 1)
-
-    def train_step(self, images_u8: torch.Tensor, masks_u8: torch.Tensor) -> torch.Tensor:
-        """One optimisation step. Forward and loss run under a guard so that, under
-        torchrun, a rank that fails there tells the others before anyone enters the
-        gradient all-reduce of ``backward``."""
-        cfg, st = self.cfg, self.state
-        problem, loss = None, None
-        try:
-            x, y = to_input(images_u8, self.device), masks_u8.long()
-            if cfg.augment:
-                x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
-            self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress())
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
-            with self.precision.autocast(self.device):
-                logits = self.train_model(x)
-            loss = self.criterion(logits, y)
-        except Exception as exc:
-            if not self.peers.active:
-                raise
-            problem = describe_failure(exc, cfg)
-        self.peers.agree(problem)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-        self.nonfinite |= ~torch.isfinite(grad_norm) | ~torch.isfinite(loss.detach())
-        self.optimizer.step()
-        st.step += 1
-        st.batch += 1
-        return loss.detach()
-
-    def check_finite(self, mean_loss: float | None = None) -> None:
-        """Fail (on every rank alike) if the loss or a gradient stopped being finite."""
-        problem = None
-        if mean_loss is not None and not math.isfinite(mean_loss):
-            problem = f"the loss became {mean_loss} at step {self.state.step}"
-        elif bool(self.nonfinite):
-            problem = f"a gradient became non-finite by step {self.state.step} (the loss was still finite)"
-        self.peers.agree(problem)
-
-    def run_epoch(self) -> Iterator[ev.Event]:
-        """The steps of the current epoch from ``state.batch`` on, with step events and
-        previews. Returns True when a stop was requested (after yielding Stopped)."""
-        st = self.state
-        if self.crops is None:
-            mine = self._epoch_draws()
-        else:
-            crops = self.crops.batches(st.epoch, st.batch, self.steps_per_epoch)
-        try:
-            return (yield from self._steps(mine if self.crops is None else crops))
-        finally:
-            if self.crops is not None:
-                crops.close()
-
-    def _steps(self, source) -> Iterator[ev.Event]:
-        cfg, st, control = self.cfg, self.state, self.control
-        self.train_model.train()
-        loss_sum, loss_n, t_log, n_log = torch.zeros((), device=self.device), 0, time.perf_counter(), 0
-        while st.batch < self.steps_per_epoch:
-            if control.poll is not None:
-                control.poll()
-            if control.paused:
-                yield from self.hold()
-            if self.peers.agree(None, control.stop_requested):
-                yield from self.stop()
-                return True
-            k = st.batch
-            if self.crops is None:
-                idx = source[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-                images, masks = self.images[idx], self.masks[idx]
-            else:
-                images, masks = (torch.from_numpy(a).to(self.device) for a in next(source))
-            loss = self.train_step(images, masks)
-            loss_sum += loss
-            loss_n += 1
-            n_log += len(images) * self.dist.world
-            if st.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch:
-                mean_loss = (loss_sum / loss_n).item()
-                self.check_finite(mean_loss)
-                self.epoch_loss += loss_sum
-                self.epoch_loss_n += loss_n
-                now = time.perf_counter()
-                rate = n_log / max(now - t_log, 1e-9)
-                done = min(self._progress(), 1.0)
-                eta = (now - self.t0) * (1 - done) / done if done > 0 else None
-                yield self.emit(ev.Step(st.epoch, st.step, mean_loss, self.lr, rate, done, eta))
-                loss_sum.zero_()
-                loss_n, t_log, n_log = 0, now, 0
-            if control.preview_indices and (
-                control.take_preview_request()
-                or (
-                    control.preview_every_s is not None
-                    and time.perf_counter() - self.last_preview >= control.preview_every_s
-                )
-            ):
-                yield self.emit(self.preview())
-            if self.out_of_time():
-                break
-        return False
-
-    def hold(self) -> Iterator[ev.Event]:
-        """Wait between steps while the control is paused, answering preview requests."""
-        control, t = self.control, time.perf_counter()
-        while control.paused:
-            if control.preview_indices and control.take_preview_request():
-                yield self.emit(self.preview())
-            time.sleep(0.02)
-            if control.poll is not None:
-                control.poll()
-        self.paused_s += time.perf_counter() - t
 
 
 def fit(
