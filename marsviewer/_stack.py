@@ -241,3 +241,10 @@ def blank_like(array, dtype=np.uint8):
     if is_stack(array):
         return FrameStack(array.shape, dtype, sizes=array.sizes, keep=KEEP_DERIVED)
     return np.zeros(np.shape(array), dtype)
+
+
+def overlay_like(array, like):
+    """An overlay shaped like the masks ``like``: the one given if it fits, else a new zero one."""
+    if array is None or array.shape != like.shape or is_stack(array) != is_stack(like):
+        return blank_like(like)
+    return array

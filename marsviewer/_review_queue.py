@@ -1,0 +1,115 @@
+"""The review queue and the audit job that ranks it: a mixin of :class:`ReviewModel`
+(its state and signals: ``masks``, ``store``, ``queue``, ``queue_changed`` ...)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer import events as ev
+from trainer.audit import move_mask, rank
+
+from ._review_entries import QueueEntry
+from ._stack import is_stack, overlay_like
+
+DISAGREEMENT = "model disagrees"
+QUEUE_MIN_SCORE = 0.05
+QUEUE_MAX = 500
+
+
+class ReviewQueue:
+    """Rank, visit and act on the queue; run the out-of-fold audit in a child."""
+
+    def rerank(self, ranking: list[dict] | None = None) -> None:
+        """Rank by duplicate masks now (or take an audit's ranking) and refill the queue."""
+        if ranking is None and is_stack(self.masks):
+            ranking = []  # duplicate masks are looked for in datasets held in memory
+        if ranking is None:
+            ranking = rank(
+                np.asarray(self.masks[: self.n_labelled], dtype=np.uint8), None, None, self.excluded()
+            )
+        shown = [r for r in ranking if r["score"] > QUEUE_MIN_SCORE][:QUEUE_MAX]
+        self.queue = [QueueEntry.from_ranking(r) for r in shown]
+        self.queue_changed.emit()
+
+    def go_to(self, entry: QueueEntry) -> None:
+        self.browser.set_index(entry.index)
+        if self.audit_masks is not None and entry.index < len(self.audit_masks):
+            self.disagreement = overlay_like(self.disagreement, self.masks)
+            self.disagreement[entry.index] = self.audit_masks[entry.index] != self.masks[entry.index]
+            self.overlay_changed.emit(DISAGREEMENT, entry.index)
+
+    def exclude_group(self, entry: QueueEntry | None) -> None:
+        if entry is None or not self.active:
+            return
+        if entry.group is None:
+            self.notify.emit("This entry is not part of a duplicate-mask group.", "info")
+            return
+        self.store.exclude_many(entry.group, note="duplicate-mask group")
+        self.notify.emit(f"Excluded {len(entry.group)} images from training.", "info")
+        self._emit_state(self.browser.index)
+
+    def apply_move(self, entry: QueueEntry | None) -> None:
+        """Move the entry's mask as its "misaligned" reason suggests: an unsaved edit,
+        to be checked and saved like any other."""
+        if entry is None or not self.active:
+            return
+        if entry.move is None:
+            self.notify.emit("The model does not suggest moving this mask.", "info")
+            return
+        self.browser.set_index(entry.index)
+        self.propose(entry.index, move_mask(np.asarray(self.masks[entry.index]), *entry.move))
+
+    def propose(self, i: int, mask: np.ndarray) -> None:
+        """Put ``mask`` into image ``i`` as an unsaved edit, for the person to check and save."""
+        self.masks[i] = mask
+        self.masks_changed.emit([i])
+        self._emit_state(i)
+
+    # -- the audit job -------------------------------------------------------------
+    def start_audit(self, minutes: float, folds: int = 3):
+        from trainer.process import AuditProcess
+
+        if not self.active or self.auditor is not None:
+            return None
+        if is_stack(self.masks):
+            self.notify.emit(
+                "Ranking by out-of-fold models needs the dataset in memory; this one is read from "
+                "disk frame by frame.",
+                "error",
+            )
+            return None
+        n = self.n_labelled
+        masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()
+        excluded = {i for i in self.excluded() if i < n}
+        self.auditor = AuditProcess(
+            np.asarray(self.images[:n], dtype=np.uint8), masks, excluded, minutes, folds
+        )
+        self.audit_progress.emit(f"Training {folds} out-of-fold models ({minutes:g} min of compute)…")
+        return self.auditor
+
+    def poll(self) -> None:
+        if self.auditor is None:
+            return
+        for e in self.auditor.events():
+            if isinstance(e, ev.Progress):
+                self.audit_progress.emit(e.text)
+            elif isinstance(e, ev.Ranked):
+                self.audit_masks = e.predictions
+                self.rerank(e.ranking)
+                self.audit_progress.emit(
+                    f"Ranked {len(e.ranking)} images. Click an entry to see it; pink = the model disagrees."
+                )
+                self._end_audit(True)
+                return
+            elif isinstance(e, ev.Failed):
+                self.audit_progress.emit(f"Ranking failed: {e.message}")
+                self.notify.emit(f"Ranking failed: {e.message.splitlines()[0]}", "error")
+                self._end_audit(False)
+                return
+
+    def _end_audit(self, ok: bool) -> None:
+        self.auditor = None
+        self.audit_done.emit(ok)
+
+    def jobs(self) -> list:
+        return [self.auditor] if self.auditor is not None else []
