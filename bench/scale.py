@@ -187,14 +187,14 @@ def main() -> None:
     p.add_argument("--part", choices=["train_disk", "train_memory", "predict", "napari"])
     p.add_argument("--store")
     args = p.parse_args()
-    if args.part == "predict":
-        print(json.dumps(part_predict(args.store)))
-        return
-    if args.part == "napari":
-        print(json.dumps(part_napari(args.store)))
-        return
     if args.part:
-        print(json.dumps(part_train(args.store, args.steps, memory=args.part == "train_memory")))
+        parts = {
+            "predict": lambda: part_predict(args.store),
+            "napari": lambda: part_napari(args.store),
+            "train_disk": lambda: part_train(args.store, args.steps, memory=False),
+            "train_memory": lambda: part_train(args.store, args.steps, memory=True),
+        }
+        print(json.dumps(parts[args.part]()))
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -10,15 +10,21 @@ from pathlib import Path
 from .cli_common import CliError, add_dataset_args, load_dataset
 
 
+def _output(text: str, suffix: str) -> Path:
+    """The output path, refused unless it ends in ``suffix`` and its folder exists."""
+    out = Path(text)
+    if out.suffix != suffix:
+        raise CliError(f"{out}: the output must end in {suffix}")
+    if not out.parent.exists():
+        raise CliError(f"{out.parent}: no such folder")
+    return out
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .formats import write_npz
     from .synth import generate
 
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise CliError(f"{out}: the output must end in .npz")
-    if not out.parent.exists():
-        raise CliError(f"{out.parent}: no such folder")
+    out = _output(args.out, ".npz")
     if args.train < 10 and not args.no_problems:
         print("note: fewer than 10 images: no label problems are planted", file=sys.stderr)
     sample = generate(args.train, args.test, seed=args.seed, plant_problems=not args.no_problems)
@@ -68,11 +74,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .convert import convert
 
-    out = Path(args.out)
-    if out.suffix != ".zarr":
-        raise CliError(f"{out}: the output must end in .zarr")
-    if not out.parent.exists():
-        raise CliError(f"{out.parent}: no such folder")
+    out = _output(args.out, ".zarr")
     show = None
     if sys.stderr.isatty():
 
