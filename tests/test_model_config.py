@@ -18,7 +18,7 @@ from trainer.config import (
     to_toml,
 )
 from trainer.losses import IGNORE_INDEX
-from trainer.model import UNet, build_model
+from trainer.model import UNet, build_model, fold_batch_norm
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (60, 100), (17, 33)])
@@ -54,6 +54,43 @@ def test_unet_options_train(opts):
     out.mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(residual=True, squeeze_excitation=True, attention_gates=True)])
+def test_folded_batch_norm_predicts_what_the_model_does(opts):
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_width=8, **opts)
+    for m in model.modules():  # statistics far from the identity, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 3)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norm(model.train())
+    assert model.training  # the model passed in is left as it was
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(3, 1, 32, 64)
+    with torch.no_grad():
+        want = model.eval()(x)
+        got = folded(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert fold_batch_norm(folded) is folded  # nothing left to fold: no second copy
+
+
+def test_inference_runs_the_folded_model(monkeypatch):
+    """Validation and prediction run without the normalisation passes."""
+    from trainer import inference
+
+    seen = []
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "forward", lambda self, x: seen.append(1) or x)
+    model = UNet(depth=2, base_width=8)
+    images = torch.randint(0, 256, (4, 32, 64), dtype=torch.uint8)
+    inference.predict_arrays(model, images.numpy(), batch_size=2)
+    inference.confusion_on(model, images, images % 5, np.arange(4), 2)
+    assert not seen
+    assert model.training  # confusion_on gives the model back in the mode it came in
 
 
 def test_build_model_from_config_counts_grow_with_width():

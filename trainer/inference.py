@@ -50,6 +50,15 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.n
     return model
 
 
+def inference_model(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """``model`` ready to predict on ``device``: in eval mode and the device's layout, with
+    its batch norms folded into the convolutions (a copy: the model passed in keeps its
+    weights and normalisation; only its device, layout and mode may change)."""
+    from .model import fold_batch_norm
+
+    return prepare_model(fold_batch_norm(prepare_model(model, device)), device)
+
+
 def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1], in the model's memory layout."""
     x = images_u8.unsqueeze(1).float().div_(255.0)
@@ -81,14 +90,13 @@ def confusion_on(
     device = images.device
     precision = precision or resolve_precision("auto", device)
     was_training = model.training
-    model = prepare_model(model, device)
-    model.eval()
+    net = inference_model(model, device)
     cm = ConfusionMatrix(device=device)
     mine = np.asarray(indices)[dist.rank :: dist.world]
     for chunk in batches(mine, batch_size):
         idx = torch.as_tensor(chunk, device=device)
         with precision.autocast(device):
-            logits = model(to_input(images[idx], device))
+            logits = net(to_input(images[idx], device))
         cm.update(logits.argmax(1), masks[idx])
     if reduce:
         cm.all_reduce()
@@ -114,8 +122,7 @@ def predict_arrays(
     defaults to what ``auto`` picks for the device."""
     device = torch.device(device)
     precision = precision or resolve_precision("auto", device)
-    model = prepare_model(model, device)
-    model.eval()
+    model = inference_model(model, device)
     n = len(images)
     out = {"masks": np.empty((n, *images.shape[1:]), np.uint8)}
     if with_probs:

@@ -77,12 +77,12 @@ def score_pool(
     progress: Callable[[int, int], None] | None = None,
 ) -> PoolScores:
     """Score (M, H, W) uint8 images in batches (the probabilities are never all held)."""
-    from .inference import prepare_model, to_input
+    from .inference import inference_model, to_input
 
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)}")
     device = torch.device(device)
-    model = prepare_model(model, device).eval()
+    model = inference_model(model, device)
     bottleneck: list[torch.Tensor] = []
     hook = model.encoders[-1].register_forward_hook(lambda _m, _i, out: bottleneck.append(out))
     m = len(images)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import Precision, resolve_precision
-from .inference import prepare_model, to_input
+from .inference import inference_model, to_input
 
 # Images up to this many pixels are predicted whole; larger ones by tiles of TILE pixels
 # overlapping by OVERLAP, or more for deeper U-Nets (see tile_size).
@@ -80,8 +80,7 @@ def predict_tiled(
     tile, overlap = tile or default_tile, default_overlap if overlap is None else overlap
     device = torch.device(device)
     precision = precision or resolve_precision("auto", device)
-    model = prepare_model(model, device)
-    model.eval()
+    model = inference_model(model, device)
     h, w = image.shape
     m = 2 ** getattr(model, "depth", 0)
     boxes = [
@@ -153,9 +152,10 @@ def confusion_by_frames(model, stored, rows, device, precision=None, dist=None, 
     dist = dist or DistContext()
     device = torch.device(device)
     was_training = model.training
+    net = inference_model(model, device)  # folded once, not once per frame
     cm = ConfusionMatrix(device=device)
     for i in list(rows)[dist.rank :: dist.world]:
-        probs = predict_any(model, stored.image(int(i)), device, precision=precision)
+        probs = predict_any(net, stored.image(int(i)), device, precision=precision)
         truth = overrides.get(int(i)) if overrides else None
         truth = stored.mask(int(i)) if truth is None else truth
         cm.update(torch.from_numpy(probs.argmax(0)).to(device), torch.from_numpy(truth).to(device))
