@@ -2,7 +2,7 @@
 the machine's matmul speed, all measured in one run on the same threads.
 
 * ``gflops_matmul_fp32`` / ``_bf16``: a 2048x2048 matmul, the machine's practical peak;
-* ``bare``: forward + cross-entropy + backward + AdamW on one resident batch, in each of
+* ``bare``: forward + cross-entropy + backward + the engine's AdamW on one resident batch, in each of
   the four layouts/precisions (contiguous or channels_last, fp32 or bf16 autocast);
 * ``pipeline_img_s``: ``fit()`` on synthetic data as users run it (auto precision,
   augmentation, oversampling, the preset's loss, events, a validation every epoch):
@@ -35,7 +35,7 @@ from _report import report
 from trainer import events as ev
 from trainer.config import PREDICT_BATCH, preset
 from trainer.device import cpu_bf16_support, device_name, resolve_device, resolve_precision
-from trainer.engine import fit
+from trainer.engine import build_optimizer, fit
 from trainer.inference import predict_arrays
 from trainer.model import build_model
 from trainer.synth import generate
@@ -80,7 +80,7 @@ def bare_img_s(cfg, device, shape, steps: int, warmup: int, channels_last: bool,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = build_optimizer(model, cfg, device)  # the pipeline's optimiser
     y = torch.randint(0, 5, (cfg.batch_size, *shape), device=device)
     for i in range(warmup + steps):
         if i == warmup:

@@ -54,6 +54,13 @@ from .runs import RunDir
 from .stats import class_pixel_counts, class_presence
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; the fused kernel on CPU and CUDA updates every parameter in one pass (about
+    half the time of the per-tensor loop on CPU), other devices take PyTorch's default."""
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
 class _Trainer(EpochSteps, EpochEnd):
     """The state and the named steps of one run; :func:`fit` composes them."""
 
@@ -141,12 +148,7 @@ class _Trainer(EpochSteps, EpochEnd):
             device
         )
         self.model = prepare_model(build_model(cfg), device)
-        # The fused kernel updates every parameter in one pass (~2x less time than the
-        # per-tensor loop on CPU); other devices take PyTorch's default implementation.
-        fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused
-        )
+        self.optimizer = build_optimizer(self.model, cfg, device)
         self.state = RunState()
         if data is not None:
             self.model.load_state_dict(data["model"])
