@@ -42,7 +42,7 @@ def throughput(t: dict) -> list[str]:
         "",
         "| what | figure |",
         "| --- | --- |",
-        f"| bare step (forward + cross-entropy + backward + AdamW), img/s: contiguous fp32 / "
+        f"| bare step (forward + cross-entropy + backward + the engine's fused AdamW), img/s: contiguous fp32 / "
         f"channels_last fp32 / contiguous bf16 / channels_last bf16 | {bare['contiguous_fp32']} / "
         f"{bare['channels_last_fp32']} / {bare['contiguous_bf16']} / **{bare['channels_last_bf16']}** |",
         f"| whole `fit()` pipeline (augmentation, oversampling, the preset's loss, validation every "

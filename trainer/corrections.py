@@ -4,10 +4,8 @@
   when that folder is writable, else in the user's data folder keyed by the dataset's
   content hash. The database records that hash and refuses another dataset.
 * Append-only history: every saved mask (zlib-compressed), exclusion, inclusion and
-  restore is a row that is never changed or deleted. Each row points to the row that
-  was current for its image when it was written (its parent), so the history of an image
-  is a tree: undo moves the image's cursor to the parent, redo to the newest child, and
-  a save after an undo starts a new branch without losing the old one.
+  restore is a row that is never changed or deleted; each image's rows form a tree that
+  undo and redo walk (``correction_history.py``).
 * WAL mode and one transaction per action: a training process can read while the GUI
   writes, a reader never sees half an action, and with ``synchronous=FULL`` an action
   that returned is on disk even if the process is killed right after.
@@ -22,15 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import time
 import zlib
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .corrections_db import CorrectionsError, connect, open_schema, transaction
+from .correction_history import Entry, HistoryTree
+from .corrections_db import CorrectionsError, connect, open_schema
 from .dataset import Dataset
 from .store_location import (
     dataset_hash,
@@ -56,18 +52,7 @@ __all__ = [
 ACTIONS = ("mask", "restore", "exclude", "include")
 
 
-@dataclass(frozen=True)
-class Entry:
-    id: int
-    image: int
-    parent: int | None
-    action: str
-    time: float
-    note: str
-    current: bool = False
-
-
-class CorrectionStore:
+class CorrectionStore(HistoryTree):
     """Corrections of one dataset of ``n`` masks of ``shape``, and labels of its ``n_pool``
     unlabelled images: image ``n + j`` is unlabelled image ``j``. Such an image's original
     mask is "not labelled" (all background): a saved mask makes it a training image,
@@ -177,12 +162,6 @@ class CorrectionStore:
                 self._known_ids.add(found)
         return found
 
-    def _cursor(self, image_id: int | None) -> int | None:
-        if image_id is None:
-            return None
-        row = self.db.execute("SELECT entry FROM cursors WHERE image=?", (image_id,)).fetchone()
-        return row[0] if row else None
-
     def _append(self, image: int, action: str, mask: np.ndarray | None = None, note: str = "") -> int:
         image = self._check(image)
         blob = None
@@ -193,19 +172,7 @@ class CorrectionStore:
             if mask.max(initial=0) > 4:
                 raise ValueError(f"mask of image {image} has class {int(mask.max())}; expected 0..4")
             blob = zlib.compress(mask.tobytes(), 6)
-        with transaction(self.db):
-            image_id = self._id(image, create=True)
-            parent = self._cursor(image_id)
-            cur = self.db.execute(
-                "INSERT INTO entries (image, parent, action, mask, time, note) VALUES (?, ?, ?, ?, ?, ?)",
-                (image_id, parent, action, blob, time.time(), note),
-            )
-            entry = cur.lastrowid
-            self.db.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (image_id, entry))
-            self.db.execute(
-                "INSERT INTO log (image, what, entry, time) VALUES (?, ?, ?, ?)",
-                (image_id, action, entry, time.time()),
-            )
+        entry = self._add_entry(image, action, blob, note)
         self.misfits.discard(self.keys[image])
         return entry
 
@@ -227,69 +194,7 @@ class CorrectionStore:
             if not self.is_excluded(i):
                 self.exclude(i, note)
 
-    def undo(self, image: int) -> bool:
-        """Step the image back to the previous state; False when there is nothing to undo."""
-        image = self._check(image)
-        with transaction(self.db):
-            image_id = self._id(image)
-            cur = self._cursor(image_id)
-            if cur is None:
-                return False
-            parent = self.db.execute("SELECT parent FROM entries WHERE id=?", (cur,)).fetchone()[0]
-            self.db.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (image_id, parent))
-            self.db.execute(
-                "INSERT INTO log (image, what, entry, time) VALUES (?, 'undo', ?, ?)",
-                (image_id, parent, time.time()),
-            )
-        return True
-
-    def redo(self, image: int) -> bool:
-        """Step forward along the newest branch; False when there is nothing to redo."""
-        image = self._check(image)
-        with transaction(self.db):
-            image_id = self._id(image)
-            if image_id is None:
-                return False
-            cur = self._cursor(image_id)
-            if cur is None:
-                row = self.db.execute(
-                    "SELECT MAX(id) FROM entries WHERE image=? AND parent IS NULL", (image_id,)
-                ).fetchone()
-            else:
-                row = self.db.execute(
-                    "SELECT MAX(id) FROM entries WHERE image=? AND parent=?", (image_id, cur)
-                ).fetchone()
-            if row is None or row[0] is None:
-                return False
-            self.db.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (image_id, row[0]))
-            self.db.execute(
-                "INSERT INTO log (image, what, entry, time) VALUES (?, 'redo', ?, ?)",
-                (image_id, row[0], time.time()),
-            )
-        return True
-
     # -- reading ---------------------------------------------------------------
-    def _chain(self, image_id: int | None) -> list[tuple]:
-        """Entries from the image's cursor back to its first, newest first."""
-        out = []
-        entry = self._cursor(image_id)
-        while entry is not None:
-            row = self.db.execute(
-                "SELECT id, parent, action, mask FROM entries WHERE id=?", (entry,)
-            ).fetchone()
-            out.append(row)
-            entry = row[1]
-        return out
-
-    @contextmanager
-    def _reading(self):
-        """One read transaction: a consistent view under WAL while a writer goes on."""
-        self.db.execute("BEGIN")
-        try:
-            yield
-        finally:
-            self.db.execute("COMMIT")
-
     def state(self, image: int) -> tuple[np.ndarray | None, bool]:
         """(edited mask or None for the original, excluded?) of one image."""
         image = self._check(image)
@@ -299,19 +204,6 @@ class CorrectionStore:
     def _state(self, image: int) -> tuple[np.ndarray | None, bool]:
         blob, excluded = self._walk(image)
         return (None if blob is None else self._decode(image, blob)), excluded
-
-    def _walk(self, image: int) -> tuple[bytes | None, bool]:
-        """(the compressed saved mask, or None for the original; excluded?): the newest
-        mask/restore entry and the newest exclude/include entry along the image's chain."""
-        blob, excluded, mask_known, excl_known = None, False, False, False
-        for _, _, action, data in self._chain(self._id(image)):
-            if not mask_known and action in ("mask", "restore"):
-                mask_known, blob = True, data if action == "mask" else None
-            if not excl_known and action in ("exclude", "include"):
-                excl_known, excluded = True, action == "exclude"
-            if mask_known and excl_known:
-                break
-        return blob, excluded
 
     def _decode(self, image: int, blob: bytes) -> np.ndarray | None:
         """A saved mask, or None (the original counts) when the image changed size since."""
@@ -367,22 +259,6 @@ class CorrectionStore:
         ).fetchall()
         known = set(self.keys)
         return [k for (k,) in rows if k not in known]
-
-    def version(self) -> int:
-        """Changes whenever any image's state changes (for readers polling for news)."""
-        row = self.db.execute("SELECT MAX(id) FROM log").fetchone()
-        return int(row[0] or 0)
-
-    def history(self, image: int) -> list[Entry]:
-        image = self._check(image)
-        image_id = self._id(image)
-        if image_id is None:
-            return []
-        cur = self._cursor(image_id)
-        rows = self.db.execute(
-            "SELECT id, parent, action, time, note FROM entries WHERE image=? ORDER BY id", (image_id,)
-        ).fetchall()
-        return [Entry(r[0], image, r[1], r[2], r[3], r[4], current=r[0] == cur) for r in rows]
 
     def pool_labels(self) -> dict[int, np.ndarray]:
         """Unlabelled image j -> its saved mask, for those that have one now."""
