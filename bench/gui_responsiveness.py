@@ -11,13 +11,19 @@ viewer has processed it and repainted the canvas. Phases, one run:
 
 1. idle (with the same layers as below: images, masks, prediction, uncertainty);
 2. training started from the panel (default CPU preset, live previews on) in a child
-   process: first nobody touches the viewer (``quiet``), then someone browses;
+   process: first nobody touches the viewer (``quiet``), then someone browses, in blocks
+   of ``--block`` seconds alternated with blocks where the training child is suspended
+   the whole time (no CPU of its own: as idle as the viewer gets with a run open);
 3. the baseline most plugins use: the same training in a thread inside napari's process.
 
-Writes idle/train/baseline p99 and max step times, ``ratio_p99`` = train p99 / idle p99,
-``train_speed_browsing`` and ``train_speed_quiet`` (training steps per second in those
-phases over the same training's speed with no viewer at all, measured first in a child
-of its own), and ``first_preview_s``, the time from Start to the first live prediction.
+Writes p99 and max step times of each, ``ratio_p99`` = p99 with training going over p99
+with it suspended, from the alternated blocks (a shared machine's load drifts over minutes,
+and the same idle phase measured minutes apart varied nearly twofold from run to run, so the two
+sides of the ratio are measured in the same minutes), and ``ratio_p99_to_idle_before``
+against phase 1 for reference; ``train_speed_browsing`` (over the blocks where training
+went on) and ``train_speed_quiet`` (training steps per second in those phases over the
+same training's speed with no viewer at all, measured first in a child of its own), and
+``first_preview_s``, the time from Start to the first live prediction.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     p.add_argument("--pace", type=float, default=0.5, help="seconds between browse steps")
     p.add_argument(
+        "--block", type=float, default=5.0, help="seconds of each alternated block of the training phase"
+    )
+    p.add_argument(
         "--threads", type=int, default=0, help="torch threads of the training (0 = the panel's default)"
     )
     p.add_argument("--no-preview", action="store_true", help="diagnostic: training without live previews")
@@ -42,6 +51,7 @@ def main() -> None:
 
     import napari
     from napari.qt.threading import create_worker
+    from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
     from trainer.config import preset
@@ -72,10 +82,19 @@ def main() -> None:
             app.processEvents()
             canvas.repaint()  # synchronous paint of the canvas
             times.append(1000 * (time.perf_counter() - t0))
-            while time.perf_counter() < next_tick:
-                app.processEvents()
-                time.sleep(0.002)
+            wait(next_tick - time.perf_counter())
         return times
+
+    def wait(seconds: float) -> None:
+        """Let Qt's event loop run for ``seconds``, sleeping when there is nothing to do, as
+        it does for a person looking at the screen (a loop of ``processEvents`` and short
+        sleeps would spend CPU of its own that training then lacks)."""
+        if seconds <= 0:
+            app.processEvents()
+            return
+        loop = QEventLoop()
+        QTimer.singleShot(int(1000 * seconds), loop.quit)
+        loop.exec()
 
     def summary(times: list[float]) -> tuple[float, float]:
         return float(np.percentile(times, 99)), float(np.max(times))
@@ -91,13 +110,51 @@ def main() -> None:
         """Training steps per second over ``seconds`` (from the run's step events)."""
         app.processEvents()
         first = model.record.steps[-1] if model.record.steps else 0
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         touch(seconds)
-        while time.perf_counter() - t0 < seconds:
-            app.processEvents()
-            time.sleep(0.01)
+        wait(seconds - (time.perf_counter() - t0))
         app.processEvents()
-        return (model.record.steps[-1] - first) / (time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        gui_cpu.append((time.process_time() - cpu0) / wall)
+        return (model.record.steps[-1] - first) / wall
+
+    gui_cpu: list[float] = []  # the viewer's own CPU time over wall time, per measured phase
+
+    import marsviewer._session as session_module
+
+    session = widget.session
+
+    def last_step() -> int:
+        app.processEvents()
+        return model.record.steps[-1] if model.record.steps else 0
+
+    def browse_suspended(seconds: float) -> list[float]:
+        """Browse with the training child suspended the whole time (no CPU of its own):
+        the session holds it as after any interaction, but does not let it go on."""
+        quiet_s = session_module.QUIET_S
+        session_module.QUIET_S = 1e9
+        try:
+            session.user_active()
+            wait(args.pace)
+            return browse(seconds)
+        finally:
+            session_module.QUIET_S = quiet_s
+            session.user_active()  # released QUIET_S from now, as after any interaction
+            wait(args.pace)
+
+    def interleaved(seconds: float, block: float) -> tuple[list[float], list[float], float]:
+        """Browse blocks of ``block`` seconds with training going and with training
+        suspended, alternated over ``seconds`` each: a shared host's load, which drifts
+        over minutes, falls alike on both sides of the ratio. Returns both step times and
+        training's steps per second over the blocks where it went on."""
+        going, held, steps, spent = [], [], 0, 0.0
+        for _ in range(max(1, round(seconds / block))):
+            s0, t0 = last_step(), time.perf_counter()
+            going += browse(block)
+            steps += last_step() - s0
+            spent += time.perf_counter() - t0
+            held += browse_suspended(block)
+        return going, held, steps / spent
 
     panel.form.preset.value = "cpu"
     panel.form.device.value = "cpu"
@@ -118,11 +175,7 @@ def main() -> None:
         app.processEvents()
         time.sleep(0.01)
     quiet_speed = steps_per_s(args.seconds, lambda s: None)
-    t_browse = time.perf_counter()
-    first_step = model.record.steps[-1]
-    train = browse(args.seconds)
-    app.processEvents()
-    browsing_speed = (model.record.steps[-1] - first_step) / (time.perf_counter() - t_browse)
+    train, suspended, browsing_speed = interleaved(args.seconds, args.block)
     first_preview = model.first_preview_s
     steps_in_process = len(model.record.losses)
     model.stop()
@@ -157,13 +210,17 @@ def main() -> None:
 
     idle_p99, idle_max = summary(idle)
     train_p99, train_max = summary(train)
+    held_p99, held_max = summary(suspended)
     base_p99, base_max = summary(baseline)
     result = {
         "idle_p99_ms": round(idle_p99, 1),
         "idle_max_ms": round(idle_max, 1),
         "train_p99_ms": round(train_p99, 1),
         "train_max_ms": round(train_max, 1),
-        "ratio_p99": round(train_p99 / idle_p99, 3),
+        "suspended_p99_ms": round(held_p99, 1),
+        "suspended_max_ms": round(held_max, 1),
+        "ratio_p99": round(train_p99 / held_p99, 3),
+        "ratio_p99_to_idle_before": round(train_p99 / idle_p99, 3),
         "baseline_thread_p99_ms": round(base_p99, 1),
         "baseline_thread_max_ms": round(base_max, 1),
         "first_preview_s": None if first_preview is None else round(first_preview, 2),
@@ -171,10 +228,12 @@ def main() -> None:
         "train_steps_per_s_alone": round(alone, 3),
         "train_speed_quiet": round(quiet_speed / alone, 3),
         "train_speed_browsing": round(browsing_speed / alone, 3),
+        "viewer_cpu_share_quiet": round(gui_cpu[0], 3),
         "idle_median_ms": round(float(np.median(idle)), 1),
         "train_median_ms": round(float(np.median(train)), 1),
         "baseline_median_ms": round(float(np.median(baseline)), 1),
-        "moves_per_phase": [len(idle), len(train), len(baseline)],
+        "suspended_median_ms": round(float(np.median(suspended)), 1),
+        "moves_per_phase": [len(idle), len(train), len(suspended), len(baseline)],
         "training_log_events_in_process_phase": steps_in_process,
         "training_steps_in_thread_phase": counter["steps"],
     }

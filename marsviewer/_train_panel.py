@@ -31,8 +31,9 @@ from ._form import ConfigForm
 from ._training_model import ENDED, TrainingModel
 
 # Curves and tables are redrawn at most this often while a run goes on: every redraw is
-# time taken from the training that shares the machine's cores.
-REDRAW_EVERY_S = 0.5
+# time taken from the training that shares the machine's cores (a repaint of the dock
+# under Xvfb takes ~10 ms; once a second is ~1% of a core).
+REDRAW_EVERY_S = 1.0
 
 
 class TrainingPanel(QWidget):
@@ -41,6 +42,8 @@ class TrainingPanel(QWidget):
         self.model = model
         self._build()
         self._last_redraw = -math.inf
+        self._shown_message: tuple[str, bool] | None = None
+        self._shown_confusion: np.ndarray | None = None
         self._redraw_timer = QTimer(self)
         self._redraw_timer.setSingleShot(True)
         self._redraw_timer.timeout.connect(self._redraw)
@@ -196,6 +199,12 @@ class TrainingPanel(QWidget):
         ]
         series.append(("mIoU", (255, 255, 255), h.val_steps, h.val_miou))
         self.iou_plot.set_series(series)
+        self._show_iou_table(h)
+        if h.latest_confusion is not None and self.model.confusion is None:
+            self._show_confusion(np.asarray(h.latest_confusion))
+        self._update_buttons()
+
+    def _show_iou_table(self, h) -> None:
         rows = [*zip(h.latest_iou, h.best_iou, strict=True)]
         rows.append((h.val_miou[-1] if h.val_miou else math.nan, h.best_miou))
         rows.append((h.val_miou_keras[-1] if h.val_miou_keras else math.nan, h.best_miou_keras))
@@ -204,10 +213,9 @@ class TrainingPanel(QWidget):
                 text = "–" if v is None or math.isnan(v) else f"{v:.3f}"
                 if r == 0 and h.background_weight == 0 and h.val_iou:
                     text = "not trained"  # background has loss weight 0, as the metric ignores it
-                self.iou_table.setItem(r, c, QTableWidgetItem(text))
-        if h.latest_confusion is not None and self.model.confusion is None:
-            self._show_confusion(np.asarray(h.latest_confusion))
-        self._update_buttons()
+                item = self.iou_table.item(r, c)
+                if item is None or item.text() != text:  # unchanged cells cost no relayout
+                    self.iou_table.setItem(r, c, QTableWidgetItem(text))
 
     def _after_prediction(self) -> None:
         if self.model.confusion is not None:
@@ -216,6 +224,9 @@ class TrainingPanel(QWidget):
         self._update_buttons()
 
     def _show_confusion(self, cm: np.ndarray) -> None:
+        if self._shown_confusion is not None and np.array_equal(self._shown_confusion, cm):
+            return
+        self._shown_confusion = np.array(cm)
         pct = 100 * cm / cm.sum(axis=1, keepdims=True).clip(1, None)
         for r in range(cm.shape[0]):
             for c in range(cm.shape[1]):
@@ -224,6 +235,11 @@ class TrainingPanel(QWidget):
                 self.confusion_table.setItem(r, c, item)
 
     def _show_message(self, text: str, error: bool = False) -> None:
+        # Training repeats its message with every batch of events: a style sheet set again
+        # re-polishes the label and lays the dock out anew, so only changes are applied.
+        if (text, error) == self._shown_message:
+            return
+        self._shown_message = (text, error)
         self.status.setText(text)
         self.status.setStyleSheet("color: #ff6b6b;" if error else "")
 

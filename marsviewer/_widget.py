@@ -272,7 +272,12 @@ class MarsViewerWidget(QWidget):
             visible=self.training.uncertainty_check.isChecked(),
         )  # fmt: skip
 
-    def _show_prediction(self, _rows) -> None:
+    def _show_prediction(self, rows) -> None:
+        """Redraw the prediction layers after ``rows`` were written (None: all). A live
+        preview of an image not on screen needs nothing drawn; one of the image on screen
+        redraws its slice only: the layer list's thumbnails, redrawn with every preview,
+        cost the viewer more CPU than anything else while a run goes on (time taken from
+        the training on the same cores)."""
         t = self.session.training
         if t.prediction is None:
             return
@@ -280,9 +285,16 @@ class MarsViewerWidget(QWidget):
             t.running or t.predictor or t.worst_order is not None
         ):
             return  # the layers appear with the first prediction, not with the dataset
+        new = PREDICTION not in self.viewer.layers
         self.ensure_prediction_layers()
-        self.viewer.layers[PREDICTION].refresh()
-        self.viewer.layers[UNCERTAINTY].refresh()
+        if rows is None or new:
+            changes = {}
+        elif self.viewer.dims.current_step[0] in rows:
+            changes = {"thumbnail": False, "extent": False, "highlight": False}
+        else:
+            return
+        self.viewer.layers[PREDICTION].refresh(**changes)
+        self.viewer.layers[UNCERTAINTY].refresh(**changes)
 
     def _toggle_uncertainty(self, on: bool) -> None:
         if UNCERTAINTY in self.viewer.layers:

@@ -33,6 +33,19 @@ def tiny_run(data, tmp_path_factory):
     return run, events
 
 
+def test_epoch_end_previews_keep_the_preview_interval(data):
+    """Without an interval every epoch ends with a preview; with one, epochs shorter than
+    it do not add previews of their own (each costs the viewer a repaint)."""
+    cfg = preset("tiny").replace(epochs=4)
+
+    def previews(every_s):
+        control = TrainControl(preview_indices=[0], preview_every_s=every_s)
+        return sum(isinstance(e, ev.Preview) for e in fit(data, cfg, control=control))
+
+    assert previews(None) == cfg.epochs
+    assert previews(3600.0) == 1  # the first, then none for an hour
+
+
 def test_event_stream_and_run_directory(tiny_run, data):
     run, events = tiny_run
     kinds = [e.kind for e in events]

@@ -89,8 +89,16 @@ class EpochEnd:
         )  # fmt: skip
         if improved:
             yield from self.save("best", miou)
-        if self.control.preview_indices:
-            self.control.take_preview_request()
+        control = self.control
+        # New weights are worth a preview, but no more often than the run's preview
+        # interval: on a small dataset epochs take a second or two, and every preview
+        # costs the viewer a repaint taken from the training on the same cores.
+        if control.preview_indices and (
+            control.preview_every_s is None
+            or control.take_preview_request()
+            or time.perf_counter() - self.last_preview >= control.preview_every_s
+        ):
+            control.take_preview_request()
             yield self.emit(self.preview())
 
     def save(self, which: str, miou: float | None = None) -> Iterator[ev.Event]:
