@@ -11,7 +11,8 @@ viewer has processed it and repainted the canvas. Phases, one run:
 
 1. idle (with the same layers as below: images, masks, prediction, uncertainty);
 2. training started from the panel (default CPU preset, live previews on) in a child
-   process: first nobody touches the viewer (``quiet``), then someone browses, in blocks
+   process: first nobody touches the viewer (``quiet``, alternated with the reference
+   below), then someone browses, in blocks
    of ``--block`` seconds alternated with blocks where the training child is suspended
    the whole time (no CPU of its own: as idle as the viewer gets with a run open);
 3. the baseline most plugins use: the same training in a thread inside napari's process.
@@ -20,9 +21,11 @@ Writes p99 and max step times of each, ``ratio_p99`` = p99 with training going o
 with it suspended, from the alternated blocks (a shared machine's load drifts over minutes,
 and the same idle phase measured minutes apart varied nearly twofold from run to run, so the two
 sides of the ratio are measured in the same minutes), and ``ratio_p99_to_idle_before``
-against phase 1 for reference; ``train_speed_browsing`` (over the blocks where training
-went on) and ``train_speed_quiet`` (training steps per second in those phases over the
-same training's speed with no viewer at all, measured first in a child of its own), and
+against phase 1 for reference; ``train_speed_quiet`` and ``train_speed_browsing``:
+training steps per second with the viewer open and untouched, and over the blocks where
+training went on while someone browsed, each over the same training's speed with nothing
+drawn and no previews, in a reference child of its own run in blocks alternated with the
+quiet ones (each child suspended while the other runs); and
 ``first_preview_s``, the time from Start to the first live prediction.
 """
 
@@ -106,19 +109,30 @@ def main() -> None:
     browse(3)  # warm-up: shaders, caches
     idle = browse(args.seconds)
 
-    def steps_per_s(seconds: float, touch) -> float:
-        """Training steps per second over ``seconds`` (from the run's step events)."""
-        app.processEvents()
-        first = model.record.steps[-1] if model.record.steps else 0
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        touch(seconds)
-        wait(seconds - (time.perf_counter() - t0))
-        app.processEvents()
-        wall = time.perf_counter() - t0
-        gui_cpu.append((time.process_time() - cpu0) / wall)
-        return (model.record.steps[-1] - first) / wall
-
-    gui_cpu: list[float] = []  # the viewer's own CPU time over wall time, per measured phase
+    def quiet_and_alone(reference: _Reference, seconds: float, block: float) -> tuple[float, float, float]:
+        """Steps per second of the panel's run with the viewer open and untouched, and of
+        the same training in a reference child with no viewer work, in alternated blocks
+        (each child suspended while the other runs): host load falls alike on both. Also
+        the viewer's own CPU time over wall time in the quiet blocks."""
+        quiet, alone = [0, 0.0], [0, 0.0]
+        cpu = 0.0
+        for _ in range(max(1, round(seconds / block))):
+            s0, t0, c0 = last_step(), time.perf_counter(), time.process_time()
+            wait(block)
+            quiet[0] += last_step() - s0
+            quiet[1] += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+            model.process.hold(0)
+            reference.job.release()
+            s0, t0 = reference.drain(), time.perf_counter()
+            while time.perf_counter() - t0 < block:
+                wait(0.1)
+                reference.drain()
+            alone[0] += reference.drain() - s0
+            alone[1] += time.perf_counter() - t0
+            reference.job.hold(0)
+            model.process.release()
+        return quiet[0] / quiet[1], alone[0] / alone[1], cpu / quiet[1]
 
     import marsviewer._session as session_module
 
@@ -167,15 +181,16 @@ def main() -> None:
         import marsviewer._training_model as training_module
 
         training_module.PREVIEW_EVERY_S = None
-    alone = _speed_without_viewer(widget.session.training_data(), cfg_gui, args.seconds)
+    reference = _Reference(widget.session.training_data(), cfg_gui)
     panel.start(config=cfg_gui)
     # Equal phases: like the thread baseline below, timing starts once training has made
     # its first step (the child's start-up is not training).
     while not model.record.losses:
         app.processEvents()
         time.sleep(0.01)
-    quiet_speed = steps_per_s(args.seconds, lambda s: None)
+    quiet_speed, alone, viewer_cpu = quiet_and_alone(reference, args.seconds, args.block)
     train, suspended, browsing_speed = interleaved(args.seconds, args.block)
+    reference.job.close(timeout=10)
     first_preview = model.first_preview_s
     steps_in_process = len(model.record.losses)
     model.stop()
@@ -228,7 +243,7 @@ def main() -> None:
         "train_steps_per_s_alone": round(alone, 3),
         "train_speed_quiet": round(quiet_speed / alone, 3),
         "train_speed_browsing": round(browsing_speed / alone, 3),
-        "viewer_cpu_share_quiet": round(gui_cpu[0], 3),
+        "viewer_cpu_share_quiet": round(viewer_cpu, 3),
         "idle_median_ms": round(float(np.median(idle)), 1),
         "train_median_ms": round(float(np.median(train)), 1),
         "baseline_median_ms": round(float(np.median(baseline)), 1),
@@ -241,26 +256,30 @@ def main() -> None:
     viewer.close()
 
 
-def _speed_without_viewer(spec, cfg, seconds: float) -> float:
-    """Steps per second of the same training in a child process while nobody browses
-    (the viewer idle, nothing drawn): the reference of the train_speed figures."""
-    from trainer import events as ev
-    from trainer.process import TrainingProcess
+class _Reference:
+    """The same training in a child of its own, no previews and nothing drawn: the
+    yardstick of the train_speed figures. Started before the panel's run, held (suspended)
+    once it has made its first steps, and let go in blocks alternated with that run."""
 
-    job = TrainingProcess(spec, cfg.replace(epochs=1000), None, preview_every_s=None)
-    steps: list[tuple[float, int]] = []
-    try:
-        while len(steps) < 2 or steps[-1][0] - steps[1][0] < seconds:
-            for e in job.events():
-                if isinstance(e, ev.Step):
-                    steps.append((time.perf_counter(), e.step))
-                elif isinstance(e, ev.Failed):
-                    raise RuntimeError(e.message)
+    def __init__(self, spec, cfg) -> None:
+        from trainer.process import TrainingProcess
+
+        self.job = TrainingProcess(spec, cfg.replace(epochs=1000), None, preview_every_s=None)
+        self.step = 0
+        while self.drain() < 2:  # past start-up and the first step's allocations
             time.sleep(0.02)
-    finally:
-        job.close(timeout=10)
-    (t0, s0), (t1, s1) = steps[1], steps[-1]
-    return (s1 - s0) / (t1 - t0)
+        self.job.hold(0)
+
+    def drain(self) -> int:
+        """Read what the child sent; the number of its latest step."""
+        from trainer import events as ev
+
+        for e in self.job.events():
+            if isinstance(e, ev.Step):
+                self.step = e.step
+            elif isinstance(e, ev.Failed):
+                raise RuntimeError(e.message)
+        return self.step
 
 
 if __name__ == "__main__":
