@@ -240,6 +240,7 @@ def main() -> None:
         "baseline_thread_max_ms": round(base_max, 1),
         "first_preview_s": None if first_preview is None else round(first_preview, 2),
         "pace_s": args.pace,
+        "block_s": args.block,
         "train_steps_per_s_alone": round(alone, 3),
         "train_speed_quiet": round(quiet_speed / alone, 3),
         "train_speed_browsing": round(browsing_speed / alone, 3),
