@@ -89,16 +89,7 @@ class EpochEnd:
         )  # fmt: skip
         if improved:
             yield from self.save("best", miou)
-        control = self.control
-        # New weights are worth a preview, but no more often than the run's preview
-        # interval: on a small dataset epochs take a second or two, and every preview
-        # costs the viewer a repaint taken from the training on the same cores.
-        if control.preview_indices and (
-            control.preview_every_s is None
-            or control.take_preview_request()
-            or time.perf_counter() - self.last_preview >= control.preview_every_s
-        ):
-            control.take_preview_request()
+        if self.preview_due(epoch_end=True):
             yield self.emit(self.preview())
 
     def _val_batch(self) -> int:
@@ -141,6 +132,20 @@ class EpochEnd:
             path = e.path
             yield e
         yield self.emit(ev.Stopped(self.state.epoch, self.state.step, path))
+
+    def preview_due(self, epoch_end: bool = False) -> bool:
+        """Whether to preview now (takes a pending request): when one was asked for, when
+        the run's preview interval has passed, and, in a run without an interval, at an
+        epoch's end (new weights). With an interval, epoch ends keep it too: on a small
+        dataset epochs take a second or two, and every preview costs the viewer a repaint
+        taken from the training on the same cores."""
+        control = self.control
+        if not control.preview_indices:
+            return False
+        asked = control.take_preview_request()
+        if control.preview_every_s is None:
+            return asked or epoch_end
+        return asked or time.perf_counter() - self.last_preview >= control.preview_every_s
 
     def preview(self) -> ev.Preview:
         if self.stored is not None:

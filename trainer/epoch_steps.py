@@ -132,13 +132,7 @@ class EpochSteps:
                 yield self.emit(ev.Step(st.epoch, st.step, mean_loss, self.lr, rate, done, eta))
                 loss_sum.zero_()
                 loss_n, t_log, n_log = 0, now, 0
-            if control.preview_indices and (
-                control.take_preview_request()
-                or (
-                    control.preview_every_s is not None
-                    and time.perf_counter() - self.last_preview >= control.preview_every_s
-                )
-            ):
+            if self.preview_due():
                 yield self.emit(self.preview())
             if self.out_of_time():
                 break
