@@ -274,10 +274,8 @@ class MarsViewerWidget(QWidget):
 
     def _show_prediction(self, rows) -> None:
         """Redraw the prediction layers after ``rows`` were written (None: all). A live
-        preview of an image not on screen needs nothing drawn; one of the image on screen
-        redraws its slice only: the layer list's thumbnails, redrawn with every preview,
-        cost the viewer more CPU than anything else while a run goes on (time taken from
-        the training on the same cores)."""
+        preview of an image not on screen needs nothing drawn (napari reads it when the
+        person gets there): every redraw is CPU taken from the training on the same cores."""
         t = self.session.training
         if t.prediction is None:
             return
@@ -287,14 +285,10 @@ class MarsViewerWidget(QWidget):
             return  # the layers appear with the first prediction, not with the dataset
         new = PREDICTION not in self.viewer.layers
         self.ensure_prediction_layers()
-        if rows is None or new:
-            changes = {}
-        elif self.viewer.dims.current_step[0] in rows:
-            changes = {"thumbnail": False, "extent": False, "highlight": False}
-        else:
+        if rows is not None and not new and self.viewer.dims.current_step[0] not in rows:
             return
-        self.viewer.layers[PREDICTION].refresh(**changes)
-        self.viewer.layers[UNCERTAINTY].refresh(**changes)
+        self.viewer.layers[PREDICTION].refresh()
+        self.viewer.layers[UNCERTAINTY].refresh()
 
     def _toggle_uncertainty(self, on: bool) -> None:
         if UNCERTAINTY in self.viewer.layers:

@@ -169,20 +169,20 @@ def test_predict_any_image_layer(widget, npz_path, tmp_path, qtbot):
 
 def test_a_preview_redraws_only_the_image_on_screen(widget):
     """A live preview of another image draws nothing; one of the image on screen redraws
-    its slice but not the layer list's thumbnails (the viewer's CPU is training's too)."""
+    the prediction layers, thumbnails included (the viewer's CPU is training's too)."""
     model = widget.session.training
     widget.ensure_prediction_layers()
     widget.browser.set_index(2)
     calls = []
     for name in (PREDICTION, UNCERTAINTY):
         layer = widget.viewer.layers[name]
-        layer.refresh = lambda *a, name=name, **k: calls.append((name, k.get("thumbnail", True)))
+        layer.refresh = lambda *a, name=name, **k: calls.append(name)
     shape = model.prediction.shape[1:]
     mask, entropy = np.ones((1, *shape), np.uint8), np.ones((1, *shape), np.float16)
     model.show_preview([5], mask, entropy)
     assert calls == [] and model.prediction[5].all()  # written, not drawn
     model.show_preview([2], mask, entropy)
-    assert calls == [(PREDICTION, False), (UNCERTAINTY, False)]
+    assert calls == [PREDICTION, UNCERTAINTY]
     calls.clear()
-    model.prediction_changed.emit(None)  # a whole prediction: thumbnails too
-    assert calls == [(PREDICTION, True), (UNCERTAINTY, True)]
+    model.prediction_changed.emit(None)  # a whole prediction
+    assert calls == [PREDICTION, UNCERTAINTY]
