@@ -11,7 +11,11 @@ the machine's matmul speed, all measured in one run on the same threads.
   times ``pipeline_img_s``, and its share of the faster matmul;
 * ``predict_img_s``: ``predict_arrays`` at the default batch and auto precision;
 * ``submit_s``: ``mars-trainer submit`` on a file with 10,022 test images (the
-  competition's count), reading the file and writing the CSV included.
+  competition's count), reading the file and writing the CSV included;
+* ``allocator_bare_img_s``: the fastest layout/precision's bare step in two child
+  processes, one with glibc's allocator as it starts (``MARS_TRAINER_ALLOCATOR=system``)
+  and one tuned as ``fit()`` tunes it (``trainer/allocator.py``), run alternately.
+  Everything else in this bench runs tuned, as ``fit()`` and the CLI do.
 
     python bench/train_throughput.py --device cpu --json out.json
     python bench/train_throughput.py --device cuda --json out.json   # gpu preset
@@ -33,6 +37,7 @@ import torch
 from _report import report
 
 from trainer import events as ev
+from trainer.allocator import OPT_OUT, keep_freed_memory
 from trainer.config import PREDICT_BATCH, preset
 from trainer.device import cpu_bf16_support, device_name, resolve_device, resolve_precision
 from trainer.engine import build_optimizer, fit
@@ -152,6 +157,21 @@ def submit_seconds(cfg, shape) -> float:
         return time.perf_counter() - t0
 
 
+def allocator_comparison(args, variant: str, rounds: int = 2) -> dict[str, float]:
+    """The bare step of ``variant`` in fresh processes, system allocator against tuned,
+    alternated so that both see the same load; the best of ``rounds`` each."""
+    best = {"system": 0.0, "tuned": 0.0}
+    cmd = [sys.executable, __file__, "--device", args.device, "--bare-only", variant]
+    if args.preset:
+        cmd += ["--preset", args.preset]
+    for _ in range(rounds):
+        for name in best:
+            env = {**os.environ, OPT_OUT: name, "PYTHONWARNINGS": "ignore"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            best[name] = max(best[name], float(out.strip().splitlines()[-1]))
+    return {k: round(v, 1) for k, v in best.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
@@ -163,7 +183,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--no-submit", action="store_true", help="skip the 10,022-image submit timing")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--bare-only", metavar="VARIANT", help=argparse.SUPPRESS)  # for allocator_comparison
     args = p.parse_args()
+    allocator = keep_freed_memory()
     device = resolve_device(args.device)
     name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     cfg = preset(name).replace(
@@ -179,6 +201,11 @@ def main() -> None:
     bare_steps = max(steps_per_epoch // 2, 20)
 
     variants = [(layout, prec) for layout in ("contiguous", "channels_last") for prec in ("fp32", "bf16")]
+    if args.bare_only:
+        layout, prec = args.bare_only.rsplit("_", 1)
+        img_s = bare_img_s(cfg, device, shape, bare_steps, warmup, layout == "channels_last", prec == "bf16")
+        print(img_s)
+        return
 
     def bare_round() -> dict[str, float]:
         return {
@@ -223,6 +250,11 @@ def main() -> None:
         "predict_img_s": round(pred, 1),
         "predict_batch": PREDICT_BATCH,
         "predict_over_pipeline": round(pred / pipe, 2),
+        "allocator": allocator,
+        "allocator_bare_img_s": {
+            "variant": max(bare, key=bare.get),
+            **allocator_comparison(args, max(bare, key=bare.get)),
+        },
         "torch": torch.__version__,
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d"),

@@ -33,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .allocator import keep_freed_memory
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .corrections import CorrectionsError
     from .device import DeviceError
     from .runs import RunDirError
 
+    keep_freed_memory()
     completed = False
     try:
         code = int(args.func(args) or 0)

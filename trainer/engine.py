@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import events as ev
+from .allocator import keep_freed_memory
 from .augment import oversampling_weights
 from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
@@ -218,6 +219,7 @@ def fit(
     training (a non-finite loss or gradient, out of memory, an error on another rank)
     are reported as a ``Failed`` event that names the last good checkpoint.
     """
+    keep_freed_memory()
     run = _Trainer(dataset, cfg, run_dir, control or TrainControl(), resume, corrections)
     yield run.emit(run.started())
     try:
