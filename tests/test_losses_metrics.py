@@ -273,3 +273,21 @@ def test_confusion_counts_ignore_what_is_not_a_class_in_any_dtype():
     cm = ConfusionMatrix()
     cm.update(pred, torch.tensor([[0, 1, 4, -1, 2, 3]]))  # -1: outside the classes, ignored
     assert torch.equal(cm.matrix.long(), want)
+
+
+@pytest.mark.parametrize("terms", [[(n, 1.0)] for n in ALL_LOSSES])
+def test_every_loss_takes_uint8_targets_as_the_dataset_stores_them(terms):
+    """Training passes the masks as uint8 (255 = ignored): the same loss and gradient as
+    int64 targets."""
+    logits, target = _edge_batch("saturated")
+    logits = logits * 0.05 + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    target = target.clone()
+    target[:, :1] = IGNORE_INDEX
+    loss_fn = SegmentationLoss(terms, [0.0, 1.0, 2.0, 1.0, 1.0])
+    grads = []
+    for t in (target, target.to(torch.uint8)):
+        lg = logits.clone().requires_grad_(True)
+        loss = loss_fn(lg, t)
+        loss.backward()
+        grads.append((loss.detach(), lg.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

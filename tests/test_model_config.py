@@ -178,6 +178,17 @@ def test_augment_identity_when_everything_is_off():
     assert torch.equal(ay, y)
 
 
+def test_augment_keeps_the_mask_dtype_and_values():
+    """uint8 masks (as training passes them) come out uint8, equal to int64 ones."""
+    cfg = TrainConfig(max_rotation=20, max_scale=0.2, max_shift=0.1)
+    x, y = _batch(b=8)
+    a8 = augment_batch(x, y.to(torch.uint8), cfg, torch.Generator().manual_seed(4))
+    a64 = augment_batch(x, y.long(), cfg, torch.Generator().manual_seed(4))
+    assert a8[1].dtype == torch.uint8 and a64[1].dtype == torch.int64
+    assert torch.equal(a8[1].long(), a64[1]) and torch.equal(a8[0], a64[0])
+    assert (a8[1] == IGNORE_INDEX).any()  # pixels from outside the image are ignored
+
+
 def test_augment_keeps_image_and_mask_aligned():
     """A pure horizontal flip moves image and mask together."""
     cfg = TrainConfig(hflip=True, max_rotation=0, max_scale=0, max_shift=0, photometric=0)

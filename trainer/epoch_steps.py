@@ -52,7 +52,7 @@ class EpochSteps:
         cfg, st = self.cfg, self.state
         problem, loss = None, None
         try:
-            x, y = to_input(images_u8, self.device), masks_u8.long()
+            x, y = to_input(images_u8, self.device), masks_u8  # the loss takes uint8 targets
             if cfg.augment:
                 x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
             self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress())
