@@ -56,7 +56,7 @@ class _Batch:
         self.num_classes = logits.shape[1]
         self.w = _weights(class_weights, self.num_classes, logits.device)
         self.pw, self.safe = _pixel_weights(target, self.w)
-        self._logp = self._probs = None
+        self._logp = self._probs = self._logp_own = None
 
     @property
     def logp(self) -> torch.Tensor:
@@ -70,16 +70,26 @@ class _Batch:
             self._probs = self.logp.exp()
         return self._probs
 
+    @property
+    def logp_own(self) -> torch.Tensor:
+        """(B, H, W) log-probability of each pixel's own class (0 for ignored pixels),
+        gathered once for every term: each gather of the (B, C, H, W) tensor costs a
+        zero-filled scatter of the same size in the backward pass."""
+        if self._logp_own is None:
+            self._logp_own = self.logp.gather(1, self.safe[:, None]).squeeze(1)
+        return self._logp_own
+
     def weighted_mean(self, per_pixel: torch.Tensor) -> torch.Tensor:
         return (per_pixel * self.pw).sum() / self.pw.sum().clamp_min(1e-6)
 
     def soft_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Soft true positives, false positives and false negatives per class over the
         pixels that count (valid and of a class with positive weight). The true positives
-        gather each pixel's probability of its own class instead of multiplying by a
-        one-hot tensor: one (B, H, W) pass instead of three (B, C, H, W) ones."""
+        are each pixel's probability of its own class (from :attr:`logp_own`) instead of
+        a product with a one-hot tensor: one (B, H, W) pass instead of three (B, C, H, W)
+        ones."""
         counted = (self.pw > 0).float()
-        p_own = self.probs.gather(1, self.safe[:, None]).squeeze(1) * counted
+        p_own = self.logp_own.exp() * counted
         labels = self.safe.reshape(-1)
         tp = torch.zeros(self.num_classes, device=p_own.device).index_add(0, labels, p_own.reshape(-1))
         total_p = (self.probs * counted[:, None]).sum((0, 2, 3))
@@ -88,11 +98,11 @@ class _Batch:
 
 
 def _ce(b: _Batch) -> torch.Tensor:
-    return b.weighted_mean(-b.logp.gather(1, b.safe[:, None]).squeeze(1))
+    return b.weighted_mean(-b.logp_own)
 
 
 def _focal(b: _Batch, gamma: float) -> torch.Tensor:
-    logp = b.logp.gather(1, b.safe[:, None]).squeeze(1)
+    logp = b.logp_own
     return b.weighted_mean(-_safe_pow(1 - logp.exp(), gamma) * logp)
 
 
