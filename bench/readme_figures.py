@@ -52,7 +52,7 @@ def throughput(t: dict) -> list[str]:
         f"GFLOP/s); {t['train_gflop_per_image']} GFLOP per training image |",
         f"| prediction (`predict_arrays`, batch {t['predict_batch']}), img/s | {t['predict_img_s']}: "
         f"{t['predict_over_pipeline']}x the training pipeline |",
-    ] + (
+    ] + _allocator_row(t) + (
         [
             f"| `mars-trainer submit` on {t['submit_images']:,} test images (read, predict, write the CSV) "
             f"| {t['submit_s']} s |"
@@ -60,6 +60,17 @@ def throughput(t: dict) -> list[str]:
         if "submit_s" in t
         else []
     )
+
+
+def _allocator_row(t: dict) -> list[str]:
+    a = t.get("allocator_bare_img_s")
+    if not a:
+        return []
+    return [
+        f"| bare {a['variant']} step in fresh processes, img/s: glibc's allocator as it starts / "
+        f"tuned as `fit()` tunes it (`trainer/allocator.py`) | {a['system']} / **{a['tuned']}** "
+        f"({a['tuned'] / a['system']:.2f}x) |"
+    ]
 
 
 def quality(q: dict) -> list[str]:
