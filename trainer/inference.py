@@ -115,11 +115,14 @@ def predict_arrays(
     progress=None,
     flip_tta: bool = False,
     precision: Precision | None = None,
+    probs_dtype: type = np.float16,
 ) -> dict[str, np.ndarray]:
     """Predict (N, H, W) uint8 images: ``masks`` uint8, optionally ``probs`` (N, C, H, W)
-    float16 and ``entropy`` (N, H, W) float16 in nats. ``flip_tta`` averages the
-    probabilities of each image and its mirror image (twice the cost). ``precision``
-    defaults to what ``auto`` picks for the device."""
+    (float16 unless ``probs_dtype`` says otherwise: an arg-max taken again from float16
+    probabilities can differ from ``masks`` where two classes are within rounding) and
+    ``entropy`` (N, H, W) float16 in nats. ``flip_tta`` averages the probabilities of
+    each image and its mirror image (twice the cost). ``precision`` defaults to what
+    ``auto`` picks for the device."""
     device = torch.device(device)
     precision = precision or resolve_precision("auto", device)
     model = inference_model(model, device)
@@ -146,8 +149,8 @@ def predict_arrays(
         out["masks"][start : start + len(chunk)] = probs.argmax(1).to(torch.uint8).cpu().numpy()
         if with_probs:
             if out["probs"] is None:
-                out["probs"] = np.empty((n, probs.shape[1], *images.shape[1:]), np.float16)
-            out["probs"][start : start + len(chunk)] = probs.half().cpu().numpy()
+                out["probs"] = np.empty((n, probs.shape[1], *images.shape[1:]), probs_dtype)
+            out["probs"][start : start + len(chunk)] = probs.cpu().numpy()
         if with_entropy:
             ent = -(probs * probs.clamp_min(1e-8).log()).sum(1)
             out["entropy"][start : start + len(chunk)] = ent.half().cpu().numpy()

@@ -135,9 +135,10 @@ def predict_any(
         from .inference import predict_arrays
 
         out = predict_arrays(
-            model, image[None], 1, device, with_probs=True, precision=precision, flip_tta=flip_tta
-        )
-        return out["probs"][0].astype(np.float32)
+            model, image[None], 1, device, with_probs=True, precision=precision, flip_tta=flip_tta,
+            probs_dtype=np.float32,
+        )  # fmt: skip
+        return out["probs"][0]
     return predict_tiled(model, image, device, precision=precision, flip_tta=flip_tta)
 
 
