@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer.audit import audit, baseline_rank, misalignment, near_duplicate_groups, rank
+from trainer.audit import MODEL_SCORE_MAX, audit, baseline_rank, misalignment, near_duplicate_groups, rank
 from trainer.cli import main
 from trainer.corrections import CorrectionStore
 from trainer.formats import read_npz
@@ -29,10 +29,24 @@ def test_rank_uses_confident_disagreement():
     conf = np.full(masks.shape, 0.9, np.float16)
     ranking = rank(masks, pred, conf, excluded={2})
     assert [r["index"] for r in ranking] == [0, 1]  # 2 is excluded
-    assert ranking[0]["score"] == pytest.approx(1.0)
+    assert ranking[0]["score"] == pytest.approx(MODEL_SCORE_MAX)  # 1.0 of the image, capped
     low = conf.copy()
     low[0] = 0.3  # unsure: no confident disagreement
     assert rank(masks, pred, low)[0]["index"] != 0 or rank(masks, pred, low)[0]["score"] < 0.7
+
+
+def test_a_group_of_identical_masks_outranks_any_model_evidence():
+    """Model evidence can add up past 1 (or reach it exactly): the pasted-in group still
+    comes first, whatever the indices."""
+    rng = np.random.default_rng(0)
+    masks = rng.integers(1, 5, (6, 8, 8)).astype(np.uint8)
+    masks[3:] = masks[3]  # images 3-5 share one mask
+    pred = masks.copy()
+    pred[0] = (masks[0] % 4) + 1  # the model disagrees with image 0 everywhere
+    conf = np.full(masks.shape, 0.95, np.float16)
+    ranking = rank(masks, pred, conf)
+    assert [r["index"] for r in ranking[:3]] == [3, 4, 5]
+    assert ranking[3]["index"] == 0 and ranking[3]["score"] < ranking[2]["score"]
 
 
 def _stripes(n: int = 4, h: int = 32, w: int = 48) -> np.ndarray:

@@ -35,6 +35,7 @@ CONFIDENT = 0.6
 # under a strip of sky): worth a look, but weaker evidence than a model that disagrees
 # with a tenth of the image. Exact pairs and groups of 3 or more stay near the top.
 NEAR_PAIR = 0.1
+MODEL_SCORE_MAX = 0.99  # model evidence stays below a group of 3+ identical masks (1.0)
 MISALIGNED = 0.01  # a move of the mask that raises its mean probability this much is reported
 
 
@@ -209,9 +210,10 @@ def rank(
     scores = np.zeros(n)
     reasons: list[list[dict]] = [[] for _ in range(n)]
 
-    def add(i: int, score: float, reason: dict) -> None:
+    def add(i: int, score: float, reason: dict, sets_score: bool = True) -> None:
         reasons[i].append({**reason, "score": round(float(score), 4)})
-        scores[i] = max(scores[i], score)
+        if sets_score:
+            scores[i] = max(scores[i], score)
 
     for g in duplicate_mask_groups(masks):
         s = 1.0 if len(g) >= 3 else 0.6
@@ -247,7 +249,7 @@ def rank(
                 add(i, shift_gain[i], {
                     "kind": "misaligned", "shift_y": dy, "shift_x": dx,
                     "gain": round(float(shift_gain[i]), 4),
-                })  # fmt: skip
+                }, sets_score=False)  # fmt: skip
             add(
                 i,
                 frac[i],
@@ -256,10 +258,13 @@ def rank(
                     "confident_disagreement": round(float(frac[i]), 4),
                     "pixel_error": round(float(plain[i]), 4),
                 },
+                sets_score=False,
             )
             # Both are shares of the image the model says are mislabelled: regions that
-            # disagree, plus what moving the whole mask would put right.
-            scores[i] = max(scores[i], float(frac[i] + shift_gain[i]))
+            # disagree, plus what moving the whole mask would put right. Their sum can
+            # pass 1 (a model that disagrees everywhere, an under-trained one): capped, so
+            # pasted-in outliers sharing one mask stay first as promised above.
+            scores[i] = max(scores[i], min(float(frac[i] + shift_gain[i]), MODEL_SCORE_MAX))
     out = [
         {
             "index": i,
