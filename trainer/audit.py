@@ -294,8 +294,12 @@ def audit(
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
     control=None,
+    epochs: int = 0,
 ) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Rank the dataset's images; returns (ranking, predictions, confidences).
+
+    The out-of-fold models train for ``minutes`` in all, or, when ``epochs`` > 0, for that
+    many epochs each: then the ranking is repeatable (the same on every run and machine).
 
     ``control`` (a :class:`~trainer.control.TrainControl`) reaches the out-of-fold
     trainings: pauses, stops, and the clock their time budget is measured on."""
@@ -308,7 +312,7 @@ def audit(
         # Exact duplicate groups are outliers already found: leave them out of model training.
         dupes = {i for g in duplicate_mask_groups(dataset.masks) if len(g) >= 3 for i in g}
         train_pool = np.array([i for i in keep if i not in dupes])
-        cfg = audit_config(minutes / folds, seed)
+        cfg = audit_config(minutes / folds, seed, epochs)
         rest = np.setdiff1d(np.arange(len(dataset)), train_pool)
         pred, conf = out_of_fold_predictions(
             dataset, train_pool, folds, cfg, progress, extra=rest, control=control

@@ -26,6 +26,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         )
     if not args.checkpoint and not args.minutes > 0:
         raise CliError(f"--minutes must be more than 0, got {args.minutes:g}")
+    if args.epochs is not None and args.epochs < 1:
+        raise CliError(f"--epochs must be at least 1, got {args.epochs}")
     dataset = load_dataset(args)
     store = open_store(dataset, args.corrections)
     excluded: set[int] = set()
@@ -47,6 +49,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         excluded=excluded,
         progress=progress,
         seed=args.seed,
+        epochs=args.epochs or 0,
     )
     if tty:
         sys.stderr.write("\n")
@@ -170,6 +173,11 @@ def register(sub) -> None:
     p.add_argument("--folds", type=int, default=3, help="out-of-fold models to train (default 3)")
     p.add_argument(
         "--minutes", type=float, default=3.0, help="training budget for all folds together (default 3)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="train each out-of-fold model for N epochs instead of --minutes: the same ranking on every run",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
