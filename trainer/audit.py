@@ -299,7 +299,7 @@ def audit(
     """Rank the dataset's images; returns (ranking, predictions, confidences).
 
     The out-of-fold models train for ``minutes`` in all, or, when ``epochs`` > 0, for that
-    many epochs each: then the ranking is repeatable (the same on every run and machine).
+    many epochs each: then the ranking is repeatable (the same on every run).
 
     ``control`` (a :class:`~trainer.control.TrainControl`) reaches the out-of-fold
     trainings: pauses, stops, and the clock their time budget is measured on."""

@@ -67,14 +67,15 @@ def audit_config(minutes_per_fold: float, seed: int = 0, epochs: int = 0) -> Tra
     """The out-of-fold models' recipe: many quick steps rather than a big model.
 
     Each model trains for ``minutes_per_fold``, or for ``epochs`` when that is > 0: a
-    budget of steps instead of time, so that the ranking is the same on every run and
-    every machine (a time budget makes as many steps as the machine's load allows).
+    budget of steps instead of time, so that the ranking is the same on every run (on the
+    same machine and precision; a time budget makes as many steps as the machine's load
+    allows).
 
-    Measured on the synthetic benchmark (1 minute per fold, 2 CPU cores): a base width
-    of 8 with batches of 16 at lr 5e-3 makes about 450 steps and reaches 0.90 pixel
-    accuracy against the clean masks, where the ``cpu`` preset (width 16, batches of 32)
-    makes about 80 steps and reaches 0.85 (``bench/audit_models.py``). The final weights
-    are used (a cosine schedule ends at its best point), so validation runs once, at the end.
+    A base width of 8 with batches of 16 at lr 5e-3 makes several times the steps of the
+    ``cpu`` preset (width 16, batches of 32) in the same minute and predicts held-out
+    images about as well: ``bench/audit_models.py`` measures both, and the README quotes
+    its output. The final weights are used (a cosine schedule ends at its best point), so
+    validation runs once, at the end.
     """
     return preset("cpu").replace(
         epochs=epochs,
