@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_benchmark_the_readme_quotes_is_kept():
+    readme = (ROOT / "README.md").read_text()
     names = [p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_")]
-    quoted = [n for n in names if f"bench/out/{n}.json" in (ROOT / "README.md").read_text()]
+    quoted = [n for n in names if f"bench/out/{n}.json" in readme]
     assert quoted, "the README quotes no benchmark output"
     missing = [n for n in quoted if not (ROOT / "bench" / "out" / f"{n}.json").exists()]
     assert not missing, f"the README quotes bench/out/{missing[0]}.json, which is not in the repository"
