@@ -168,8 +168,16 @@ class ReviewModel(ReviewQueue):
         mask = self.store.state(i)[0]
         return self.original_masks[i] if mask is None else self._padded(i, mask)
 
+    def _shows_effective(self, i: int) -> bool:
+        """Frame ``i`` of a stack read from disk that nothing was painted into: it is what
+        the store gives (the stack's base is the corrected frames), so nothing needs to be
+        read and compared to know it."""
+        return is_stack(self.masks) and not self.masks.is_written(i)
+
     def has_unsaved_edits(self, i: int) -> bool:
-        return self.active and not np.array_equal(self.masks[i], self._effective(i))
+        if not self.active or self._shows_effective(i):
+            return False
+        return not np.array_equal(self.masks[i], self._effective(i))
 
     def state_of(self, i: int) -> ImageReview:
         mask, excluded = self.store.state(i)
@@ -178,7 +186,10 @@ class ReviewModel(ReviewQueue):
             f"{'  ' + e.note if e.note else ''}{'  ◀' if e.current else ''}"
             for e in self.store.history(i)
         )
-        changed = int((self.masks[i] != self.original_masks[i]).sum())
+        if mask is None and self._shows_effective(i):  # the original itself: browsing reads one mask
+            changed = 0
+        else:
+            changed = int((self.masks[i] != self.original_masks[i]).sum())
         return ImageReview(i, mask is not None, excluded, self.has_unsaved_edits(i), changed, history)
 
     def save(self, i: int | None = None, note: str = "") -> bool:

@@ -100,6 +100,10 @@ class FrameStack:
         i = self._row(i)
         return self.written[i] if i in self.written else self.frame(i).copy()
 
+    def is_written(self, i: int) -> bool:
+        """Whether frame ``i`` holds something written (else it reads as its base)."""
+        return self._row(i) in self.written
+
     def _held(self, i: int) -> np.ndarray:
         """Frame ``i`` as a writable array of its own, kept from now on."""
         i = self._row(i)

@@ -374,10 +374,17 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert isinstance(b.masks, FrameStack) and review.active and b.n_labelled == 3 and len(b) == 4
     assert b.stats.images == 3 and b.stats.classes[2].images == 1  # from the class table
     assert b.masks.written == {}  # nothing held
+    b.set_index(2)  # browsing an untouched frame reads its mask once: the original is not read
+    state = review.state_of(2)
+    assert not state.unsaved and state.changed_pixels == 0 and 2 not in review.original_masks._cache
     b.set_index(1)  # a 24x32 frame padded to 40x56
     b.masks[1, 0:4, 0:4] = 4  # a paint stroke
+    state = review.state_of(1)
+    assert state.unsaved and state.changed_pixels == 16 and not state.edited
     assert review.has_unsaved_edits(1) and review.save()
     assert 1 not in b.masks.written and (b.masks[1][:4, :4] == 4).all()  # saved: read back, not held
+    state = review.state_of(1)  # nothing held, the saved mask against the original
+    assert state.edited and not state.unsaved and state.changed_pixels == 16
     mask, _ = review.store.state(1)
     assert mask.shape == (24, 32) and (mask[:4, :4] == 4).all() and (mask[4:, 4:] == 2).all()
     b.set_index(3)  # the unlabelled frame: a saved label makes it a training image

@@ -57,6 +57,34 @@ def test_folder_of_mixed_sizes_keeps_each_frame(tmp_path):
         open_dataset(tmp_path / "d.zarr")
 
 
+def test_large_frames_are_a_file_each_and_read_back_exactly(tmp_path):
+    """Frames larger than 256x256 are stored a shard (one file) a frame, cut into chunks
+    inside it: browsing to a frame reads that frame's file, not a chunk of 16 frames;
+    frames and crops across chunk and shard edges read back exactly."""
+    rng = np.random.default_rng(1)
+    shapes = {"a": (600, 1030), "b": (300, 700), "c": (600, 1030)}
+    arrays = {}
+    for name, shape in shapes.items():
+        arrays[name] = (
+            rng.integers(0, 256, shape, dtype=np.uint8),
+            rng.integers(0, 5, shape, dtype=np.uint8),
+        )
+        save(tmp_path / "src" / "images" / f"{name}.png", arrays[name][0])
+        save(tmp_path / "src" / "masks" / f"{name}.png", arrays[name][1])
+    out = tmp_path / "d.zarr"
+    report = convert(tmp_path / "src", out, workers=2)
+    assert report.frame == (600, 1030)
+    for array in ("images", "masks"):
+        assert len([p for p in (out / array / "c").rglob("*") if p.is_file()]) == 3
+    ds = open_dataset(out, lazy=True)
+    for i, name in enumerate("abc"):
+        np.testing.assert_array_equal(ds.image(i), arrays[name][0])
+        np.testing.assert_array_equal(ds.mask(i), arrays[name][1])
+    np.testing.assert_array_equal(
+        np.asarray(ds.images[2, 480:560, 490:1030]), arrays["c"][0][480:560, 490:1030]
+    )
+
+
 def test_npz_round_trip_in_memory_when_small_lazily_when_large(tmp_path, npz_path, monkeypatch):
     out = tmp_path / "n.zarr"
     assert main(["convert", str(npz_path), "--out", str(out)]) == 0

@@ -12,8 +12,9 @@ Layout of ``NAME.zarr``::
     class_cells      (n_labelled, C, H/64, W/64) uint16: the same per 64x64 cell, for
                      class-aware crops without reading masks
 
-Frames are chunked (1, 256, 256) when large and many to a chunk when small, so reading
-a crop or one frame touches a few chunks. ``complete`` is set last, after every frame
+Frames of at most 256x256 are stored many to a chunk of ~1 MB. A larger frame is a
+shard of its own (one file) cut into chunks of at most 512x512, so reading a frame
+decompresses that frame and nothing else, and a crop only the chunks it covers. ``complete`` is set last, after every frame
 is written: a store without it (a convert that stopped) is refused, and convert writes
 under ``NAME.zarr.partial`` and renames only when done.
 """
@@ -40,9 +41,17 @@ IMAGE_RULE = (
 IN_MEMORY_BYTES = 1 << 30
 
 
-def chunk_shape(h: int, w: int) -> tuple[int, int, int]:
-    ch, cw = min(h, 256), min(w, 256)
-    return max(1, (1 << 20) // (ch * cw)), ch, cw
+def chunk_layout(h: int, w: int) -> tuple[tuple[int, int, int], tuple[int, int, int] | None, int]:
+    """(chunks, shards, block) of an (N, h, w) frame array. Frames of at most 256x256: many
+    to a ~1 MB chunk, no shards. Larger frames: a shard (one file) a frame, cut into chunks
+    of at most 512x512, so a frame read decompresses that frame only (~10x faster to browse
+    than 16 frames to a chunk) and a crop only the chunks it covers. ``block``: the frames
+    the writer gathers into one write (whole chunks or shards, ~16 MB at most)."""
+    if h <= 256 and w <= 256:
+        chunks = (max(1, (1 << 20) // (h * w)), h, w)
+        return chunks, None, chunks[0]
+    ch, cw = min(h, 512), min(w, 512)
+    return (1, ch, cw), (1, -(-h // ch) * ch, -(-w // cw) * cw), max(1, (16 << 20) // (h * w))
 
 
 def is_zarr(path: str | Path) -> bool:
@@ -182,8 +191,9 @@ def open_zarr(path: str | Path) -> StoredDataset:
 
 class ZarrWriter:
     """Writes a dataset frame by frame under ``OUT.partial``; :meth:`finish` marks it
-    complete and renames it to ``OUT``. Frames come in blocks of the chunk's length, so
-    a block of small frames is one write and nothing larger than a block is held."""
+    complete and renames it to ``OUT``. Frames come in blocks (:func:`chunk_layout`) of
+    whole chunks or shards, so each block is one write and nothing larger than a block is
+    held."""
 
     def __init__(self, out: Path, n_labelled: int, n_total: int, frame: tuple[int, int], attrs: dict):
         import zarr
@@ -194,15 +204,17 @@ class ZarrWriter:
 
             shutil.rmtree(self.tmp)
         h, w = frame
-        self.chunks = chunk_shape(h, w)
+        chunks, shards, self.block_frames = chunk_layout(h, w)
         self.group = zarr.open_group(self.tmp, mode="w")
         gh, gw = -(-h // CELL), -(-w // CELL)
 
-        def array(name, shape, dtype, chunks):
-            return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+        def array(name, shape, dtype, chunks, shards=None):
+            return self.group.create_array(
+                name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0
+            )
 
-        self.images = array("images", (n_total, h, w), "uint8", self.chunks)
-        self.masks = array("masks", (n_labelled, h, w), "uint8", self.chunks)
+        self.images = array("images", (n_total, h, w), "uint8", chunks, shards)
+        self.masks = array("masks", (n_labelled, h, w), "uint8", chunks, shards)
         self.sizes = np.zeros((n_total, 2), np.int32)
         self.class_pixels = np.zeros((n_labelled, NUM_CLASSES), np.int64)
         self.class_cells = array(
@@ -223,7 +235,7 @@ class ZarrWriter:
         if mask is not None:
             self.class_pixels[row] = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
         self._block.append((row, image, mask))
-        if len(self._block) == self.chunks[0]:
+        if len(self._block) == self.block_frames:
             self._flush()
 
     def _flush(self) -> None:
