@@ -71,9 +71,11 @@ def test_large_frames_are_a_file_each_and_read_back_exactly(tmp_path):
         )
         save(tmp_path / "src" / "images" / f"{name}.png", arrays[name][0])
         save(tmp_path / "src" / "masks" / f"{name}.png", arrays[name][1])
+    save(tmp_path / "src" / "images" / "d.png", np.zeros((600, 1030)))  # its mask: another size
+    save(tmp_path / "src" / "masks" / "d.png", np.zeros((60, 103)))
     out = tmp_path / "d.zarr"
-    report = convert(tmp_path / "src", out, workers=2)
-    assert report.frame == (600, 1030)
+    report = convert(tmp_path / "src", out, workers=2, skip_bad=True)
+    assert report.frame == (600, 1030) and len(report.skipped) == 1  # the arrays cut to 3 frames
     for array in ("images", "masks"):
         assert len([p for p in (out / array / "c").rglob("*") if p.is_file()]) == 3
     ds = open_dataset(out, lazy=True)
