@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qtpy.QtWidgets import (
     QComboBox,
+    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -110,16 +111,16 @@ class DatasetPanel(QWidget):
         for w in (self.prev_button, self.index_spin, self.count_label, self.next_button):
             row.addWidget(w)
         lay.addLayout(row)
-        row = QHBoxLayout()
-        row.addWidget(QLabel("Show"))
+        # A row each: with thousands of images, "labelled (12345)" and "Background (12345)"
+        # side by side do not fit a dock's width.
+        form = QFormLayout()
         self.show_combo = QComboBox()
         self.show_combo.setToolTip("browse the labelled images, the unlabelled ones, or all")
-        self.show_combo.setSizeAdjustPolicy(QComboBox.AdjustToContents)
-        row.addWidget(self.show_combo, 1)
-        row.addWidget(QLabel("with"))
+        form.addRow("Show", self.show_combo)
         self.filter_combo = QComboBox()
-        row.addWidget(self.filter_combo, 1)
-        lay.addLayout(row)
+        self.filter_combo.setToolTip("only images whose mask has this class (images with it in brackets)")
+        form.addRow("with", self.filter_combo)
+        lay.addLayout(form)
         self.image_label = QLabel("")
         self.image_label.setWordWrap(True)
         lay.addWidget(self.image_label)
