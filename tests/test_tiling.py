@@ -114,3 +114,23 @@ def test_small_images_are_predicted_whole_large_ones_by_tiles(model_and_image, m
     assert not calls
     predict_any(model, image, whole_pixels=1000)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("whole_pixels", [None, 1000], ids=["whole", "tiled"])
+def test_validation_classes_are_the_predicted_classes(model_and_image, whole_pixels):
+    """Validation takes the classes without the probabilities: the same classes as
+    predict_any's, whether the frame is predicted whole or by tiles."""
+    import torch
+
+    from trainer.device import resolve_precision
+    from trainer.inference import inference_model
+    from trainer.tiling import WHOLE_IMAGE_PIXELS, classes_any
+
+    model, image = model_and_image
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device)
+    pixels = whole_pixels or WHOLE_IMAGE_PIXELS
+    want = predict_any(model, image, precision=precision, whole_pixels=pixels).argmax(0)
+    got = classes_any(inference_model(model, device), image, device, precision, whole_pixels=pixels)
+    assert got.shape == image.shape
+    np.testing.assert_array_equal(got.numpy(), want)
