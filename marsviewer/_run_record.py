@@ -47,11 +47,13 @@ class RunRecord:
     excluded: int = 0
     newly_labelled: int = 0
     background_weight: float = 0.0
+    activity: str = ""  # what the run does between steps (a long validation), said by Progress
 
     def apply(self, event) -> dict:
         """Update from one event; returns its dict form."""
         e = _as_dict(event)
         kind = e.get("kind")
+        self.activity = e.get("text", "") if kind == "progress" else ""
         if kind == "started":
             self.state = "running"
             self.background_weight = float((e.get("config") or {}).get("background_weight", 0.0))
@@ -137,6 +139,8 @@ class RunRecord:
             if self.corrected or self.excluded or self.newly_labelled
             else ""
         )
+        if self.activity:
+            return f"epoch {self.epoch + 1} · {self.activity}{fixes} · {self.device}"
         return f"epoch {self.epoch + 1} · {self.images_per_s:.1f} img/s · ETA {eta}{fixes} · {self.device}"
 
 

@@ -65,15 +65,25 @@ def test_class_aware_crops_find_a_rare_class(stored):
     assert with_rock > 0.1, with_rock
 
 
-def test_training_from_disk_by_crops(stored, tmp_path):
+def test_training_from_disk_by_crops(stored, tmp_path, monkeypatch):
+    """...and a validation of frames from disk says how far it is as it goes (a large
+    dataset's takes minutes): a Progress event before it, then as frames are done."""
+    from trainer import epoch_end
+
+    monkeypatch.setattr(epoch_end, "PROGRESS_EVERY_S", 0.0)  # after every frame
     _, s = stored
-    cfg = TrainConfig(depth=2, base_width=8, epochs=2, batch_size=4, warmup_steps=1, device="cpu")
+    cfg = TrainConfig(
+        depth=2, base_width=8, epochs=2, batch_size=4, warmup_steps=1, device="cpu", val_fraction=0.34
+    )
     events = list(fit(s, cfg, tmp_path / "run"))
     started, last = events[0], events[-1]
     assert started.data.startswith("256x256 crops read from disk") and last.kind == "finished"
     validations = [e for e in events if e.kind == "validation"]
-    assert len(validations) == 2 and validations[0].images >= 1
+    assert len(validations) == 2 and validations[0].images == 2
     assert sum(map(sum, validations[0].confusion)) == 96 * 160 * validations[0].images
+    before = events[: events.index(validations[0])]
+    said = [(e.done, e.total) for e in before if e.kind == "progress"]
+    assert said == [(0, 2), (1, 2), (2, 2)] and before[-3].kind == "progress"
 
 
 def test_training_from_disk_takes_corrections(stored, tmp_path):

@@ -52,6 +52,10 @@ def test_history_from_event_dicts():
     h.apply({"kind": "validation", "epoch": 1, "step": 2, "iou": [None] * 5, "miou": 0.2, "miou_keras": 0.1})
     assert h.best_miou_keras == 0.3 and h.val_miou_keras == [0.3, 0.1]  # Keras figure at the best mIoU
     assert h.state == "running" and h.losses == [2.0] and "ETA 00:03" in h.status_line()
+    h.apply({"kind": "progress", "text": "validating: 40 of 110 images", "done": 40, "total": 110})
+    assert "validating: 40 of 110 images" in h.status_line() and "ETA" not in h.status_line()
+    h.apply({"kind": "validation", "epoch": 0, "step": 1, "iou": [None] * 5, "miou": 0.1, "miou_keras": 0.1})
+    assert "validating" not in h.status_line() and "ETA 00:03" in h.status_line()
     assert math.isnan(h.latest_iou[2]) and h.best_iou[1] == 0.5
     h.apply({"kind": "failed", "message": "boom", "last_good_checkpoint": "/x/last.pt"})
     assert h.state == "failed" and "boom" in h.message and "/x/last.pt" in h.message

@@ -72,6 +72,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.last = 0.0
         self.miou = float("nan")
+        self.epoch = 0
 
     def step(self, e) -> None:
         eta = "?" if e.eta_s is None else time.strftime("%H:%M:%S", time.gmtime(e.eta_s))
@@ -83,12 +84,18 @@ class Progress:
             f"epoch {e.epoch + 1} [{bar}] {100 * e.progress:3.0f}% loss {e.loss:.4f} "
             f"mIoU {miou} {e.images_per_s:6.1f} img/s ETA {eta}"
         )
+        self.epoch = e.epoch
+        self.note(line)
+
+    def note(self, line: str) -> None:
+        """The live line: rewritten on a terminal, written every 10 s or so to a file."""
         now = time.time()
         if self.tty:
             self.stream.write("\r" + line.ljust(100))
             self.stream.flush()
         elif now - self.last > 10:
             self.stream.write(line + "\n")
+            self.stream.flush()
             self.last = now
 
     def line(self, text: str) -> None:
@@ -166,6 +173,8 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
                 progress.line(f"data: {event.data}")
         elif kind == "step":
             progress.step(event)
+        elif kind == "progress":  # a long validation of frames read from disk
+            progress.note(f"epoch {progress.epoch + 1}: {event.text}")
         elif kind == "data_update" and (event.corrected or event.excluded or event.newly_labelled):
             progress.line(
                 f"epoch {event.epoch + 1}: training on {event.corrected} corrected masks and "

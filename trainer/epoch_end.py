@@ -18,7 +18,9 @@ from .config import PREDICT_BATCH, TrainConfig
 from .dataset import DatasetError
 from .inference import confusion_on, predict_arrays
 from .stats import class_presence
-from .tiling import confusion_by_frames, predict_any
+from .tiling import frames_confusion, predict_any
+
+PROGRESS_EVERY_S = 1.0  # a validation of frames from disk says how far it is this often
 
 
 def describe_failure(exc: BaseException, cfg: TrainConfig) -> str:
@@ -47,16 +49,18 @@ class EpochEnd:
         cfg, st = self.cfg, self.state
         problem, cm = None, None
         try:
-            if self.stored is not None:  # whole frames from disk, large ones by tiles
-                cm = confusion_by_frames(
-                    self.model,
-                    self.stored,
-                    self.val_idx,
-                    self.device,
-                    self.precision,
-                    self.dist,
-                    reduce=False,
-                    overrides=self.crops.overrides if self.crops is not None else None,
+            if self.stored is not None:  # whole frames from disk, large ones by tiles: say how far
+                cm = yield from self._with_progress(
+                    frames_confusion(
+                        self.model,
+                        self.stored,
+                        self.val_idx,
+                        self.device,
+                        self.precision,
+                        self.dist,
+                        reduce=False,
+                        overrides=self.crops.overrides if self.crops is not None else None,
+                    )
                 )
             else:
                 cm = confusion_on(
@@ -91,6 +95,23 @@ class EpochEnd:
             yield from self.save("best", miou)
         if self.preview_due(epoch_end=True):
             yield self.emit(self.preview())
+
+    def _with_progress(self, frames) -> Iterator[ev.Event]:
+        """Run ``frames`` (yielding this process's frames done, and its share) to the end
+        with a Progress event before it and then at most every PROGRESS_EVERY_S; returns
+        its value."""
+        total = len(self.val_idx)  # over all processes: each validates its share
+        yield self.emit(ev.Progress(f"validating {total} images", 0, total))
+        last = time.perf_counter()
+        while True:
+            try:
+                done, _ = next(frames)
+            except StopIteration as end:
+                return end.value
+            if time.perf_counter() - last >= PROGRESS_EVERY_S:
+                done = min(total, done * self.dist.world)
+                yield self.emit(ev.Progress(f"validating: {done} of {total} images", done, total))
+                last = time.perf_counter()
 
     def _val_batch(self) -> int:
         """Images per validation forward pass: on a CPU the batch at which prediction

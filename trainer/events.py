@@ -2,6 +2,8 @@
 
 Child jobs other than training (prediction, the review audit) speak the same language:
 ``Progress`` while they work, then one result event (``Predicted``, ``Ranked``) or ``Failed``.
+Training says ``Progress`` too while it validates frames read from disk, which can take
+minutes where a step takes a second.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class Failed(Event):
 
 @dataclass
 class Progress(Event):
-    """A child job's progress: ``done`` of ``total`` units, and what it is doing."""
+    """A child job's progress, or a training's between steps: ``done`` of ``total``
+    units, and what it is doing."""
 
     text: str
     done: int = 0

@@ -165,6 +165,18 @@ def confusion_by_frames(model, stored, rows, device, precision=None, dist=None, 
     """The confusion matrix of ``model`` over frames ``rows`` of a stored dataset, each
     predicted whole or by tiles at its own size (each process takes its share under
     torchrun). ``overrides``: row -> corrected mask, used instead of the stored one."""
+    frames = frames_confusion(model, stored, rows, device, precision, dist, reduce, overrides)
+    while True:
+        try:
+            next(frames)
+        except StopIteration as done:
+            return done.value
+
+
+def frames_confusion(model, stored, rows, device, precision=None, dist=None, reduce=True, overrides=None):
+    """:func:`confusion_by_frames` a frame at a time: yields (frames done, frames) of this
+    process's share after each frame, so that a caller can say how far it is; returns the
+    confusion matrix."""
     from .device import DistContext
     from .metrics import ConfusionMatrix
 
@@ -174,11 +186,13 @@ def confusion_by_frames(model, stored, rows, device, precision=None, dist=None, 
     net = inference_model(model, device)  # folded once, not once per frame
     cm = ConfusionMatrix(device=device)
     precision = precision or resolve_precision("auto", device)
-    for i in list(rows)[dist.rank :: dist.world]:
+    mine = list(rows)[dist.rank :: dist.world]
+    for done, i in enumerate(mine, 1):
         predicted = classes_any(net, stored.image(int(i)), device, precision)
         truth = overrides.get(int(i)) if overrides else None
         truth = stored.mask(int(i)) if truth is None else truth
         cm.update(predicted, torch.from_numpy(truth).to(device))
+        yield done, len(mine)
     if reduce:
         cm.all_reduce()
     model.train(was_training)
