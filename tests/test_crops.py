@@ -86,6 +86,30 @@ def test_training_from_disk_by_crops(stored, tmp_path, monkeypatch):
     assert said == [(0, 2), (1, 2), (2, 2)] and before[-3].kind == "progress"
 
 
+def test_a_stop_request_ends_a_validation_from_disk_part_way(stored, tmp_path, monkeypatch):
+    """A validation of large frames takes minutes: Stop ends it after the frame at hand,
+    says Stopped with a checkpoint, and a resume goes on with the next epoch."""
+    from trainer import epoch_end
+    from trainer.control import TrainControl
+
+    monkeypatch.setattr(epoch_end, "PROGRESS_EVERY_S", 0.0)
+    _, s = stored
+    cfg = TrainConfig(
+        depth=2, base_width=8, epochs=2, batch_size=4, warmup_steps=1, device="cpu", val_fraction=0.34
+    )
+    control, events = TrainControl(), []
+    for e in fit(s, cfg, tmp_path / "run", control=control):
+        events.append(e)
+        if e.kind == "progress":
+            control.request_stop()  # seen at the start of the first validation
+    kinds = [e.kind for e in events]
+    assert "validation" not in kinds and kinds[-1] == "stopped" and events[-1].checkpoint
+    assert [(e.done, e.total) for e in events if e.kind == "progress"] == [(0, 2)]  # one frame, then out
+    resumed = list(fit(s, cfg, tmp_path / "run2", resume=events[-1].checkpoint))
+    assert resumed[0].start_epoch == 1 and resumed[-1].kind == "finished"
+    assert [e.epoch for e in resumed if e.kind == "validation"] == [1]
+
+
 def test_training_from_disk_takes_corrections(stored, tmp_path):
     """A zarr dataset on disk keeps its corrections by name: the crops and the validation
     read the corrected masks, an excluded frame leaves both splits."""

@@ -45,7 +45,7 @@ from .device import (
     resolve_precision,
     uses_channels_last,
 )
-from .epoch_end import EpochEnd, describe_failure
+from .epoch_end import STOPPED, EpochEnd, describe_failure
 from .epoch_steps import EpochSteps
 from .formats.zarr_dataset import StoredDataset
 from .inference import prepare_model, stratified_split
@@ -233,6 +233,8 @@ def fit(
                 if (yield from run.run_epoch()):
                     return
                 reason = yield from run.end_of_epoch()
+                if reason == STOPPED:
+                    return
                 if reason is not None:
                     break
     except (FloatingPointError, TrainingFailure) as exc:

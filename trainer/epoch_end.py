@@ -20,6 +20,7 @@ from .inference import confusion_on, predict_arrays
 from .stats import class_presence
 from .tiling import frames_confusion, predict_any
 
+STOPPED = "stopped"  # what end_of_epoch returns after a stop request: Stopped was said
 PROGRESS_EVERY_S = 1.0  # a validation of frames from disk says how far it is this often
 
 
@@ -46,6 +47,8 @@ class EpochEnd:
 
     # -- validation, checkpoints, previews
     def validate(self) -> Iterator[ev.Event]:
+        """Score the validation split; returns False when a stop request ended it early
+        (one process validating frames from disk: a frame at a time), else True."""
         cfg, st = self.cfg, self.state
         problem, cm = None, None
         try:
@@ -71,6 +74,8 @@ class EpochEnd:
             if not self.peers.active:
                 raise
             problem = describe_failure(exc, cfg)
+        if cm is None and problem is None:  # stopped part-way: nothing to report
+            return False
         self.peers.agree(problem)
         cm.all_reduce()
         result = cm.compute()
@@ -95,11 +100,15 @@ class EpochEnd:
             yield from self.save("best", miou)
         if self.preview_due(epoch_end=True):
             yield self.emit(self.preview())
+        return True
 
     def _with_progress(self, frames) -> Iterator[ev.Event]:
         """Run ``frames`` (yielding this process's frames done, and its share) to the end
         with a Progress event before it and then at most every PROGRESS_EVERY_S; returns
-        its value."""
+        its value. Between frames it is what a step is: a pause holds it, and a stop
+        request ends it (returning None) when one process validates; under torchrun the
+        ranks' shares differ by a frame, so a stop waits for the validation's end."""
+        control = self.control
         total = len(self.val_idx)  # over all processes: each validates its share
         yield self.emit(ev.Progress(f"validating {total} images", 0, total))
         last = time.perf_counter()
@@ -108,6 +117,13 @@ class EpochEnd:
                 done, _ = next(frames)
             except StopIteration as end:
                 return end.value
+            if control.poll is not None:
+                control.poll()
+            if control.paused:
+                yield from self.hold()
+            if control.stop_requested and not self.peers.active:
+                frames.close()
+                return None
             if time.perf_counter() - last >= PROGRESS_EVERY_S:
                 done = min(total, done * self.dist.world)
                 yield self.emit(ev.Progress(f"validating: {done} of {total} images", done, total))
@@ -209,7 +225,10 @@ class EpochEnd:
         last_epoch = out_of_time or (not self.budget_s and st.epoch == cfg.epochs - 1)
         stop_early = False
         if (st.epoch + 1) % cfg.val_every == 0 or last_epoch:
-            yield from self.validate()
+            if not (yield from self.validate()):  # stopped while validating: the epoch is done
+                st.batch = self.steps_per_epoch
+                yield from self.stop()
+                return STOPPED
             stop_early = cfg.patience > 0 and st.stale >= cfg.patience
         if out_of_time and st.batch < self.steps_per_epoch:
             st.batch = self.steps_per_epoch  # the rest of this epoch is not owed on resume
