@@ -54,13 +54,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .formats import StoredDataset
     from .inference import confusion_on
     from .metrics import nan_to_none
-    from .tiling import confusion_by_frames
+    from .tiling import frames_confusion
 
     dataset = load_dataset(args, lazy=True)
     data, model, device, dist, precision = _load_model(args)
     idx = _split_indices(data, args.split, len(dataset), args.checkpoint)
     if isinstance(dataset, StoredDataset):  # frame by frame from disk, large frames by tiles
-        result = confusion_by_frames(model, dataset, idx, device, precision, dist).compute()
+        show = _progress_printer("evaluating") if dist.is_main else lambda done, total: None
+        frames = frames_confusion(model, dataset, idx, device, precision, dist)
+        while True:
+            try:
+                done, _ = next(frames)
+            except StopIteration as end:
+                result = end.value.compute()
+                break
+            show(min(len(idx), done * dist.world), len(idx))
     else:
         images = torch.from_numpy(dataset.images).to(device)
         masks = torch.from_numpy(dataset.masks).to(device)

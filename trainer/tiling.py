@@ -161,22 +161,13 @@ def classes_any(
         return net(to_input(torch.from_numpy(image[None]).to(device), device)).argmax(1)[0]
 
 
-def confusion_by_frames(model, stored, rows, device, precision=None, dist=None, reduce=True, overrides=None):
+def frames_confusion(model, stored, rows, device, precision=None, dist=None, reduce=True, overrides=None):
     """The confusion matrix of ``model`` over frames ``rows`` of a stored dataset, each
     predicted whole or by tiles at its own size (each process takes its share under
-    torchrun). ``overrides``: row -> corrected mask, used instead of the stored one."""
-    frames = frames_confusion(model, stored, rows, device, precision, dist, reduce, overrides)
-    while True:
-        try:
-            next(frames)
-        except StopIteration as done:
-            return done.value
-
-
-def frames_confusion(model, stored, rows, device, precision=None, dist=None, reduce=True, overrides=None):
-    """:func:`confusion_by_frames` a frame at a time: yields (frames done, frames) of this
-    process's share after each frame, so that a caller can say how far it is; returns the
-    confusion matrix."""
+    torchrun; with ``reduce`` the counts are then summed across processes).
+    ``overrides``: row -> corrected mask, used instead of the stored one. A frame at a
+    time: yields (frames done, frames) of this process's share after each, so that a
+    caller can say how far it is, and returns the matrix."""
     from .device import DistContext
     from .metrics import ConfusionMatrix
 
