@@ -110,6 +110,34 @@ def test_a_stop_request_ends_a_validation_from_disk_part_way(stored, tmp_path, m
     assert [e.epoch for e in resumed if e.kind == "validation"] == [1]
 
 
+def test_a_pause_holds_a_validation_from_disk_between_frames(stored, tmp_path, monkeypatch):
+    """Where the GUI cannot suspend the child, it pauses it: a validation of frames from
+    disk holds between frames as training holds between steps (here until a stop)."""
+    from trainer import epoch_end
+    from trainer.control import TrainControl
+
+    monkeypatch.setattr(epoch_end, "PROGRESS_EVERY_S", 0.0)
+    _, s = stored
+    cfg = TrainConfig(
+        depth=2, base_width=8, epochs=1, batch_size=4, warmup_steps=1, device="cpu", val_fraction=0.34
+    )
+    control, polls = TrainControl(), []
+
+    def poll():  # what the child's command pipe does; a stop arrives after a few polls
+        if control.paused:
+            polls.append(1)
+            if len(polls) == 4:
+                control.request_stop()
+
+    control.poll = poll
+    kinds = []
+    for e in fit(s, cfg, tmp_path / "run", control=control):
+        kinds.append(e.kind)
+        if e.kind == "progress":
+            control.pause(60)
+    assert len(polls) == 4 and "validation" not in kinds and kinds[-1] == "stopped"
+
+
 def test_training_from_disk_takes_corrections(stored, tmp_path):
     """A zarr dataset on disk keeps its corrections by name: the crops and the validation
     read the corrected masks, an excluded frame leaves both splits."""
