@@ -35,30 +35,34 @@ def _f(value, digits: int = 3) -> str:
 
 def throughput(t: dict) -> list[str]:
     bare = t["bare_img_s"]
-    return [
-        f"Training and inference speed (`bench/out/train_throughput.json`, {t['date']}, {t['device']}, "
-        f"torch {t['torch']}; {t['cpu_bf16'] or ''}). `{t['preset']}` preset, batch {t['batch_size']}, "
-        f"{t['image_shape'][0]}x{t['image_shape'][1]}; auto precision picked **{t['auto_precision']}**:",
-        "",
-        "| what | figure |",
-        "| --- | --- |",
-        f"| bare step (forward + cross-entropy + backward + the engine's fused AdamW), img/s: contiguous fp32 / "
-        f"channels_last fp32 / contiguous bf16 / channels_last bf16 | {bare['contiguous_fp32']} / "
-        f"{bare['channels_last_fp32']} / {bare['contiguous_bf16']} / **{bare['channels_last_bf16']}** |",
-        f"| whole `fit()` pipeline (augmentation, oversampling, the preset's loss, validation every "
-        f"epoch), img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare step |",
-        f"| model FLOPs x pipeline img/s | {t['gflops_pipeline']} GFLOP/s = {t['gflops_pipeline_share']} of "
-        f"the faster 2048x2048 matmul (fp32 {t['gflops_matmul_fp32']}, bf16 {t['gflops_matmul_bf16']} "
-        f"GFLOP/s); {t['train_gflop_per_image']} GFLOP per training image |",
-        f"| prediction (`predict_arrays`, batch {t['predict_batch']}), img/s | {t['predict_img_s']}: "
-        f"{t['predict_over_pipeline']}x the training pipeline |",
-    ] + _allocator_row(t) + (
+    return (
         [
-            f"| `mars-trainer submit` on {t['submit_images']:,} test images (read, predict, write the CSV) "
-            f"| {t['submit_s']} s |"
+            f"Training and inference speed (`bench/out/train_throughput.json`, {t['date']}, {t['device']}, "
+            f"torch {t['torch']}; {t['cpu_bf16'] or ''}). `{t['preset']}` preset, batch {t['batch_size']}, "
+            f"{t['image_shape'][0]}x{t['image_shape'][1]}; auto precision picked **{t['auto_precision']}**:",
+            "",
+            "| what | figure |",
+            "| --- | --- |",
+            f"| bare step (forward + cross-entropy + backward + the engine's fused AdamW), img/s: contiguous fp32 / "
+            f"channels_last fp32 / contiguous bf16 / channels_last bf16 | {bare['contiguous_fp32']} / "
+            f"{bare['channels_last_fp32']} / {bare['contiguous_bf16']} / **{bare['channels_last_bf16']}** |",
+            f"| whole `fit()` pipeline (augmentation, oversampling, the preset's loss, validation every "
+            f"epoch), img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare step |",
+            f"| model FLOPs x pipeline img/s | {t['gflops_pipeline']} GFLOP/s = {t['gflops_pipeline_share']} of "
+            f"the faster 2048x2048 matmul (fp32 {t['gflops_matmul_fp32']}, bf16 {t['gflops_matmul_bf16']} "
+            f"GFLOP/s); {t['train_gflop_per_image']} GFLOP per training image |",
+            f"| prediction (`predict_arrays`, batch {t['predict_batch']}), img/s | {t['predict_img_s']}: "
+            f"{t['predict_over_pipeline']}x the training pipeline |",
         ]
-        if "submit_s" in t
-        else []
+        + _allocator_row(t)
+        + (
+            [
+                f"| `mars-trainer submit` on {t['submit_images']:,} test images (read, predict, write the CSV) "
+                f"| {t['submit_s']} s |"
+            ]
+            if "submit_s" in t
+            else []
+        )
     )
 
 
