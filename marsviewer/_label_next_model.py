@@ -68,6 +68,16 @@ class LabelNextModel:
         return checkpoint
 
     # -- the queue -----------------------------------------------------------------
+    def unavailable(self) -> str | None:
+        """Why this dataset's unlabelled images cannot be ranked (read from disk), or None."""
+        if self.browser.masks is not None and is_stack(self.browser.masks):
+            return (
+                "Ranking unlabelled images needs the dataset in memory; this one is read from disk "
+                "frame by frame. Browse its unlabelled images and start each from the model's "
+                "prediction (Alt-L)."
+            )
+        return None
+
     def start(self, top: int = QUEUE_TOP):
         """Rank the unlabelled images with the current checkpoint, in a child process."""
         from trainer.process import SuggestProcess
@@ -79,13 +89,9 @@ class LabelNextModel:
         if not len(rows):
             self.notify.emit("There are no unlabelled images to rank.", "info")
             return None
-        if is_stack(b.masks):
-            self.notify.emit(
-                "Ranking unlabelled images needs the dataset in memory; this one is read from disk "
-                "frame by frame. Browse its unlabelled images and start each from the model's "
-                "prediction (Alt-L).",
-                "error",
-            )
+        why = self.unavailable()
+        if why is not None:
+            self.notify.emit(why, "error")
             return None
         checkpoint = self._checkpoint()
         if not checkpoint:

@@ -17,6 +17,8 @@ from qtpy.QtWidgets import (
 
 from ._label_next_model import LabelNextModel
 
+RANK_HINT = "Train a model (or open a run) first; then rank the unlabelled images."
+
 
 class LabelNextPanel(QWidget):
     def __init__(self, model: LabelNextModel, parent=None) -> None:
@@ -26,6 +28,8 @@ class LabelNextPanel(QWidget):
         model.queue_changed.connect(self._fill_queue)
         model.progress.connect(lambda text: self.status.setText(text))
         model.done.connect(lambda _ok: self.rank_button.setEnabled(True))
+        model.browser.dataset_changed.connect(self._show_availability)
+        self._unavailable_text = None
 
     def _build(self) -> None:
         root = QVBoxLayout(self)
@@ -63,7 +67,7 @@ class LabelNextPanel(QWidget):
         )
         self.rank_button.clicked.connect(lambda: self.start())
         lay.addWidget(self.rank_button)
-        self.status = QLabel("Train a model (or open a run) first; then rank the unlabelled images.")
+        self.status = QLabel(RANK_HINT)
         self.status.setWordWrap(True)
         lay.addWidget(self.status)
         self.queue = QListWidget()
@@ -86,3 +90,13 @@ class LabelNextPanel(QWidget):
             item.setData(256, entry)  # Qt.UserRole
             item.setToolTip(entry.text)
             self.queue.addItem(item)
+
+    def _show_availability(self) -> None:
+        """A dataset whose unlabelled images cannot be ranked says so here, the button off."""
+        why = self.model.unavailable()
+        self.rank_button.setEnabled(why is None and self.model.job is None)
+        if why is not None:
+            self.status.setText(why)
+        elif self.status.text() == self._unavailable_text:
+            self.status.setText(RANK_HINT)
+        self._unavailable_text = why

@@ -29,10 +29,14 @@ SHORTCUTS = (
 )
 
 
+AUDIT_HINT = "Duplicate masks are ranked at once; model disagreement needs a short training."
+
+
 class ReviewPanel(QWidget):
     def __init__(self, model: ReviewModel, parent=None) -> None:
         super().__init__(parent)
         self.model = model
+        self._unavailable_text = None
         self._build()
         model.image_changed.connect(self._show_image)
         model.queue_changed.connect(self._fill_queue)
@@ -86,9 +90,7 @@ class ReviewPanel(QWidget):
         )
         row.addWidget(self.minutes_spin)
         lay.addLayout(row)
-        self.audit_status = QLabel(
-            "Duplicate masks are ranked at once; model disagreement needs a short training."
-        )
+        self.audit_status = QLabel(AUDIT_HINT)
         self.audit_status.setWordWrap(True)
         lay.addWidget(self.audit_status)
         self.queue = QListWidget()
@@ -143,6 +145,18 @@ class ReviewPanel(QWidget):
             item = QListWidgetItem(entry.label)
             item.setData(256, entry)  # Qt.UserRole
             self.queue.addItem(item)
+        self._show_availability()
+
+    def _show_availability(self) -> None:
+        """A dataset that cannot be ranked says so here, with its controls off."""
+        why = self.model.audit_unavailable()
+        self.audit_button.setEnabled(why is None and self.model.auditor is None)
+        self.minutes_spin.setEnabled(why is None)
+        if why is not None:
+            self.audit_status.setText(why)
+        elif self.audit_status.text() == self._unavailable_text:
+            self.audit_status.setText(AUDIT_HINT)
+        self._unavailable_text = why
 
 
 def _button(row: QHBoxLayout, text: str, action) -> QPushButton:

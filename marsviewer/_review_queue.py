@@ -66,17 +66,23 @@ class ReviewQueue:
         self._emit_state(i)
 
     # -- the audit job -------------------------------------------------------------
+    def audit_unavailable(self) -> str | None:
+        """Why this dataset cannot be ranked (read from disk), or None."""
+        if self.masks is not None and is_stack(self.masks):
+            return (
+                "Ranking (duplicate masks, out-of-fold models) needs the dataset in memory; "
+                "this one is read from disk frame by frame."
+            )
+        return None
+
     def start_audit(self, minutes: float, folds: int = 3):
         from trainer.process import AuditProcess
 
         if not self.active or self.auditor is not None:
             return None
-        if is_stack(self.masks):
-            self.notify.emit(
-                "Ranking by out-of-fold models needs the dataset in memory; this one is read from "
-                "disk frame by frame.",
-                "error",
-            )
+        why = self.audit_unavailable()
+        if why is not None:
+            self.notify.emit(why, "error")
             return None
         n = self.n_labelled
         masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()

@@ -194,6 +194,7 @@ def test_a_large_zarr_dataset_opens_lazily_and_paints(widget, tmp_path, qtbot, m
     widget.open_path(root, widget.dataset_panel.mask_mapping())
     qtbot.waitUntil(lambda: not widget.loading, timeout=20_000)
     assert widget.browser.stats.classes[2].images == 3  # 255 read as bedrock
+    assert widget.review.audit_button.isEnabled() and widget.label_next.rank_button.isEnabled()
     convert(root, tmp_path / "d.zarr", mask_mapping="0:1,255:2")
     monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
     widget.open_path(tmp_path / "d.zarr")
@@ -202,6 +203,11 @@ def test_a_large_zarr_dataset_opens_lazily_and_paints(widget, tmp_path, qtbot, m
     assert isinstance(layer.data, FrameStack) and widget.session.review.active
     assert "3 labelled frames of 40x56, read from disk" in widget.dataset_panel.summary.text()
     assert "read from disk" in widget.dataset_panel.dup_hint.text()
+    # what needs the dataset in memory says so before it is asked, its buttons off
+    assert not widget.review.audit_button.isEnabled() and not widget.review.minutes_spin.isEnabled()
+    assert "read from disk" in widget.review.audit_status.text()
+    assert not widget.label_next.rank_button.isEnabled()
+    assert "read from disk" in widget.label_next.status.text()
     widget.viewer.dims.set_current_step(0, 2)
     layer.selected_label = 4
     layer.paint((2, 20, 20), 4)
@@ -215,3 +221,7 @@ def test_a_large_zarr_dataset_opens_lazily_and_paints(widget, tmp_path, qtbot, m
     assert (layer.data[2] == 4).sum() == (widget.session.review.store.state(2)[0] == 4).sum() > 0
     widget.viewer.dims.set_current_step(0, 0)
     assert (widget.viewer.layers[layer.name]._slice.image.raw == 2).all()
+    widget.open_path(root, widget.dataset_panel.mask_mapping())  # in memory again: all back on
+    qtbot.waitUntil(lambda: not widget.loading, timeout=20_000)
+    assert widget.review.audit_button.isEnabled() and widget.label_next.rank_button.isEnabled()
+    assert "read from disk" not in widget.review.audit_status.text() + widget.label_next.status.text()
