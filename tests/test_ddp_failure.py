@@ -34,7 +34,18 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
     from trainer.synth import generate
 
     torch.set_num_threads(1)
-    if rank == 1:
+    control = None
+    if mode == "budget":  # rank 1's clock runs out of the budget after a few steps, rank 0's never
+        from trainer.control import TrainControl
+
+        ticks = {"n": 0}
+
+        def clock():
+            ticks["n"] += 1
+            return 1e6 if rank == 1 and ticks["n"] > fail_at else 0.0
+
+        control = TrainControl(clock=clock)
+    elif rank == 1:
         calls = {"n": 0}
         original = losses.SegmentationLoss.forward
 
@@ -50,7 +61,9 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
         losses.SegmentationLoss.forward = failing
     ds = generate(40, 0, seed=2).dataset
     cfg = preset("tiny").replace(epochs=3, device="cpu", precision="fp32", log_every=2)
-    events = list(fit(ds, cfg, os.path.join(out_dir, "run") if rank == 0 else None))
+    if mode == "budget":
+        cfg = cfg.replace(epochs=0, minutes=1.0)
+    events = list(fit(ds, cfg, os.path.join(out_dir, "run") if rank == 0 else None, control=control))
     last = events[-1]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"kind": last.kind, "message": getattr(last, "message", ""), "step": last.step}, f)
@@ -78,3 +91,24 @@ def test_a_failing_rank_ends_every_rank_with_the_same_failed_event(tmp_path, mod
     assert "rank 1" in said[0]["message"] and expected in said[0]["message"], said[0]["message"]
     written = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert written[-1]["kind"] == "failed" and written[-1]["message"] == said[0]["message"]
+
+
+def test_a_time_budget_ends_every_rank_at_the_same_step(tmp_path):
+    """Each rank measures the budget on its own clock; where one runs out first, every
+    rank stops at that step and finishes alike (alone, it would leave its peer waiting)."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path), "budget", 12)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank was left waiting for its peer"
+    assert [p.exitcode for p in procs] == [0, 0]
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert said[0] == said[1] and said[0]["kind"] == "finished", said
+    written = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert written[-1]["reason"] == "time budget"

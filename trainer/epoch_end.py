@@ -221,7 +221,8 @@ class EpochEnd:
         """Validate, checkpoint, and decide whether to go on; returns the reason to end
         the run, or None."""
         cfg, st = self.cfg, self.state
-        out_of_time = self.out_of_time()
+        # Ranks' clocks differ by a little: one that stops alone would leave the others waiting.
+        out_of_time = bool(self.budget_s) and self.peers.agree(None, self.out_of_time())
         last_epoch = out_of_time or (not self.budget_s and st.epoch == cfg.epochs - 1)
         stop_early = False
         if (st.epoch + 1) % cfg.val_every == 0 or last_epoch:

@@ -134,7 +134,7 @@ class EpochSteps:
                 loss_n, t_log, n_log = 0, now, 0
             if self.preview_due():
                 yield self.emit(self.preview())
-            if self.out_of_time():
+            if self.budget_s and self.peers.agree(None, self.out_of_time()):  # every rank alike
                 break
         return False
 
