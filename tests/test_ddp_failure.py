@@ -34,7 +34,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
     from trainer.synth import generate
 
     torch.set_num_threads(1)
-    control = None
+    control = store = None
     if mode == "budget":  # rank 1's clock runs out of the budget after a few steps, rank 0's never
         from trainer.control import TrainControl
 
@@ -45,6 +45,16 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
             return 1e6 if rank == 1 and ticks["n"] > fail_at else 0.0
 
         control = TrainControl(clock=clock)
+    elif mode == "corrections":  # the store read a moment apart: rank 1 sees 5 more exclusions
+
+        class Store:
+            def version(self):
+                return 1
+
+            def snapshot(self):
+                return {}, set(range(5)) if rank == 1 else set()
+
+        store = Store()
     elif rank == 1:
         calls = {"n": 0}
         original = losses.SegmentationLoss.forward
@@ -63,10 +73,14 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
     cfg = preset("tiny").replace(epochs=3, device="cpu", precision="fp32", log_every=2)
     if mode == "budget":
         cfg = cfg.replace(epochs=0, minutes=1.0)
-    events = list(fit(ds, cfg, os.path.join(out_dir, "run") if rank == 0 else None, control=control))
+    run_dir = os.path.join(out_dir, "run") if rank == 0 else None
+    events = list(fit(ds, cfg, run_dir, control=control, corrections=store))
     last = events[-1]
+    said = {"kind": last.kind, "message": getattr(last, "message", ""), "step": last.step}
+    said["updates"] = [[e.excluded, e.train_images] for e in events if e.kind == "data_update"]
+    said["validated"] = [e.images for e in events if e.kind == "validation"]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"kind": last.kind, "message": getattr(last, "message", ""), "step": last.step}, f)
+        json.dump(said, f)
     shutdown_distributed(wait_for_peers=True)
 
 
@@ -112,3 +126,23 @@ def test_a_time_budget_ends_every_rank_at_the_same_step(tmp_path):
     assert said[0] == said[1] and said[0]["kind"] == "finished", said
     written = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert written[-1]["reason"] == "time budget"
+
+
+def test_every_rank_trains_on_rank_0s_reading_of_the_corrections(tmp_path):
+    """A correction saved while the ranks read the store would give them different rows;
+    rank 0 reads it and every rank takes that."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    args = (2, port, str(tmp_path), "corrections", 0)
+    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and [p.exitcode for p in procs] == [0, 0]
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert said[0]["kind"] == "finished" and said[0]["updates"][0][0] == 0  # rank 0 excluded none
+    assert said[0]["updates"] == said[1]["updates"] and said[0]["validated"] == said[1]["validated"]

@@ -188,6 +188,16 @@ class Peers:
     def active(self) -> bool:
         return self.ctx.active
 
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (others pass anything); a picklable object."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
     def agree(self, problem: str | None, stop: bool = False) -> bool:
         """Raise :class:`TrainingFailure` on every rank when any rank has a ``problem``;
         otherwise return whether any rank asked to ``stop``."""

@@ -268,11 +268,20 @@ class EpochEnd:
         Excluded images leave both splits: they neither train nor decide the best checkpoint."""
         if self.corrections is None:
             return None
-        version = self.corrections.version()
+        # Under torchrun rank 0 reads the store and every rank takes its reading: a
+        # correction saved between two ranks' reads would train them on different rows.
+        state = None
+        if self.dist.is_main:
+            version = self.corrections.version()
+            state = (
+                (version, None, None)
+                if version == self.seen_version
+                else (version, *self.corrections.snapshot())
+            )
+        version, edited, excluded = self.peers.share(state)
         if version == self.seen_version:
             return None
         self.seen_version = version
-        edited, excluded = self.corrections.snapshot()
         n_rows = len(self.base_masks) if self.stored is None else len(self.stored.names)
         edited = {i: m for i, m in edited.items() if i < n_rows}
         if self.stored is None:
