@@ -73,8 +73,20 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
     cfg = preset("tiny").replace(epochs=3, device="cpu", precision="fp32", log_every=2)
     if mode == "budget":
         cfg = cfg.replace(epochs=0, minutes=1.0)
+    if mode == "stop_validating":  # frames from disk: validated a frame at a time, progress after each
+        from trainer import epoch_end, formats
+        from trainer.control import TrainControl
+
+        formats.IN_MEMORY_BYTES, epoch_end.PROGRESS_EVERY_S = 1000, 0.0
+        ds = formats.open_dataset(os.path.join(out_dir, "f.zarr"), lazy=True)
+        cfg = cfg.replace(epochs=2, val_fraction=0.34, batch_size=4)  # 3 frames: rank 0 has 2, rank 1 one
+        control = TrainControl()
     run_dir = os.path.join(out_dir, "run") if rank == 0 else None
-    events = list(fit(ds, cfg, run_dir, control=control, corrections=store))
+    events = []
+    for e in fit(ds, cfg, run_dir, control=control, corrections=store):
+        events.append(e)
+        if mode == "stop_validating" and rank == 0 and e.kind == "progress" and e.done > 0:
+            control.request_stop()  # after rank 0's first frame; rank 1 has none left by then
     last = events[-1]
     said = {"kind": last.kind, "message": getattr(last, "message", ""), "step": last.step}
     said["updates"] = [[e.excluded, e.train_images] for e in events if e.kind == "data_update"]
@@ -146,3 +158,29 @@ def test_every_rank_trains_on_rank_0s_reading_of_the_corrections(tmp_path):
     said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert said[0]["kind"] == "finished" and said[0]["updates"][0][0] == 0  # rank 0 excluded none
     assert said[0]["updates"] == said[1]["updates"] and said[0]["validated"] == said[1]["validated"]
+
+
+def test_a_stop_while_validating_frames_from_disk_ends_every_rank_alike(tmp_path):
+    """Validating frames from disk, the ranks agree on a stop after each round of frames;
+    the rank whose share is a frame shorter agrees once more at its end."""
+    from trainer.convert import convert
+    from trainer.formats import write_npz
+    from trainer.synth import generate
+
+    ds = generate(9, 0, seed=4).dataset
+    write_npz(tmp_path / "f.npz", ds.images, ds.masks, dtype="uint8")
+    convert(tmp_path / "f.npz", tmp_path / "f.zarr")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    args = (2, port, str(tmp_path), "stop_validating", 0)
+    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and [p.exitcode for p in procs] == [0, 0]
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert said[0] == said[1] and said[0]["kind"] == "stopped" and said[0]["validated"] == [], said

@@ -48,7 +48,7 @@ class EpochEnd:
     # -- validation, checkpoints, previews
     def validate(self) -> Iterator[ev.Event]:
         """Score the validation split; returns False when a stop request ended it early
-        (one process validating frames from disk: a frame at a time), else True."""
+        (frames from disk are validated a frame at a time), else True."""
         cfg, st = self.cfg, self.state
         problem, cm = None, None
         try:
@@ -74,7 +74,7 @@ class EpochEnd:
             if not self.peers.active:
                 raise
             problem = describe_failure(exc, cfg)
-        if cm is None and problem is None:  # stopped part-way: nothing to report
+        if cm is None and problem is None:  # stopped part-way (on every rank alike)
             return False
         self.peers.agree(problem)
         cm.all_reduce()
@@ -105,23 +105,29 @@ class EpochEnd:
     def _with_progress(self, frames) -> Iterator[ev.Event]:
         """Run ``frames`` (yielding this process's frames done, and its share) to the end
         with a Progress event before it and then at most every PROGRESS_EVERY_S; returns
-        its value. Between frames it is what a step is: a pause holds it, and a stop
-        request ends it (returning None) when one process validates; under torchrun the
-        ranks' shares differ by a frame, so a stop waits for the validation's end."""
+        its value, or None when a stop request ended it. Between frames it is what a step
+        is: a pause holds it, and the ranks of a torchrun job agree on a stop after each
+        round of frames (one a rank; a rank whose share is a frame shorter agrees once more
+        at its end), so that all end it at the same frame."""
         control = self.control
         total = len(self.val_idx)  # over all processes: each validates its share
+        rounds = -(-total // self.dist.world)
         yield self.emit(ev.Progress(f"validating {total} images", 0, total))
-        last = time.perf_counter()
+        last, agreed = time.perf_counter(), 0
         while True:
             try:
                 done, _ = next(frames)
             except StopIteration as end:
+                for _ in range(rounds - agreed):  # the peers' last rounds: a stop there ends all
+                    if self.peers.agree(None, control.stop_requested):
+                        return None
                 return end.value
             if control.poll is not None:
                 control.poll()
             if control.paused:
                 yield from self.hold()
-            if control.stop_requested and not self.peers.active:
+            agreed += 1
+            if self.peers.agree(None, control.stop_requested):
                 frames.close()
                 return None
             if time.perf_counter() - last >= PROGRESS_EVERY_S:
