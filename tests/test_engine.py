@@ -206,6 +206,35 @@ def test_minutes_budget_stops_on_time(data):
     assert events[-1].seconds < 10
 
 
+@pytest.mark.parametrize("budget", [30, 35])  # an epoch ends mid-way in one, before a validation in the other
+def test_a_time_budget_holds_its_final_validation_too(data, monkeypatch, budget):
+    """A budget ends its training early by the last validation's length, so that the
+    final validation fits in it too (on frames from disk it takes minutes), and ends on
+    an epoch's validation when another would not fit. On a clock that the test moves:
+    each step takes 1 s, each validation 5 s."""
+    import trainer.epoch_end as epoch_end
+
+    now = {"t": 0.0}
+    real = epoch_end.confusion_on
+
+    def slow(*args, **kwargs):
+        now["t"] += 5.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epoch_end, "confusion_on", slow)
+    control = TrainControl(clock=lambda: now["t"])
+    validated, progress = [], []
+    for e in fit(data, preset("tiny").replace(epochs=0, minutes=budget / 60), control=control):
+        if e.kind == "step":
+            now["t"] += 1.0
+            progress.append(e.progress)
+        elif e.kind == "validation":
+            validated.append(now["t"])
+    assert e.kind == "finished" and e.reason == "time budget"
+    assert len(validated) >= 2 and validated[-1] <= budget + 1, validated  # one step of slack
+    assert max(progress) <= 1.0 + 1 / budget
+
+
 def test_early_stopping(data, monkeypatch):
     """With patience 2 and a validation score that never improves, training stops early."""
     import trainer.epoch_end as epoch_end

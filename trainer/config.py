@@ -54,7 +54,9 @@ class TrainConfig:
     )
     # -- optimisation
     epochs: int = _opt(20, "training epochs (an epoch draws as many images as the training split holds)")
-    minutes: float = _opt(0.0, "time budget in minutes; when > 0 it replaces epochs")
+    minutes: float = _opt(
+        0.0, "time budget in minutes, the final validation included; when > 0 it replaces epochs"
+    )
     batch_size: int = _opt(32, "images per step (per process under torchrun)")
     lr: float = _opt(2e-3, "peak learning rate of AdamW")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")

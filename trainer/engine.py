@@ -112,6 +112,9 @@ class _Trainer(EpochSteps, EpochEnd):
         self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.budget_s = cfg.minutes * 60
+        # The last validation's length on the budget's clock: a budget ends its training that
+        # much early, so that the final validation fits in it too (frames from disk: minutes).
+        self.validation_s = 0.0
         self.t0 = time.perf_counter() - self.state.elapsed_s
         self.paused_s = 0.0  # time held by control.pause: neither run time nor budget
         self.clock0 = control.clock() if control.clock is not None else 0.0
@@ -180,7 +183,7 @@ class _Trainer(EpochSteps, EpochEnd):
         return self.elapsed()
 
     def out_of_time(self) -> bool:
-        return bool(self.budget_s) and self.used() > self.budget_s
+        return bool(self.budget_s) and self.used() + self.validation_s > self.budget_s
 
     def _sample_weights(self) -> torch.Tensor:
         return torch.as_tensor(oversampling_weights(self.presence[self.train_idx], self.cfg.oversample))

@@ -50,7 +50,7 @@ class EpochEnd:
         """Score the validation split; returns False when a stop request ended it early
         (frames from disk are validated a frame at a time), else True."""
         cfg, st = self.cfg, self.state
-        problem, cm = None, None
+        problem, cm, began = None, None, self.used()
         try:
             if self.stored is not None:  # whole frames from disk, large ones by tiles: say how far
                 cm = yield from self._with_progress(
@@ -79,6 +79,7 @@ class EpochEnd:
         self.peers.agree(problem)
         cm.all_reduce()
         result = cm.compute()
+        self.validation_s = self.used() - began
         miou = result["miou"]
         improved = not math.isnan(miou) and miou > st.best
         if improved:
@@ -237,6 +238,8 @@ class EpochEnd:
                 yield from self.stop()
                 return STOPPED
             stop_early = cfg.patience > 0 and st.stale >= cfg.patience
+            if self.budget_s and not out_of_time:  # no room left for another epoch's validation:
+                out_of_time = last_epoch = self.peers.agree(None, self.out_of_time())  # end on this one
         if out_of_time and st.batch < self.steps_per_epoch:
             st.batch = self.steps_per_epoch  # the rest of this epoch is not owed on resume
         if (st.epoch + 1) % cfg.checkpoint_every == 0 or last_epoch or stop_early:

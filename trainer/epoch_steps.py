@@ -41,8 +41,8 @@ class EpochSteps:
         return torch.as_tensor(self.train_idx)[draws[self.dist.rank :: self.dist.world]].to(self.device)
 
     def _progress(self) -> float:
-        if self.budget_s:
-            return self.used() / self.budget_s
+        if self.budget_s:  # the final validation included
+            return (self.used() + self.validation_s) / self.budget_s
         return self.state.step / max(self.total_steps, 1)
 
     def train_step(self, images_u8: torch.Tensor, masks_u8: torch.Tensor) -> torch.Tensor:
