@@ -96,11 +96,12 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
     shutdown_distributed(wait_for_peers=True)
 
 
-@pytest.mark.parametrize("mode", ["error", "nan"])
-def test_a_failing_rank_ends_every_rank_with_the_same_failed_event(tmp_path, mode):
+def _two_ranks(tmp_path, mode: str, fail_at: int = 0) -> list[dict]:
+    """Run ``_rank`` as two gloo processes; what each said at its end. Neither may be
+    left waiting for the other."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path), mode, 7)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path), mode, fail_at)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -110,52 +111,36 @@ def test_a_failing_rank_ends_every_rank_with_the_same_failed_event(tmp_path, mod
         p.kill()
     assert not hung, "a rank was left waiting for its peer"
     assert [p.exitcode for p in procs] == [0, 0]
-    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _written(tmp_path) -> list[dict]:
+    return [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["error", "nan"])
+def test_a_failing_rank_ends_every_rank_with_the_same_failed_event(tmp_path, mode):
+    said = _two_ranks(tmp_path, mode, 7)
     assert said[0] == said[1], said
     assert said[0]["kind"] == "failed" and said[0]["step"] <= 8
     expected = "injected failure" if mode == "error" else "the loss became nan"
     assert "rank 1" in said[0]["message"] and expected in said[0]["message"], said[0]["message"]
-    written = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    written = _written(tmp_path)
     assert written[-1]["kind"] == "failed" and written[-1]["message"] == said[0]["message"]
 
 
 def test_a_time_budget_ends_every_rank_at_the_same_step(tmp_path):
     """Each rank measures the budget on its own clock; where one runs out first, every
     rank stops at that step and finishes alike (alone, it would leave its peer waiting)."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path), "budget", 12)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, "a rank was left waiting for its peer"
-    assert [p.exitcode for p in procs] == [0, 0]
-    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    said = _two_ranks(tmp_path, "budget", 12)
     assert said[0] == said[1] and said[0]["kind"] == "finished", said
-    written = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
-    assert written[-1]["reason"] == "time budget"
+    assert _written(tmp_path)[-1]["reason"] == "time budget"
 
 
 def test_every_rank_trains_on_rank_0s_reading_of_the_corrections(tmp_path):
     """A correction saved while the ranks read the store would give them different rows;
     rank 0 reads it and every rank takes that."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    args = (2, port, str(tmp_path), "corrections", 0)
-    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung and [p.exitcode for p in procs] == [0, 0]
-    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    said = _two_ranks(tmp_path, "corrections")
     assert said[0]["kind"] == "finished" and said[0]["updates"][0][0] == 0  # rank 0 excluded none
     assert said[0]["updates"] == said[1]["updates"] and said[0]["validated"] == said[1]["validated"]
 
@@ -170,17 +155,5 @@ def test_a_stop_while_validating_frames_from_disk_ends_every_rank_alike(tmp_path
     ds = generate(9, 0, seed=4).dataset
     write_npz(tmp_path / "f.npz", ds.images, ds.masks, dtype="uint8")
     convert(tmp_path / "f.npz", tmp_path / "f.zarr")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    args = (2, port, str(tmp_path), "stop_validating", 0)
-    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung and [p.exitcode for p in procs] == [0, 0]
-    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    said = _two_ranks(tmp_path, "stop_validating")
     assert said[0] == said[1] and said[0]["kind"] == "stopped" and said[0]["validated"] == [], said
