@@ -25,6 +25,13 @@ from ._stack import is_stack
 QUEUE_TOP = 100
 
 
+RANK_NEEDS_MEMORY = (
+    "Ranking unlabelled images needs the dataset in memory; this one is read from disk "
+    "frame by frame. Browse its unlabelled images and start each from the model's "
+    "prediction (Alt-L)."
+)
+
+
 @dataclass(frozen=True)
 class NextEntry:
     """One unlabelled image of the label-next queue and why it is there."""
@@ -70,13 +77,7 @@ class LabelNextModel:
     # -- the queue -----------------------------------------------------------------
     def unavailable(self) -> str | None:
         """Why this dataset's unlabelled images cannot be ranked (read from disk), or None."""
-        if self.browser.masks is not None and is_stack(self.browser.masks):
-            return (
-                "Ranking unlabelled images needs the dataset in memory; this one is read from disk "
-                "frame by frame. Browse its unlabelled images and start each from the model's "
-                "prediction (Alt-L)."
-            )
-        return None
+        return RANK_NEEDS_MEMORY if self.browser.masks is not None and is_stack(self.browser.masks) else None
 
     def start(self, top: int = QUEUE_TOP):
         """Rank the unlabelled images with the current checkpoint, in a child process."""

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._label_next_model import LabelNextModel
+from ._label_next_model import RANK_NEEDS_MEMORY, LabelNextModel
 
 RANK_HINT = "Train a model (or open a run) first; then rank the unlabelled images."
 
@@ -29,7 +29,6 @@ class LabelNextPanel(QWidget):
         model.progress.connect(lambda text: self.status.setText(text))
         model.done.connect(lambda _ok: self.rank_button.setEnabled(True))
         model.browser.dataset_changed.connect(self._show_availability)
-        self._unavailable_text = None
 
     def _build(self) -> None:
         root = QVBoxLayout(self)
@@ -97,6 +96,5 @@ class LabelNextPanel(QWidget):
         self.rank_button.setEnabled(why is None and self.model.job is None)
         if why is not None:
             self.status.setText(why)
-        elif self.status.text() == self._unavailable_text:
+        elif self.status.text() == RANK_NEEDS_MEMORY:  # the dataset before could not
             self.status.setText(RANK_HINT)
-        self._unavailable_text = why

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._review_model import ImageReview, ReviewModel
+from ._review_queue import AUDIT_NEEDS_MEMORY
 
 # Alt keys: napari binds Ctrl+S (save layers) and Ctrl+Z (the paint stroke's undo).
 SHORTCUTS = (
@@ -36,7 +37,6 @@ class ReviewPanel(QWidget):
     def __init__(self, model: ReviewModel, parent=None) -> None:
         super().__init__(parent)
         self.model = model
-        self._unavailable_text = None
         self._build()
         model.image_changed.connect(self._show_image)
         model.queue_changed.connect(self._fill_queue)
@@ -154,9 +154,8 @@ class ReviewPanel(QWidget):
         self.minutes_spin.setEnabled(why is None)
         if why is not None:
             self.audit_status.setText(why)
-        elif self.audit_status.text() == self._unavailable_text:
+        elif self.audit_status.text() == AUDIT_NEEDS_MEMORY:  # the dataset before could not
             self.audit_status.setText(AUDIT_HINT)
-        self._unavailable_text = why
 
 
 def _button(row: QHBoxLayout, text: str, action) -> QPushButton:

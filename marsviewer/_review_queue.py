@@ -14,6 +14,10 @@ from ._stack import is_stack, overlay_like
 DISAGREEMENT = "model disagrees"
 QUEUE_MIN_SCORE = 0.05
 QUEUE_MAX = 500
+AUDIT_NEEDS_MEMORY = (
+    "Ranking (duplicate masks, out-of-fold models) needs the dataset in memory; "
+    "this one is read from disk frame by frame."
+)
 
 
 class ReviewQueue:
@@ -68,12 +72,7 @@ class ReviewQueue:
     # -- the audit job -------------------------------------------------------------
     def audit_unavailable(self) -> str | None:
         """Why this dataset cannot be ranked (read from disk), or None."""
-        if self.masks is not None and is_stack(self.masks):
-            return (
-                "Ranking (duplicate masks, out-of-fold models) needs the dataset in memory; "
-                "this one is read from disk frame by frame."
-            )
-        return None
+        return AUDIT_NEEDS_MEMORY if self.masks is not None and is_stack(self.masks) else None
 
     def start_audit(self, minutes: float, folds: int = 3):
         from trainer.process import AuditProcess

@@ -143,7 +143,6 @@ def predict_any(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def classes_any(
     net: torch.nn.Module,
     image: np.ndarray,
@@ -154,7 +153,7 @@ def classes_any(
     """Class ids (H, W) on ``device`` of one image of any size, as :func:`predict_any`
     gives them, for a model ready to predict (:func:`inference_model`). A whole image takes
     the argmax of its logits: the same classes as of its probabilities, without computing
-    and copying them (a fifth of a 1024x1024 frame's validation on a CPU)."""
+    and copying them."""
     if image.size > whole_pixels:
         return torch.from_numpy(predict_tiled(net, image, device, precision=precision).argmax(0)).to(device)
     with precision.autocast(device):

@@ -14,9 +14,10 @@ Layout of ``NAME.zarr``::
 
 Frames of at most 256x256 are stored many to a chunk of ~1 MB. A larger frame is a
 shard of its own (one file) cut into chunks of at most 512x512, so reading a frame
-decompresses that frame and nothing else, and a crop only the chunks it covers. ``complete`` is set last, after every frame
-is written: a store without it (a convert that stopped) is refused, and convert writes
-under ``NAME.zarr.partial`` and renames only when done.
+decompresses that frame and nothing else, and a crop only the chunks it covers.
+``complete`` is set last, after every frame is written: a store without it (a convert
+that stopped) is refused, and convert writes under ``NAME.zarr.partial`` and renames only
+when done.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ IN_MEMORY_BYTES = 1 << 30
 def chunk_layout(h: int, w: int) -> tuple[tuple[int, int, int], tuple[int, int, int] | None, int]:
     """(chunks, shards, block) of an (N, h, w) frame array. Frames of at most 256x256: many
     to a ~1 MB chunk, no shards. Larger frames: a shard (one file) a frame, cut into chunks
-    of at most 512x512, so a frame read decompresses that frame only (~10x faster to browse
-    than 16 frames to a chunk) and a crop only the chunks it covers. ``block``: the frames
+    of at most 512x512, so a frame read decompresses that frame only (not the 16 frames a
+    chunk of many would hold) and a crop only the chunks it covers. ``block``: the frames
     the writer gathers into one write (whole chunks or shards, ~16 MB at most)."""
     if h <= 256 and w <= 256:
         chunks = (max(1, (1 << 20) // (h * w)), h, w)
