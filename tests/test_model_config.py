@@ -56,6 +56,56 @@ def test_unet_options_train(opts):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def _upsample_then_reduce(model: UNet, x: torch.Tensor) -> torch.Tensor:
+    """The decoder as the U-Net was first written: upsample, then the 1x1 reduce."""
+    import torch.nn.functional as F
+
+    x = (x - 0.5) * 4.0
+    skips = []
+    for i, enc in enumerate(model.encoders):
+        x = enc(x if i == 0 else F.max_pool2d(x, 2))
+        skips.append(x)
+    x = skips.pop()
+    for i in reversed(range(model.depth)):
+        up = F.interpolate(x, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
+        x = model.decoders[i](torch.cat([skips[i], model.reduce[i](up)], dim=1))
+    return model.head(x)
+
+
+def test_reducing_before_upsampling_is_the_same_function():
+    """The decoder reduces channels before it upsamples (cheaper); the two commute, so a
+    checkpoint trained either way predicts the same."""
+    torch.manual_seed(0)
+    model = UNet(depth=3, base_width=8).eval()
+    for m in model.reduce:
+        m.bias.data.uniform_(-1, 1)  # a bias commutes too: the interpolation weights sum to 1
+    x = torch.rand(2, 1, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _upsample_then_reduce(model, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_skip_concatenation_gradients(channels_last):
+    """The decoder's concatenation gives each input its own gradient (the right part of
+    it), in the layout the network runs in rather than a strided slice."""
+    from trainer.model import _cat_channels
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    a = torch.rand(2, 3, 4, 5).contiguous(memory_format=fmt).requires_grad_()
+    b = torch.rand(2, 6, 4, 5).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.rand(2, 9, 4, 5).contiguous(memory_format=fmt)
+    out = _cat_channels(a, b)
+    assert torch.equal(out, torch.cat([a, b], dim=1))
+    # autograd.grad gives the gradients as the op returns them (.grad would be re-laid out
+    # to match the leaf)
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    assert torch.equal(ga, g[:, :3]) and torch.equal(gb, g[:, 3:])
+    assert ga.is_contiguous(memory_format=fmt) and gb.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(
+        _cat_channels, (a.detach().double().requires_grad_(), b.detach().double().requires_grad_())
+    )
+
+
 @pytest.mark.parametrize("opts", [dict(), dict(residual=True, squeeze_excitation=True, attention_gates=True)])
 def test_folded_batch_norm_predicts_what_the_model_does(opts):
     torch.manual_seed(0)
