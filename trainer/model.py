@@ -95,7 +95,8 @@ class _ChannelCat(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cl = grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
         fmt = torch.channels_last if cl else torch.contiguous_format
-        return grad[:, : ctx.split].contiguous(memory_format=fmt), grad[:, ctx.split :].contiguous(memory_format=fmt)
+        a, b = grad[:, : ctx.split], grad[:, ctx.split :]
+        return a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
 
 
 def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
