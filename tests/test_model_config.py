@@ -60,11 +60,7 @@ def _upsample_then_reduce(model: UNet, x: torch.Tensor) -> torch.Tensor:
     """The decoder as the U-Net was first written: upsample, then the 1x1 reduce."""
     import torch.nn.functional as F
 
-    x = (x - 0.5) * 4.0
-    skips = []
-    for i, enc in enumerate(model.encoders):
-        x = enc(x if i == 0 else F.max_pool2d(x, 2))
-        skips.append(x)
+    skips = model.encode(x)
     x = skips.pop()
     for i in reversed(range(model.depth)):
         up = F.interpolate(x, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)

@@ -134,6 +134,17 @@ class UNet(nn.Module):
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's output at each level, finest first, for an input whose size is a
+        multiple of 2**depth."""
+        # Fixed normalisation inside the model, so a checkpoint is self-contained.
+        x = (x - 0.5) * 4.0
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        return skips
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         m = 2**self.depth
@@ -141,12 +152,7 @@ class UNet(nn.Module):
         if pad_h or pad_w:
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        # Fixed normalisation inside the model, so a checkpoint is self-contained.
-        x = (x - 0.5) * 4.0
-        skips = []
-        for i, enc in enumerate(self.encoders):
-            x = enc(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
+        skips = self.encode(x)
         x = skips.pop()
         for i in reversed(range(self.depth)):
             skip = skips[i]
