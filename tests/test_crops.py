@@ -161,3 +161,46 @@ def test_training_from_disk_takes_corrections(stored, tmp_path):
     run.reload_corrections()
     images, masks = run.crops.read(run.crops.plan(0, 0))
     assert (masks[:, :96, :160] == 3).all() and 5 not in run.crops.rows
+
+
+def test_a_budget_estimates_a_validation_of_frames_by_their_pixels(tmp_path, monkeypatch):
+    """Before its first validation, a budgeted run times one frame of its split (after one
+    that warms up) and scales by pixels: on a clock that the test moves by a second per
+    thousand pixels validated, the estimate is the whole split's time to the second."""
+    from PIL import Image
+
+    from trainer import epoch_end
+    from trainer.control import TrainControl
+    from trainer.engine import _Trainer
+
+    rng = np.random.default_rng(0)
+    shapes = [(40, 64), (64, 96), (48, 48), (96, 64), (40, 40), (64, 64), (80, 48), (32, 96)]
+    for k, shape in enumerate(shapes):
+        for kind, high in (("images", 256), ("masks", 5)):
+            (tmp_path / "src" / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, high, shape, dtype=np.uint8)).save(
+                tmp_path / "src" / kind / f"{k}.png"
+            )
+    convert(tmp_path / "src", tmp_path / "d.zarr")
+    s = open_dataset(tmp_path / "d.zarr", lazy=True)
+    assert isinstance(s, StoredDataset) and not s.uniform
+    now = {"t": 0.0}
+    real = epoch_end.frames_confusion
+
+    def slow(model, stored, rows, *args, **kwargs):
+        for i in rows:
+            now["t"] += stored.image(int(i)).size / 1000
+        return (yield from real(model, stored, rows, *args, **kwargs))
+
+    monkeypatch.setattr(epoch_end, "frames_confusion", slow)
+    cfg = TrainConfig(
+        depth=2, base_width=8, epochs=0, minutes=1.0, batch_size=2, tile=32, val_fraction=0.5, device="cpu"
+    )
+    run = _Trainer(s, cfg, None, TrainControl(clock=lambda: now["t"]), None, None)
+    run.estimate_validation()
+    whole = sum(s.image(int(i)).size for i in run.val_idx) / 1000
+    first = s.image(int(run.val_idx[0])).size / 1000
+    assert len(run.val_idx) >= 3 and len({s.image(int(i)).shape for i in run.val_idx}) >= 2
+    assert run.validation_s == pytest.approx(whole) and now["t"] == pytest.approx(
+        first + s.image(int(run.val_idx[1])).size / 1000
+    )

@@ -211,15 +211,16 @@ def test_a_time_budget_holds_its_final_validation_too(data, monkeypatch, budget)
     """A budget ends its training early by the last validation's length, so that the
     final validation fits in it too (on frames from disk it takes minutes), and ends on
     an epoch's validation when another would not fit. On a clock that the test moves:
-    each step takes 1 s, each validation 5 s."""
+    each step takes 1 s, validating 1 s an image (5 images: 5 s; 2 s for the estimate
+    before the first)."""
     import trainer.epoch_end as epoch_end
 
     now = {"t": 0.0}
     real = epoch_end.confusion_on
 
-    def slow(*args, **kwargs):
-        now["t"] += 5.0
-        return real(*args, **kwargs)
+    def slow(model, images, masks, indices, *args, **kwargs):
+        now["t"] += len(indices)
+        return real(model, images, masks, indices, *args, **kwargs)
 
     monkeypatch.setattr(epoch_end, "confusion_on", slow)
     control = TrainControl(clock=lambda: now["t"])
@@ -233,6 +234,36 @@ def test_a_time_budget_holds_its_final_validation_too(data, monkeypatch, budget)
     assert e.kind == "finished" and e.reason == "time budget"
     assert len(validated) >= 2 and validated[-1] <= budget + 1, validated  # one step of slack
     assert max(progress) <= 1.0 + 1 / budget
+
+
+def test_a_budget_shorter_than_an_epoch_holds_its_only_validation(data, monkeypatch):
+    """Before the first validation there is no last one to go by: the run validates a
+    little of the split first and scales its time. On a clock that the test moves: each
+    step takes 1 s, validating takes 1 s an image (5 images: the estimate validates one
+    to warm up and times one), an epoch 22 steps."""
+    import trainer.epoch_end as epoch_end
+
+    now = {"t": 0.0}
+    real = epoch_end.confusion_on
+
+    def slow(model, images, masks, indices, *args, **kwargs):
+        now["t"] += len(indices)
+        return real(model, images, masks, indices, *args, **kwargs)
+
+    monkeypatch.setattr(epoch_end, "confusion_on", slow)
+    control = TrainControl(clock=lambda: now["t"])
+    budget, validated, steps = 20, [], 0
+    cfg = preset("tiny").replace(epochs=0, minutes=budget / 60, batch_size=2)
+    for e in fit(data, cfg, control=control):
+        if e.kind == "step":
+            now["t"] += 1.0
+            steps += 1
+        elif e.kind == "validation":
+            validated.append(now["t"])
+    assert e.kind == "finished" and e.reason == "time budget"
+    assert e.epoch == 0 and steps < 22 and len(validated) == 1
+    assert validated[0] <= budget + 1, validated  # one step of slack
+    assert steps >= budget - 2 - 5 - 1  # the estimate and the validation, not more, held back
 
 
 def test_early_stopping(data, monkeypatch):
@@ -559,3 +590,17 @@ def test_a_labelled_unlabelled_image_joins_the_next_epoch(tmp_path):
     assert updates[1].train_images == updates[0].train_images + 1 == updates[2].train_images + 1
     with pytest.raises(IndexError):
         store.save_mask(len(ds) + 4, np.zeros(ds.image_shape, np.uint8))  # past the pool
+
+
+def test_prediction_batches_hold_about_as_many_pixels(tmp_path):
+    """32 images of 64x128 a batch, fewer of larger ones (768x768 frames ran 2.3x slower
+    per pixel 32 at a time than one at a time), and validation batches follow."""
+    from trainer.engine import _Trainer
+    from trainer.inference import predict_batch
+
+    assert [predict_batch(s) for s in [(64, 128), (5, 256, 256), (768, 768), (32, 32), (4000, 3000)]] == [
+        32, 4, 1, 64, 1,
+    ]  # fmt: skip
+    big = generate(12, 0, seed=0, shape=(256, 256)).dataset
+    run = _Trainer(big, preset("tiny").replace(device="cpu"), None, TrainControl(), None, None)
+    assert run._val_batch() == 4

@@ -52,7 +52,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .formats import StoredDataset
-    from .inference import confusion_on
+    from .inference import confusion_on, predict_batch
     from .metrics import nan_to_none
     from .tiling import frames_confusion
 
@@ -72,7 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         images = torch.from_numpy(dataset.images).to(device)
         masks = torch.from_numpy(dataset.masks).to(device)
-        result = confusion_on(model, images, masks, idx, args.batch_size, dist, precision).compute()
+        batch = args.batch_size or predict_batch(images.shape)
+        result = confusion_on(model, images, masks, idx, batch, dist, precision).compute()
     result["images"] = len(idx)
     if not dist.is_main:
         return 0
@@ -262,7 +263,10 @@ def register(sub) -> None:
             help="auto: bf16 on GPUs and on CPUs that compute bf16 natively, else fp32",
         )
         q.add_argument(
-            "--batch-size", type=positive_int, default=PREDICT_BATCH, help=f"default {PREDICT_BATCH}"
+            "--batch-size",
+            type=positive_int,
+            help=f"images per forward pass; default {PREDICT_BATCH} of 64x128, as many pixels for "
+            "other sizes (one at a time from 512x512 up)",
         )
         if splits:
             q.add_argument(

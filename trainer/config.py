@@ -19,9 +19,11 @@ def _opt(default, help: str, choices: tuple | None = None, **kw):
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
 
 
-# Images per forward pass when predicting: larger batches stop paying once a batch's
-# activations leave the CPU's caches (bench/train_throughput.py measures predict_img_s).
+# Images per forward pass when predicting 64x128 images: larger batches stop paying once a
+# batch's activations leave the CPU's caches (bench/train_throughput.py measures
+# predict_img_s). Larger images go fewer to a batch, about as many pixels (inference.predict_batch).
 PREDICT_BATCH = 32
+PREDICT_PIXELS = PREDICT_BATCH * 64 * 128
 
 LOSS_NAMES = ("ce", "focal", "dice", "tversky", "focal_tversky", "lovasz")
 

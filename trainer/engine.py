@@ -112,9 +112,11 @@ class _Trainer(EpochSteps, EpochEnd):
         self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.budget_s = cfg.minutes * 60
-        # The last validation's length on the budget's clock: a budget ends its training that
-        # much early, so that the final validation fits in it too (frames from disk: minutes).
+        # The last validation's length on the budget's clock (before the first, an estimate:
+        # estimate_validation): a budget ends its training that much early, so that the
+        # final validation fits in it too (frames from disk: minutes).
         self.validation_s = 0.0
+        self.validation_timed = False  # by a validation or an estimate, on every rank alike
         self.t0 = time.perf_counter() - self.state.elapsed_s
         self.paused_s = 0.0  # time held by control.pause: neither run time nor budget
         self.clock0 = control.clock() if control.clock is not None else 0.0
@@ -233,6 +235,8 @@ def fit(
                 update = run.reload_corrections()
                 if update is not None:
                     yield run.emit(update)
+                if run.budget_s and not run.validation_timed:
+                    run.estimate_validation()
                 if (yield from run.run_epoch()):
                     return
                 reason = yield from run.end_of_epoch()

@@ -14,9 +14,9 @@ import torch
 from . import events as ev
 from .checkpoint import save_checkpoint
 from .classes import NUM_CLASSES
-from .config import PREDICT_BATCH, TrainConfig
+from .config import TrainConfig
 from .dataset import DatasetError
-from .inference import confusion_on, predict_arrays
+from .inference import confusion_on, predict_arrays, predict_batch
 from .stats import class_presence
 from .tiling import frames_confusion, predict_any
 
@@ -79,7 +79,7 @@ class EpochEnd:
         self.peers.agree(problem)
         cm.all_reduce()
         result = cm.compute()
-        self.validation_s = self.used() - began
+        self.validation_s, self.validation_timed = self.used() - began, True
         miou = result["miou"]
         improved = not math.isnan(miou) and miou > st.best
         if improved:
@@ -102,6 +102,48 @@ class EpochEnd:
         if self.preview_due(epoch_end=True):
             yield self.emit(self.preview())
         return True
+
+    def estimate_validation(self) -> None:
+        """Before a time budget's first validation, what it will take: a little of this
+        process's share is validated on the budget's clock and scaled to the whole share
+        (by images, or by pixels for frames from disk). Without it, a budget shorter than
+        an epoch ended its training on time and then ran the final validation past the
+        end (on frames from disk, minutes). A few images (a frame from disk) warm up (the
+        kernels, the folded model), as many more are timed: about 5% of the share."""
+        mine = np.asarray(self.val_idx)[self.dist.rank :: self.dist.world]
+        if self.stored is not None:
+            size, k = self.stored.sizes[mine].astype(np.float64).prod(axis=1), 1
+
+            def run(rows):
+                for _ in frames_confusion(
+                    self.model, self.stored, rows, self.device, self.precision, reduce=False
+                ):
+                    pass
+
+        else:
+            size, b = np.ones(len(mine)), self._val_batch()
+            k = min(b, -(-len(mine) // 40))  # whole frames held in memory can be large
+
+            def run(rows):
+                confusion_on(
+                    self.model, self.images, self.masks, rows, b, precision=self.precision, reduce=False
+                )
+
+        parts = [slice(0, k), slice(k, 2 * k)] if len(mine) > k else [slice(0, k)] if len(mine) else []
+        problem = None
+        try:
+            for part in parts:
+                began = self.used()
+                run(mine[part])
+                took = self.used() - began
+        except Exception as exc:
+            if not self.peers.active:
+                raise
+            problem = describe_failure(exc, self.cfg)
+        self.peers.agree(problem)  # every rank comes here, an empty share included
+        if parts:
+            self.validation_s = float(took * size.sum() / size[parts[-1]].sum())
+        self.validation_timed = True
 
     def _with_progress(self, frames) -> Iterator[ev.Event]:
         """Run ``frames`` (yielding this process's frames done, and its share) to the end
@@ -138,9 +180,14 @@ class EpochEnd:
 
     def _val_batch(self) -> int:
         """Images per validation forward pass: on a CPU the batch at which prediction
-        runs fastest (its activations stay in the caches), elsewhere twice the training
-        batch (no gradients to hold)."""
-        return PREDICT_BATCH if self.device.type == "cpu" else 2 * self.cfg.batch_size
+        runs fastest (:func:`~trainer.inference.predict_batch`: its activations stay in
+        the caches), elsewhere twice the training batch's pixels (no gradients to hold;
+        whole frames held in memory can be far larger than the crops trained on)."""
+        shape = self.images.shape[-2:]
+        if self.device.type == "cpu":
+            return predict_batch(shape)
+        trained = self.cfg.tile**2 if self.crops is not None else shape[0] * shape[1]
+        return max(1, 2 * self.cfg.batch_size * trained // (shape[0] * shape[1]))
 
     def save(self, which: str, miou: float | None = None) -> Iterator[ev.Event]:
         """Write ``best`` or ``last`` after checking that every tensor is finite; a
