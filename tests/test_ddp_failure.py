@@ -40,9 +40,9 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
 
         ticks = {"n": 0}
 
-        def clock():
+        def clock():  # the ranks' clocks differ by a little, as real ones do
             ticks["n"] += 1
-            return 1e6 if rank == 1 and ticks["n"] > fail_at else 0.0
+            return 1e6 if rank == 1 and ticks["n"] > fail_at else 0.01 * ticks["n"] * (1 + rank / 10)
 
         control = TrainControl(clock=clock)
     elif mode == "corrections":  # the store read a moment apart: rank 1 sees 5 more exclusions
@@ -91,6 +91,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
     said = {"kind": last.kind, "message": getattr(last, "message", ""), "step": last.step}
     said["updates"] = [[e.excluded, e.train_images] for e in events if e.kind == "data_update"]
     said["validated"] = [e.images for e in events if e.kind == "validation"]
+    said["lr"] = [e.lr for e in events if e.kind == "step"]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(said, f)
     shutdown_distributed(wait_for_peers=True)
@@ -131,9 +132,12 @@ def test_a_failing_rank_ends_every_rank_with_the_same_failed_event(tmp_path, mod
 
 def test_a_time_budget_ends_every_rank_at_the_same_step(tmp_path):
     """Each rank measures the budget on its own clock; where one runs out first, every
-    rank stops at that step and finishes alike (alone, it would leave its peer waiting)."""
+    rank stops at that step and finishes alike (alone, it would leave its peer waiting).
+    The learning rate follows the budget's progress: the same on every rank, by the
+    latest of their clocks (on its own, each rank's weights would drift from the others')."""
     said = _two_ranks(tmp_path, "budget", 12)
     assert said[0] == said[1] and said[0]["kind"] == "finished", said
+    assert len(set(said[0]["lr"])) >= 2  # a schedule, not a constant
     assert _written(tmp_path)[-1]["reason"] == "time budget"
 
 

@@ -215,6 +215,23 @@ class Peers:
             raise TrainingFailure("; ".join(f"rank {r}: {m}" for r, m in enumerate(said) if m is not None))
         return bool(flags[1])
 
+    def stop_and_clock(self, stop: bool, clock: float) -> tuple[bool, float]:
+        """Whether any rank asked to ``stop``, and the latest of the ranks' ``clock``
+        readings, in one collective: a time budget's progress (and so the learning rate
+        of the step) is then the same on every rank, whose clocks differ by a little."""
+        if not self.active:
+            return stop, clock
+        import torch.distributed as dist
+
+        both = torch.tensor([float(stop), clock], dtype=torch.float64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(both[0]), float(both[1])
+
+    def latest(self, seconds: float) -> float:
+        """The largest of the ranks' ``seconds`` (a validation's length: the slowest
+        rank's is what a budget must leave room for)."""
+        return self.stop_and_clock(False, seconds)[1]
+
 
 def shutdown_distributed(wait_for_peers: bool = True) -> None:
     """Leave the process group.

@@ -117,6 +117,7 @@ class _Trainer(EpochSteps, EpochEnd):
         # final validation fits in it too (frames from disk: minutes).
         self.validation_s = 0.0
         self.validation_timed = False  # by a validation or an estimate, on every rank alike
+        self.step_clock = 0.0  # the budget's clock at the step's start, agreed by the ranks
         self.t0 = time.perf_counter() - self.state.elapsed_s
         self.paused_s = 0.0  # time held by control.pause: neither run time nor budget
         self.clock0 = control.clock() if control.clock is not None else 0.0

@@ -79,7 +79,7 @@ class EpochEnd:
         self.peers.agree(problem)
         cm.all_reduce()
         result = cm.compute()
-        self.validation_s, self.validation_timed = self.used() - began, True
+        self.validation_s, self.validation_timed = self.peers.latest(self.used() - began), True
         miou = result["miou"]
         improved = not math.isnan(miou) and miou > st.best
         if improved:
@@ -141,9 +141,8 @@ class EpochEnd:
                 raise
             problem = describe_failure(exc, self.cfg)
         self.peers.agree(problem)  # every rank comes here, an empty share included
-        if parts:
-            self.validation_s = float(took * size.sum() / size[parts[-1]].sum())
-        self.validation_timed = True
+        estimate = float(took * size.sum() / size[parts[-1]].sum()) if parts else 0.0
+        self.validation_s, self.validation_timed = self.peers.latest(estimate), True
 
     def _with_progress(self, frames) -> Iterator[ev.Event]:
         """Run ``frames`` (yielding this process's frames done, and its share) to the end

@@ -40,9 +40,11 @@ class EpochSteps:
         )
         return torch.as_tensor(self.train_idx)[draws[self.dist.rank :: self.dist.world]].to(self.device)
 
-    def _progress(self) -> float:
-        if self.budget_s:  # the final validation included
-            return (self.used() + self.validation_s) / self.budget_s
+    def _progress(self, clock: float | None = None) -> float:
+        """How far the run is, in [0, 1]: by steps, or by the budget's ``clock`` (default
+        now) with the final validation included."""
+        if self.budget_s:
+            return ((self.used() if clock is None else clock) + self.validation_s) / self.budget_s
         return self.state.step / max(self.total_steps, 1)
 
     def train_step(self, images_u8: torch.Tensor, masks_u8: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,7 @@ class EpochSteps:
             x, y = to_input(images_u8, self.device), masks_u8  # the loss takes uint8 targets
             if cfg.augment:
                 x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
-            self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress())
+            self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress(self.step_clock))
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
             with self.precision.autocast(self.device):
@@ -107,7 +109,8 @@ class EpochSteps:
                 control.poll()
             if control.paused:
                 yield from self.hold()
-            if self.peers.agree(None, control.stop_requested):
+            stop, self.step_clock = self.peers.stop_and_clock(control.stop_requested, self.used())
+            if stop:  # the learning rate follows the agreed clock: the same on every rank
                 yield from self.stop()
                 return True
             k = st.batch
