@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.conftest import hand_masks
 from trainer.stats import class_presence, dataset_stats, duplicate_mask_groups, format_stats, mask_stats
@@ -86,3 +87,20 @@ def test_duplicate_groups_largest_first():
         {"size": 3, "indices": [0, 2, 6]},
         {"size": 2, "indices": [1, 5]},
     ]
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 99, 10**6])
+def test_class_counts_and_presence_in_chunks(monkeypatch, chunk):
+    """Counted a chunk of pixels (of whole images) at a time, the same as image by image;
+    values outside the classes (255) are not counted."""
+    from trainer import stats
+
+    rng = np.random.default_rng(3)
+    masks = rng.integers(0, 3, (7, 9, 11)).astype(np.uint8)
+    masks[2, 4, 5], masks[6, 0, 0] = 4, 3
+    masks[5] = 255
+    masks[5, 1, 1] = 1
+    monkeypatch.setattr(stats, "CHUNK_PIXELS", chunk)
+    want = np.array([[(m == c).any() for c in range(5)] for m in masks])
+    np.testing.assert_array_equal(stats.class_presence(masks), want)
+    np.testing.assert_array_equal(stats.class_pixel_counts(masks), [(masks == c).sum() for c in range(5)])
