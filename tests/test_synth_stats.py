@@ -105,3 +105,8 @@ def test_class_counts_and_presence_in_chunks(monkeypatch, chunk):
     np.testing.assert_array_equal(stats.class_presence(masks), want)
     np.testing.assert_array_equal(stats.class_pixel_counts(masks), [(masks == c).sum() for c in range(5)])
     assert stats.class_presence(masks[:0]).shape == (0, 5) and not stats.class_pixel_counts(masks[:0]).any()
+    rows = np.array([6, 2, 5, 0])
+    picked = masks[rows]
+    np.testing.assert_array_equal(
+        stats.class_pixel_counts(masks, rows), [(picked == c).sum() for c in range(5)]
+    )

@@ -148,7 +148,7 @@ class _Trainer(EpochSteps, EpochEnd):
         pixels = (
             self.stored.class_pixels[self.train_idx].sum(axis=0)
             if self.stored is not None
-            else class_pixel_counts(self.dataset.masks[self.train_idx])
+            else class_pixel_counts(self.dataset.masks, self.train_idx)
         )
         weights = frequency_class_weights(pixels, cfg.background_weight, cfg.class_weighting)
         self.criterion = SegmentationLoss(parse_loss_spec(cfg.loss), weights, LossParams.from_config(cfg)).to(

@@ -44,12 +44,19 @@ class DatasetStats:
 CHUNK_PIXELS = 1 << 22
 
 
-def class_pixel_counts(masks: np.ndarray) -> np.ndarray:
-    """Pixels of each class over all masks: an int64 array of length ``NUM_CLASSES``
-    (values outside the classes, such as 255, are not counted). Memory stays bounded:
-    a chunk of :data:`CHUNK_PIXELS` at a time."""
-    flat = masks.reshape(-1)
+def class_pixel_counts(masks: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of each class over all masks (or those of ``rows``): an int64 array of length
+    ``NUM_CLASSES`` (values outside the classes, such as 255, are not counted). Memory
+    stays bounded: about :data:`CHUNK_PIXELS` at a time, ``rows`` included (no copy of
+    the masks they pick)."""
     counts = np.zeros(NUM_CLASSES, np.int64)
+    if rows is not None:
+        rows = np.asarray(rows)
+        step = max(1, CHUNK_PIXELS // max(int(np.prod(masks.shape[1:])), 1))
+        for start in range(0, len(rows), step):
+            counts += class_pixel_counts(masks[rows[start : start + step]])
+        return counts
+    flat = masks.reshape(-1)
     for start in range(0, flat.size, CHUNK_PIXELS):
         counts += np.bincount(flat[start : start + CHUNK_PIXELS], minlength=NUM_CLASSES)[:NUM_CLASSES]
     return counts
