@@ -132,7 +132,9 @@ def test_audit_job_ranks_with_a_compute_budget(small_sample):
 
 def test_pause_holds_training_between_steps_but_answers_previews(tmp_path):
     """The cooperative pause (used where a child cannot be suspended): no steps while
-    paused, a preview still answered, and the run goes on by itself afterwards."""
+    paused, a preview still answered, and the run goes on by itself afterwards. The pause
+    starts when the run has started (its start-up, imports included, can outlast a pause
+    set before it), from the consumer of its events: before the generator takes a step."""
     import threading
 
     from trainer.control import TrainControl
@@ -142,20 +144,23 @@ def test_pause_holds_training_between_steps_but_answers_previews(tmp_path):
     ds = generate(20, 0, seed=1).dataset
     control = TrainControl(preview_indices=[2])
     kinds: list[tuple[float, str]] = []
+    started, paused_at = threading.Event(), []
 
     def run() -> None:
         for e in fit(ds, preset("tiny").replace(epochs=3, log_every=1), control=control):
             kinds.append((time.monotonic(), e.kind))
+            if e.kind == "started":
+                paused_at.append(time.monotonic())
+                control.pause(1.0)
+                started.set()
 
-    control.pause(1.0)
-    t0 = time.monotonic()
     worker = threading.Thread(target=run)
     worker.start()
-    time.sleep(0.5)
+    assert started.wait(60)
     control.request_preview([5])
     worker.join(timeout=60)
     steps = [t for t, k in kinds if k == "step"]
     previews = [t for t, k in kinds if k == "preview"]
-    assert steps and steps[0] - t0 >= 0.95  # no step before the pause ran out
+    assert steps and steps[0] - paused_at[0] >= 1.0  # no step before the pause ran out
     assert previews and previews[0] < steps[0]  # the preview was answered while paused
     assert kinds[-1][1] == "finished"

@@ -82,7 +82,13 @@ def train_job(
 
 
 def predict_job(
-    control, emit, spec: DatasetSpec, checkpoint: str, device: str, batch_size: int, confidence: bool = False
+    control,
+    emit,
+    spec: DatasetSpec,
+    checkpoint: str,
+    device: str,
+    batch_size: int | None,
+    confidence: bool = False,
 ) -> None:
     """Masks and entropy maps (and, with ``confidence``, the predicted class's
     probability) of the labelled images, then the unlabelled ones."""

@@ -293,9 +293,11 @@ class PredictionProcess(ChildJob):
         spec: DatasetSpec,
         checkpoint: str,
         device: str = "auto",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         confidence: bool = False,
     ) -> None:
+        """``batch_size``: images per forward pass; by default as many pixels as 32
+        images of 64x128 (:func:`~trainer.inference.predict_batch`)."""
         super().__init__(predict_job, spec, checkpoint, device, batch_size, confidence)
 
 
