@@ -118,6 +118,7 @@ class _Trainer(EpochSteps, EpochEnd):
         self.validation_s = 0.0
         self.validation_timed = False  # by a validation or an estimate, on every rank alike
         self.step_clock = 0.0  # the budget's clock at the step's start, agreed by the ranks
+        self.step_s = 0.0  # the last step's length on that clock, start to start
         self.t0 = time.perf_counter() - self.state.elapsed_s
         self.paused_s = 0.0  # time held by control.pause: neither run time nor budget
         self.clock0 = control.clock() if control.clock is not None else 0.0
@@ -186,7 +187,8 @@ class _Trainer(EpochSteps, EpochEnd):
         return self.elapsed()
 
     def out_of_time(self) -> bool:
-        return bool(self.budget_s) and self.used() + self.validation_s > self.budget_s
+        """Whether another step and then the final validation would end past the budget."""
+        return bool(self.budget_s) and self.used() + self.step_s + self.validation_s > self.budget_s
 
     def _sample_weights(self) -> torch.Tensor:
         return torch.as_tensor(oversampling_weights(self.presence[self.train_idx], self.cfg.oversample))

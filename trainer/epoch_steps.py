@@ -104,12 +104,16 @@ class EpochSteps:
         cfg, st, control = self.cfg, self.state, self.control
         self.train_model.train()
         loss_sum, loss_n, t_log, n_log = torch.zeros((), device=self.device), 0, time.perf_counter(), 0
+        previous = None  # the last step's start on the budget's clock, in this epoch
         while st.batch < self.steps_per_epoch:
             if control.poll is not None:
                 control.poll()
             if control.paused:
                 yield from self.hold()
             stop, self.step_clock = self.peers.stop_and_clock(control.stop_requested, self.used())
+            if previous is not None:  # a budget leaves room for one more step like the last
+                self.step_s = self.step_clock - previous
+            previous = self.step_clock
             if stop:  # the learning rate follows the agreed clock: the same on every rank
                 yield from self.stop()
                 return True
