@@ -206,13 +206,9 @@ def test_minutes_budget_stops_on_time(data):
     assert events[-1].seconds < 10
 
 
-@pytest.mark.parametrize("budget", [30, 35])  # an epoch ends mid-way in one, before a validation in the other
-def test_a_time_budget_holds_its_final_validation_too(data, monkeypatch, budget):
-    """A budget ends its training early by the last validation's length, so that the
-    final validation fits in it too (on frames from disk it takes minutes), and ends on
-    an epoch's validation when another would not fit. On a clock that the test moves:
-    each step takes 1 s, validating 1 s an image (5 images: 5 s; 2 s for the estimate
-    before the first)."""
+def _budget_run(data, monkeypatch, cfg):
+    """``fit`` on a clock that the test moves: each step takes 1 s, validating 1 s an
+    image. Returns the last event, the clock at each validation, and each step's progress."""
     import trainer.epoch_end as epoch_end
 
     now = {"t": 0.0}
@@ -223,47 +219,39 @@ def test_a_time_budget_holds_its_final_validation_too(data, monkeypatch, budget)
         return real(model, images, masks, indices, *args, **kwargs)
 
     monkeypatch.setattr(epoch_end, "confusion_on", slow)
-    control = TrainControl(clock=lambda: now["t"])
     validated, progress = [], []
-    for e in fit(data, preset("tiny").replace(epochs=0, minutes=budget / 60), control=control):
+    for e in fit(data, cfg, control=TrainControl(clock=lambda: now["t"])):
         if e.kind == "step":
             now["t"] += 1.0
             progress.append(e.progress)
         elif e.kind == "validation":
             validated.append(now["t"])
     assert e.kind == "finished" and e.reason == "time budget"
+    return e, validated, progress
+
+
+@pytest.mark.parametrize("budget", [30, 35])  # an epoch ends mid-way in one, before a validation in the other
+def test_a_time_budget_holds_its_final_validation_too(data, monkeypatch, budget):
+    """A budget stops training when one more step and the final validation would not fit
+    (on frames from disk a validation takes minutes), and ends on an epoch's validation
+    when another would not fit. Validating the 5 images takes 5 s; the estimate before
+    the first, 2 s."""
+    cfg = preset("tiny").replace(epochs=0, minutes=budget / 60)
+    _, validated, progress = _budget_run(data, monkeypatch, cfg)
     assert len(validated) >= 2 and validated[-1] <= budget, validated
     assert max(progress) <= 1.0 + 1 / budget
 
 
 def test_a_budget_shorter_than_an_epoch_holds_its_only_validation(data, monkeypatch):
     """Before the first validation there is no last one to go by: the run validates a
-    little of the split first and scales its time. On a clock that the test moves: each
-    step takes 1 s, validating takes 1 s an image (5 images: the estimate validates one
-    to warm up and times one), an epoch 22 steps."""
-    import trainer.epoch_end as epoch_end
-
-    now = {"t": 0.0}
-    real = epoch_end.confusion_on
-
-    def slow(model, images, masks, indices, *args, **kwargs):
-        now["t"] += len(indices)
-        return real(model, images, masks, indices, *args, **kwargs)
-
-    monkeypatch.setattr(epoch_end, "confusion_on", slow)
-    control = TrainControl(clock=lambda: now["t"])
-    budget, validated, steps = 20, [], 0
+    little of the split first and scales its time (5 images: the estimate validates one to
+    warm up and times one). An epoch is 22 steps."""
+    budget = 20
     cfg = preset("tiny").replace(epochs=0, minutes=budget / 60, batch_size=2)
-    for e in fit(data, cfg, control=control):
-        if e.kind == "step":
-            now["t"] += 1.0
-            steps += 1
-        elif e.kind == "validation":
-            validated.append(now["t"])
-    assert e.kind == "finished" and e.reason == "time budget"
-    assert e.epoch == 0 and steps < 22 and len(validated) == 1
+    last, validated, progress = _budget_run(data, monkeypatch, cfg)
+    assert last.epoch == 0 and len(progress) < 22 and len(validated) == 1
     assert validated[0] <= budget, validated
-    assert steps >= budget - 2 - 5 - 1  # the estimate and the validation, not more, held back
+    assert len(progress) >= budget - 2 - 5 - 1  # the estimate and the validation, not more, held back
 
 
 def test_early_stopping(data, monkeypatch):
