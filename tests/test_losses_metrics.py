@@ -120,6 +120,44 @@ def test_losses_have_gradients(two_pixels):
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize(
+    "terms",
+    [
+        [("ce", 1.0), ("dice", 1.0)],
+        [("tversky", 1.0)],
+        [("focal_tversky", 1.0)],
+        [("focal", 1.0), ("dice", 0.5)],
+    ],
+)
+def test_loss_gradients_against_finite_differences(terms, channels_last):
+    """The softmax terms' backward is written out (``_SoftmaxTerms``): the gradient of each
+    loss through it against finite differences, in float64, with ignored pixels, a class of
+    weight 0 and a class absent from the batch, in both memory layouts."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64) * 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (2, 3, 4))  # class 4 absent
+    y[0, 0] = IGNORE_INDEX
+    loss = SegmentationLoss(terms, [0.0, 1.0, 2.0, 0.0, 1.5])
+    assert torch.autograd.gradcheck(lambda z: loss(z, y), (x.requires_grad_(),))
+
+
+@pytest.mark.parametrize("outputs", ["own", "total", "both"])
+def test_softmax_terms_gradients_against_finite_differences(outputs):
+    """Either of the two outputs alone (the other's gradient never arrives) and both."""
+    from trainer.losses import _SoftmaxTerms
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    target, counted = torch.randint(0, 5, (2, 3, 4)), (torch.rand(2, 3, 4) > 0.3).double()
+    pick = {"own": lambda o: o[0], "total": lambda o: o[1], "both": lambda o: o}[outputs]
+    assert torch.autograd.gradcheck(
+        lambda z: pick(_SoftmaxTerms.apply(z, target, counted)), (x.requires_grad_(),)
+    )
+
+
 def test_frequency_class_weights():
     w = frequency_class_weights([100, 400, 100, 100, 16], background_weight=0.0)
     assert w[0] == 0.0 and w[1] == pytest.approx(1.0)
