@@ -120,7 +120,7 @@ class _Batch:
         self.num_classes = logits.shape[1]
         self.w = _weights(class_weights, self.num_classes, logits.device)
         self.pw, self.safe = _pixel_weights(target, self.w)
-        self._terms = self._logp = self._probs = self._counted = None
+        self._terms = self._logp = self._probs = self._counted = self._logp_own = None
 
     @property
     def counted(self) -> torch.Tensor:
@@ -155,9 +155,11 @@ class _Batch:
         """(B, H, W) log-probability of each pixel's own class (that of class 0 for
         ignored pixels, whose weight is 0). Without overlap terms, autograd's log-softmax
         and gather are as fast (the class sums would be computed for nothing)."""
-        if not self.counts:
-            return self.logp.gather(1, self.safe[:, None]).squeeze(1)
-        return self._softmax_terms()[0]
+        if self.counts:
+            return self._softmax_terms()[0]
+        if self._logp_own is None:  # gathered once for every term: each gather's backward is a scatter
+            self._logp_own = self.logp.gather(1, self.safe[:, None]).squeeze(1)
+        return self._logp_own
 
     def weighted_mean(self, per_pixel: torch.Tensor) -> torch.Tensor:
         return (per_pixel * self.pw).sum() / self.pw.sum().clamp_min(1e-6)
