@@ -135,7 +135,7 @@ def test_a_time_budget_ends_every_rank_at_the_same_step(tmp_path):
     rank stops at that step and finishes alike (alone, it would leave its peer waiting).
     The learning rate follows the budget's progress: the same on every rank, by the
     latest of their clocks (on its own, each rank's weights would drift from the others')."""
-    said = _two_ranks(tmp_path, "budget", 12)
+    said = _two_ranks(tmp_path, "budget", 20)
     assert said[0] == said[1] and said[0]["kind"] == "finished", said
     assert len(set(said[0]["lr"])) >= 2  # a schedule, not a constant
     assert _written(tmp_path)[-1]["reason"] == "time budget"

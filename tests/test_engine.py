@@ -206,13 +206,15 @@ def test_minutes_budget_stops_on_time(data):
     assert events[-1].seconds < 10
 
 
-def _budget_run(data, monkeypatch, cfg):
+def _budget_run(data, monkeypatch, cfg, said=None):
     """``fit`` on a clock that the test moves: each step takes 1 s, validating 1 s an
-    image. Returns the last event, the clock at each validation, and each step's progress."""
+    image. Returns the last event, the clock at each validation, and each step's progress;
+    what the run said of its budget goes to ``said``."""
     import trainer.epoch_end as epoch_end
 
     now = {"t": 0.0}
     real = epoch_end.confusion_on
+    said = [] if said is None else said
 
     def slow(model, images, masks, indices, *args, **kwargs):
         now["t"] += len(indices)
@@ -221,6 +223,8 @@ def _budget_run(data, monkeypatch, cfg):
     monkeypatch.setattr(epoch_end, "confusion_on", slow)
     validated, progress = [], []
     for e in fit(data, cfg, control=TrainControl(clock=lambda: now["t"])):
+        if e.kind == "progress":
+            said.append((len(progress), e.text))
         if e.kind == "step":
             now["t"] += 1.0
             progress.append(e.progress)
@@ -246,12 +250,29 @@ def test_a_budget_shorter_than_an_epoch_holds_its_only_validation(data, monkeypa
     """Before the first validation there is no last one to go by: the run validates a
     little of the split first and scales its time (5 images: the estimate validates one to
     warm up and times one). An epoch is 22 steps."""
-    budget = 20
+    budget, said = 20, []
     cfg = preset("tiny").replace(epochs=0, minutes=budget / 60, batch_size=2)
-    last, validated, progress = _budget_run(data, monkeypatch, cfg)
+    last, validated, progress = _budget_run(data, monkeypatch, cfg, said)
     assert last.epoch == 0 and len(progress) < 22 and len(validated) == 1
     assert validated[0] <= budget, validated
     assert len(progress) >= budget - 2 - 5 - 1  # the estimate and the validation, not more, held back
+    assert not said
+
+
+def test_a_budget_that_one_validation_outlasts_says_so(data, monkeypatch):
+    """The estimate (2 s) and the validation (5 s) leave a 6 s budget no room: the run says
+    so before its one step, and ends after that step's validation."""
+    said = []
+    last, validated, progress = _budget_run(
+        data, monkeypatch, preset("tiny").replace(epochs=0, minutes=0.1), said
+    )
+    assert said == [
+        (
+            0,
+            "the 6 s budget leaves no room for training: validating takes about 5 s; one step, then the final validation",
+        )
+    ]
+    assert len(progress) == 1 and len(validated) == 1
 
 
 def test_early_stopping(data, monkeypatch):

@@ -173,6 +173,8 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
                 progress.line(f"data: {event.data}")
         elif kind == "step":
             progress.step(event)
+        elif kind == "progress" and not event.total:  # something to know, not a count
+            progress.line(event.text)
         elif kind == "progress":  # a long validation of frames read from disk
             progress.note(f"epoch {progress.epoch + 1}: {event.text}")
         elif kind == "data_update" and (event.corrected or event.excluded or event.newly_labelled):

@@ -239,7 +239,9 @@ def fit(
                 if update is not None:
                     yield run.emit(update)
                 if run.budget_s and not run.validation_timed:
-                    run.estimate_validation()
+                    short = run.estimate_validation()
+                    if short is not None:
+                        yield run.emit(short)
                 if (yield from run.run_epoch()):
                     return
                 reason = yield from run.end_of_epoch()

@@ -103,13 +103,15 @@ class EpochEnd:
             yield self.emit(self.preview())
         return True
 
-    def estimate_validation(self) -> None:
+    def estimate_validation(self) -> ev.Progress | None:
         """Before a time budget's first validation, what it will take: a little of this
         process's share is validated on the budget's clock and scaled to the whole share
         (by images, or by pixels for frames from disk). Without it, a budget shorter than
         an epoch ended its training on time and then ran the final validation past the
         end (on frames from disk, minutes). A few images (a frame from disk) warm up (the
-        kernels, the folded model), as many more are timed: about 5% of the share."""
+        kernels, the folded model), as many more are timed: about 5% of the share.
+        Returns what to tell the user when the validation alone leaves the budget no
+        room for training (one step is still taken), else None."""
         mine = np.asarray(self.val_idx)[self.dist.rank :: self.dist.world]
         if self.stored is not None:
             size, k = self.stored.sizes[mine].astype(np.float64).prod(axis=1), 1
@@ -143,6 +145,12 @@ class EpochEnd:
         self.peers.agree(problem)  # every rank comes here, an empty share included
         estimate = float(took * size.sum() / size[parts[-1]].sum()) if parts else 0.0
         self.validation_s, self.validation_timed = self.peers.latest(estimate), True
+        if self.used() + self.validation_s <= self.budget_s:
+            return None
+        return ev.Progress(
+            f"the {self.budget_s:.0f} s budget leaves no room for training: validating takes "
+            f"about {self.validation_s:.0f} s; one step, then the final validation"
+        )
 
     def _with_progress(self, frames) -> Iterator[ev.Event]:
         """Run ``frames`` (yielding this process's frames done, and its share) to the end
