@@ -45,12 +45,14 @@ from .device import (
     resolve_precision,
     uses_channels_last,
 )
+from .epoch_corrections import EpochCorrections
 from .epoch_end import STOPPED, EpochEnd, describe_failure
 from .epoch_steps import EpochSteps
 from .formats.zarr_dataset import StoredDataset
 from .inference import prepare_model, stratified_split
 from .losses import LossParams, SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
+from .previews import Previews
 from .runs import RunDir
 from .stats import class_pixel_counts, class_presence
 
@@ -62,7 +64,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
-class _Trainer(EpochSteps, EpochEnd):
+class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
     """The state and the named steps of one run; :func:`fit` composes them."""
 
     def __init__(self, dataset, cfg, run_dir, control, resume, corrections) -> None:

@@ -1,6 +1,7 @@
-"""Between the epochs of a run: validation, checkpoints, previews, the decision to go
-on, and the corrections taken in before the next epoch. A mixin of the engine's ``_Trainer``, kept apart so that each module reads in
-one sitting; it uses the trainer's state (``cfg``, ``state``, ``model``, ``runs`` ...)."""
+"""Between the epochs of a run: validation, checkpoints and the decision to go on. A
+mixin of the engine's ``_Trainer`` (like ``epoch_steps.py``, ``previews.py`` and
+``epoch_corrections.py``), kept apart so that each module reads in one sitting; it uses
+the trainer's state (``cfg``, ``state``, ``model``, ``runs`` ...)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ import torch
 
 from . import events as ev
 from .checkpoint import save_checkpoint
-from .classes import NUM_CLASSES
 from .config import TrainConfig
-from .dataset import DatasetError
-from .inference import confusion_on, predict_arrays, predict_batch
-from .stats import class_presence
-from .tiling import frames_confusion, predict_any
+from .inference import confusion_on, predict_batch
+from .tiling import frames_confusion
 
 STOPPED = "stopped"  # what end_of_epoch returns after a stop request: Stopped was said
 PROGRESS_EVERY_S = 1.0  # a validation of frames from disk says how far it is this often
@@ -131,7 +129,7 @@ class EpochEnd:
                     self.model, self.images, self.masks, rows, b, precision=self.precision, reduce=False
                 )
 
-        parts = [slice(0, k), slice(k, 2 * k)] if len(mine) > k else [slice(0, k)] if len(mine) else []
+        parts = [part for part in (slice(0, k), slice(k, 2 * k)) if part.start < len(mine)]
         problem = None
         try:
             for part in parts:
@@ -231,52 +229,6 @@ class EpochEnd:
             yield e
         yield self.emit(ev.Stopped(self.state.epoch, self.state.step, path))
 
-    def preview_due(self, epoch_end: bool = False) -> bool:
-        """Whether to preview now (takes a pending request): when one was asked for, when
-        the run's preview interval has passed, and, in a run without an interval, at an
-        epoch's end (new weights). With an interval, epoch ends keep it too: on a small
-        dataset epochs take a second or two, and every preview costs the viewer a repaint
-        taken from the training on the same cores."""
-        control = self.control
-        if not control.preview_indices:
-            return False
-        asked = control.take_preview_request()
-        if control.preview_every_s is None:
-            return asked or epoch_end
-        return asked or time.perf_counter() - self.last_preview >= control.preview_every_s
-
-    def preview(self) -> ev.Preview:
-        if self.stored is not None:
-            return self._preview_stored()
-        # Any row the trainer holds: the labelled images, then the unlabelled ones.
-        idx = [i for i in self.control.preview_indices if 0 <= i < len(self.images)]
-        out = predict_arrays(
-            self.model,
-            self.images[torch.as_tensor(idx, dtype=torch.long, device=self.images.device)],
-            device=self.device,
-            with_entropy=True,
-            precision=self.precision,
-        )
-        self.model.train()
-        self.last_preview = time.perf_counter()
-        return ev.Preview(self.state.epoch, self.state.step, idx, out["masks"], out["entropy"])
-
-    def _preview_stored(self) -> ev.Preview:
-        """Previews of frames read from disk, predicted at their own size (padded to the
-        store's frame size so they stack like the frames napari shows)."""
-        idx = [i for i in self.control.preview_indices if 0 <= i < len(self.stored.names)]
-        h, w = self.stored.frame_shape
-        masks = np.zeros((len(idx), h, w), np.uint8)
-        entropy = np.zeros((len(idx), h, w), np.float16)
-        for k, i in enumerate(idx):
-            probs = predict_any(self.model, self.stored.image(i), self.device, self.precision)
-            fh, fw = probs.shape[1:]
-            masks[k, :fh, :fw] = probs.argmax(0)
-            entropy[k, :fh, :fw] = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0)
-        self.model.train()
-        self.last_preview = time.perf_counter()
-        return ev.Preview(self.state.epoch, self.state.step, idx, masks, entropy)
-
     # -- the end of an epoch
     def end_of_epoch(self) -> Iterator[ev.Event]:
         """Validate, checkpoint, and decide whether to go on; returns the reason to end
@@ -324,53 +276,3 @@ class EpochEnd:
                 }
             )
         return ev.Finished(st.epoch, st.step, st.best, best_path, seconds, reason)
-
-    # -- corrections
-    def reload_corrections(self) -> ev.DataUpdate | None:
-        """Apply the store's current state; returns a DataUpdate event when it changed.
-        Excluded images leave both splits: they neither train nor decide the best checkpoint."""
-        if self.corrections is None:
-            return None
-        # Under torchrun rank 0 reads the store and every rank takes its reading: a
-        # correction saved between two ranks' reads would train them on different rows.
-        state = None
-        if self.dist.is_main:
-            version = self.corrections.version()
-            state = (
-                (version, None, None)
-                if version == self.seen_version
-                else (version, *self.corrections.snapshot())
-            )
-        version, edited, excluded = self.peers.share(state)
-        if version == self.seen_version:
-            return None
-        self.seen_version = version
-        n_rows = len(self.base_masks) if self.stored is None else len(self.stored.names)
-        edited = {i: m for i, m in edited.items() if i < n_rows}
-        if self.stored is None:
-            effective = self.base_masks.copy()
-            for i, m in edited.items():
-                effective[i] = m
-            self.masks.copy_(torch.from_numpy(effective))
-            self.presence = class_presence(effective)
-            pixels = None
-            if self.crops is not None:  # crops drawn from memory: by the corrected classes
-                pixels = np.stack([np.bincount(m.ravel(), minlength=NUM_CLASSES) for m in effective])
-        else:  # frames on disk: corrected masks ride along with the crops, the rest stay there
-            pixels = np.zeros((n_rows, NUM_CLASSES), np.int64)
-            pixels[: self.n_labelled] = self.stored.class_pixels
-            for i, m in edited.items():
-                pixels[i] = np.bincount(m.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-            self.presence = pixels > 0
-        drop = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-        new_labels = np.array(sorted(i for i in edited if i >= self.n_labelled), np.int64)
-        self.train_idx = np.setdiff1d(np.union1d(self.base_train_idx, new_labels), drop)
-        self.val_idx = np.setdiff1d(self.base_val_idx, drop)
-        if len(self.train_idx) == 0:
-            raise DatasetError("every training image is excluded")
-        if self.crops is not None:
-            self.crops.overrides = dict(edited)
-            self.crops.set_rows(self.train_idx, pixels)
-        self.sample_weights = self._sample_weights()
-        corrected = sum(1 for i in edited if i < self.n_labelled)
-        return ev.DataUpdate(self.state.epoch, corrected, len(excluded), len(self.train_idx), len(new_labels))
