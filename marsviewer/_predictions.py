@@ -63,7 +63,6 @@ class Predictions:
         them, any size) with the current checkpoint, in a child process; ``layer_predicted``
         follows. Images are made gray as training images are (``trainer.images``)."""
         from trainer.images import to_gray_u8
-        from trainer.inference import predict_batch
         from trainer.process import DatasetSpec, PredictionProcess
 
         if not self.checkpoint:
@@ -79,9 +78,8 @@ class Predictions:
             return None
         frames = arr[None] if spatial == 2 else arr
         images = np.stack([to_gray_u8(f) for f in frames])
-        h, w = images.shape[1:]
         spec = DatasetSpec(images=images, masks=np.zeros_like(images), source=name)
-        job = PredictionProcess(spec, self.checkpoint, batch_size=predict_batch((h, w)))
+        job = PredictionProcess(spec, self.checkpoint)  # batches of about as many pixels whatever the size
         self.layer_job = (name, job, spatial == 2)
         self.status.emit(f"Predicting {name!r} with {Path(self.checkpoint).name}…", False)
         return job
