@@ -47,7 +47,7 @@ def throughput(t: dict) -> list[str]:
             f"channels_last fp32 / contiguous bf16 / channels_last bf16 | {bare['contiguous_fp32']} / "
             f"{bare['channels_last_fp32']} / {bare['contiguous_bf16']} / **{bare['channels_last_bf16']}** |",
             f"| whole `fit()` pipeline (augmentation, oversampling, the preset's loss, validation every "
-            f"epoch), img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare step |",
+            f"epoch), img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare step{_spread(t)} |",
             f"| model FLOPs x pipeline img/s | {t['gflops_pipeline']} GFLOP/s = {t['gflops_pipeline_share']} of "
             f"the faster 2048x2048 matmul (fp32 {t['gflops_matmul_fp32']}, bf16 {t['gflops_matmul_bf16']} "
             f"GFLOP/s); {t['train_gflop_per_image']} GFLOP per training image |",
@@ -66,15 +66,36 @@ def throughput(t: dict) -> list[str]:
     )
 
 
+def _spread(t: dict) -> str:
+    """Each run behind the means, so that a reader sees how much the load moved them."""
+    rounds, runs = t.get("bare_rounds"), t.get("pipeline_runs_img_s")
+    if not rounds or not runs:
+        return ""
+    fastest = max(t["bare_img_s"], key=t["bare_img_s"].get)
+    return (
+        f" (the runs behind the means: pipeline {' / '.join(map(str, runs))}; bare {fastest} "
+        f"{' / '.join(map(str, rounds[fastest]))})"
+    )
+
+
 def _allocator_row(t: dict) -> list[str]:
     a = t.get("allocator_bare_img_s")
     if not a:
         return []
-    return [
+    row = (
         f"| bare {a['variant']} step in fresh processes, img/s: glibc's allocator as it starts / "
         f"tuned as `fit()` tunes it (`trainer/allocator.py`) | {a['system']} / **{a['tuned']}** "
-        f"({a['tuned'] / a['system']:.2f}x) |"
-    ]
+        f"({a['tuned'] / a['system']:.2f}x"
+    )
+    if "pairs" in a:  # medians of pairs run in alternating order, and the page faults
+        f = a["faults_per_step"]
+        row += (
+            f"; medians of {a['pairs']} pairs, tuned faster in {a['tuned_faster']}); page faults a "
+            f"step {f['system']:,.0f} / {f['tuned']:,.0f} |"
+        )
+    else:
+        row += ") |"
+    return [row]
 
 
 def quality(q: dict) -> list[str]:

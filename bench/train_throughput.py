@@ -13,9 +13,12 @@ the machine's matmul speed, all measured in one run on the same threads.
 * ``predict_img_s``: ``predict_arrays`` at the default batch and auto precision;
 * ``submit_s``: ``mars-trainer submit`` on a file with 10,022 test images (the
   competition's count), reading the file and writing the CSV included;
-* ``allocator_bare_img_s``: the fastest layout/precision's bare step in two child
-  processes, one with glibc's allocator as it starts (``MARS_TRAINER_ALLOCATOR=system``)
-  and one tuned as ``fit()`` tunes it (``trainer/allocator.py``), run alternately.
+* ``allocator_bare_img_s``: the fastest layout/precision's bare step in child processes,
+  with glibc's allocator as it starts (``MARS_TRAINER_ALLOCATOR=system``) and tuned as
+  ``fit()`` tunes it (``trainer/allocator.py``), in pairs (the order alternating from
+  pair to pair): the median of each side, in how many pairs the tuned one was faster,
+  and each side's median page faults a step (what the tuning is for; unlike the speed,
+  the load on a shared machine hardly moves it).
   Everything else in this bench runs tuned, as ``fit()`` and the CLI do.
 
     python bench/train_throughput.py --device cpu --json out.json
@@ -25,6 +28,7 @@ the machine's matmul speed, all measured in one run on the same threads.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -45,6 +49,11 @@ from trainer.engine import build_optimizer, fit
 from trainer.inference import predict_arrays
 from trainer.model import build_model
 from trainer.synth import generate
+
+try:
+    import resource  # page faults; not on Windows
+except ImportError:
+    resource = None
 
 SUBMIT_IMAGES = 10_022
 PIPELINE_RUNS = 2
@@ -80,7 +89,15 @@ def train_flops_per_image(cfg, shape) -> float:
     return counter.get_total_flops()
 
 
-def bare_img_s(cfg, device, shape, steps: int, warmup: int, channels_last: bool, bf16: bool) -> float:
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def bare_img_s(
+    cfg, device, shape, steps: int, warmup: int, channels_last: bool, bf16: bool, faults: list | None = None
+) -> float:
+    """Images a second of the bare step; appends the minor page faults a timed step to
+    ``faults`` when given."""
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     x = torch.rand(cfg.batch_size, 1, *shape, device=device)
@@ -92,14 +109,17 @@ def bare_img_s(cfg, device, shape, steps: int, warmup: int, channels_last: bool,
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), minor_faults()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     sync(device)
-    return steps * cfg.batch_size / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if faults is not None:
+        faults.append((minor_faults() - f0) / steps)
+    return steps * cfg.batch_size / seconds
 
 
 def pipeline_img_s(cfg, dataset, warmup_steps: int) -> tuple[float, dict]:
@@ -159,19 +179,30 @@ def submit_seconds(cfg, shape) -> float:
         return time.perf_counter() - t0
 
 
-def allocator_comparison(args, variant: str, rounds: int = 2) -> dict[str, float]:
-    """The bare step of ``variant`` in fresh processes, system allocator against tuned,
-    alternated so that both see the same load; the best of ``rounds`` each."""
-    best = {"system": 0.0, "tuned": 0.0}
+def allocator_comparison(args, variant: str, pairs: int = 4) -> dict:
+    """The bare step of ``variant`` in fresh processes, glibc's allocator as it starts
+    against tuned, in ``pairs`` pairs whose order alternates (a drifting load hits both
+    sides alike): the median img/s and page faults a step of each side, and in how many
+    pairs the tuned side was faster."""
+    runs = {"system": [], "tuned": []}
     cmd = [sys.executable, __file__, "--device", args.device, "--bare-only", variant]
     if args.preset:
         cmd += ["--preset", args.preset]
-    for _ in range(rounds):
-        for name in best:
+    for i in range(pairs):
+        for name in ("system", "tuned") if i % 2 == 0 else ("tuned", "system"):
             env = {**os.environ, OPT_OUT: name, "PYTHONWARNINGS": "ignore"}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-            best[name] = max(best[name], float(out.strip().splitlines()[-1]))
-    return {k: round(v, 1) for k, v in best.items()}
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+    med = lambda name, key: round(float(np.median([r[key] for r in runs[name]])), 1)  # noqa: E731
+    return {
+        "system": med("system", "img_s"),
+        "tuned": med("tuned", "img_s"),
+        "pairs": pairs,
+        "tuned_faster": sum(
+            t["img_s"] > s["img_s"] for s, t in zip(runs["system"], runs["tuned"], strict=True)
+        ),
+        "faults_per_step": {"system": med("system", "faults"), "tuned": med("tuned", "faults")},
+    }
 
 
 def main() -> None:
@@ -205,8 +236,11 @@ def main() -> None:
     variants = [(layout, prec) for layout in ("contiguous", "channels_last") for prec in ("fp32", "bf16")]
     if args.bare_only:
         layout, prec = args.bare_only.rsplit("_", 1)
-        img_s = bare_img_s(cfg, device, shape, bare_steps, warmup, layout == "channels_last", prec == "bf16")
-        print(img_s)
+        faults: list[float] = []
+        img_s = bare_img_s(
+            cfg, device, shape, bare_steps, warmup, layout == "channels_last", prec == "bf16", faults
+        )
+        print(json.dumps({"img_s": img_s, "faults": faults[0]}))
         return
 
     def bare_round() -> dict[str, float]:

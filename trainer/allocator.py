@@ -4,10 +4,11 @@ A training step allocates and frees the same few hundred megabytes of activation
 gradients every time. glibc's ``malloc`` serves a block over its mmap threshold (128 KiB
 at start, adjusted upwards as blocks are freed) with a fresh ``mmap`` and gives it back to
 the system on ``free``; it also trims the heap's free top above 128 KiB. Either way the
-next step touches new pages, and the kernel zero-fills each on its first touch: ~7,000
-page faults per step with the ``cpu`` preset, ~4% of the step, and up to half the time
-of the augmentation and the loss, whose tensors are small enough for a fault to cost
-more than the arithmetic on the page.
+next step touches new pages, and the kernel zero-fills each on its first touch: thousands
+of page faults a step with the ``cpu`` preset, a few percent of the step, and up to half
+the time of the augmentation and the loss, whose tensors are small enough for a fault to
+cost more than the arithmetic on the page (``bench/train_throughput.py`` measures both
+sides: ``allocator_bare_img_s``).
 
 :func:`keep_freed_memory` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit)
 and the trim threshold to min(1 GiB, RAM / 8): tensors up to 32 MiB come from the heap and
