@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.tiling import predict_any, predict_tiled, tile_layout
+from trainer.tiling import _ramp, predict_any, predict_tiled, tile_layout, tile_size
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,81 @@ def test_tiles_cover_with_at_least_the_overlap_on_the_pooling_grid(length, tile,
     assert tiles[0][0] == 0 and sum(tiles[-1]) == length
     assert all(s % m == 0 for s, _ in tiles)
     assert all(size > min(tile // m * m, length) - m for _, size in tiles)
+    assert len(tiles) == 1 or all(size <= tile // m * m for _, size in tiles)  # the last one too
     assert all(a + size - b >= overlap for (a, size), (b, _) in zip(tiles, tiles[1:], strict=False))
+
+
+def test_windows_blend_to_one_across_an_overlap_and_never_dim_an_image_edge():
+    tile, k = 64, 16
+    inner = _ramp(tile, k, at_start=False, at_end=False)
+    assert inner[0] < 0.01 and inner[-1] < 0.01 and (inner[k:-k] == 1).all()
+    assert (np.diff(inner[:k]) > 0).all()  # rising towards the tile's middle
+    # the falling end of one tile and the rising start of the next sum to 1 pixel by pixel
+    np.testing.assert_allclose(inner[-k:] + inner[:k], 1, atol=1e-6)
+    edges = _ramp(tile, k, at_start=True, at_end=True)
+    assert (edges == 1).all()
+    first = _ramp(tile, k, at_start=True, at_end=False)
+    assert first[0] == 1 and first[-1] < 0.01
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
+def test_tile_overlap_covers_twice_the_models_reach(depth):
+    """How far an input pixel reaches into the output, found by autograd on the model
+    itself: tiles overlap by at least twice that, so that the middle of each overlap sees
+    the whole context, whatever the depth."""
+    import torch
+
+    from trainer.model import UNet
+
+    torch.manual_seed(0)
+    model = UNet(depth=depth, base_width=2).eval()
+    with torch.no_grad():  # positive weights: no ReLU is dead, every path carries a gradient
+        for p in model.parameters():
+            p.uniform_(0.01, 0.1)
+    size = 32 * 2**depth
+    x = torch.rand(4, 1, size, size, requires_grad=True)  # max-pooling routes each image its own way
+    model(x)[:, :, size // 2, size // 2].sum().backward()
+    reached = np.flatnonzero(x.grad.abs().sum((0, 1, 3)).numpy())
+    reach = max(size // 2 - reached.min(), reached.max() - size // 2)
+    assert reach > 6 * 2**depth  # found, not cut short by dead paths
+    tile, overlap = tile_size(model)
+    assert overlap >= 2 * reach and tile >= 3 * overlap
+
+
+def test_frames_are_shared_between_processes(model_and_image):
+    """Under torchrun each process validates its own share of the frames; the shares'
+    counts add up to one process's."""
+    import torch
+
+    from trainer.device import DistContext
+    from trainer.tiling import frames_confusion
+
+    model, image = model_and_image
+
+    class Frames:
+        def image(self, i):
+            return np.ascontiguousarray(np.roll(image, 7 * i, axis=1))
+
+        def mask(self, i):
+            return (np.arange(image.size).reshape(image.shape) * (i + 1) % 5).astype(np.uint8)
+
+    def run(dist):
+        gen = frames_confusion(model, Frames(), range(5), "cpu", dist=dist, reduce=False)
+        totals = []
+        while True:
+            try:
+                totals.append(next(gen))
+            except StopIteration as stop:
+                return totals, stop.value.matrix
+
+    alone, everything = run(DistContext())
+    (first, a), (second, b) = run(DistContext(0, 2)), run(DistContext(1, 2))
+    assert (
+        [t for _, t in alone] == [5] * 5
+        and [t for _, t in first] == [3] * 3
+        and [t for _, t in second] == [2] * 2
+    )
+    assert torch.equal(a + b, everything) and int(a.sum()) == 3 * image.size
 
 
 @pytest.fixture(scope="module")
