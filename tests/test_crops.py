@@ -65,6 +65,22 @@ def test_class_aware_crops_find_a_rare_class(stored):
     assert with_rock > 0.1, with_rock
 
 
+def test_class_aware_crops_are_centred_on_the_class():
+    """A class-aware crop is centred on a point of a cell holding the class, so the class
+    comes with context on every side, not at a crop's corner."""
+    h = w = 1024
+    masks = np.zeros((1, h, w), np.uint8)
+    masks[0, 512:576, 512:576] = 4  # the only foreground: one 64x64 cell in the middle
+    images = np.zeros_like(masks)
+    source = CropSource(MemoryFrames(masks, images, 1), np.arange(1), 256, 16, seed=0)
+    plan = [c for k in range(16) for c in source.plan(0, k)]
+    # the cell with at least 64 pixels of context on each side: nearly only class-aware
+    # crops (half of them), a uniform crop in well under 1% of draws
+    centred = np.mean([y <= 512 - 64 and y + 256 >= 576 + 64 and x <= 512 - 64 and x + 256 >= 576 + 64
+                       for _, y, x in plan])  # fmt: skip
+    assert 0.35 < centred < 0.65, centred
+
+
 def test_training_from_disk_by_crops(stored, tmp_path, monkeypatch):
     """...and a validation of frames from disk says how far it is as it goes (a large
     dataset's takes minutes): a Progress event before it, then as frames are done."""
