@@ -83,6 +83,21 @@ def test_per_image_miou_by_hand():
     assert math.isnan(m[1])  # all background: nothing to score
 
 
+def test_numpy_confusion_matrix_has_true_classes_in_rows_like_the_torch_one():
+    import torch
+
+    from trainer.metrics import ConfusionMatrix, confusion_matrix
+
+    target = np.array([[[0, 1], [1, 2]], [[4, 4], [3, 0]]], np.uint8)
+    pred = np.array([[[3, 1], [2, 2]], [[1, 4], [3, 0]]], np.uint8)
+    m = confusion_matrix(pred, target)
+    assert m[1, 2] == 1 and m[2, 1] == 0  # a soil pixel predicted bedrock
+    assert m[4, 1] == 1 and m[0, 3] == 1 and m.sum() == target.size
+    cm = ConfusionMatrix()
+    cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+    np.testing.assert_array_equal(m, cm.matrix.numpy())
+
+
 def test_worst_first_puts_images_with_nothing_to_score_last():
     from trainer.metrics import worst_first
 
