@@ -125,6 +125,35 @@ def test_folded_batch_norm_predicts_what_the_model_does(opts):
     assert fold_batch_norm(folded) is folded  # nothing left to fold: no second copy
 
 
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_predicting_leaves_a_training_models_mode_alone(norm):
+    """Validation, previews and predictions take a model in the middle of training: it
+    must come back in training mode (dropout and normalisation as training has them)
+    whatever its normalisation, with nothing to restore by the caller."""
+    import numpy as np
+
+    from trainer.inference import confusion_on, predict_arrays
+    from trainer.tiling import frames_confusion, predict_tiled
+
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_width=8, norm=norm, dropout=0.2).train()
+    images = torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)
+    masks = torch.randint(0, 5, (3, 32, 64), dtype=torch.uint8)
+
+    class Frames:
+        image = staticmethod(lambda i: images[i].numpy())
+        mask = staticmethod(lambda i: masks[i].numpy())
+
+    predict_arrays(model, images.numpy(), with_entropy=True)
+    confusion_on(model, images, masks, np.arange(3), 2)
+    predict_tiled(model, images[0].numpy(), tile=16, overlap=8)
+    for _ in frames_confusion(model, Frames(), range(3), "cpu"):
+        pass
+    assert all(m.training for m in model.modules())
+    folded = fold_batch_norm(model)
+    assert folded is not model and not folded.training and fold_batch_norm(folded) is folded
+
+
 def test_inference_runs_the_folded_model(monkeypatch):
     """Validation and prediction run without the normalisation passes."""
     from trainer import inference

@@ -63,7 +63,7 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.n
 def inference_model(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """``model`` ready to predict on ``device``: in eval mode and the device's layout, with
     its batch norms folded into the convolutions (a copy: the model passed in keeps its
-    weights and normalisation; only its device, layout and mode may change)."""
+    weights, normalisation and mode; only its device and layout may change)."""
     from .model import fold_batch_norm
 
     return prepare_model(fold_batch_norm(prepare_model(model, device)), device)
@@ -99,7 +99,6 @@ def confusion_on(
     dist = dist or DistContext()
     device = images.device
     precision = precision or resolve_precision("auto", device)
-    was_training = model.training
     net = inference_model(model, device)
     cm = ConfusionMatrix(device=device)
     mine = np.asarray(indices)[dist.rank :: dist.world]
@@ -110,7 +109,6 @@ def confusion_on(
         cm.update(logits.argmax(1), masks[idx])
     if reduce:
         cm.all_reduce()
-    model.train(was_training)
     return cm
 
 

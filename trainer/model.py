@@ -180,13 +180,14 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` in which each :class:`ConvBlock`'s batch norms are
     folded into the convolutions before them (``w * g / sqrt(var + eps)``, ``b' = beta -
     mean * g / sqrt(var + eps)``): the same outputs as the model in eval mode up to
-    rounding, without the normalisation passes (~15% faster inference on CPU). A model
-    without batch norms is returned as it is, in eval mode."""
+    rounding, without the normalisation passes (~15% faster inference on CPU). The model
+    passed in keeps its mode: one without batch norms is returned as it is when it is in
+    eval mode already (a model made for inference, folded again), else as an eval-mode copy."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     blocks = [m for m in model.modules() if isinstance(m, ConvBlock) and isinstance(m.norm1, nn.BatchNorm2d)]
-    if not blocks:
-        return model.eval()
+    if not blocks and not any(m.training for m in model.modules()):
+        return model
     folded = copy.deepcopy(model).eval()
     for block in (m for m in folded.modules() if isinstance(m, ConvBlock)):
         if isinstance(block.norm1, nn.BatchNorm2d):
@@ -194,7 +195,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
             block.conv2, block.norm2 = fuse_conv_bn_eval(block.conv2, block.norm2), nn.Identity()
     for p in folded.parameters():
         p.requires_grad_(False)
-    return folded
+    return folded.eval()  # the fused convolutions are new modules, made in training mode
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -44,7 +44,6 @@ class Previews:
             with_entropy=True,
             precision=self.precision,
         )
-        self.model.train()
         self.last_preview = time.perf_counter()
         return ev.Preview(self.state.epoch, self.state.step, idx, out["masks"], out["entropy"])
 
@@ -60,6 +59,5 @@ class Previews:
             fh, fw = probs.shape[1:]
             masks[k, :fh, :fw] = probs.argmax(0)
             entropy[k, :fh, :fw] = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0)
-        self.model.train()
         self.last_preview = time.perf_counter()
         return ev.Preview(self.state.epoch, self.state.step, idx, masks, entropy)

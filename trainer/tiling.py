@@ -173,7 +173,6 @@ def frames_confusion(model, stored, rows, device, precision=None, dist=None, red
 
     dist = dist or DistContext()
     device = torch.device(device)
-    was_training = model.training
     net = inference_model(model, device)  # folded once, not once per frame
     cm = ConfusionMatrix(device=device)
     precision = precision or resolve_precision("auto", device)
@@ -186,5 +185,4 @@ def frames_confusion(model, stored, rows, device, precision=None, dist=None, red
         yield done, len(mine)
     if reduce:
         cm.all_reduce()
-    model.train(was_training)
     return cm
