@@ -91,9 +91,21 @@ def test_training_from_disk_by_crops(stored, tmp_path, monkeypatch):
     cfg = TrainConfig(
         depth=2, base_width=8, epochs=2, batch_size=4, warmup_steps=1, device="cpu", val_fraction=0.34
     )
-    events = list(fit(s, cfg, tmp_path / "run"))
+    from trainer.control import TrainControl
+    from trainer.inference import predict_arrays
+
+    events = list(fit(s, cfg, tmp_path / "run", control=TrainControl(preview_indices=[3, -1, 99])))
     started, last = events[0], events[-1]
     assert started.data.startswith("256x256 crops read from disk") and last.kind == "finished"
+    # previews of frames from disk: the rows it has, with the entropy prediction gives
+    preview = [e for e in events if e.kind == "preview"][-1]
+    assert preview.indices == [3] and preview.masks.shape == (1, 96, 160)
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt"))
+    want = predict_arrays(model, s.image(3)[None], with_entropy=True)
+    assert (preview.masks == want["masks"]).mean() > 0.99
+    np.testing.assert_allclose(preview.entropy.astype(float), want["entropy"].astype(float), atol=0.01)
     validations = [e for e in events if e.kind == "validation"]
     assert len(validations) == 2 and validations[0].images == 2
     assert sum(map(sum, validations[0].confusion)) == 96 * 160 * validations[0].images

@@ -592,13 +592,42 @@ def test_a_labelled_unlabelled_image_joins_the_next_epoch(tmp_path):
         if isinstance(e, ev.DataUpdate):
             updates.append(e)
         if isinstance(e, ev.Validation) and e.epoch == 0:
-            store.save_mask(len(ds) + 2, np.full(ds.image_shape, 3, np.uint8))  # all sand
+            for j in (0, 2):  # the first unlabelled image and another
+                store.save_mask(len(ds) + j, np.full(ds.image_shape, 3, np.uint8))  # all sand
         if isinstance(e, ev.Validation) and e.epoch == 1:
+            store.restore(len(ds))
             store.restore(len(ds) + 2)
-    assert [(u.epoch, u.newly_labelled, u.corrected) for u in updates] == [(0, 0, 0), (1, 1, 0), (2, 0, 0)]
-    assert updates[1].train_images == updates[0].train_images + 1 == updates[2].train_images + 1
+    assert [(u.epoch, u.newly_labelled, u.corrected) for u in updates] == [(0, 0, 0), (1, 2, 0), (2, 0, 0)]
+    assert updates[1].train_images == updates[0].train_images + 2 == updates[2].train_images + 2
     with pytest.raises(IndexError):
         store.save_mask(len(ds) + 4, np.zeros(ds.image_shape, np.uint8))  # past the pool
+
+
+def test_corrections_beyond_the_datasets_rows_are_left_out(data):
+    """A store's reading may hold rows this dataset does not have (the run takes only its
+    own); an edit of its last row still counts."""
+    n = len(data) + len(data.test_images)
+
+    class Store:
+        def version(self):
+            return 1
+
+        def snapshot(self):
+            mask = np.full(data.image_shape, 2, np.uint8)
+            return {n - 1: mask, n: mask, n + 5: mask}, set()
+
+    updates = [
+        e for e in fit(data, preset("tiny").replace(epochs=1), corrections=Store()) if e.kind == "data_update"
+    ]
+    assert [(u.corrected, u.newly_labelled) for u in updates] == [(0, 1)]
+
+
+def test_previews_are_of_rows_the_run_holds(data):
+    control = TrainControl(preview_indices=[-1, 4, len(data) + len(data.test_images)])
+    previews = [
+        e for e in fit(data, preset("tiny").replace(epochs=1), control=control) if e.kind == "preview"
+    ]
+    assert previews and all(p.indices == [4] and len(p.masks) == 1 for p in previews)
 
 
 def test_prediction_batches_hold_about_as_many_pixels(tmp_path):
