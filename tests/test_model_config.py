@@ -154,6 +154,33 @@ def test_predicting_leaves_a_training_models_mode_alone(norm):
     assert folded is not model and not folded.training and fold_batch_norm(folded) is folded
 
 
+def test_prediction_entropy_progress_and_confident_pixels():
+    import numpy as np
+
+    from trainer.inference import keep_confident, predict_arrays
+
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_width=8)
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # confident somewhere, doubtful elsewhere
+    images = torch.randint(0, 256, (5, 32, 64), dtype=torch.uint8).numpy()
+    seen = []
+    out = predict_arrays(
+        model, images, batch_size=2, with_probs=True, with_entropy=True, probs_dtype=np.float32,
+        progress=lambda done, total: seen.append((done, total)),
+    )  # fmt: skip
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    p = out["probs"].astype(np.float64)
+    nats = -(p * np.log(np.clip(p, 1e-8, None))).sum(1)  # entropy in nats, over the classes
+    np.testing.assert_allclose(out["entropy"].astype(np.float64), nats, atol=2e-3)
+    assert out["entropy"].max() > 0.5 and out["entropy"].min() >= 0
+    masks = np.array([[1, 2, 3, 4]], np.uint8)
+    confidence = np.array([[0.25, 0.5, 0.75, 1.0]], np.float32)
+    # below the threshold: background ("not labelled"); at it or above: kept
+    assert keep_confident(masks, confidence, 0.5).tolist() == [[0, 2, 3, 4]]
+    assert keep_confident(masks, confidence, 0.0) is masks
+
+
 def test_inference_runs_the_folded_model(monkeypatch):
     """Validation and prediction run without the normalisation passes."""
     from trainer import inference
