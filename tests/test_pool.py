@@ -16,7 +16,7 @@ from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.cli import main
 from trainer.formats import write_npz
 from trainer.inference import keep_confident, predict_arrays
-from trainer.suggest import PoolScores, _regions, describe, rank_pool
+from trainer.suggest import PoolScores, _doubt, _regions, describe, rank_pool, score_pool, typical_spacing
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,52 @@ def test_regions_ignore_speckle_and_boundary_strips():
     doubt[2:12, 2:14] = 0.9  # a real region of 120 pixels
     kept, n = _regions(doubt, 0.5, 24)
     assert n == 1 and kept[2:12, 2:14].all() and kept.sum() == 120
+
+
+def test_doubt_is_zero_when_sure_and_one_at_a_tie_or_uniform():
+    p = torch.tensor([[1.0, 0, 0, 0, 0], [0.5, 0.3, 0.2, 0, 0], [0.4, 0.4, 0.2, 0, 0], [0.2] * 5])
+    p = p[:, :, None, None]  # (4 pixels as images, C, 1, 1)
+    margin = _doubt(p, "margin")[:, 0, 0]
+    torch.testing.assert_close(margin, torch.tensor([0.0, 0.8, 1.0, 1.0]))
+    entropy = _doubt(p, "entropy")[:, 0, 0]  # in units of the largest entropy, log(5)
+    assert entropy[0] == 0 and 0 < entropy[1] < entropy[2] < entropy[3]
+    torch.testing.assert_close(entropy[3], torch.tensor(1.0))
+
+
+def test_pool_scores_are_the_flip_averaged_prediction_in_kept_regions(trained):
+    """The scores read the prediction ``predict --tta`` makes (each image and its mirror
+    image, averaged back in place), over the uncertain regions kept only."""
+    from trainer.device import resolve_precision
+
+    *_, ds, model = trained
+    images = ds.test_images[:4]
+    fp32 = resolve_precision("fp32", torch.device("cpu"))
+    probs = predict_arrays(
+        model, images, with_probs=True, flip_tta=True, precision=fp32, probs_dtype=np.float32
+    )
+    doubt = _doubt(torch.from_numpy(probs["probs"]), "margin").numpy()
+    threshold = float(np.median(doubt))  # a briefly trained model: about half its pixels doubtful
+    scores = score_pool(model, images, threshold=threshold, min_region=10)
+    for k in range(len(images)):
+        kept, n = _regions(doubt[k], threshold, 10)
+        assert scores.regions[k] == n and scores.uncertain_share[k] == pytest.approx(kept.mean(), abs=1e-3)
+        assert scores.uncertainty[k] == pytest.approx(float((doubt[k] * kept).mean()), abs=1e-3)
+        shares = np.bincount(probs["masks"][k].ravel(), minlength=5) / images[k].size
+        np.testing.assert_allclose(scores.class_share[k], shares, atol=1e-3)
+    assert scores.uncertain_share.max() < 0.9 and scores.uncertainty.max() > 0  # kept regions, not all
+
+
+def test_typical_spacing_is_half_the_median_distance():
+    features = np.array([[0.0], [1.0], [2.0], [3.0]])  # distances 1, 1, 1, 2, 2, 3: median 1.5
+    assert typical_spacing(features) == pytest.approx(0.75)
+
+
+def test_with_no_uncertainty_left_the_most_novel_image_comes_first():
+    feats = np.array([[1.0, 0, 0], [0, 1.0, 0], [0.7, 0.7, 0], [0, 0, 1.0]])
+    scores = _scores([0.0] * 4, feats)
+    labelled = np.array([[1.0, 0.0, 0.0]])  # image 0 is labelled already; image 3 is the farthest
+    order = [e["index"] for e in rank_pool(scores, labelled_features=labelled)]
+    assert order[0] in (1, 3) and order[-1] == 0
 
 
 def _scores(uncertainty, features) -> PoolScores:
