@@ -275,8 +275,9 @@ def test_a_budget_that_one_validation_outlasts_says_so(data, monkeypatch):
     assert len(progress) == 1 and len(validated) == 1
 
 
-def test_early_stopping(data, monkeypatch):
-    """With patience 2 and a validation score that never improves, training stops early."""
+@pytest.fixture
+def never_improves(monkeypatch):
+    """Every validation scores the same."""
     import trainer.epoch_end as epoch_end
     from trainer.metrics import ConfusionMatrix
 
@@ -286,9 +287,40 @@ def test_early_stopping(data, monkeypatch):
         return cm
 
     monkeypatch.setattr(epoch_end, "confusion_on", constant)
-    events = list(fit(data, preset("tiny").replace(epochs=20, patience=2)))
+
+
+def test_early_stopping(data, never_improves, tmp_path):
+    """With patience 2 and a validation score that never improves, training stops early,
+    and saves where it stopped even between the checkpoints it was told to keep."""
+    events = list(fit(data, preset("tiny").replace(epochs=20, patience=2, checkpoint_every=50), tmp_path))
     assert events[-1].reason == "early stopping"
     assert [e.epoch for e in events if isinstance(e, ev.Validation)] == [0, 1, 2]
+    assert [(e.epoch, e.which) for e in events if isinstance(e, ev.Checkpoint)] == [(0, "best"), (2, "last")]
+
+
+def test_plateau_schedule_halves_the_rate_every_three_validations_without_progress(data, never_improves):
+    cfg = preset("tiny").replace(epochs=8, schedule="plateau", warmup_steps=0, lr=1e-3)
+    rates = {}
+    for e in fit(data, cfg):
+        if isinstance(e, ev.Step):
+            rates.setdefault(e.epoch, set()).add(round(e.lr / cfg.lr, 6))
+    assert [rates[k] for k in range(8)] == [{1.0}] * 4 + [{0.5}] * 3 + [{0.25}]
+
+
+@pytest.mark.parametrize("epochs, validated", [(3, [1, 2]), (4, [1, 3])])
+def test_validate_every_n_epochs_and_always_at_the_end(data, epochs, validated):
+    events = fit(data, preset("tiny").replace(epochs=epochs, val_every=2))
+    assert [e.epoch for e in events if isinstance(e, ev.Validation)] == validated
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_a_floor():
+    from trainer.epoch_steps import _lr_factor
+
+    cfg = preset("tiny").replace(warmup_steps=10, schedule="cosine")
+    assert [_lr_factor(cfg, s, 0.0) for s in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    assert [_lr_factor(cfg, 50, p) for p in (0.5, 1.0, 1.7)] == pytest.approx([0.51, 0.02, 0.02])
+    assert _lr_factor(cfg.replace(schedule="constant"), 50, 0.9) == 1.0
+    assert _lr_factor(cfg.replace(warmup_steps=0), 0, 0.0) == 1.0
 
 
 def test_corrections_are_picked_up_at_the_next_epoch(tmp_path):
