@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -502,6 +503,22 @@ def test_resume_after_a_stop_mid_epoch_equals_the_uninterrupted_run(data, tmp_pa
     assert not different, different[:5]
     miou = lambda evs: [e.miou for e in evs if isinstance(e, ev.Validation)]  # noqa: E731
     assert miou(rest) == miou(whole)
+
+
+def test_resume_keeps_the_plateau_schedule_and_the_clock(data, never_improves, tmp_path):
+    """The plateau's factor and its count of validations without progress, and the time
+    spent so far, carry over a resume: the rates are those of the uninterrupted run."""
+    cfg = preset("tiny").replace(schedule="plateau", warmup_steps=0, lr=1e-3)
+    first = list(fit(data, cfg.replace(epochs=5), tmp_path))  # halved after epoch 3; 4 without progress
+    t = time.perf_counter()
+    rest = list(fit(data, cfg.replace(epochs=9), tmp_path, resume=tmp_path / "checkpoints/last.pt"))
+    wall = time.perf_counter() - t
+    rates = {}
+    for e in rest:
+        if isinstance(e, ev.Step):
+            rates.setdefault(e.epoch, set()).add(round(e.lr / cfg.lr, 6))
+    assert [rates[k] for k in range(5, 9)] == [{0.5}, {0.5}, {0.25}, {0.25}]
+    assert rest[-1].seconds >= first[-1].seconds + 0.9 * wall
 
 
 def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):
