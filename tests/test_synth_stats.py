@@ -89,6 +89,36 @@ def test_duplicate_groups_largest_first():
     ]
 
 
+def test_duplicate_groups_are_confirmed_byte_for_byte(monkeypatch):
+    """Equal digests only propose a group: masks that merely share a digest (a collision,
+    forced here) are told apart by their bytes."""
+    from trainer import stats
+
+    class Collide:
+        def digest(self):
+            return b"0" * 16
+
+    monkeypatch.setattr(stats.hashlib, "blake2b", lambda *a, **k: Collide())
+    masks = np.zeros((5, 2, 2), np.uint8)
+    masks[[1, 3], 0, 0] = 2
+    masks[4, 1, 1] = 1
+    assert duplicate_mask_groups(masks) == [(0, 2), (1, 3)]
+
+
+def test_stats_table_for_the_terminal():
+    masks = np.zeros((16, 2, 2), np.uint8)
+    masks[14:, 0, 0] = [1, 2]  # 14 all-background masks, equal, and two others
+    text = format_stats(mask_stats(masks))
+    lines = text.splitlines()
+    assert lines[0] == "16 labelled images"
+    background = next(line for line in lines if "Background" in line)
+    assert background.split()[-2:] == ["16", "100.0%"]
+    soil = next(line for line in lines if "Soil" in line)
+    assert soil.split()[-3:] == ["1.56%", "1", "6.2%"]  # 1 of 64 pixels; 1 of 16 images
+    assert "1 group(s) of images with identical masks:" in text
+    assert "  14 images: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, ..." in lines
+
+
 @pytest.mark.parametrize("chunk", [1, 50, 99, 10**6])
 def test_class_counts_and_presence_in_chunks(monkeypatch, chunk):
     """Counted a chunk of pixels (of whole images) at a time, the same as image by image;
