@@ -350,6 +350,33 @@ def test_rotation_is_a_rotation_in_pixel_space():
     assert angles.abs().max() <= 30.0 and angles.abs().max() > 20.0
 
 
+def test_zoom_and_shift_stay_within_their_settings_and_span_them():
+    from trainer.augment import affine_theta
+
+    cfg = TrainConfig(max_rotation=0.0, max_scale=0.1, max_shift=0.06, hflip=False)
+    theta = affine_theta(512, (64, 128), cfg, torch.Generator().manual_seed(3)).double()
+    scale = 1 / theta[:, 0, 0]  # no rotation: the diagonal is 1 / zoom
+    assert scale.min() >= 0.9 - 1e-6 and scale.max() <= 1.1 + 1e-6
+    assert scale.min() < 0.92 and scale.max() > 1.08  # zooms in and out
+    for shift in (theta[:, 0, 2], theta[:, 1, 2]):  # in -1..1 coordinates: 2 x the image share
+        assert shift.abs().max() <= 0.12 + 1e-6 and shift.min() < -0.1 and shift.max() > 0.1
+
+
+def test_photometric_changes_keep_to_their_strength():
+    """On a ramp of grey, each image's contrast times its gamma's slope stays within what
+    +-20% contrast and gamma exp(+-0.2) can give around mid-grey, and varies."""
+    cfg = TrainConfig(hflip=False, max_rotation=0, max_scale=0, max_shift=0, photometric=1.0)
+    x = torch.linspace(0.3, 0.7, 64 * 128).reshape(1, 1, 64, 128).repeat(64, 1, 1, 1)
+    y = torch.zeros(64, 64, 128, dtype=torch.uint8)
+    ax, _ = augment_batch(x, y, cfg, torch.Generator().manual_seed(2))
+    xs, ys = x.flatten(1) - 0.5, ax.flatten(1)
+    slope = ((xs * (ys - ys.mean(1, keepdim=True))).sum(1) / (xs * xs).sum(1)).numpy()
+    assert slope.min() > 0.5 and slope.max() < 1.8, (slope.min(), slope.max())
+    assert slope.min() < 0.85 and slope.max() > 1.15
+    brightness = (ax.mean((1, 2, 3)) - 0.5).abs()
+    assert brightness.max() < 0.25 and brightness.max() > 0.05
+
+
 def test_augment_values_stay_valid():
     cfg = TrainConfig(max_rotation=20, max_scale=0.3, max_shift=0.2)
     x, y = _batch(b=16)
@@ -367,6 +394,9 @@ def test_oversampling_favours_rare_classes():
     assert w.sum() == pytest.approx(1.0)
     assert w[0] / w[50] == pytest.approx(5.0)  # sqrt(1 / 0.04)
     assert np.allclose(oversampling_weights(presence, 0.0), 0.01)
+    presence[7, 1:] = False  # an image of background only: drawn like one of common classes
+    w = oversampling_weights(presence, 0.5)
+    assert w[7] == pytest.approx(w[50], rel=0.01) and w[0] / w[7] == pytest.approx(5.0)
 
 
 def test_affine_grid_equals_torchs():
