@@ -197,3 +197,33 @@ def test_move_mask_repeats_the_edge_it_uncovers():
 def test_cli_audit_refuses_bad_budgets(tmp_path, npz_path, capsys, flags, says):
     assert main(["audit", str(npz_path), *flags, "--out", str(tmp_path / "i.json")]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_out_of_fold_models_never_predict_what_they_trained_on(monkeypatch):
+    """Each image is predicted once, by the model of the fold that held it out; images in
+    no fold once, by the last model; no model trains on an image it then predicts."""
+    from trainer import checkpoint, engine, inference
+    from trainer.dataset import Dataset
+    from trainer.out_of_fold import audit_config, out_of_fold_predictions
+
+    n = 14
+    images = np.arange(n, dtype=np.uint8)[:, None, None] * np.ones((1, 4, 8), np.uint8)
+    ds = Dataset(images=images, masks=np.zeros_like(images))
+    trained, predicted = [], []
+    monkeypatch.setattr(
+        engine, "fit", lambda sub, *a, **k: trained.append(set(sub.images[:, 0, 0])) or iter(())
+    )
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {})
+    monkeypatch.setattr(checkpoint, "model_from_checkpoint", lambda data: (len(trained), None))
+
+    def predict(model, imgs, *args, **kwargs):
+        predicted.append((model, set(imgs[:, 0, 0])))
+        return {"masks": np.zeros_like(imgs), "probs": np.zeros((len(imgs), 5, 4, 8), np.float32)}
+
+    monkeypatch.setattr(inference, "predict_arrays", predict)
+    out_of_fold_predictions(ds, np.arange(12), 3, audit_config(0.1), extra=np.array([12, 13]))
+    assert len(trained) == 3 and [m for m, _ in predicted] == [1, 2, 3]
+    for train, (_, held) in zip(trained, predicted, strict=True):
+        assert not train & held and not train & {12, 13}
+    shown = sorted(i for _, held in predicted for i in held)
+    assert shown == list(range(n)) and {12, 13} <= predicted[-1][1]
