@@ -90,6 +90,32 @@ def test_lovasz_softmax(two_pixels):
     assert lovasz_softmax(logits, target).item() == pytest.approx((0.625 + 0.75) / 2)
 
 
+def test_overlap_and_lovasz_terms_are_class_weighted_means():
+    """Tversky and Lovasz average their per-class losses weighted by the class weights,
+    computed here class by class from their definitions."""
+    from trainer.losses import _lovasz_grad
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 7) * 2
+    target = torch.arange(2 * 6 * 7).reshape(2, 6, 7) % 4  # every class present
+    w = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    p = logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, 4)
+    y = torch.nn.functional.one_hot(target.reshape(-1), 4).float()
+    tp, fp, fn = (p * y).sum(0), (p * (1 - y)).sum(0), ((1 - p) * y).sum(0)
+    alpha, beta, gamma = 0.3, 0.7, 0.75
+    ti = (tp + 1) / (tp + alpha * fp + beta * fn + 1)
+    want = ((1 - ti) ** gamma * w).sum() / w.sum()
+    got = tversky(logits, target, w, alpha=alpha, beta=beta, gamma=gamma)
+    torch.testing.assert_close(got, want)
+    per_class = []
+    for c in range(4):
+        errors = (y[:, c] - p[:, c]).abs()
+        errors, perm = torch.sort(errors, descending=True)
+        per_class.append(torch.dot(errors, _lovasz_grad(y[perm, c])))
+    want = (torch.stack(per_class) * w).sum() / w.sum()
+    torch.testing.assert_close(lovasz_softmax(logits, target, w), want)
+
+
 def test_lovasz_equals_one_minus_iou_for_hard_predictions():
     """On confident predictions the Lovasz extension equals the Jaccard loss."""
     big = 50.0
@@ -108,6 +134,8 @@ def test_combined_loss_and_argument_checks(two_pixels):
         SegmentationLoss([("bce", 1.0)], [1.0, 1.0])
     with pytest.raises(ValueError, match="class weights"):
         SegmentationLoss([("ce", 1.0)], [0.0, 0.0])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SegmentationLoss([("ce", 1.0), ("dice", -0.5)], [1.0, 1.0])
 
 
 def test_losses_have_gradients(two_pixels):
