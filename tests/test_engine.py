@@ -181,6 +181,23 @@ def test_stratified_split_keeps_rare_classes_in_both_halves():
     assert presence[val, 4].sum() == 2 and presence[train, 4].sum() == 8
 
 
+def test_split_edges_small_strata_tiny_datasets_and_one_image():
+    presence = np.zeros((6, 5), bool)
+    presence[:, 1] = True
+    presence[[0, 1], 3] = True  # a class in two images: one on each side, even at 0.9
+    train, val = stratified_split(presence, 0.9, seed=0)
+    assert presence[train, 3].sum() == 1 and presence[val, 3].sum() == 1
+    # a fraction that rounds to no image at all still holds one out
+    train, val = stratified_split(np.ones((3, 5), bool), 0.01, seed=0)
+    assert len(val) == 1 and len(train) == 2
+    alone = np.zeros((2, 5), bool)
+    alone[0, 1] = alone[1, 2] = True  # two strata of one image each: none rounds to a held-out image
+    train, val = stratified_split(alone, 0.1, seed=0)
+    assert len(val) == 1 and len(train) == 1
+    with pytest.raises(ValueError, match="at least 2 labelled images"):
+        stratified_split(np.ones((1, 5), bool), 0.1, seed=0)
+
+
 def test_split_of_real_sample_is_stratified():
     """On synthetic terrain where big rock is in few images, every class seen in at least
     two images lands in both halves, for several seeds."""
