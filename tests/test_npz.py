@@ -105,7 +105,12 @@ def test_missing_key(tmp_path):
 
 @pytest.mark.parametrize(
     "shape, fragment",
-    [((4, 8, 16), "(N, 2, H, W)"), ((4, 3, 8, 16), "(N, 2, H, W)"), ((0, 2, 8, 16), "empty")],
+    [
+        ((4, 8, 16), "(N, 2, H, W)"),
+        ((4, 3, 8, 16), "(N, 2, H, W)"),
+        ((0, 2, 8, 16), "empty"),
+        ((4, 2, 0, 16), "empty"),
+    ],
 )
 def test_wrong_training_shape(tmp_path, shape, fragment):
     p = _write(tmp_path / "s.npz", training_set=np.zeros(shape))
@@ -117,6 +122,18 @@ def test_wrong_test_shape(tmp_path):
     expect_error(p, "test_set", "same size")
     p = _write(tmp_path / "ts2.npz", training_set=_training(), test_set=np.zeros((3, 2, 8, 16)))
     expect_error(p, "test_set", "(M, H, W)")
+
+
+def test_a_bad_value_past_the_first_chunk_names_its_own_image(tmp_path, monkeypatch):
+    import trainer.formats.npz as npz
+
+    monkeypatch.setattr(npz, "_CHUNK_BYTES", 3 * 2 * 8 * 16 * 8)  # 3 images a chunk
+    t = _training(n=10)
+    t[7, 1, 4, 4] = 9
+    expect_error(_write(tmp_path / "c.npz", training_set=t), "mask of image 7", "value 9")
+    test = np.zeros((8, 8, 16))
+    test[7, 0, 0] = 300  # test images are half the size: 6 a chunk, this one in the second
+    expect_error(_write(tmp_path / "t.npz", training_set=_training(), test_set=test), "test_set", "image 7")
 
 
 def test_mask_out_of_range(tmp_path):
