@@ -82,20 +82,13 @@ def _allocator_row(t: dict) -> list[str]:
     a = t.get("allocator_bare_img_s")
     if not a:
         return []
-    row = (
+    f = a["faults_per_step"]
+    return [
         f"| bare {a['variant']} step in fresh processes, img/s: glibc's allocator as it starts / "
         f"tuned as `fit()` tunes it (`trainer/allocator.py`) | {a['system']} / **{a['tuned']}** "
-        f"({a['tuned'] / a['system']:.2f}x"
-    )
-    if "pairs" in a:  # medians of pairs run in alternating order, and the page faults
-        f = a["faults_per_step"]
-        row += (
-            f"; medians of {a['pairs']} pairs, tuned faster in {a['tuned_faster']}); page faults a "
-            f"step {f['system']:,.0f} / {f['tuned']:,.0f} |"
-        )
-    else:
-        row += ") |"
-    return [row]
+        f"({a['tuned'] / a['system']:.2f}x; medians of {a['pairs']} pairs, tuned faster in "
+        f"{a['tuned_faster']}); page faults a step {f['system']:,.0f} / {f['tuned']:,.0f} |"
+    ]
 
 
 def quality(q: dict) -> list[str]:

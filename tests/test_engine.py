@@ -316,12 +316,18 @@ def test_early_stopping(data, never_improves, tmp_path):
     assert [(e.epoch, e.which) for e in events if isinstance(e, ev.Checkpoint)] == [(0, "best"), (2, "last")]
 
 
+def _rates_by_epoch(events, lr: float) -> dict[int, set[float]]:
+    """The learning rates of each epoch's steps, as shares of ``lr``."""
+    rates: dict[int, set[float]] = {}
+    for e in events:
+        if isinstance(e, ev.Step):
+            rates.setdefault(e.epoch, set()).add(round(e.lr / lr, 6))
+    return rates
+
+
 def test_plateau_schedule_halves_the_rate_every_three_validations_without_progress(data, never_improves):
     cfg = preset("tiny").replace(epochs=8, schedule="plateau", warmup_steps=0, lr=1e-3)
-    rates = {}
-    for e in fit(data, cfg):
-        if isinstance(e, ev.Step):
-            rates.setdefault(e.epoch, set()).add(round(e.lr / cfg.lr, 6))
+    rates = _rates_by_epoch(fit(data, cfg), cfg.lr)
     assert [rates[k] for k in range(8)] == [{1.0}] * 4 + [{0.5}] * 3 + [{0.25}]
 
 
@@ -530,10 +536,7 @@ def test_resume_keeps_the_plateau_schedule_and_the_clock(data, never_improves, t
     t = time.perf_counter()
     rest = list(fit(data, cfg.replace(epochs=9), tmp_path, resume=tmp_path / "checkpoints/last.pt"))
     wall = time.perf_counter() - t
-    rates = {}
-    for e in rest:
-        if isinstance(e, ev.Step):
-            rates.setdefault(e.epoch, set()).add(round(e.lr / cfg.lr, 6))
+    rates = _rates_by_epoch(rest, cfg.lr)
     assert [rates[k] for k in range(5, 9)] == [{0.5}, {0.5}, {0.25}, {0.25}]
     assert rest[-1].seconds >= first[-1].seconds + 0.9 * wall
 

@@ -61,7 +61,7 @@ class _Batch:
         self.num_classes = logits.shape[1]
         self.w = _weights(class_weights, self.num_classes, logits.device)
         self.pw, self.safe = _pixel_weights(target, self.w)
-        self._terms = self._logp = self._probs = self._counted = self._logp_own = None
+        self._terms = self._logits = self._logp = self._probs = self._counted = self._logp_own = None
 
     @property
     def counted(self) -> torch.Tensor:
@@ -72,7 +72,9 @@ class _Batch:
 
     @property
     def logits(self) -> torch.Tensor:
-        return self.input.float()
+        if self._logits is None:
+            self._logits = self.input.float()
+        return self._logits
 
     @property
     def logp(self) -> torch.Tensor:

@@ -188,7 +188,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     blocks = [m for m in model.modules() if isinstance(m, ConvBlock) and isinstance(m.norm1, nn.BatchNorm2d)]
     if not blocks and not any(m.training for m in model.modules()):
         return model
-    folded = copy.deepcopy(model).eval()
+    folded = copy.deepcopy(model).eval()  # fusing asks for eval-mode batch norms
     for block in (m for m in folded.modules() if isinstance(m, ConvBlock)):
         if isinstance(block.norm1, nn.BatchNorm2d):
             block.conv1, block.norm1 = fuse_conv_bn_eval(block.conv1, block.norm1), nn.Identity()
