@@ -43,7 +43,9 @@ screenshot: sysdeps $(VENV)/.installed
 	$(XVFB) $(PY) docs/screenshot.py docs/review.png review 3
 	$(XVFB) $(PY) docs/screenshot.py docs/label_next.png label-next 60
 
-# Every figure in the README comes from here: bench/out/*.json (machine and date inside).
+# Every figure in the README comes from here: bench/out/*.json (machine and date inside,
+# and this run's start, so that the README can say that one run measured them all).
+bench: export MARS_BENCH_RUN := $(shell date -u +%Y-%m-%dT%H:%MZ)
 bench: sysdeps $(VENV)/.installed
 	mkdir -p bench/out
 	cd bench && ../$(PY) train_throughput.py --json out/train_throughput.json

@@ -33,11 +33,50 @@ def _f(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _when(d: dict) -> str:
+    """When a benchmark ran: its stamp (bench/_report.py), or the date older outputs kept."""
+    run = d.get("run")
+    if run:
+        return f"{run['date']} {run['time_utc']} UTC"
+    return d.get("date") or "date not recorded"
+
+
+def _machine(run: dict) -> str:
+    bf16 = {True: "native bf16", False: "no native bf16"}.get(run.get("cpu_bf16"), "bf16 not checked")
+    gpu = run.get("gpu") or "no GPU"
+    torch = f", torch {run['torch']}" if run.get("torch") else ""
+    return f"{run['cpu']}, {run['cpus']} CPUs ({bf16}), {gpu}{torch}"
+
+
+def provenance(outputs: dict[str, dict]) -> str:
+    """One line on where the figures come from: the machine, and whether one ``make bench``
+    run measured them all; anything else is said, file by file."""
+    stamped = {name: d["run"] for name, d in outputs.items() if d.get("run")}
+    unstamped = [name for name in outputs if name not in stamped]
+    machines: dict[str, list[str]] = {}
+    for name, run in stamped.items():
+        machines.setdefault(_machine(run), []).append(name)
+    runs = {run.get("make_bench") for run in stamped.values()}
+    if len(machines) == 1:
+        where = f", on one machine: {next(iter(machines))}"
+    elif machines:
+        where = ", on several machines: " + "; ".join(f"{m} ({', '.join(n)})" for m, n in machines.items())
+    else:
+        where = ""
+    if stamped and not unstamped and len(runs) == 1 and None not in runs:
+        text = f"All the figures below come from one `make bench` run (started {runs.pop()}){where}."
+    else:
+        text = f"The figures below come from separate runs of the benchmarks (each gives its date){where}."
+    if unstamped:
+        text += f" Not stamped with their machine: {', '.join(f'`{n}.json`' for n in unstamped)}."
+    return text
+
+
 def throughput(t: dict) -> list[str]:
     bare = t["bare_img_s"]
     return (
         [
-            f"Training and inference speed (`bench/out/train_throughput.json`, {t['date']}, {t['device']}, "
+            f"Training and inference speed (`bench/out/train_throughput.json`, {_when(t)}, {t['device']}, "
             f"torch {t['torch']}; {t['cpu_bf16'] or ''}). `{t['preset']}` preset, batch {t['batch_size']}, "
             f"{t['image_shape'][0]}x{t['image_shape'][1]}; auto precision picked **{t['auto_precision']}**:",
             "",
@@ -93,7 +132,7 @@ def _allocator_row(t: dict) -> list[str]:
 
 def quality(q: dict) -> list[str]:
     lines = [
-        f"What each ingredient and preset buys (`bench/out/quality.json`, {q['date']}): {q['images']} "
+        f"What each ingredient and preset buys (`bench/out/quality.json`, {_when(q)}): {q['images']} "
         f"synthetic images, the same held-out 10%, {q['epochs']} epochs each, scored at the last "
         "epoch (no epoch is picked on the images it is scored on):",
         "",
@@ -113,7 +152,7 @@ def precision_quality(q: dict) -> list[str]:
     verdict = "within" if q["within_seed_noise"] else "beyond"
     paired = [b - f for b, f in zip(q["miou"]["bf16"], q["miou"]["fp32"], strict=True)]
     return [
-        f"bf16 against fp32 (`bench/out/precision_quality.json`, {q['date']}): the `cpu` preset, "
+        f"bf16 against fp32 (`bench/out/precision_quality.json`, {_when(q)}): the `cpu` preset, "
         f"{q['images']} images, {q['epochs']} epochs, seeds {', '.join(map(str, q['seeds']))}: mean mIoU "
         f"bf16 {q['mean_bf16']} (each seed: {', '.join(map(str, q['miou']['bf16']))}), fp32 {q['mean_fp32']} "
         f"({', '.join(map(str, q['miou']['fp32']))}); mean difference {q['mean_difference']:+.4f} against a "
@@ -125,7 +164,7 @@ def precision_quality(q: dict) -> list[str]:
 def audit_models(a: dict) -> list[str]:
     return [
         f"One out-of-fold audit model, {a['minutes_each']} minute each, {a['held_out']} held-out images "
-        f"(`bench/out/audit_models.json`): audit recipe {a['audit_recipe']['steps']} steps, pixel "
+        f"(`bench/out/audit_models.json`, {_when(a)}): audit recipe {a['audit_recipe']['steps']} steps, pixel "
         f"accuracy vs clean masks **{a['audit_recipe']['pixel_accuracy_vs_clean']}**; `cpu` preset "
         f"{a['cpu_preset']['steps']} steps, {a['cpu_preset']['pixel_accuracy_vs_clean']} (ratio "
         f"{a['ratio']}). Same in both: {a['same_in_both']}; differs (audit, cpu): "
@@ -138,7 +177,7 @@ def audit_quality(a: dict) -> list[str]:
     s, runs = a["summary"], a["runs"]
     first = runs[0]
     return [
-        f"Review queue (`bench/out/audit_quality.json`): {first['images']} synthetic images with "
+        f"Review queue (`bench/out/audit_quality.json`, {_when(a)}): {first['images']} synthetic images with "
         f"{first['planted']} planted problems ({first['outliers']} outliers sharing one mask, "
         f"{first['corrupted']} corrupted masks), a {s['minutes']}-minute audit ({s['folds']} folds), "
         f"seeds {', '.join(map(str, s['seeds']))}: recall in the top {first['k']} (1.5 x planted) "
@@ -153,7 +192,7 @@ def audit_quality(a: dict) -> list[str]:
 
 def gui(g: dict) -> list[str]:
     return [
-        f"Viewer while training (`bench/out/gui_responsiveness.json`, a browse step every "
+        f"Viewer while training (`bench/out/gui_responsiveness.json`, {_when(g)}, a browse step every "
         f"{g['pace_s']} s under Xvfb, {g['block_s']} s blocks alternated in the same minutes): "
         f"browse p99 {g['train_p99_ms']} ms with training going in a child process against "
         f"{g['suspended_p99_ms']} ms with it suspended (ratio **{g['ratio_p99']}**; "
@@ -172,7 +211,7 @@ def compile_check(c: dict) -> list[str]:
         else "it never pays back"
     )
     return [
-        f"`torch.compile` (`bench/out/compile_check.json`, {c['date']}, {c['precision']}): compiling the "
+        f"`torch.compile` (`bench/out/compile_check.json`, {_when(c)}, {c['precision']}): compiling the "
         f"`cpu` preset's training step took {c['compile_s']} s; compiled {c['compiled_img_s']} img/s against "
         f"eager {c['eager_img_s']} (x{c['speedup']}): {verdict}. The engine runs eager.",
     ]
@@ -182,7 +221,7 @@ def label_confidence(c: dict) -> list[str]:
     by_level = {r["confidence"]: r for r in c["levels"]}
     d, every = by_level[c["default"]], by_level[0.0]
     return [
-        f"Predictions as starting labels (`bench/out/label_confidence.json`, `{c['preset']}` preset, "
+        f"Predictions as starting labels (`bench/out/label_confidence.json`, {_when(c)}, `{c['preset']}` preset, "
         f"{c['epochs']} epochs on {c['train_images']} synthetic images, {c['held_out_images']} unseen "
         f"images): every pixel kept, {every['kept_right']} of them are right (the model predicts "
         f"background on {c['predicted_background_share']} of the pixels, where "
@@ -199,7 +238,7 @@ def active_learning(a: dict) -> list[str]:
     per_seed = ", ".join("-" if v is None else f"{v}" for v in a["labels_saved_per_seed"])
     saved = a["labels_saved"]
     return [
-        f"Label next against random picks (`bench/out/active_learning.json`, {len(a['runs'])} seeds, "
+        f"Label next against random picks (`bench/out/active_learning.json`, {_when(a)}, {len(a['runs'])} seeds, "
         f"{a['sites']} synthetic sites, the first {labels[0]} labels from sites "
         f"{', '.join(map(str, a['start_sites']))}, +{labels[1] - labels[0]} labels a round, "
         f"{a['steps_per_round']} training steps a round; mIoU on held-out images of every site):",
@@ -217,7 +256,7 @@ def active_learning(a: dict) -> list[str]:
 
 def scale(r: dict) -> list[str]:
     return [
-        f"Data larger than memory (`bench/out/scale.json`, {r['date']}, {r['machine']}): "
+        f"Data larger than memory (`bench/out/scale.json`, {_when(r)}): "
         f"{r['frames']} synthetic frames of {r['size']}x{r['size']} ({r['dataset_gb']} GB of images and "
         f"masks). `convert`: {r['convert_images_per_s']} frames/s, peak memory {r['convert_peak_rss_mb']} MB. "
         f"Training the `cpu` preset on {r['train_tile']}x{r['train_tile']} crops, batch {r['train_batch']}: "
@@ -250,13 +289,13 @@ SECTIONS = [
 
 
 def render() -> str:
-    parts = []
+    outputs = {name: data for name, _ in SECTIONS if (data := _load(name)) is not None}
+    parts = [provenance(outputs)] if outputs else []
     for name, fn in SECTIONS:
-        data = _load(name)
-        if data is None:
-            parts.append(f"`bench/{name}.py`: not measured in the latest `make bench` run.")
+        if name in outputs:
+            parts.append("\n".join(fn(outputs[name])))
         else:
-            parts.append("\n".join(fn(data)))
+            parts.append(f"`bench/{name}.py`: not measured in the latest `make bench` run.")
     return "\n\n".join(parts)
 
 

@@ -26,3 +26,59 @@ def test_the_readme_figures_are_rendered_from_bench_out():
         text=True,
     )
     assert run.returncode == 0, run.stderr
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_a_benchmark_output_names_its_machine_and_its_make_bench_run(tmp_path, monkeypatch):
+    import json
+
+    import torch  # noqa: F401 - the stamp says what torch saw
+
+    report = _bench_module("_report")
+    monkeypatch.setenv(report.RUN_ENV, "2026-01-02T03:04Z")
+    report.report({"figure": 1.5}, str(tmp_path / "out.json"))
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["figure"] == 1.5
+    run = out["run"]
+    assert run["make_bench"] == "2026-01-02T03:04Z"
+    assert run["cpu"] and run["cpus"] >= 1 and run["torch"] and isinstance(run["cpu_bf16"], bool)
+    assert len(run["date"]) == 10 and len(run["time_utc"]) == 5
+    monkeypatch.delenv(report.RUN_ENV)
+    assert report.run_stamp()["make_bench"] is None
+
+
+def test_the_figures_say_whether_one_make_bench_run_on_one_machine_measured_them():
+    figures = _bench_module("readme_figures")
+
+    def out(run="R1", cpu="EPYC", gpu=None):
+        stamp = {"date": "2026-01-02", "time_utc": "03:04", "cpu": cpu, "cpus": 2, "cpu_bf16": True}
+        return {"run": {**stamp, "gpu": gpu, "torch": "2.13", "make_bench": run}}
+
+    one = figures.provenance({"a": out(), "b": out()})
+    assert one.startswith("All the figures below come from one `make bench` run (started R1)")
+    assert "on one machine: EPYC, 2 CPUs (native bf16), no GPU, torch 2.13" in one
+    for outputs in (
+        {"a": out(), "b": out(run="R2")},  # two runs
+        {"a": out(), "b": out(run=None)},  # one benchmark run on its own
+        {"a": out(run=None), "b": out(run=None)},  # each run on its own
+        {"a": out(), "b": {"date": "2026-01-01"}},  # an output from before the stamps
+    ):
+        assert figures.provenance(outputs).startswith("The figures below come from separate runs"), outputs
+    assert "Not stamped with their machine: `b.json`" in figures.provenance({"a": out(), "b": {}})
+    several = figures.provenance({"a": out(), "b": out(cpu="Xeon", gpu="H100")})
+    assert "several machines: EPYC, 2 CPUs (native bf16), no GPU, torch 2.13 (a); Xeon" in several
+    assert "H100, torch 2.13 (b)" in several
+    assert figures._when(out()) == "2026-01-02 03:04 UTC"
+    assert figures._when({"date": "2026-01-01"}) == "2026-01-01"
