@@ -76,14 +76,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .export import history
     from .formats import write_npz
 
     out = Path(args.out)
-    if out.suffix != ".npz":
-        raise CliError(f"{out}: the output must end in .npz")
-    dataset = load_dataset(args)
+    if out.suffix not in (".npz", ".zarr"):
+        raise CliError(f"{out}: the output must end in .npz (the competition's format) or .zarr")
+    if not out.parent.exists():
+        raise CliError(f"{out.parent}: no such folder")
     if Path(args.dataset).exists() and out.resolve() == Path(args.dataset).resolve():
         raise CliError(f"{out}: refusing to overwrite the original dataset; choose another name")
+    if out.suffix == ".zarr":
+        return _export_zarr(args, out)
+    dataset = load_dataset(args)
     store = open_store(dataset, args.corrections)
     edited: dict[int, np.ndarray] = {}
     excluded: set[int] = set()
@@ -98,13 +103,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         changed = int((m != dataset.masks[i]).sum())
         masks[i] = m
         changes.append(
-            {"index": i, "action": "mask", "changed_pixels": changed, "history": _history(store, i)}
+            {"index": i, "action": "mask", "changed_pixels": changed, "history": history(store, i)}
         )
     # Unlabelled images labelled since: appended to training_set (test_set stays whole).
     new_labels = sorted(i for i in edited if i >= n)
     for k, i in enumerate(new_labels):
         changes.append(
-            {"index": n + k, "action": "labelled", "unlabelled_index": i - n, "history": _history(store, i)}
+            {"index": n + k, "action": "labelled", "unlabelled_index": i - n, "history": history(store, i)}
         )
     for i in sorted(excluded):
         changes.append(
@@ -112,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "index": i,
                 "action": "excluded",
                 "dropped": bool(args.drop_excluded),
-                "history": _history(store, i),
+                "history": history(store, i),
             }
         )
     if new_labels:
@@ -152,15 +157,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_zarr(args: argparse.Namespace, out: Path) -> int:
+    from .export import export_zarr
+
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out}: already exists; choose another --out or pass --overwrite")
+    dataset = load_dataset(args, lazy=True)
+    store = open_store(dataset, args.corrections)
+    show = None
+    if sys.stderr.isatty():
+
+        def show(done: int, total: int) -> None:
+            end = "" if done < total else "\n"
+            print(f"\rexporting {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    mapping = getattr(dataset, "attrs", {}).get("mask_mapping", args.mask_mapping)
+    log = export_zarr(dataset, store, out, mapping, args.drop_excluded, show)
+    changelog = out.with_name(out.stem + ".changelog.json")
+    changelog.write_text(json.dumps(log, indent=1))
+    print(
+        f"wrote {out} ({log['labelled']} labelled and {log['unlabelled']} unlabelled images; "
+        f"{log['edited']} corrected masks, {log['newly_labelled']} newly labelled, {log['excluded']} excluded"
+        f"{' and dropped' if args.drop_excluded else ''}) and {changelog.name}"
+    )
+    if log["orphans"]:
+        print(
+            f"not exported: corrections of {len(log['orphans'])} images no longer in the dataset "
+            f"(listed in {changelog.name} under orphans)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _store_index(row: int, n: int, new_labels: list[int]) -> int:
     """The store's index of an exported row (rows past ``n`` are newly labelled images)."""
     return row if row < n else new_labels[row - n]
-
-
-def _history(store, i: int) -> list[dict]:
-    return [
-        {"action": e.action, "time": e.time, "note": e.note, "current": e.current} for e in store.history(i)
-    ]
 
 
 def register(sub) -> None:
@@ -183,10 +214,20 @@ def register(sub) -> None:
     p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("export", help="write the dataset with corrections applied (competition format)")
+    p = sub.add_parser(
+        "export",
+        help="write the dataset with corrections applied: the competition's .npz, or a .zarr dataset",
+    )
     add_dataset_args(p)
-    p.add_argument("--out", required=True, help="output .npz; a .changelog.json goes beside it")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .npz (the competition's format) or .zarr (each frame at its own size, by name, "
+        "written a frame at a time: any dataset, also one larger than memory); "
+        "a .changelog.json goes beside it",
+    )
     p.add_argument("--drop-excluded", action="store_true", help="leave excluded images out")
-    p.add_argument("--dtype", choices=["float64", "float32", "uint8"], default="float64")
+    p.add_argument("--dtype", choices=["float64", "float32", "uint8"], default="float64", help=".npz only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output")
     p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
     p.set_defaults(func=cmd_export)

@@ -82,7 +82,9 @@ def convert(
     return _convert_folder(index, out, mapping, workers, skip_bad, progress)
 
 
-def _write(out: Path, writer: ZarrWriter, fill: Callable[[ZarrWriter], tuple[list[str], int]]):
+def write_store(out: Path, writer: ZarrWriter, fill: Callable[[ZarrWriter], tuple[list[str], int]]):
+    """``fill`` the writer and finish it; on any failure nothing is left under ``out``
+    (a full disk is said as such)."""
     try:
         names, n_labelled = fill(writer)
         return writer.finish(names, n_labelled)
@@ -134,7 +136,7 @@ def _convert_folder(index: FolderIndex, out: Path, mapping, workers, skip_bad, p
                 progress(k + 1, len(items))
         return names, n_labelled
 
-    path = _write(out, writer, fill)
+    path = write_store(out, writer, fill)
     n = len(writer.sizes)
     return ConvertReport(path, writer.masks.shape[0], n - writer.masks.shape[0], frame,
                          len({tuple(s) for s in writer.sizes.tolist()}), skipped)  # fmt: skip
@@ -157,7 +159,7 @@ def _convert_arrays(src: Path, out: Path, progress) -> ConvertReport:
                 progress(i + 1, len(images))
         return list(ds.names) + list(ds.test_names), n
 
-    path = _write(out, writer, fill)
+    path = write_store(out, writer, fill)
     return ConvertReport(path, n, len(images) - n, ds.image_shape, 1)
 
 
@@ -177,5 +179,5 @@ def _convert_npz(src: Path, out: Path, progress) -> ConvertReport:
                     progress(start + len(images), total)
             return [str(i) for i in range(n)] + [str(j) for j in range(npz.n_test)], n
 
-        path = _write(out, writer, fill)
+        path = write_store(out, writer, fill)
     return ConvertReport(path, n, total - n, npz.shape, 1)

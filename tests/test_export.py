@@ -1,0 +1,158 @@
+"""``mars-trainer export --out NAME.zarr``: the corrected dataset as a converted one, each
+frame at its own size and under its own name, from memory or from disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_zarr import mixed_folder
+from trainer.cli import main
+from trainer.convert import convert
+from trainer.corrections import CorrectionStore
+from trainer.dataset import DatasetError
+from trainer.export import export_zarr
+from trainer.formats import StoredDataset, open_dataset, open_zarr, read_npz, write_npz
+from trainer.synth import generate
+
+
+def _npz_with_corrections(tmp_path):
+    """An npz of 6 labelled and 3 unlabelled images, with a corrected mask (image 1), an
+    excluded image (4) and a label saved for unlabelled image 2; and the store's path."""
+    ds = generate(6, 3, seed=3, plant_problems=False).dataset
+    path = tmp_path / "d.npz"
+    write_npz(path, ds.images, ds.masks, ds.test_images, dtype="uint8")
+    data = read_npz(path)
+    store = CorrectionStore.for_dataset(data)
+    fixed = data.masks[1].copy()
+    fixed[:10] = 4
+    store.save_mask(1, fixed)
+    store.exclude(4)
+    store.save_mask(6 + 2, np.full(data.image_shape, 3, np.uint8))
+    store.close()
+    return path, data, fixed, store.path
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_export_to_zarr_applies_corrections_labels_and_exclusions(tmp_path, capsys, drop):
+    path, data, fixed, store_path = _npz_with_corrections(tmp_path)
+    out = tmp_path / "fixed.zarr"
+    args = ["export", str(path), "--out", str(out)] + (["--drop-excluded"] if drop else [])
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 corrected masks, 1 newly labelled, 1 excluded" in printed
+    got = open_zarr(out)
+    labelled = [i for i in range(6) if not (drop and i == 4)]
+    # The labelled images (the excluded one only when kept), then the newly labelled
+    # unlabelled image, then the two still unlabelled.
+    assert got.labelled_names == [str(i) for i in labelled] + ["unlabelled/2"]
+    assert got.test_names == ["unlabelled/0", "unlabelled/1"]
+    for row, i in enumerate(labelled):
+        np.testing.assert_array_equal(got.image(row), data.images[i])
+        np.testing.assert_array_equal(got.mask(row), fixed if i == 1 else data.masks[i])
+    new = len(labelled)
+    np.testing.assert_array_equal(got.image(new), data.test_images[2])
+    assert (got.mask(new) == 3).all()
+    np.testing.assert_array_equal(got.image(new + 1), data.test_images[0])
+    np.testing.assert_array_equal(got.image(new + 2), data.test_images[1])
+    np.testing.assert_array_equal(got.class_pixels[new], np.bincount(got.mask(new).ravel(), minlength=5))
+    assert got.attrs["corrections"] == str(store_path) and got.attrs["source"] == str(path)
+    log = json.loads((tmp_path / "fixed.changelog.json").read_text())
+    assert (log["labelled"], log["unlabelled"], log["edited"], log["newly_labelled"]) == (
+        len(labelled) + 1,
+        2,
+        1,
+        1,
+    )
+    by_action = {c["action"]: c for c in log["changes"]}
+    assert by_action["mask"]["name"] == "1"
+    assert by_action["mask"]["changed_pixels"] == int((fixed != data.masks[1]).sum()) > 0
+    assert by_action["labelled"]["name"] == "unlabelled/2"
+    assert by_action["excluded"] == {**by_action["excluded"], "name": "4", "dropped": drop}
+    assert all(c["history"] for c in log["changes"])
+
+
+def test_export_of_a_dataset_on_disk_keeps_each_frame_size_and_reads_a_frame_at_a_time(tmp_path, monkeypatch):
+    arrays = mixed_folder(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "d.zarr", workers=1)
+    stored = open_dataset(tmp_path / "d.zarr", lazy=True)
+    assert isinstance(stored, StoredDataset)
+    store = CorrectionStore.for_dataset(stored)
+    fixed = np.full((45, 29), 2, np.uint8)
+    store.save_mask(1, fixed)  # images/b
+    label = np.full((20, 20), 1, np.uint8)
+    store.save_mask(2, label)  # images/c, unlabelled
+    # The frames are never read as one array: only frame by frame.
+    monkeypatch.setattr(StoredDataset, "to_memory", lambda self: pytest.fail("read into memory"))
+    log = export_zarr(stored, store, tmp_path / "e.zarr", stored.attrs["mask_mapping"])
+    got = open_zarr(tmp_path / "e.zarr")
+    assert got.labelled_names == ["images/a", "images/b", "images/c"] and got.test_names == []
+    assert [tuple(s) for s in got.sizes] == [(37, 50), (45, 29), (20, 20)]
+    np.testing.assert_array_equal(got.mask(0), arrays["a"][1])
+    np.testing.assert_array_equal(got.mask(1), fixed)
+    np.testing.assert_array_equal(got.mask(2), label)
+    for row, name in enumerate("abc"):
+        np.testing.assert_array_equal(got.image(row), arrays[name][0])
+    assert got.attrs["source"] == str(tmp_path / "d.zarr")
+    assert (log["edited"], log["newly_labelled"], log["unlabelled"]) == (1, 1, 0)
+    # Frames are padded to the largest frame exported, not the largest there was.
+    store.exclude(0)  # images/a, the widest
+    export_zarr(stored, store, tmp_path / "f.zarr", drop_excluded=True)
+    got = open_zarr(tmp_path / "f.zarr")
+    assert got.labelled_names == ["images/b", "images/c"] and got.frame_shape == (45, 29)
+
+
+def test_export_to_zarr_refusals(tmp_path, capsys):
+    path, *_ = _npz_with_corrections(tmp_path)
+    assert main(["export", str(path), "--out", str(tmp_path / "x.png")]) == 2
+    assert ".npz (the competition's format) or .zarr" in capsys.readouterr().err
+    out = tmp_path / "x.zarr"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    assert main(["export", str(path), "--out", str(out)]) == 2  # exists: kept
+    assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(path), "--out", str(out), "--overwrite"]) == 0
+    assert main(["export", str(out), "--out", str(out), "--overwrite"]) == 2  # never the original
+    assert "refusing to overwrite the original dataset" in capsys.readouterr().err
+    assert main(["export", str(path), "--out", str(tmp_path / "no" / "x.zarr")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_disk_full_during_export_leaves_nothing(tmp_path, monkeypatch):
+    _, data, *_ = _npz_with_corrections(tmp_path)
+    from trainer.formats import zarr_dataset
+
+    def full(self, row, image, mask):
+        if row == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr_dataset.ZarrWriter, "add", full)
+    with pytest.raises(DatasetError, match=r"e\.zarr: could not be written \(the disk is full\)"):
+        export_zarr(data, None, tmp_path / "e.zarr")
+    assert not list(tmp_path.glob("e.zarr*"))
+
+
+def test_corrections_of_images_gone_from_a_folder_are_reported_not_exported(tmp_path, capsys):
+    from tests.test_zarr import save
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    for name in "abc":
+        save(src / "images" / f"{name}.png", rng.integers(0, 256, (16, 16)))
+        save(src / "masks" / f"{name}.png", rng.integers(0, 5, (16, 16)))
+    store = CorrectionStore.for_dataset(open_dataset(src))
+    store.save_mask(1, np.full((16, 16), 4, np.uint8))  # b
+    store.save_mask(2, np.full((16, 16), 3, np.uint8))  # c
+    store.close()
+    (src / "images" / "b.png").unlink()
+    (src / "masks" / "b.png").unlink()
+    assert main(["export", str(src), "--out", str(tmp_path / "e.zarr")]) == 0
+    captured = capsys.readouterr()
+    assert "1 corrected masks" in captured.out
+    assert "not exported: corrections of 1 images no longer in the dataset" in captured.err
+    log = json.loads((tmp_path / "e.changelog.json").read_text())
+    assert len(log["orphans"]) == 1 and "b" in log["orphans"][0]
+    got = open_zarr(tmp_path / "e.zarr")
+    assert len(got.labelled_names) == 2 and (got.mask(1) == 3).all()

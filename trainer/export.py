@@ -1,0 +1,147 @@
+"""``mars-trainer export --out NAME.zarr``: a dataset with its corrections applied, written
+as a converted dataset, a frame at a time.
+
+Whatever the source (an npz, a folder, a zarr dataset too large for memory), the result
+holds every frame at its own size under its own name: the labelled images with their
+effective masks (corrected where a correction is in effect), then the unlabelled images
+that were labelled since (they are training images now), then the images still
+unlabelled. Excluded images are kept, and listed in the changelog, unless dropped. Memory
+holds a block of frames and the labels of newly labelled images, never the dataset; a
+conversion that stops leaves nothing under the output's name (as ``convert``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .formats.zarr_dataset import ZarrWriter
+from .store_location import row_keys
+
+
+@dataclass
+class Frames:
+    """The rows of a dataset as a corrections store numbers them (labelled images, then
+    unlabelled ones), read one at a time from memory or from disk."""
+
+    n: int  # labelled images
+    keys: list[str]  # one per row; the exported names
+    image: Callable[[int], np.ndarray]
+    mask: Callable[[int], np.ndarray]  # labelled rows only
+    shape: Callable[[int], tuple[int, int]]
+    source: str
+
+    @classmethod
+    def of(cls, dataset) -> Frames:
+        if hasattr(dataset, "sizes"):  # a StoredDataset, read from disk
+            sizes = dataset.sizes
+            return cls(
+                n=dataset.n_labelled,
+                keys=row_keys(dataset.labelled_names, dataset.test_names),
+                image=dataset.image,
+                mask=dataset.mask,
+                shape=lambda i: (int(sizes[i][0]), int(sizes[i][1])),
+                source=dataset.source,
+            )
+        n, pool = len(dataset), dataset.test_images
+
+        def image(i: int) -> np.ndarray:
+            return dataset.images[i] if i < n else pool[i - n]
+
+        return cls(
+            n=n,
+            keys=row_keys(dataset.names, dataset.test_names),
+            image=image,
+            mask=lambda i: dataset.masks[i],
+            shape=lambda i: tuple(dataset.image_shape),
+            source=dataset.source,
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def history(store, i: int) -> list[dict]:
+    """The changelog's account of one image's corrections."""
+    return [
+        {"action": e.action, "time": e.time, "note": e.note, "current": e.current} for e in store.history(i)
+    ]
+
+
+def export_zarr(
+    dataset,
+    store,
+    out: Path,
+    mask_mapping: str = "identity",
+    drop_excluded: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write ``dataset`` with the corrections of ``store`` (or None) applied as a zarr
+    dataset at ``out``; returns the changelog (what was applied, image by image)."""
+    from .convert import write_store
+
+    frames = Frames.of(dataset)
+    n = frames.n
+    edited = store.edited() if store is not None else set()
+    excluded = store.excluded() if store is not None else set()
+    kept = [i for i in range(len(frames)) if not (drop_excluded and i in excluded)]
+    # Labels of unlabelled images: read now (they decide the rows); a label saved for a
+    # frame that has changed size since does not count (the store reports it as a misfit).
+    labels = {i: m for i in kept if i >= n and i in edited and (m := store.state(i)[0]) is not None}
+    rows = [i for i in kept if i < n] + sorted(labels) + [i for i in kept if i >= n and i not in labels]
+    n_labelled = sum(1 for i in kept if i < n) + len(labels)
+    shapes = [frames.shape(i) for i in rows]
+    frame = (max((s[0] for s in shapes), default=1), max((s[1] for s in shapes), default=1))
+    attrs = {"source": frames.source, "mask_mapping": mask_mapping}
+    if store is not None:
+        attrs["corrections"] = str(store.path)
+    writer = ZarrWriter(out, n_labelled, len(rows), frame, attrs)
+    changes: list[dict] = []
+
+    def fill(w: ZarrWriter) -> tuple[list[str], int]:
+        for row, i in enumerate(rows):
+            mask = None
+            if i < n:
+                mask = original = frames.mask(i)
+                if i in edited and (saved := store.state(i)[0]) is not None:
+                    mask = saved
+                    changes.append(
+                        {"name": frames.keys[i], "action": "mask",
+                         "changed_pixels": int((saved != original).sum()), "history": history(store, i)}
+                    )  # fmt: skip
+            elif i in labels:
+                mask = labels[i]
+                changes.append({"name": frames.keys[i], "action": "labelled", "history": history(store, i)})
+            w.add(row, frames.image(i), mask)
+            if progress is not None:
+                progress(row + 1, len(rows))
+        return [frames.keys[i] for i in rows], n_labelled
+
+    path = write_store(out, writer, fill)
+    for i in sorted(excluded):
+        changes.append(
+            {
+                "name": frames.keys[i],
+                "action": "excluded",
+                "dropped": drop_excluded,
+                "history": history(store, i),
+            }
+        )
+    return {
+        "source": frames.source,
+        "out": str(path),
+        "corrections": str(store.path) if store is not None else None,
+        "images": len(rows),
+        "labelled": n_labelled,
+        "unlabelled": len(rows) - n_labelled,
+        "edited": sum(1 for c in changes if c["action"] == "mask"),
+        "newly_labelled": len(labels),
+        "excluded": len(excluded),
+        "dropped_excluded": drop_excluded,
+        # Corrections of images the dataset no longer has: not exported, kept in the store.
+        "orphans": store.orphans() if store is not None else [],
+        "changes": changes,
+    }
