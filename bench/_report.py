@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 
 # `make bench` sets this once for all its benchmarks: figures that carry the same value
@@ -37,20 +36,21 @@ def run_stamp() -> dict:
         "cpus": os.cpu_count(),
         "make_bench": os.environ.get(RUN_ENV) or None,
     }
-    torch = sys.modules.get("torch")  # only what the benchmark itself imported
-    if torch is not None:
-        from trainer.device import cpu_bf16_support
+    import torch  # imported already where the benchmark itself trains
 
-        stamp["cpu_bf16"] = cpu_bf16_support()[0]
-        stamp["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        stamp["torch"] = torch.__version__
+    from trainer.device import cpu_bf16_support
+
+    stamp["cpu_bf16"] = cpu_bf16_support()[0]
+    stamp["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    stamp["torch"] = torch.__version__
     return stamp
 
 
-def report(result: dict, path: str | None = None, shown: dict | None = None) -> None:
-    """Print ``shown`` (default: ``result``) as JSON; write ``result`` with its
-    :func:`run_stamp` to ``path`` if given."""
-    print(json.dumps(result if shown is None else shown, indent=1), flush=True)
+def report(result: dict, path: str | None = None, shown: dict | None = None, echo: bool = True) -> None:
+    """Print ``shown`` (default: ``result``) as JSON unless not ``echo``; write ``result``
+    with its :func:`run_stamp` to ``path`` if given."""
+    if echo:
+        print(json.dumps(result if shown is None else shown, indent=1), flush=True)
     if path:
         with open(path, "w") as f:
             json.dump({**result, "run": run_stamp()}, f, indent=1)

@@ -26,6 +26,8 @@ import json
 import math
 import time
 
+from _report import report
+
 from trainer import events as ev
 from trainer.config import preset
 from trainer.engine import fit
@@ -86,19 +88,15 @@ def main() -> None:
     for r in rows:
         cells = ["-" if v is None or math.isnan(v) else f"{v:.3f}" for v in r["iou"][1:]]
         print(f"| {r['variant']} | {' | '.join(cells)} | **{r['miou']:.3f}** |")
+    result = {
+        "images": args.images,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": rows,
+    }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "images": args.images,
-                    "epochs": args.epochs,
-                    "seed": args.seed,
-                    "date": time.strftime("%Y-%m-%d"),
-                    "results": rows,
-                },
-                f,
-                indent=1,
-            )
+        report(result, args.json, echo=False)  # the rows and the table are printed above
 
 
 if __name__ == "__main__":
