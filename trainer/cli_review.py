@@ -147,8 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "kept_indices": keep.tolist() if args.drop_excluded else None,
         "changes": changes,
     }
-    changelog = out.with_name(out.stem + ".changelog.json")
-    changelog.write_text(json.dumps(log, indent=1))
+    changelog = _write_changelog(out, log)
     print(
         f"wrote {out} ({len(keep)} images, {len(edited) - len(new_labels)} corrected masks, "
         f"{len(new_labels)} newly labelled, {len(excluded)} excluded"
@@ -173,8 +172,7 @@ def _export_zarr(args: argparse.Namespace, out: Path) -> int:
 
     mapping = getattr(dataset, "attrs", {}).get("mask_mapping", args.mask_mapping)
     log = export_zarr(dataset, store, out, mapping, args.drop_excluded, show)
-    changelog = out.with_name(out.stem + ".changelog.json")
-    changelog.write_text(json.dumps(log, indent=1))
+    changelog = _write_changelog(out, log)
     print(
         f"wrote {out} ({log['labelled']} labelled and {log['unlabelled']} unlabelled images; "
         f"{log['edited']} corrected masks, {log['newly_labelled']} newly labelled, {log['excluded']} excluded"
@@ -187,6 +185,13 @@ def _export_zarr(args: argparse.Namespace, out: Path) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _write_changelog(out: Path, log: dict) -> Path:
+    """``OUT.changelog.json`` beside the export."""
+    changelog = out.with_name(out.stem + ".changelog.json")
+    changelog.write_text(json.dumps(log, indent=1))
+    return changelog
 
 
 def _store_index(row: int, n: int, new_labels: list[int]) -> int:
