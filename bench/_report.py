@@ -29,9 +29,10 @@ def run_stamp() -> dict:
     """Where and when: the date and time (UTC), the CPU, its logical CPUs, whether it
     computes bf16 natively, the GPU when torch sees one, torch's version, and the
     ``make bench`` run this belongs to (None when the benchmark ran on its own)."""
+    now = time.gmtime()
     stamp = {
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "time_utc": time.strftime("%H:%M", time.gmtime()),
+        "date": time.strftime("%Y-%m-%d", now),
+        "time_utc": time.strftime("%H:%M", now),
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "make_bench": os.environ.get(RUN_ENV) or None,

@@ -72,7 +72,6 @@ def main() -> None:
         "speedup": round(rates["compiled"] / eager, 3),
         "break_even_steps": round(compile_s / per_step_saving) if per_step_saving > 0 else None,
         "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
     }
     report(result, args.json)
 

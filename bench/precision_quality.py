@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from _report import report
 
@@ -56,7 +55,6 @@ def main() -> None:
         "mean_difference": round(statistics.mean(diffs), 4),
         "seed_std": round(noise, 4),
         "within_seed_noise": abs(statistics.mean(diffs)) <= noise,
-        "date": time.strftime("%Y-%m-%d"),
     }
     report(result, args.json)
 

@@ -92,7 +92,6 @@ def main() -> None:
         "images": args.images,
         "epochs": args.epochs,
         "seed": args.seed,
-        "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }
     if args.json:

@@ -34,7 +34,8 @@ def _f(value, digits: int = 3) -> str:
 
 
 def _when(d: dict) -> str:
-    """When a benchmark ran: its stamp (bench/_report.py), or the date older outputs kept."""
+    """When a benchmark ran: its stamp (bench/_report.py), or the date outputs written before
+    the stamps kept."""
     run = d.get("run")
     if run:
         return f"{run['date']} {run['time_utc']} UTC"

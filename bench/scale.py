@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -226,8 +225,6 @@ def main() -> None:
         predicted, predict_rss = run_part(["--part", "predict", "--store", str(store)])
         viewer, viewer_rss = run_part(["--part", "napari", "--store", str(store)])
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "frames": args.frames,
         "size": args.size,
         "dataset_gb": round(raw_gb, 2),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -296,8 +295,6 @@ def main() -> None:
             **allocator_comparison(args, max(bare, key=bare.get)),
         },
         "torch": torch.__version__,
-        "machine": platform.machine(),
-        "date": time.strftime("%Y-%m-%d"),
         **extra,
     }
     if not args.no_submit:
