@@ -8,20 +8,17 @@ import torch.nn.functional as F
 
 
 def _per_class_sums(probs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum over pixels of w * probs`` per class, (C,), for (N, C, H, W) ``probs`` and
-    (N, H, W) ``w``: a matrix product over the pixels, in either memory layout, instead
-    of a (N, C, H, W) product and a sum."""
-    n, c = probs.shape[:2]
-    if probs.is_contiguous(memory_format=torch.channels_last):
-        return w.reshape(1, -1) @ probs.permute(0, 2, 3, 1).reshape(-1, c)
-    return torch.bmm(probs.reshape(n, c, -1), w.reshape(n, -1, 1)).sum(0).reshape(1, c)
+    """``sum over pixels of w * probs`` per class, (C,), for contiguous (N, C, H, W)
+    ``probs`` and (N, H, W) ``w``: a product and a sum over each image's pixels, then over
+    the batch. On a CPU that is ~5x faster than a batched matrix product with one output
+    column, or than one sum over the batch and the pixels together."""
+    return (probs * w[:, None]).sum((2, 3)).sum(0)
 
 
 def _per_pixel_dot(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sum over classes of probs * v`` per pixel, (N, H, W), for a (C,) vector ``v``."""
+    """``sum over classes of probs * v`` per pixel, (N, H, W), for contiguous (N, C, H, W)
+    ``probs`` and a (C,) vector ``v``."""
     n, c, h, w = probs.shape
-    if probs.is_contiguous(memory_format=torch.channels_last):
-        return (probs.permute(0, 2, 3, 1).reshape(-1, c) @ v).reshape(n, h, w)
     return (v.reshape(1, 1, c) @ probs.reshape(n, c, -1)).reshape(n, h, w)
 
 
@@ -40,11 +37,14 @@ class _SoftmaxTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, counted: torch.Tensor):
-        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+        # In the contiguous layout: a log-softmax over the channels of a channels_last
+        # tensor is slower than the change of layout and a contiguous one together.
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        logp = F.log_softmax(logits.to(dtype, memory_format=torch.contiguous_format), dim=1)
         own = logp.gather(1, target[:, None]).squeeze(1)
         probs = logp.exp_()  # logp is not needed any more
         counted = counted.to(probs.dtype)
-        total = _per_class_sums(probs, counted).reshape(-1)
+        total = _per_class_sums(probs, counted)
         ctx.save_for_backward(probs, target, counted)
         ctx.dtype = logits.dtype
         ctx.set_materialize_grads(False)
