@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import sqlite3
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -73,6 +75,18 @@ def test_export_to_zarr_applies_corrections_labels_and_exclusions(tmp_path, caps
     assert by_action["labelled"]["name"] == "unlabelled/2"
     assert by_action["excluded"] == {**by_action["excluded"], "name": "4", "dropped": drop}
     assert all(c["history"] for c in log["changes"])
+    # A kept excluded image stays excluded: in the export's own store, which train and
+    # napari find beside it; a dropped one needs none.
+    exported = CorrectionStore.existing(got)
+    if drop:
+        assert exported is None and log["exclusions_store"] is None and log["excluded_kept"] == 0
+    else:
+        assert exported.excluded() == {got.labelled_names.index("4")} and not exported.edited()
+        row = got.labelled_names.index("4")
+        assert [e.note for e in exported.history(row)] == [f"excluded in {path}"]
+        assert log["exclusions_store"] == str(exported.path) and log["excluded_kept"] == 1
+        assert "1 excluded images stay excluded in fixed.zarr" in printed
+        exported.close()
 
 
 def test_export_of_a_dataset_on_disk_keeps_each_frame_size_and_reads_a_frame_at_a_time(tmp_path, monkeypatch):
@@ -118,6 +132,30 @@ def test_export_to_zarr_refusals(tmp_path, capsys):
     assert "refusing to overwrite the original dataset" in capsys.readouterr().err
     assert main(["export", str(path), "--out", str(tmp_path / "no" / "x.zarr")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_overwriting_an_export_moves_the_earlier_datasets_corrections_aside(tmp_path, capsys):
+    """The corrections of a dataset replaced by ``--overwrite`` would find the new images
+    by name: they are moved aside, whole, and the new dataset starts with only the
+    exclusions it carries."""
+    path, *_ = _npz_with_corrections(tmp_path)
+    out = tmp_path / "x.zarr"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    earlier = CorrectionStore.for_dataset(open_zarr(out))
+    earlier.save_mask(0, np.zeros(open_zarr(out).frame_shape, np.uint8), note="fixed in the export")
+    earlier.close()
+    capsys.readouterr()
+    assert main(["export", str(path), "--out", str(out), "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    (aside,) = tmp_path.glob("x.zarr.marsviewer.replaced-*")
+    assert f"x.zarr replaced an earlier dataset: its corrections were moved to {aside}" in err
+    with closing(sqlite3.connect(aside / "corrections.sqlite")) as db:  # the correction, kept
+        assert db.execute("SELECT count(*) FROM entries WHERE note = 'fixed in the export'").fetchone() == (
+            1,
+        )
+    now = CorrectionStore.existing(open_zarr(out))
+    assert now.edited() == set() and now.excluded() == {4}
+    now.close()
 
 
 def test_disk_full_during_export_leaves_nothing(tmp_path, monkeypatch):

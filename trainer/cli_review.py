@@ -178,6 +178,16 @@ def _export_zarr(args: argparse.Namespace, out: Path) -> int:
         f"{log['edited']} corrected masks, {log['newly_labelled']} newly labelled, {log['excluded']} excluded"
         f"{' and dropped' if args.drop_excluded else ''}) and {changelog.name}"
     )
+    if log["replaced_store"]:
+        print(
+            f"{out.name} replaced an earlier dataset: its corrections were moved to {log['replaced_store']}",
+            file=sys.stderr,
+        )
+    if log["exclusions_store"]:
+        print(
+            f"{log['excluded_kept']} excluded images stay excluded in {out.name} "
+            f"(its corrections: {log['exclusions_store']})"
+        )
     if log["orphans"]:
         print(
             f"not exported: corrections of {len(log['orphans'])} images no longer in the dataset "

@@ -5,13 +5,17 @@ Whatever the source (an npz, a folder, a zarr dataset too large for memory), the
 holds every frame at its own size under its own name: the labelled images with their
 effective masks (corrected where a correction is in effect), then the unlabelled images
 that were labelled since (they are training images now), then the images still
-unlabelled. Excluded images are kept, and listed in the changelog, unless dropped. Memory
+unlabelled. Excluded images are dropped, or kept and excluded again in the new dataset's
+own corrections store (so that napari and ``train`` leave them out as before, and
+"include" brings one back); a store left under the output's name by an earlier dataset
+is moved aside, not applied to the new images by name. Memory
 holds a block of frames and the labels of newly labelled images, never the dataset; a
 conversion that stops leaves nothing under the output's name (as ``convert``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats.zarr_dataset import ZarrWriter
-from .store_location import row_keys
+from .store_location import existing_store_path, row_keys
 
 
 @dataclass
@@ -121,6 +125,9 @@ def export_zarr(
         return [frames.keys[i] for i in rows], n_labelled
 
     path = write_store(out, writer, fill)
+    replaced = _move_aside(existing_store_path(str(path), None))
+    carried = [frames.keys[i] for i in rows if i in excluded]
+    carried_to = _exclude_in_export(path, carried, frames.source) if carried else None
     for i in sorted(excluded):
         changes.append(
             {
@@ -141,7 +148,44 @@ def export_zarr(
         "newly_labelled": len(labels),
         "excluded": len(excluded),
         "dropped_excluded": drop_excluded,
+        # Where the kept excluded images are excluded again, and an earlier store moved to.
+        "excluded_kept": len(carried),
+        "exclusions_store": carried_to,
+        "replaced_store": replaced,
         # Corrections of images the dataset no longer has: not exported, kept in the store.
         "orphans": store.orphans() if store is not None else [],
         "changes": changes,
     }
+
+
+def _move_aside(store: Path | None) -> str | None:
+    """Move the folder of a corrections store found under the output's name (it belongs to
+    a dataset written there earlier: its corrections would find the new images by name)
+    to a name of its own; returns where to, or None when there was none."""
+    if store is None:
+        return None
+    folder = store.parent
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = folder.with_name(f"{folder.name}.replaced-{stamp}")
+    k = 1
+    while target.exists():
+        k += 1
+        target = folder.with_name(f"{folder.name}.replaced-{stamp}-{k}")
+    folder.rename(target)
+    return str(target)
+
+
+def _exclude_in_export(path: Path, names: list[str], source: str) -> str:
+    """Exclude the images ``names`` in the exported dataset's own corrections store (made
+    beside it, as napari and ``train`` look for it); returns the store's path."""
+    from .corrections import CorrectionStore
+    from .formats import open_dataset
+
+    exported = open_dataset(str(path), lazy=True)
+    store = CorrectionStore.for_dataset(exported)
+    try:
+        row = {key: i for i, key in enumerate(store.keys)}
+        store.exclude_many([row[name] for name in names], note=f"excluded in {source}")
+        return str(store.path)
+    finally:
+        store.close()
