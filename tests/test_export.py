@@ -158,6 +158,26 @@ def test_overwriting_an_export_moves_the_earlier_datasets_corrections_aside(tmp_
     now.close()
 
 
+def test_convert_overwrite_moves_the_replaced_datasets_corrections_aside(tmp_path, capsys):
+    path, *_ = _npz_with_corrections(tmp_path)
+    out = tmp_path / "c.zarr"
+    assert main(["convert", str(path), "--out", str(out)]) == 0
+    earlier = CorrectionStore.for_dataset(open_zarr(out))
+    earlier.exclude(2)
+    earlier.close()
+    assert main(["convert", str(path), "--out", str(out)]) == 2  # kept, and its store too
+    assert CorrectionStore.existing(open_zarr(out)).excluded() == {2}
+    capsys.readouterr()
+    assert main(["convert", str(path), "--out", str(out), "--overwrite"]) == 0
+    (aside,) = tmp_path.glob("c.zarr.marsviewer.replaced-*")
+    assert (
+        f"c.zarr replaced an earlier dataset: its corrections were moved to {aside}"
+        in capsys.readouterr().err
+    )
+    assert CorrectionStore.existing(open_zarr(out)) is None
+    assert (aside / "corrections.sqlite").exists()
+
+
 def test_disk_full_during_export_leaves_nothing(tmp_path, monkeypatch):
     _, data, *_ = _npz_with_corrections(tmp_path)
     from trainer.formats import zarr_dataset

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 from .classes import CLASSES
 from .dataset import Dataset
@@ -61,6 +63,15 @@ def open_store(dataset, path: str | None = None):
     from .corrections import CorrectionStore
 
     return CorrectionStore.existing(dataset, path)
+
+
+def say_replaced_store(out, moved_to: str | None) -> None:
+    """Tell the user where the corrections of a dataset an output replaced went."""
+    if moved_to:
+        print(
+            f"{Path(out).name} replaced an earlier dataset: its corrections were moved to {moved_to}",
+            file=sys.stderr,
+        )
 
 
 def positive_int(text: str) -> int:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_common import CliError, add_dataset_args, load_dataset
+from .cli_common import CliError, add_dataset_args, load_dataset, say_replaced_store
 
 
 def _output(text: str, suffix: str) -> Path:
@@ -97,6 +97,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     for line in report.skipped:
         print(f"skipped: {line}", file=sys.stderr)
+    say_replaced_store(out, report.replaced_store)
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_common import CliError, add_dataset_args, load_dataset, open_store
+from .cli_common import CliError, add_dataset_args, load_dataset, open_store, say_replaced_store
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -178,11 +178,7 @@ def _export_zarr(args: argparse.Namespace, out: Path) -> int:
         f"{log['edited']} corrected masks, {log['newly_labelled']} newly labelled, {log['excluded']} excluded"
         f"{' and dropped' if args.drop_excluded else ''}) and {changelog.name}"
     )
-    if log["replaced_store"]:
-        print(
-            f"{out.name} replaced an earlier dataset: its corrections were moved to {log['replaced_store']}",
-            file=sys.stderr,
-        )
+    say_replaced_store(out, log["replaced_store"])
     if log["exclusions_store"]:
         print(
             f"{log['excluded_kept']} excluded images stay excluded in {out.name} "

@@ -19,6 +19,7 @@ from .dataset import DatasetError
 from .formats.folder import FolderIndex, FolderItem, index_folder, load_item
 from .formats.zarr_dataset import ZarrWriter, is_zarr
 from .mask_mapping import MaskMapping
+from .store_location import move_aside_store
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ConvertReport:
     frame: tuple[int, int]
     sizes: int  # distinct frame sizes
     skipped: list[str] = field(default_factory=list)  # "file: why" of frames left out
+    replaced_store: str | None = None  # where the corrections of a dataset replaced went
 
 
 def _frame_size(path: Path) -> tuple[int, int]:
@@ -68,18 +70,21 @@ def convert(
 ) -> ConvertReport:
     """Write ``src`` as a zarr dataset at ``out``. A frame that cannot be decoded stops
     the conversion (naming the file) unless ``skip_bad``, which leaves it out and lists
-    it in the report; a stopped conversion leaves nothing under ``out``."""
+    it in the report; a stopped conversion leaves nothing under ``out``. The corrections
+    store of a dataset it replaces is moved aside (``ConvertReport.replaced_store``)."""
     src, out = Path(src), Path(out)
     workers = workers or min(8, os.cpu_count() or 1)
     mapping = MaskMapping.parse(mask_mapping)
     if out.exists() and not overwrite:
         raise DatasetError(f"{out}: already exists; choose another --out or pass --overwrite")
     if (str(src).startswith("synthetic") and not src.exists()) or (src.is_file() and not is_zarr(src)):
-        return _convert_arrays(src, out, progress)
-    if is_zarr(src):
+        report = _convert_arrays(src, out, progress)
+    elif is_zarr(src):
         raise DatasetError(f"{src}: is already a zarr dataset")
-    index = index_folder(src)
-    return _convert_folder(index, out, mapping, workers, skip_bad, progress)
+    else:
+        report = _convert_folder(index_folder(src), out, mapping, workers, skip_bad, progress)
+    report.replaced_store = move_aside_store(report.out)
+    return report
 
 
 def write_store(out: Path, writer: ZarrWriter, fill: Callable[[ZarrWriter], tuple[list[str], int]]):

@@ -15,7 +15,6 @@ conversion that stops leaves nothing under the output's name (as ``convert``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats.zarr_dataset import ZarrWriter
-from .store_location import existing_store_path, row_keys
+from .store_location import move_aside_store, row_keys
 
 
 @dataclass
@@ -125,7 +124,7 @@ def export_zarr(
         return [frames.keys[i] for i in rows], n_labelled
 
     path = write_store(out, writer, fill)
-    replaced = _move_aside(existing_store_path(str(path), None))
+    replaced = move_aside_store(path)
     carried = [frames.keys[i] for i in rows if i in excluded]
     carried_to = _exclude_in_export(path, carried, frames.source) if carried else None
     for i in sorted(excluded):
@@ -156,23 +155,6 @@ def export_zarr(
         "orphans": store.orphans() if store is not None else [],
         "changes": changes,
     }
-
-
-def _move_aside(store: Path | None) -> str | None:
-    """Move the folder of a corrections store found under the output's name (it belongs to
-    a dataset written there earlier: its corrections would find the new images by name)
-    to a name of its own; returns where to, or None when there was none."""
-    if store is None:
-        return None
-    folder = store.parent
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = folder.with_name(f"{folder.name}.replaced-{stamp}")
-    k = 1
-    while target.exists():
-        k += 1
-        target = folder.with_name(f"{folder.name}.replaced-{stamp}-{k}")
-    folder.rename(target)
-    return str(target)
 
 
 def _exclude_in_export(path: Path, names: list[str], source: str) -> str:

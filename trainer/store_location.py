@@ -5,6 +5,7 @@ position under a content hash for files that never change (npz, synthetic data).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,3 +113,21 @@ def default_store_path(source: str, content_hash: str | None) -> Path:
             pass
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback / "corrections.sqlite"
+
+
+def move_aside_store(dataset: str | Path) -> str | None:
+    """Move the folder of a corrections store found for the dataset just written at
+    ``dataset`` to a name of its own (``.replaced-TIME``): it belongs to a dataset written
+    there earlier, and its corrections would find the new images by name. Returns where
+    it went, or None when there was none."""
+    store = existing_store_path(str(dataset), None)
+    if store is None:
+        return None
+    folder = store.parent
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target, k = folder.with_name(f"{folder.name}.replaced-{stamp}"), 1
+    while target.exists():
+        k += 1
+        target = folder.with_name(f"{folder.name}.replaced-{stamp}-{k}")
+    folder.rename(target)
+    return str(target)
