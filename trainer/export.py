@@ -74,6 +74,46 @@ def history(store, i: int) -> list[dict]:
     ]
 
 
+@dataclass
+class _Plan:
+    """The rows of an export, in the store's numbering, and what goes into them."""
+
+    rows: list[int]  # labelled rows kept, newly labelled ones, then still unlabelled ones
+    n_labelled: int
+    labels: dict[int, np.ndarray]  # saved labels of unlabelled images
+    edited: set[int]
+    excluded: set[int]
+
+
+def _plan(frames: Frames, store, drop_excluded: bool) -> _Plan:
+    n = frames.n
+    edited = store.edited() if store is not None else set()
+    excluded = store.excluded() if store is not None else set()
+    kept = [i for i in range(len(frames)) if not (drop_excluded and i in excluded)]
+    # Labels of unlabelled images: read now (they decide the rows); a label saved for a
+    # frame that has changed size since does not count (the store reports it as a misfit).
+    labels = {i: m for i in kept if i >= n and i in edited and (m := store.state(i)[0]) is not None}
+    rows = [i for i in kept if i < n] + sorted(labels) + [i for i in kept if i >= n and i not in labels]
+    return _Plan(rows, sum(1 for i in kept if i < n) + len(labels), labels, edited, excluded)
+
+
+def _effective_mask(frames: Frames, store, plan: _Plan, i: int, changes: list[dict]) -> np.ndarray | None:
+    """Row ``i``'s mask as exported (None: unlabelled), noting any change in ``changes``."""
+    if i >= frames.n:
+        if i not in plan.labels:
+            return None
+        changes.append({"name": frames.keys[i], "action": "labelled", "history": history(store, i)})
+        return plan.labels[i]
+    original = frames.mask(i)
+    if i not in plan.edited or (saved := store.state(i)[0]) is None:
+        return original
+    changes.append(
+        {"name": frames.keys[i], "action": "mask",
+         "changed_pixels": int((saved != original).sum()), "history": history(store, i)}
+    )  # fmt: skip
+    return saved
+
+
 def export_zarr(
     dataset,
     store,
@@ -87,65 +127,40 @@ def export_zarr(
     from .convert import write_store
 
     frames = Frames.of(dataset)
-    n = frames.n
-    edited = store.edited() if store is not None else set()
-    excluded = store.excluded() if store is not None else set()
-    kept = [i for i in range(len(frames)) if not (drop_excluded and i in excluded)]
-    # Labels of unlabelled images: read now (they decide the rows); a label saved for a
-    # frame that has changed size since does not count (the store reports it as a misfit).
-    labels = {i: m for i in kept if i >= n and i in edited and (m := store.state(i)[0]) is not None}
-    rows = [i for i in kept if i < n] + sorted(labels) + [i for i in kept if i >= n and i not in labels]
-    n_labelled = sum(1 for i in kept if i < n) + len(labels)
+    plan = _plan(frames, store, drop_excluded)
+    rows = plan.rows
     shapes = [frames.shape(i) for i in rows]
     frame = (max((s[0] for s in shapes), default=1), max((s[1] for s in shapes), default=1))
     attrs = {"source": frames.source, "mask_mapping": mask_mapping}
     if store is not None:
         attrs["corrections"] = str(store.path)
-    writer = ZarrWriter(out, n_labelled, len(rows), frame, attrs)
     changes: list[dict] = []
 
     def fill(w: ZarrWriter) -> tuple[list[str], int]:
         for row, i in enumerate(rows):
-            mask = None
-            if i < n:
-                mask = original = frames.mask(i)
-                if i in edited and (saved := store.state(i)[0]) is not None:
-                    mask = saved
-                    changes.append(
-                        {"name": frames.keys[i], "action": "mask",
-                         "changed_pixels": int((saved != original).sum()), "history": history(store, i)}
-                    )  # fmt: skip
-            elif i in labels:
-                mask = labels[i]
-                changes.append({"name": frames.keys[i], "action": "labelled", "history": history(store, i)})
-            w.add(row, frames.image(i), mask)
+            w.add(row, frames.image(i), _effective_mask(frames, store, plan, i, changes))
             if progress is not None:
                 progress(row + 1, len(rows))
-        return [frames.keys[i] for i in rows], n_labelled
+        return [frames.keys[i] for i in rows], plan.n_labelled
 
-    path = write_store(out, writer, fill)
+    path = write_store(out, ZarrWriter(out, plan.n_labelled, len(rows), frame, attrs), fill)
     replaced = move_aside_store(path)
-    carried = [frames.keys[i] for i in rows if i in excluded]
+    carried = [frames.keys[i] for i in rows if i in plan.excluded]
     carried_to = _exclude_in_export(path, carried, frames.source) if carried else None
-    for i in sorted(excluded):
-        changes.append(
-            {
-                "name": frames.keys[i],
-                "action": "excluded",
-                "dropped": drop_excluded,
-                "history": history(store, i),
-            }
-        )
+    changes += [
+        {"name": frames.keys[i], "action": "excluded", "dropped": drop_excluded, "history": history(store, i)}
+        for i in sorted(plan.excluded)
+    ]
     return {
         "source": frames.source,
         "out": str(path),
         "corrections": str(store.path) if store is not None else None,
         "images": len(rows),
-        "labelled": n_labelled,
-        "unlabelled": len(rows) - n_labelled,
+        "labelled": plan.n_labelled,
+        "unlabelled": len(rows) - plan.n_labelled,
         "edited": sum(1 for c in changes if c["action"] == "mask"),
-        "newly_labelled": len(labels),
-        "excluded": len(excluded),
+        "newly_labelled": len(plan.labels),
+        "excluded": len(plan.excluded),
         "dropped_excluded": drop_excluded,
         # Where the kept excluded images are excluded again, and an earlier store moved to.
         "excluded_kept": len(carried),
@@ -161,10 +176,9 @@ def _exclude_in_export(path: Path, names: list[str], source: str) -> str:
     """Exclude the images ``names`` in the exported dataset's own corrections store (made
     beside it, as napari and ``train`` look for it); returns the store's path."""
     from .corrections import CorrectionStore
-    from .formats import open_dataset
+    from .formats import open_zarr
 
-    exported = open_dataset(str(path), lazy=True)
-    store = CorrectionStore.for_dataset(exported)
+    store = CorrectionStore.for_dataset(open_zarr(path))  # names and sizes: no frame is read
     try:
         row = {key: i for i, key in enumerate(store.keys)}
         store.exclude_many([row[name] for name in names], note=f"excluded in {source}")
