@@ -76,6 +76,9 @@ def main() -> None:
             "miou_keras": last.miou_keras,
             "iou": last.iou,
             "epochs": last.epoch + 1,
+            "steps": last.step,
+            "batch_size": cfg.batch_size,
+            "warmup_steps": cfg.warmup_steps,
             "precision": started.precision,
             "seconds": round(time.perf_counter() - t0, 1),
         }

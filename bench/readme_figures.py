@@ -137,16 +137,31 @@ def quality(q: dict) -> list[str]:
         f"synthetic images, the same held-out 10%, {q['epochs']} epochs each, scored at the last "
         "epoch (no epoch is picked on the images it is scored on):",
         "",
-        f"| variant | precision | {' | '.join(CLASS_NAMES)} | mIoU (1-4) | mIoU as Keras | seconds |",
-        "| --- | --- |" + " ---: |" * (len(CLASS_NAMES) + 3),
+        f"| variant | precision | {' | '.join(CLASS_NAMES)} | mIoU (1-4) | mIoU as Keras | steps x batch | seconds |",
+        "| --- | --- |" + " ---: |" * (len(CLASS_NAMES) + 4),
     ]
     for r in q["results"]:
         cells = [_f(v) for v in r["iou"][1:]]
+        steps = f"{r['steps']} x {r['batch_size']}" if "steps" in r else "-"
         lines.append(
             f"| {r['variant']} | {r.get('precision', '-')} | {' | '.join(cells)} | **{_f(r['miou'])}** | "
-            f"{_f(r.get('miou_keras'))} | {r['seconds']} |"
+            f"{_f(r.get('miou_keras'))} | {steps} | {r['seconds']} |"
         )
-    return lines
+    return lines + _warming_up(q["results"])
+
+
+def _warming_up(rows: list[dict]) -> list[str]:
+    """A sentence for each variant whose run ended inside its learning-rate warm-up: its
+    row shows a model that has hardly started, not what the recipe reaches."""
+    out = []
+    for r in rows:
+        if "steps" in r and r["steps"] <= r["warmup_steps"]:
+            out.append(
+                f"{r['variant']}: {r['steps']} steps of {r['batch_size']} images, all inside its "
+                f"{r['warmup_steps']}-step learning-rate warm-up. It is made for far longer runs on "
+                "far more images; on this budget it has hardly started, and its row says only that."
+            )
+    return ["", *out] if out else []
 
 
 def precision_quality(q: dict) -> list[str]:

@@ -82,3 +82,18 @@ def test_the_figures_say_whether_one_make_bench_run_on_one_machine_measured_them
     assert "H100, torch 2.13 (b)" in several
     assert figures._when(out()) == "2026-01-02 03:04 UTC"
     assert figures._when({"date": "2026-01-01"}) == "2026-01-01"
+
+
+def test_the_quality_table_says_which_runs_ended_inside_their_warm_up():
+    figures = _bench_module("readme_figures")
+    row = {"iou": [None, 0.5, 0.5, 0.5, 0.5], "miou": 0.5, "miou_keras": 0.4, "seconds": 9.0}
+    rows = [
+        {**row, "variant": "short", "steps": 40, "batch_size": 128, "warmup_steps": 100},
+        {**row, "variant": "long", "steps": 136, "batch_size": 32, "warmup_steps": 100},
+        {**row, "variant": "from before the steps were kept"},
+    ]
+    text = "\n".join(figures.quality({"images": 600, "epochs": 8, "results": rows}))
+    assert "| short | - | 0.500 |" in text and "| 40 x 128 | 9.0 |" in text
+    assert "| 136 x 32 |" in text and "| - | 9.0 |" in text
+    assert "short: 40 steps of 128 images, all inside its 100-step learning-rate warm-up" in text
+    assert "long:" not in text
