@@ -158,6 +158,37 @@ def test_overwriting_an_export_moves_the_earlier_datasets_corrections_aside(tmp_
     now.close()
 
 
+@pytest.mark.parametrize("touched", ["no", "include", "file"])
+def test_an_exports_store_that_holds_only_what_it_carried_is_replaced_not_kept(tmp_path, capsys, touched):
+    """Exporting over an export again and again left one ``.replaced-*`` folder a time,
+    though all such a store held were the exclusions carried from the source (still in
+    the source's store). It is now removed; a store anyone changed since (an include, even
+    one undone by an exclude), or a folder holding anything else, is moved aside."""
+    path, *_ = _npz_with_corrections(tmp_path)
+    out = tmp_path / "x.zarr"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    folder = tmp_path / "x.zarr.marsviewer"
+    if touched == "include":
+        earlier = CorrectionStore.existing(open_zarr(out))
+        earlier.include(4)
+        earlier.exclude(4)  # back where it was, but the user did it
+        earlier.close()
+    elif touched == "file":
+        (folder / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["export", str(path), "--out", str(out), "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    aside = list(tmp_path.glob("x.zarr.marsviewer.replaced-*"))
+    assert len(aside) == (0 if touched == "no" else 1)
+    assert ("replaced an earlier dataset" in err) == (touched != "no")
+    now = CorrectionStore.existing(open_zarr(out))
+    assert now.excluded() == {4} and now.edited() == set()
+    now.close()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        "corrections.sqlite"
+    ]
+
+
 def test_convert_overwrite_moves_the_replaced_datasets_corrections_aside(tmp_path, capsys):
     path, *_ = _npz_with_corrections(tmp_path)
     out = tmp_path / "c.zarr"

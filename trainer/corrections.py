@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .correction_history import Entry, HistoryTree
-from .corrections_db import CorrectionsError, connect, open_schema
+from .corrections_db import CorrectionsError, connect, open_schema, transaction
 from .dataset import Dataset
 from .store_location import (
     dataset_hash,
@@ -193,6 +193,15 @@ class CorrectionStore(HistoryTree):
         for i in images:
             if not self.is_excluded(i):
                 self.exclude(i, note)
+
+    def mark_carried(self) -> None:
+        """Record that all the store holds so far was carried from another dataset's
+        store, where it still is (an export's exclusions): as long as nothing is added,
+        :func:`~trainer.store_location.holds_only_carried` says the store can go without
+        losing anything."""
+        last = self.db.execute("SELECT MAX(id) FROM log").fetchone()[0] or 0
+        with transaction(self.db):
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('carried_up_to_log', ?)", (str(last),))
 
     # -- reading ---------------------------------------------------------------
     def state(self, image: int) -> tuple[np.ndarray | None, bool]:

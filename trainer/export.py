@@ -182,6 +182,7 @@ def _exclude_in_export(path: Path, names: list[str], source: str) -> str:
     try:
         row = {key: i for i, key in enumerate(store.keys)}
         store.exclude_many([row[name] for name in names], note=f"excluded in {source}")
+        store.mark_carried()
         return str(store.path)
     finally:
         store.close()

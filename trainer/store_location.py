@@ -5,6 +5,8 @@ position under a content hash for files that never change (npz, synthetic data).
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,15 +117,42 @@ def default_store_path(source: str, content_hash: str | None) -> Path:
     return fallback / "corrections.sqlite"
 
 
+def holds_only_carried(store: Path) -> bool:
+    """Whether the corrections store at ``store`` holds nothing but what was carried into
+    it from another dataset's store (:meth:`~trainer.corrections.CorrectionStore.mark_carried`,
+    an export's exclusions) and the folder nothing else: removing it loses nothing."""
+    from .corrections_db import connect
+
+    own = {store.name, f"{store.name}-wal", f"{store.name}-shm"}
+    if any(p.name not in own for p in store.parent.iterdir()):
+        return False
+    try:
+        db = connect(store, readonly=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            last = db.execute("SELECT MAX(id) FROM log").fetchone()[0] or 0
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return meta.get("carried_up_to_log") == str(last)
+
+
 def move_aside_store(dataset: str | Path) -> str | None:
     """Move the folder of a corrections store found for the dataset just written at
     ``dataset`` to a name of its own (``.replaced-TIME``): it belongs to a dataset written
-    there earlier, and its corrections would find the new images by name. Returns where
-    it went, or None when there was none."""
+    there earlier, and its corrections would find the new images by name. A store that
+    holds only what an earlier export carried into it (each exclusion is still in the
+    store of the dataset it came from) is removed instead: exporting again and again over
+    one name leaves no pile of such folders. Returns where the store went, or None when
+    there was none or it was removed."""
     store = existing_store_path(str(dataset), None)
     if store is None:
         return None
     folder = store.parent
+    if holds_only_carried(store):
+        shutil.rmtree(folder)
+        return None
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target, k = folder.with_name(f"{folder.name}.replaced-{stamp}"), 1
     while target.exists():
