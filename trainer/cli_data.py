@@ -98,7 +98,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for line in report.skipped:
         print(f"skipped: {line}", file=sys.stderr)
     say_replaced_store(out, report.replaced_store)
+    _say_carried(report)
     return 0
+
+
+def _say_carried(report) -> None:
+    carried = report.carried
+    if carried is None:
+        return
+    if carried.store:
+        print(
+            f"carried the folder's corrections ({carried.source_store}) into {carried.store}: "
+            f"{carried.masks} saved masks, {carried.excluded} exclusions; the dataset's masks are "
+            "the originals (export --out NAME.zarr writes corrected masks in)"
+        )
+    for line in carried.not_carried:
+        print(f"correction not carried: {line}", file=sys.stderr)
 
 
 def register(sub) -> None:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .carry import Carried, carry_corrections
 from .dataset import DatasetError
 from .formats.folder import FolderIndex, FolderItem, index_folder, load_item
 from .formats.zarr_dataset import ZarrWriter, is_zarr
@@ -31,6 +32,7 @@ class ConvertReport:
     sizes: int  # distinct frame sizes
     skipped: list[str] = field(default_factory=list)  # "file: why" of frames left out
     replaced_store: str | None = None  # where the corrections of a dataset replaced went
+    carried: Carried | None = None  # a folder's corrections, carried into the new store
 
 
 def _frame_size(path: Path) -> tuple[int, int]:
@@ -71,7 +73,8 @@ def convert(
     """Write ``src`` as a zarr dataset at ``out``. A frame that cannot be decoded stops
     the conversion (naming the file) unless ``skip_bad``, which leaves it out and lists
     it in the report; a stopped conversion leaves nothing under ``out``. The corrections
-    store of a dataset it replaces is moved aside (``ConvertReport.replaced_store``)."""
+    store of a dataset it replaces is moved aside (``ConvertReport.replaced_store``); a
+    folder's saved corrections are carried into the new dataset's store (``.carried``)."""
     src, out = Path(src), Path(out)
     workers = workers or min(8, os.cpu_count() or 1)
     mapping = MaskMapping.parse(mask_mapping)
@@ -84,6 +87,8 @@ def convert(
     else:
         report = _convert_folder(index_folder(src), out, mapping, workers, skip_bad, progress)
     report.replaced_store = move_aside_store(report.out)
+    if src.is_dir():
+        report.carried = carry_corrections(src, report.out)
     return report
 
 
