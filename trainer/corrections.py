@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .correction_history import Entry, HistoryTree
-from .corrections_db import CorrectionsError, connect, open_schema, transaction
+from .corrections_db import CARRIED_UP_TO, CorrectionsError, connect, open_schema, transaction
 from .dataset import Dataset
 from .store_location import (
     dataset_hash,
@@ -196,12 +196,12 @@ class CorrectionStore(HistoryTree):
 
     def mark_carried(self) -> None:
         """Record that all the store holds so far was carried from another dataset's
-        store, where it still is (an export's exclusions): as long as nothing is added,
+        store, where it still is (an export's exclusions, a converted folder's
+        corrections): as long as nothing is added,
         :func:`~trainer.store_location.holds_only_carried` says the store can go without
         losing anything."""
-        last = self.db.execute("SELECT MAX(id) FROM log").fetchone()[0] or 0
         with transaction(self.db):
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('carried_up_to_log', ?)", (str(last),))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (CARRIED_UP_TO, str(self.version())))
 
     # -- reading ---------------------------------------------------------------
     def state(self, image: int) -> tuple[np.ndarray | None, bool]:

@@ -29,6 +29,17 @@ CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY AUTOINCREMENT, image INTE
 by ``images.key``. (Version 1 had no images table: ``image`` was the row itself.)"""
 
 
+CARRIED_UP_TO = "carried_up_to_log"  # meta: all up to this log id was carried in from elsewhere
+
+
+def only_carried(db: sqlite3.Connection) -> bool:
+    """Whether nothing has been logged since the store was marked as holding only what was
+    carried into it (:meth:`~trainer.corrections.CorrectionStore.mark_carried`)."""
+    marked = db.execute("SELECT value FROM meta WHERE key=?", (CARRIED_UP_TO,)).fetchone()
+    last = db.execute("SELECT MAX(id) FROM log").fetchone()[0] or 0
+    return marked is not None and marked[0] == str(last)
+
+
 class CorrectionsError(RuntimeError):
     """The store cannot be opened or does not belong to this dataset."""
 

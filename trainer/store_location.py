@@ -119,9 +119,9 @@ def default_store_path(source: str, content_hash: str | None) -> Path:
 
 def holds_only_carried(store: Path) -> bool:
     """Whether the corrections store at ``store`` holds nothing but what was carried into
-    it from another dataset's store (:meth:`~trainer.corrections.CorrectionStore.mark_carried`,
-    an export's exclusions) and the folder nothing else: removing it loses nothing."""
-    from .corrections_db import connect
+    it from another dataset's store (:meth:`~trainer.corrections.CorrectionStore.mark_carried`)
+    and its folder nothing else: removing it loses nothing."""
+    from .corrections_db import connect, only_carried
 
     own = {store.name, f"{store.name}-wal", f"{store.name}-shm"}
     if any(p.name not in own for p in store.parent.iterdir()):
@@ -129,21 +129,19 @@ def holds_only_carried(store: Path) -> bool:
     try:
         db = connect(store, readonly=True)
         try:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            last = db.execute("SELECT MAX(id) FROM log").fetchone()[0] or 0
+            return only_carried(db)
         finally:
             db.close()
     except sqlite3.Error:
         return False
-    return meta.get("carried_up_to_log") == str(last)
 
 
 def move_aside_store(dataset: str | Path) -> str | None:
     """Move the folder of a corrections store found for the dataset just written at
     ``dataset`` to a name of its own (``.replaced-TIME``): it belongs to a dataset written
     there earlier, and its corrections would find the new images by name. A store that
-    holds only what an earlier export carried into it (each exclusion is still in the
-    store of the dataset it came from) is removed instead: exporting again and again over
+    holds only what an earlier export or conversion carried into it (all still in the
+    store of the dataset it came from) is removed instead: writing again and again over
     one name leaves no pile of such folders. Returns where the store went, or None when
     there was none or it was removed."""
     store = existing_store_path(str(dataset), None)
