@@ -1,14 +1,20 @@
-"""``convert`` of a folder carries the folder's saved corrections into the converted
-dataset's own store, by name; the dataset's masks stay the originals."""
+"""``convert`` carries the saved corrections of a folder (by name), an npz or the
+synthetic sample (by position under the content hash) into the converted dataset's own
+store; the dataset's masks stay the originals."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from tests.test_zarr import mixed_folder, save
 from trainer.cli import main
 from trainer.corrections import CorrectionStore
-from trainer.formats import open_dataset, open_zarr
+from trainer.formats import open_dataset, open_zarr, write_npz
+from trainer.store_location import DatasetHasher, dataset_hash
 
 
 def _folder_with_corrections(root):
@@ -37,7 +43,7 @@ def test_convert_carries_a_folders_corrections_into_the_new_datasets_store(tmp_p
     out = tmp_path / "d.zarr"
     assert main(["convert", str(tmp_path / "src"), "--out", str(out)]) == 0
     printed = capsys.readouterr()
-    assert "carried the folder's corrections" in printed.out and "2 saved masks, 1 exclusions" in printed.out
+    assert "carried the saved corrections" in printed.out and "2 saved masks, 1 exclusions" in printed.out
     assert "not carried" not in printed.err
     got = open_zarr(out)
     assert got.labelled_names == ds.names and got.test_names == ds.test_names
@@ -95,3 +101,76 @@ def test_convert_of_a_folder_without_corrections_makes_no_store(tmp_path, capsys
     assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "d.zarr")]) == 0
     assert "carried" not in capsys.readouterr().out
     assert CorrectionStore.existing(open_zarr(tmp_path / "d.zarr")) is None
+
+
+def _save_on(ds) -> set[int]:
+    """A corrected mask for image 1, image 2 excluded and, where there are unlabelled
+    images, a label for the first; returns the rows given a mask."""
+    h, w = ds.image_shape
+    store = CorrectionStore.for_dataset(ds)
+    store.save_mask(1, np.full((h, w), 2, np.uint8))
+    store.exclude(2)
+    if ds.test_images is not None:
+        store.save_mask(len(ds) + 0, np.full((h, w), 3, np.uint8))
+    store.close()
+    return {1} if ds.test_images is None else {1, len(ds)}
+
+
+@pytest.mark.parametrize("source", ["npz", "synthetic:6:3"])
+def test_convert_of_an_npz_or_the_synthetic_sample_carries_its_corrections(tmp_path, capsys, source):
+    """An npz's store is found by a hash of its content: the streamed conversion computes
+    the same hash as reading the file into memory, and the rows are the same."""
+    if source == "npz":
+        rng = np.random.default_rng(2)
+        images = rng.integers(0, 256, (5, 16, 24), dtype=np.uint8)
+        masks = rng.integers(0, 5, (5, 16, 24), dtype=np.uint8)
+        write_npz(tmp_path / "site.npz", images, masks, rng.integers(0, 256, (3, 16, 24), dtype=np.uint8))
+        source = str(tmp_path / "site.npz")
+    ds = open_dataset(source)
+    edited = _save_on(ds)
+    out = tmp_path / "d.zarr"
+    assert main(["convert", source, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert f"{len(edited)} saved masks, 1 exclusions" in printed.out and "not carried" not in printed.err
+    got = open_zarr(out)
+    for i in range(len(ds)):  # the dataset's masks are the originals
+        np.testing.assert_array_equal(got.mask(i), ds.masks[i])
+    store = CorrectionStore.existing(got)
+    try:
+        assert store.edited() == edited and store.excluded() == {2}
+        assert (store.state(1)[0] == 2).all()
+        assert all((m == 3).all() for m in store.pool_labels().values())
+        assert [e.note for e in store.history(2)] == [f"carried from {Path(source).name}"]
+    finally:
+        store.close()
+
+
+def test_convert_of_a_changed_npz_says_its_corrections_are_not_carried(tmp_path, capsys):
+    """Corrections saved for an npz whose content has changed since (a mask rewritten)
+    belong to other content: said, not carried, and the store is left as it is."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (4, 16, 24), dtype=np.uint8)
+    masks = rng.integers(0, 5, (4, 16, 24), dtype=np.uint8)
+    write_npz(tmp_path / "site.npz", images, masks)
+    _save_on(open_dataset(tmp_path / "site.npz"))
+    masks[3, 0, 0] = (masks[3, 0, 0] + 1) % 5
+    write_npz(tmp_path / "site.npz", images, masks)
+    assert main(["convert", str(tmp_path / "site.npz"), "--out", str(tmp_path / "d.zarr")]) == 0
+    err = capsys.readouterr().err
+    assert "correction not carried: (all):" in err and "belong to another dataset" in err
+    assert CorrectionStore.existing(open_zarr(tmp_path / "d.zarr")) is None
+
+
+def test_the_hash_of_chunks_is_the_hash_stores_were_written_with():
+    """Stores written by earlier versions hold blake2b(shape, images, masks): adding the
+    same arrays a chunk at a time must give that hash, or their corrections are lost."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (7, 6, 8), dtype=np.uint8)
+    masks = rng.integers(0, 5, (7, 6, 8), dtype=np.uint8)
+    h = hashlib.blake2b(digest_size=16)
+    for part in (b"(7, 6, 8)", images.tobytes(), masks.tobytes()):
+        h.update(part)
+    hasher = DatasetHasher((np.int64(7), 6, 8))
+    for rows in (slice(0, 3), slice(3, 5), slice(5, 7)):
+        hasher.add(images[rows], masks[rows])
+    assert hasher.hexdigest() == dataset_hash(images, masks) == h.hexdigest()

@@ -18,6 +18,7 @@ from trainer.corrections import CorrectionStore
 from trainer.dataset import DatasetError
 from trainer.export import export_zarr
 from trainer.formats import StoredDataset, open_dataset, open_zarr, read_npz, write_npz
+from trainer.store_location import identity
 from trainer.synth import generate
 
 
@@ -197,7 +198,7 @@ def test_convert_overwrite_moves_the_replaced_datasets_corrections_aside(tmp_pat
     earlier.exclude(2)
     earlier.close()
     assert main(["convert", str(path), "--out", str(out)]) == 2  # kept, and its store too
-    assert CorrectionStore.existing(open_zarr(out)).excluded() == {2}
+    assert CorrectionStore.existing(open_zarr(out)).excluded() == {2, 4}  # 4: carried from the npz
     capsys.readouterr()
     assert main(["convert", str(path), "--out", str(out), "--overwrite"]) == 0
     (aside,) = tmp_path.glob("c.zarr.marsviewer.replaced-*")
@@ -205,8 +206,10 @@ def test_convert_overwrite_moves_the_replaced_datasets_corrections_aside(tmp_pat
         f"c.zarr replaced an earlier dataset: its corrections were moved to {aside}"
         in capsys.readouterr().err
     )
-    assert CorrectionStore.existing(open_zarr(out)) is None
-    assert (aside / "corrections.sqlite").exists()
+    with closing(CorrectionStore.existing(open_zarr(out))) as store:
+        assert store.excluded() == {4}  # carried anew
+    with closing(CorrectionStore(aside / "corrections.sqlite", **identity(open_zarr(out)))) as store:
+        assert store.excluded() == {2, 4}
 
 
 def test_disk_full_during_export_leaves_nothing(tmp_path, monkeypatch):

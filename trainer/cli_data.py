@@ -108,7 +108,7 @@ def _say_carried(report) -> None:
         return
     if carried.store:
         print(
-            f"carried the folder's corrections ({carried.source_store}) into {carried.store}: "
+            f"carried the saved corrections ({carried.source_store}) into {carried.store}: "
             f"{carried.masks} saved masks, {carried.excluded} exclusions; the dataset's masks are "
             "the originals (export --out NAME.zarr writes corrected masks in)"
         )

@@ -20,7 +20,7 @@ from .dataset import DatasetError
 from .formats.folder import FolderIndex, FolderItem, index_folder, load_item
 from .formats.zarr_dataset import ZarrWriter, is_zarr
 from .mask_mapping import MaskMapping
-from .store_location import move_aside_store
+from .store_location import DatasetHasher, identity, move_aside_store, row_keys
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ConvertReport:
     sizes: int  # distinct frame sizes
     skipped: list[str] = field(default_factory=list)  # "file: why" of frames left out
     replaced_store: str | None = None  # where the corrections of a dataset replaced went
-    carried: Carried | None = None  # a folder's corrections, carried into the new store
+    carried: Carried | None = None  # the source's corrections, carried into the new store
 
 
 def _frame_size(path: Path) -> tuple[int, int]:
@@ -73,22 +73,21 @@ def convert(
     """Write ``src`` as a zarr dataset at ``out``. A frame that cannot be decoded stops
     the conversion (naming the file) unless ``skip_bad``, which leaves it out and lists
     it in the report; a stopped conversion leaves nothing under ``out``. The corrections
-    store of a dataset it replaces is moved aside (``ConvertReport.replaced_store``); a
-    folder's saved corrections are carried into the new dataset's store (``.carried``)."""
+    store of a dataset it replaces is moved aside (``ConvertReport.replaced_store``); the
+    corrections saved for ``src`` are carried into the new dataset's store (``.carried``)."""
     src, out = Path(src), Path(out)
     workers = workers or min(8, os.cpu_count() or 1)
     mapping = MaskMapping.parse(mask_mapping)
     if out.exists() and not overwrite:
         raise DatasetError(f"{out}: already exists; choose another --out or pass --overwrite")
     if (str(src).startswith("synthetic") and not src.exists()) or (src.is_file() and not is_zarr(src)):
-        report = _convert_arrays(src, out, progress)
+        report, ident = _convert_arrays(src, out, progress)
     elif is_zarr(src):
         raise DatasetError(f"{src}: is already a zarr dataset")
     else:
-        report = _convert_folder(index_folder(src), out, mapping, workers, skip_bad, progress)
+        report, ident = _convert_folder(index_folder(src), out, mapping, workers, skip_bad, progress), None
     report.replaced_store = move_aside_store(report.out)
-    if src.is_dir():
-        report.carried = carry_corrections(src, report.out)
+    report.carried = carry_corrections(src, report.out, ident)
     return report
 
 
@@ -152,7 +151,9 @@ def _convert_folder(index: FolderIndex, out: Path, mapping, workers, skip_bad, p
                          len({tuple(s) for s in writer.sizes.tolist()}), skipped)  # fmt: skip
 
 
-def _convert_arrays(src: Path, out: Path, progress) -> ConvertReport:
+def _convert_arrays(src: Path, out: Path, progress) -> tuple[ConvertReport, dict]:
+    """The report, and what ties the source's corrections store to it (:func:`identity`):
+    its rows are the converted dataset's, in order."""
     if src.is_file():
         return _convert_npz(src, out, progress)
     from .formats import open_dataset
@@ -170,24 +171,34 @@ def _convert_arrays(src: Path, out: Path, progress) -> ConvertReport:
         return list(ds.names) + list(ds.test_names), n
 
     path = write_store(out, writer, fill)
-    return ConvertReport(path, n, len(images) - n, ds.image_shape, 1)
+    return ConvertReport(path, n, len(images) - n, ds.image_shape, 1), identity(ds)
 
 
-def _convert_npz(src: Path, out: Path, progress) -> ConvertReport:
-    """An npz streamed a chunk at a time into the store (the real file is float64, ~1 GB)."""
+def _convert_npz(src: Path, out: Path, progress) -> tuple[ConvertReport, dict]:
+    """An npz streamed a chunk at a time into the store (the real file is float64, ~1 GB),
+    hashed on the way as reading it into memory would (its corrections store is found by
+    that hash); the hash holds the masks, a byte a pixel, until the end."""
     from .formats.npz import stream_npz
 
     with stream_npz(src) as npz:
         n, total = npz.n_train, npz.n_train + npz.n_test
+        names, test_names = [str(i) for i in range(n)], [str(j) for j in range(npz.n_test)]
         writer = ZarrWriter(out, n, total, npz.shape, {"source": str(src), "mask_mapping": "identity"})
+        hasher = DatasetHasher((n, *npz.shape))
 
         def fill(w: ZarrWriter):
             for start, images, masks in npz.chunks:
+                if masks is not None:
+                    hasher.add(images, masks)
                 for k in range(len(images)):
                     w.add(start + k, images[k], None if masks is None else masks[k])
                 if progress is not None:
                     progress(start + len(images), total)
-            return [str(i) for i in range(n)] + [str(j) for j in range(npz.n_test)], n
+            return names + test_names, n
 
         path = write_store(out, writer, fill)
-    return ConvertReport(path, n, total - n, npz.shape, 1)
+    ident = dict(
+        content_hash=hasher.hexdigest(), n=n, shape=tuple(npz.shape), n_pool=npz.n_test,
+        keys=row_keys(names, test_names), by_name=False,
+    )  # fmt: skip
+    return ConvertReport(path, n, total - n, npz.shape, 1), ident

@@ -14,11 +14,31 @@ from pathlib import Path
 import numpy as np
 
 
+class DatasetHasher:
+    """:func:`dataset_hash` of labelled images and masks that come a chunk at a time (a
+    streamed npz): the images are hashed as they come and the masks (a byte a pixel)
+    held until :meth:`hexdigest`, since the hash takes every image before any mask."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+        self._h.update(str(tuple(int(v) for v in shape)).encode())
+        self._masks: list[np.ndarray] = []
+
+    def add(self, images: np.ndarray, masks: np.ndarray) -> None:
+        self._h.update(np.ascontiguousarray(images).data)
+        self._masks.append(masks)
+
+    def hexdigest(self) -> str:
+        """The hash of every chunk added (add none after it)."""
+        for m in self._masks:
+            self._h.update(np.ascontiguousarray(m).data)
+        self._masks = []
+        return self._h.hexdigest()
+
+
 def dataset_hash(images: np.ndarray, masks: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images).data)
-    h.update(np.ascontiguousarray(masks).data)
+    h = DatasetHasher(images.shape)
+    h.add(images, masks)
     return h.hexdigest()
 
 
