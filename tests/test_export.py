@@ -120,6 +120,42 @@ def test_export_of_a_dataset_on_disk_keeps_each_frame_size_and_reads_a_frame_at_
     assert got.labelled_names == ["images/b", "images/c"] and got.frame_shape == (45, 29)
 
 
+def test_export_of_a_folder_of_mixed_sizes_keeps_each_frame_at_its_own_size(tmp_path, capsys):
+    """Read into memory, a folder's frames are resized to its most common size, and its
+    corrections are saved at that size. Its export holds each frame as its file has it,
+    the corrections resized back to the frame (nearest neighbour), and says so."""
+    from trainer.formats.folder import resize
+
+    arrays = mixed_folder(tmp_path / "src")
+    ds = open_dataset(tmp_path / "src")
+    assert ds.image_shape == (37, 50)  # images/b (45x29) and c (20x20) resized in memory
+    store = CorrectionStore.for_dataset(ds)
+    fixed = ds.masks[1].copy()
+    fixed[:10] = 4
+    store.save_mask(1, fixed)  # images/b
+    store.save_mask(2, np.full((37, 50), 3, np.uint8))  # images/c, unlabelled
+    store.close()
+    out = tmp_path / "e.zarr"
+    assert main(["export", str(tmp_path / "src"), "--out", str(out)]) == 0
+    assert "1 corrected masks, 1 newly labelled" in capsys.readouterr().out
+    got = open_zarr(out)
+    assert [tuple(s) for s in got.sizes] == [(37, 50), (45, 29), (20, 20)]
+    for row, name in enumerate("abc"):
+        np.testing.assert_array_equal(got.image(row), arrays[name][0])
+    np.testing.assert_array_equal(got.mask(0), arrays["a"][1])
+    np.testing.assert_array_equal(got.mask(1), resize(fixed, (45, 29), is_mask=True))
+    assert (got.mask(1)[:12] == 4).all() and (got.mask(2) == 3).all()
+    changes = json.loads((tmp_path / "e.changelog.json").read_text())["changes"]
+    assert [(c["name"], c.get("resized_from")) for c in changes] == [
+        ("images/b", [37, 50]),
+        ("images/c", [37, 50]),
+    ]
+    with closing(CorrectionStore.for_dataset(ds)) as store:
+        store.restore(1)  # images/b's mask as its file has it
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "f.zarr")]) == 0
+    np.testing.assert_array_equal(open_zarr(tmp_path / "f.zarr").mask(1), arrays["b"][1])
+
+
 def test_export_to_zarr_refusals(tmp_path, capsys):
     path, *_ = _npz_with_corrections(tmp_path)
     assert main(["export", str(path), "--out", str(tmp_path / "x.png")]) == 2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .carry import Carried, carry_corrections
 from .dataset import DatasetError
-from .formats.folder import FolderIndex, FolderItem, index_folder, load_item
+from .formats.folder import FolderIndex, FolderItem, frame_size, index_folder, load_item
 from .formats.zarr_dataset import ZarrWriter, is_zarr
 from .mask_mapping import MaskMapping
 from .store_location import DatasetHasher, identity, move_aside_store, row_keys
@@ -33,16 +33,6 @@ class ConvertReport:
     skipped: list[str] = field(default_factory=list)  # "file: why" of frames left out
     replaced_store: str | None = None  # where the corrections of a dataset replaced went
     carried: Carried | None = None  # the source's corrections, carried into the new store
-
-
-def _frame_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({exc})") from None
 
 
 def _ordered(func: Callable, items: list, workers: int) -> Iterator[tuple[object, object]]:
@@ -112,7 +102,7 @@ def _convert_folder(index: FolderIndex, out: Path, mapping, workers, skip_bad, p
     items: list[FolderItem] = index.labelled + index.unlabelled
     skipped: list[str] = []
     sizes: dict[Path, tuple[int, int]] = {}
-    for item, size in _ordered(lambda it: _frame_size(it.image), items, workers):
+    for item, size in _ordered(lambda it: frame_size(it.image), items, workers):
         if isinstance(size, DatasetError):
             if not skip_bad:
                 raise size

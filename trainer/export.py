@@ -5,7 +5,9 @@ Whatever the source (an npz, a folder, a zarr dataset too large for memory), the
 holds every frame at its own size under its own name: the labelled images with their
 effective masks (corrected where a correction is in effect), then the unlabelled images
 that were labelled since (they are training images now), then the images still
-unlabelled. Excluded images are dropped, or kept and excluded again in the new dataset's
+unlabelled. A folder read into memory (which resizes frames of other sizes to one) is
+written as its files are, the corrections saved at the size read resized back to each
+frame. Excluded images are dropped, or kept and excluded again in the new dataset's
 own corrections store (so that napari and ``train`` leave them out as before, and
 "include" brings one back); a store left under the output's name by an earlier dataset
 is moved aside, not applied to the new images by name. Memory
@@ -15,12 +17,14 @@ conversion that stops leaves nothing under the output's name (as ``convert``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .dataset import DatasetError
 from .formats.zarr_dataset import ZarrWriter
 from .store_location import move_aside_store, row_keys
 
@@ -66,6 +70,35 @@ class Frames:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def at_own_sizes(self, mask_mapping: str) -> Frames:
+        """For a folder read into memory, which resizes frames of other sizes to one: the
+        same rows, each frame whose file is of another size read again from disk at its
+        own (a frame at a time; sizes from the files' headers). Other sources, and a
+        folder of one size, are returned as they are."""
+        from .formats import is_zarr
+        from .formats.folder import frame_size, index_folder, load_item
+        from .mask_mapping import MaskMapping
+
+        root = Path(self.source)
+        if not root.is_dir() or is_zarr(root):
+            return self
+        index = index_folder(root)
+        items = index.labelled + index.unlabelled
+        if [index.name(it) for it in items] != self.keys:
+            raise DatasetError(f"{root}: its files changed while it was being exported; export again")
+        sizes = [frame_size(it.image) for it in items]
+        if all(sizes[i] == self.shape(i) for i in range(len(items))):
+            return self
+        mapping = MaskMapping.parse(mask_mapping)
+        load = functools.lru_cache(maxsize=1)(lambda i: load_item(items[i], mapping))
+
+        def pick(memory: Callable[[int], np.ndarray], part: int) -> Callable[[int], np.ndarray]:
+            return lambda i: memory(i) if sizes[i] == self.shape(i) else load(i)[part]
+
+        return Frames(
+            self.n, self.keys, pick(self.image, 0), pick(self.mask, 1), sizes.__getitem__, self.source
+        )
+
 
 def history(store, i: int) -> list[dict]:
     """The changelog's account of one image's corrections."""
@@ -97,20 +130,30 @@ def _plan(frames: Frames, store, drop_excluded: bool) -> _Plan:
     return _Plan(rows, sum(1 for i in kept if i < n) + len(labels), labels, edited, excluded)
 
 
+def _fitted(mask: np.ndarray, shape: tuple[int, int], change: dict) -> np.ndarray:
+    """A saved mask at the frame's own size: one saved on a folder read into memory at
+    another size is resized back (nearest neighbour), and the change says from what."""
+    from .formats.folder import resize
+
+    if mask.shape == tuple(shape):
+        return mask
+    change["resized_from"] = list(mask.shape)
+    return resize(mask, tuple(shape), is_mask=True)
+
+
 def _effective_mask(frames: Frames, store, plan: _Plan, i: int, changes: list[dict]) -> np.ndarray | None:
     """Row ``i``'s mask as exported (None: unlabelled), noting any change in ``changes``."""
     if i >= frames.n:
         if i not in plan.labels:
             return None
         changes.append({"name": frames.keys[i], "action": "labelled", "history": history(store, i)})
-        return plan.labels[i]
+        return _fitted(plan.labels[i], frames.shape(i), changes[-1])
     original = frames.mask(i)
     if i not in plan.edited or (saved := store.state(i)[0]) is None:
         return original
-    changes.append(
-        {"name": frames.keys[i], "action": "mask",
-         "changed_pixels": int((saved != original).sum()), "history": history(store, i)}
-    )  # fmt: skip
+    change = {"name": frames.keys[i], "action": "mask", "history": history(store, i)}
+    saved = _fitted(saved, original.shape, change)
+    changes.append({**change, "changed_pixels": int((saved != original).sum())})
     return saved
 
 
@@ -126,7 +169,7 @@ def export_zarr(
     dataset at ``out``; returns the changelog (what was applied, image by image)."""
     from .convert import write_store
 
-    frames = Frames.of(dataset)
+    frames = Frames.of(dataset).at_own_sizes(mask_mapping)
     plan = _plan(frames, store, drop_excluded)
     rows = plan.rows
     shapes = [frames.shape(i) for i in rows]

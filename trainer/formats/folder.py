@@ -165,7 +165,18 @@ def load_item(item: FolderItem, mapping: MaskMapping) -> tuple[np.ndarray, np.nd
     return image, mask
 
 
-def _resize(arr: np.ndarray, size: tuple[int, int], *, is_mask: bool) -> np.ndarray:
+def frame_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header: no pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({exc})") from None
+
+
+def resize(arr: np.ndarray, size: tuple[int, int], *, is_mask: bool) -> np.ndarray:
     if arr.shape == size:
         return arr
     from skimage.transform import resize
@@ -208,7 +219,7 @@ def read_folder(
 
     def stack(arrays: list[np.ndarray], is_mask: bool) -> np.ndarray:
         return (
-            np.stack([_resize(a, size, is_mask=is_mask) for a in arrays])
+            np.stack([resize(a, size, is_mask=is_mask) for a in arrays])
             if arrays
             else np.zeros((0, *size), np.uint8)
         )
