@@ -62,7 +62,8 @@ def carry_corrections(src: Path, converted: Path, ident: dict | None = None) -> 
                 result.excluded += 1
         result.not_carried += [f"{name}: not in {converted.name}" for name in source.orphans()]
         result.not_carried += [
-            f"{name}: its saved mask is not the size of its frame" for name in sorted(source.misfits)
+            f"{name}: its saved mask is not the size of its frame (export --out NAME.zarr applies it, resized)"
+            for name in sorted(source.misfits)
         ]
         if target is not None:
             target.mark_carried()  # all of it is still in the source's store
