@@ -245,6 +245,58 @@ def test_suggest_on_a_folder_ranks_its_images_without_masks(trained, tmp_path, c
     assert code == 0 and sorted(e["name"] for e in ranking) == [f"new{i}" for i in range(4)]
 
 
+def test_suggest_on_a_dataset_read_from_disk_ranks_as_in_memory(trained, tmp_path, capsys, monkeypatch):
+    """A zarr dataset too large for memory is scored a frame at a time: the same ranking,
+    names and reasons as the npz it was converted from, whose images are scored in batches."""
+    from trainer import formats
+
+    data, ckpt, ds, _ = trained
+    store = tmp_path / "d.zarr"
+    run(["convert", data, "--out", store], capsys)
+    args = ["--checkpoint", ckpt, "--top", "6", "--out"]
+    assert run(["suggest", data, *args, tmp_path / "a.json"], capsys)[0] == 0
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    code, out, _ = run(["suggest", store, *args, tmp_path / "b.json"], capsys)
+    assert code == 0 and "6 of 12 unlabelled images" in out
+    a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "ab")
+    assert [e["name"] for e in b] == [str(e["index"]) for e in b] == [e["name"] for e in a]
+    np.testing.assert_allclose([e["score"] for e in b], [e["score"] for e in a], rtol=1e-3, atol=1e-4)
+
+
+def test_pool_frames_of_any_size_and_by_tiles_score_as_whole_batches(trained, monkeypatch):
+    """Frames scored one at a time equal the batched scores; a frame over the whole-image
+    limit is scored from its tiled prediction, its features the mean over its tiles."""
+    from trainer import tiling
+    from trainer.suggest import FramesOf
+
+    _, _, ds, model = trained
+
+    class Stored:  # what FramesOf reads: frames by row
+        def image(self, i):
+            return ds.test_images[i]
+
+    pool = ds.test_images[:5]
+    said = {"batched": [], "framed": []}
+    batched = score_pool(model, pool, batch_size=2, progress=lambda *a: said["batched"].append(a))
+    framed = score_pool(model, FramesOf(Stored(), range(5)), progress=lambda *a: said["framed"].append(a))
+    assert said == {"batched": [(2, 5), (4, 5), (5, 5)], "framed": [(k, 5) for k in range(1, 6)]}
+    np.testing.assert_allclose(framed.uncertainty, batched.uncertainty, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(framed.features, batched.features, atol=1e-5)
+    np.testing.assert_array_equal(framed.regions, batched.regions)
+    t = ds.test_images
+    big = np.block([[t[4], t[0], t[0]]] * 3)  # two unlike scenes: the first tile mostly one
+    whole = score_pool(model, [big])
+    for name, value in (("WHOLE_IMAGE_PIXELS", 10_000), ("TILE", 0), ("OVERLAP", 0)):
+        monkeypatch.setattr(tiling, name, value)  # tiles of the least size: 2 x 3 here
+    assert len(tiling.tile_layout(192, *tiling.tile_size(model))) == 2
+    tiled = score_pool(model, [big])
+    # Flip-averaged as the whole frame is (without the flip the shares move by ~2e-3).
+    np.testing.assert_allclose(tiled.class_share, whole.class_share, atol=5e-4)
+    np.testing.assert_allclose(tiled.uncertainty, whole.uncertainty, rtol=5e-5)
+    # Its features are the mean over all tiles (the first tile's alone: cosine ~0.987).
+    assert float(tiled.features[0] @ whole.features[0]) > 0.997
+
+
 # -- the model anywhere ------------------------------------------------------------
 def test_export_torchscript_runs_without_this_package(trained, tmp_path, capsys):
     _, ckpt, ds, model = trained

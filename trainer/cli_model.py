@@ -19,14 +19,30 @@ def _checkpoint_model(path: str):
     return model.eval()
 
 
+def _pool_of(dataset):
+    """(unlabelled images, labelled images, the unlabelled images' names, labelled class
+    pixel counts) as :func:`~trainer.suggest.score_pool` takes them: arrays of a dataset
+    in memory; frames read one at a time from a dataset on disk (any size, any count)."""
+    from .formats import StoredDataset
+    from .stats import class_pixel_counts
+    from .suggest import FramesOf
+
+    if isinstance(dataset, StoredDataset):
+        n, total = dataset.n_labelled, len(dataset.names)
+        pool, labelled = FramesOf(dataset, range(n, total)), FramesOf(dataset, range(n))
+        return pool, labelled, dataset.test_names, dataset.class_pixels.sum(0)
+    pool = dataset.test_images if dataset.test_images is not None else dataset.images[:0]
+    return pool, dataset.images, dataset.test_names, class_pixel_counts(dataset.masks)
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
     from .cli_predict import _progress_printer
     from .device import resolve_device
-    from .stats import class_pixel_counts
     from .suggest import describe, rank_pool, score_pool
 
-    dataset = load_dataset(args)
-    if dataset.test_images is None or not len(dataset.test_images):
+    dataset = load_dataset(args, lazy=True)
+    pool, labelled, names, counts = _pool_of(dataset)
+    if not len(pool):
         raise CliError(
             f"{args.dataset}: has no unlabelled images to rank (an npz test_set, or a folder's "
             "images without masks)"
@@ -34,28 +50,25 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     model = _checkpoint_model(args.checkpoint)
     device = resolve_device(args.device)
     scores = score_pool(
-        model, dataset.test_images, measure=args.measure, device=device, progress=_progress_printer("scoring")
+        model, pool, measure=args.measure, device=device, progress=_progress_printer("scoring")
     )
-    labelled = score_pool(model, dataset.images, device=device).features if len(dataset) else None
-    ranking = rank_pool(scores, args.top, labelled, args.diversity)
+    features = score_pool(model, labelled, device=device).features if len(labelled) else None
+    ranking = rank_pool(scores, args.top, features, args.diversity)
     pool_share = scores.class_share.mean(0)
-    counts = class_pixel_counts(dataset.masks)
     balance = "  ".join(
         f"{c.name} {100 * pool_share[c.id]:.1f}%"
-        + (f" ({100 * counts[c.id] / max(counts[1:].sum(), 1):.1f}%)" if len(dataset) else "")
+        + (f" ({100 * counts[c.id] / max(counts[1:].sum(), 1):.1f}%)" if len(labelled) else "")
         for c in CLASSES[1:]
     )
     for entry in ranking:
-        entry["name"] = dataset.test_names[entry["index"]]
+        entry["name"] = names[entry["index"]]
     text = json.dumps(ranking, indent=1)
     if args.out:
         try:
             Path(args.out).write_text(text + "\n")
         except OSError as exc:
             raise CliError(f"{args.out}: could not be written ({exc.strerror or exc})") from None
-        print(
-            f"wrote {args.out}: {len(ranking)} of {len(dataset.test_images)} unlabelled images, most useful first"
-        )
+        print(f"wrote {args.out}: {len(ranking)} of {len(pool)} unlabelled images, most useful first")
     info = sys.stdout if args.out else sys.stderr
     print(
         f"predicted class balance of the unlabelled images (labelled terrain in brackets): {balance}",

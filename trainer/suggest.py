@@ -68,7 +68,7 @@ def _regions(doubt: np.ndarray, threshold: float, min_region: int) -> tuple[np.n
 @torch.no_grad()
 def score_pool(
     model: nn.Module,
-    images: np.ndarray,
+    images,
     measure: str = "margin",
     threshold: float = 0.5,
     min_region: int = 24,
@@ -76,8 +76,10 @@ def score_pool(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> PoolScores:
-    """Score (M, H, W) uint8 images in batches (the probabilities are never all held)."""
-    from .inference import inference_model, to_input
+    """Score (M, H, W) uint8 images in batches, or frames of any sizes one at a time (a
+    sequence whose ``[i]`` is an (H, W) uint8 frame: :class:`FramesOf` a dataset read
+    from disk), frames of over a megapixel by tiles. The probabilities are never all held."""
+    from .inference import inference_model
 
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)}")
@@ -96,16 +98,11 @@ def score_pool(
     )
     feats = []
     try:
-        for start in range(0, m, batch_size):
-            x = to_input(torch.from_numpy(np.asarray(images[start : start + batch_size])).to(device), device)
-            bottleneck.clear()
-            probs = F.softmax(model(x).float(), 1) + F.softmax(model(x.flip(-1)).float(), 1).flip(-1)
-            probs /= 2
-            f = bottleneck[0].float().mean((2, 3)) + bottleneck[1].float().mean((2, 3))
+        for start, probs, f in _pool_probs(model, images, batch_size, device, bottleneck):
             feats.append(F.normalize(f, dim=1).cpu().numpy())
             doubt = _doubt(probs, measure).cpu().numpy()
             pred = probs.argmax(1).cpu().numpy()
-            for k in range(len(x)):
+            for k in range(len(probs)):
                 i = start + k
                 kept, n = _regions(doubt[k], threshold, min_region)
                 out.regions[i] = n
@@ -113,11 +110,49 @@ def score_pool(
                 out.uncertainty[i] = float((doubt[k] * kept).mean())
                 out.class_share[i] = np.bincount(pred[k].ravel(), minlength=n_classes) / pred[k].size
             if progress is not None:
-                progress(min(start + batch_size, m), m)
+                progress(start + len(probs), m)
     finally:
         hook.remove()
     out.features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
     return out
+
+
+class FramesOf:
+    """Rows ``rows`` of a dataset read from disk, as :func:`score_pool` takes frames: a
+    frame is read when it is scored."""
+
+    def __init__(self, stored, rows) -> None:
+        self.stored, self.rows = stored, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.stored.image(self.rows[k])
+
+
+def _pool_probs(model, images, batch_size: int, device: torch.device, bottleneck: list):
+    """(first index, flip-averaged probabilities (B, C, H, W), bottleneck features (B, D))
+    of each batch of an array, or of each frame of a sequence; ``bottleneck`` is filled by
+    the caller's hook on every forward pass."""
+    from .device import resolve_precision
+    from .inference import to_input
+    from .tiling import WHOLE_IMAGE_PIXELS, predict_tiled
+
+    batched = isinstance(images, np.ndarray)
+    step = batch_size if batched else 1
+    for start in range(0, len(images), step):
+        bottleneck.clear()
+        frames = np.asarray(images[start : start + step]) if batched else np.asarray(images[start])[None]
+        if frames[0].size > WHOLE_IMAGE_PIXELS:  # tiles: the features are their mean
+            fp32 = resolve_precision("fp32", device)
+            tiled = predict_tiled(model, frames[0], device, precision=fp32, flip_tta=True)
+            features = torch.cat([b.float().mean((2, 3)) for b in bottleneck]).mean(0, keepdim=True)
+            yield start, torch.from_numpy(tiled)[None], features
+            continue
+        x = to_input(torch.from_numpy(frames).to(device), device)
+        probs = F.softmax(model(x).float(), 1) + F.softmax(model(x.flip(-1)).float(), 1).flip(-1)
+        yield start, probs / 2, bottleneck[0].float().mean((2, 3)) + bottleneck[1].float().mean((2, 3))
 
 
 def _min_distances(features: np.ndarray, others: np.ndarray, chunk: int = 2048) -> np.ndarray:

@@ -62,7 +62,7 @@ def open_dataset(
         why = "frames of several sizes" if not stored.uniform else f"{stored.nbytes / 1e9:.1f} GB"
         raise DatasetError(
             f"{p}: {why}; this command reads datasets into memory (up to {IN_MEMORY_BYTES / 1e9:.1f} GB "
-            "of frames of one size). train, evaluate, stats, predict --out FOLDER (PNG masks) and "
+            "of frames of one size). train, evaluate, stats, suggest, predict --out FOLDER (PNG masks) and "
             "export --out NAME.zarr read it from disk"
         )
     if p.is_dir():
