@@ -25,13 +25,6 @@ from ._stack import is_stack
 QUEUE_TOP = 100
 
 
-RANK_NEEDS_MEMORY = (
-    "Ranking unlabelled images needs the dataset in memory; this one is read from disk "
-    "frame by frame. Browse its unlabelled images and start each from the model's "
-    "prediction (Alt-L)."
-)
-
-
 @dataclass(frozen=True)
 class NextEntry:
     """One unlabelled image of the label-next queue and why it is there."""
@@ -75,9 +68,17 @@ class LabelNextModel:
         return checkpoint
 
     # -- the queue -----------------------------------------------------------------
-    def unavailable(self) -> str | None:
-        """Why this dataset's unlabelled images cannot be ranked (read from disk), or None."""
-        return RANK_NEEDS_MEMORY if self.browser.masks is not None and is_stack(self.browser.masks) else None
+    def _images(self, *row_sets):
+        """The images of each set of rows: arrays of a dataset held in memory; for one read
+        from disk, its frames by row, read (at their own sizes) as the child scores them."""
+        if self.browser.masks is not None and is_stack(self.browser.masks):
+            from trainer.formats import open_zarr
+            from trainer.suggest import FramesOf
+
+            stored = open_zarr(self.browser.source)
+            return [FramesOf(stored, rows) for rows in row_sets]
+        images = np.asarray(self.review.images, dtype=np.uint8)
+        return [images[rows] for rows in row_sets]
 
     def start(self, top: int = QUEUE_TOP):
         """Rank the unlabelled images with the current checkpoint, in a child process."""
@@ -90,17 +91,12 @@ class LabelNextModel:
         if not len(rows):
             self.notify.emit("There are no unlabelled images to rank.", "info")
             return None
-        why = self.unavailable()
-        if why is not None:
-            self.notify.emit(why, "error")
-            return None
         checkpoint = self._checkpoint()
         if not checkpoint:
             return None
-        images = np.asarray(self.review.images, dtype=np.uint8)
-        labelled = images[b.labelled_rows()]
+        pool, labelled = self._images(rows, b.labelled_rows())
         self.rows = rows
-        self.job = SuggestProcess(images[rows], labelled if len(labelled) else None, checkpoint, top)
+        self.job = SuggestProcess(pool, labelled if len(labelled) else None, checkpoint, top)
         self.progress.emit(f"Scoring {len(rows)} unlabelled images…")
         return self.job
 

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._label_next_model import RANK_NEEDS_MEMORY, LabelNextModel
+from ._label_next_model import LabelNextModel
 
 RANK_HINT = "Train a model (or open a run) first; then rank the unlabelled images."
 
@@ -91,10 +91,5 @@ class LabelNextPanel(QWidget):
             self.queue.addItem(item)
 
     def _show_availability(self) -> None:
-        """A dataset whose unlabelled images cannot be ranked says so here, the button off."""
-        why = self.model.unavailable()
-        self.rank_button.setEnabled(why is None and self.model.job is None)
-        if why is not None:
-            self.status.setText(why)
-        elif self.status.text() == RANK_NEEDS_MEMORY:  # the dataset before could not
-            self.status.setText(RANK_HINT)
+        """A new dataset can be ranked unless a ranking is still running."""
+        self.rank_button.setEnabled(self.model.job is None)

@@ -345,7 +345,7 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     from trainer.formats import open_dataset
 
     root = tmp_path / "frames"
-    for i, shape in enumerate([(40, 56), (24, 32), (40, 56), (32, 32)]):
+    for i, shape in enumerate([(40, 56), (24, 32), (40, 56), (32, 32), (36, 48)]):
         for sub in ("images", "masks") if i < 3 else ("images",):
             (root / sub).mkdir(parents=True, exist_ok=True)
             value = 100 if sub == "images" else 1 + i % 2
@@ -371,7 +371,7 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
 
     s = open_session()
     b, review = s.browser, s.review
-    assert isinstance(b.masks, FrameStack) and review.active and b.n_labelled == 3 and len(b) == 4
+    assert isinstance(b.masks, FrameStack) and review.active and b.n_labelled == 3 and len(b) == 5
     assert b.stats.images == 3 and b.stats.classes[2].images == 1  # from the class table
     assert b.masks.written == {}  # nothing held
     b.set_index(2)  # browsing an untouched frame reads its mask once: the original is not read
@@ -402,6 +402,10 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert s.training.record.state == "finished", s.training.record.message
     assert set(s.training.prediction.written) == {b.index}  # the live preview of the frame on screen
     assert s.training.prediction[b.index].shape == (40, 56)
+    done = Recorder(s.label_next.done)  # the pool still unlabelled, ranked from disk
+    assert s.label_next.start() is not None
+    wait(s, lambda: done.calls, timeout=120)
+    assert done.calls == [(True,)] and [e.row for e in s.label_next.entries] == [4]
     b.set_index(0)
     review.restore()  # nothing saved there: an entry, the original read again
     assert 0 not in b.masks.written

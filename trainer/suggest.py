@@ -119,16 +119,26 @@ def score_pool(
 
 class FramesOf:
     """Rows ``rows`` of a dataset read from disk, as :func:`score_pool` takes frames: a
-    frame is read when it is scored."""
+    frame is read when it is scored. Pickled (for a child process), it is its dataset's
+    path and the rows: the child opens the dataset again."""
 
     def __init__(self, stored, rows) -> None:
-        self.stored, self.rows = stored, list(rows)
+        self.stored, self.rows = stored, [int(r) for r in rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, k: int) -> np.ndarray:
         return self.stored.image(self.rows[k])
+
+    def __reduce__(self):
+        return _reopened, (str(self.stored.path), self.rows)
+
+
+def _reopened(path: str, rows: list[int]) -> FramesOf:
+    from .formats import open_zarr
+
+    return FramesOf(open_zarr(path), rows)
 
 
 def _pool_probs(model, images, batch_size: int, device: torch.device, bottleneck: list):
