@@ -49,6 +49,15 @@ class RunRecord:
     background_weight: float = 0.0
     activity: str = ""  # what the run does between steps (a long validation), said by Progress
 
+    def _in_run(self, path: str | None) -> str | None:
+        """A checkpoint as the run recorded it, found in this run's directory: the trainer
+        records the path it was given (relative to where it ran), and the directory may
+        have moved since. As recorded when the directory has no such file."""
+        if not path or self.run_dir is None:
+            return path
+        here = Path(self.run_dir) / "checkpoints" / Path(path).name
+        return str(here) if here.exists() else path
+
     def apply(self, event) -> dict:
         """Update from one event; returns its dict form."""
         e = _as_dict(event)
@@ -86,8 +95,8 @@ class RunRecord:
             self.newly_labelled = e.get("newly_labelled", 0)
         elif kind == "checkpoint":
             if e.get("which") == "best":
-                self.best_checkpoint = e["path"]
-            self.last_checkpoint = e["path"]
+                self.best_checkpoint = self._in_run(e["path"])
+            self.last_checkpoint = self._in_run(e["path"])
         elif kind == "finished":
             self.state = "finished"
             self.progress = 1.0
@@ -97,7 +106,7 @@ class RunRecord:
                 if best is not None
                 else "Finished"
             )
-            self.best_checkpoint = e.get("best_checkpoint") or self.best_checkpoint
+            self.best_checkpoint = self._in_run(e.get("best_checkpoint")) or self.best_checkpoint
         elif kind == "stopped":
             self.state = "stopped"
             self.message = "Stopped; checkpoint saved" + (

@@ -74,6 +74,25 @@ def test_follower_reads_only_complete_lines(tmp_path):
         RunFollower(tmp_path / "nothing")
 
 
+def test_checkpoints_of_an_attached_run_are_found_in_its_directory(tmp_path):
+    """The trainer records checkpoint paths as it was given them (here relative to where it
+    ran); a run attached from elsewhere, or moved since, finds them in its own directory."""
+    run = tmp_path / "moved" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"x")
+    (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    h = RunRecord(run_dir=str(run))
+    h.apply({"kind": "checkpoint", "path": "../run/checkpoints/best.pt", "which": "best"})
+    assert h.best_checkpoint == h.last_checkpoint == str(run / "checkpoints" / "best.pt")
+    h.apply({"kind": "checkpoint", "path": "../run/checkpoints/last.pt", "which": "last"})
+    assert h.last_checkpoint == str(run / "checkpoints" / "last.pt")
+    h.apply({"kind": "finished", "best_checkpoint": "/elsewhere/run/checkpoints/best.pt", "best_miou": 0.5})
+    assert h.best_checkpoint == str(run / "checkpoints" / "best.pt")
+    gone = RunRecord(run_dir=str(tmp_path / "empty"))  # no such file there: as recorded
+    gone.apply({"kind": "checkpoint", "path": "/abs/checkpoints/best.pt", "which": "best"})
+    assert gone.best_checkpoint == "/abs/checkpoints/best.pt"
+
+
 def test_per_image_miou_by_hand():
     target = np.array([[[0, 1], [1, 2]], [[0, 0], [0, 0]]], np.uint8)
     pred = np.array([[[3, 1], [2, 2]], [[1, 1], [1, 1]]], np.uint8)
