@@ -87,14 +87,17 @@ class LabelNextModel:
         b = self.browser
         if self.job is not None or not self.review.active:
             return None
-        rows = np.array([i for i in range(b.n_labelled, len(b)) if i not in b.pool_labelled], np.int64)
+        excluded = self.review.excluded()
+        left_out = b.pool_labelled | excluded  # labelled since, or excluded
+        rows = np.array([i for i in range(b.n_labelled, len(b)) if i not in left_out], np.int64)
         if not len(rows):
             self.notify.emit("There are no unlabelled images to rank.", "info")
             return None
         checkpoint = self._checkpoint()
         if not checkpoint:
             return None
-        pool, labelled = self._images(rows, b.labelled_rows())
+        known = np.array([i for i in b.labelled_rows() if i not in excluded], np.int64)
+        pool, labelled = self._images(rows, known)
         self.rows = rows
         self.job = SuggestProcess(pool, labelled if len(labelled) else None, checkpoint, top)
         self.progress.emit(f"Scoring {len(rows)} unlabelled images…")

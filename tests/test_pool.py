@@ -4,6 +4,7 @@ labelling (suggest), export the model, and their refusals."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -261,6 +262,41 @@ def test_suggest_on_a_dataset_read_from_disk_ranks_as_in_memory(trained, tmp_pat
     a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "ab")
     assert [e["name"] for e in b] == [str(e["index"]) for e in b] == [e["name"] for e in a]
     np.testing.assert_allclose([e["score"] for e in b], [e["score"] for e in a], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_suggest_leaves_out_images_labelled_since_or_excluded(trained, tmp_path, capsys, monkeypatch, where):
+    """An unlabelled image given a label in napari (saved in the dataset's store) is a
+    labelled image now, and an excluded one is left out: re-running suggest after a round
+    of labelling does not offer them again. --no-corrections ranks them all."""
+    from trainer import formats
+    from trainer.corrections import CorrectionStore
+    from trainer.formats import open_dataset
+
+    data, ckpt, ds, _ = trained
+    source = tmp_path / "mars.npz"  # a copy: its store is made beside it
+    shutil.copy(data, source)
+    if where == "disk":
+        run(["convert", source, "--out", tmp_path / "d.zarr"], capsys)
+        source = tmp_path / "d.zarr"
+        monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    opened = open_dataset(source, lazy=True)
+    store = CorrectionStore.for_dataset(opened)
+    n = len(ds)
+    store.save_mask(n + 2, np.ones(ds.image_shape, np.uint8))  # unlabelled image 2, labelled
+    store.exclude(n + 5)  # unlabelled image 5, excluded
+    store.save_mask(n + 7, np.ones(ds.image_shape, np.uint8))
+    store.restore(n + 7)  # labelled, then taken back: unlabelled again
+    store.close()
+    code, out, err = run(["suggest", source, "--checkpoint", ckpt, "--out", tmp_path / "a.json"], capsys)
+    assert code == 0 and "10 of 10 unlabelled images" in out
+    assert "1 unlabelled images labelled since" in err
+    ranked = json.loads((tmp_path / "a.json").read_text())
+    assert sorted(e["index"] for e in ranked) == [0, 1, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert all(e["name"] == str(e["index"]) for e in ranked)
+    argv = ["suggest", source, "--checkpoint", ckpt, "--no-corrections", "--out", tmp_path / "b.json"]
+    assert run(argv, capsys)[0] == 0
+    assert sorted(e["index"] for e in json.loads((tmp_path / "b.json").read_text())) == list(range(12))
 
 
 def test_pool_frames_of_any_size_and_by_tiles_score_as_whole_batches(trained, monkeypatch):

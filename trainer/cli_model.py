@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .classes import CLASSES
 from .cli_common import CliError, add_dataset_args, load_dataset, positive_int
@@ -19,56 +22,101 @@ def _checkpoint_model(path: str):
     return model.eval()
 
 
-def _pool_of(dataset):
-    """(unlabelled images, labelled images, the unlabelled images' names, labelled class
-    pixel counts) as :func:`~trainer.suggest.score_pool` takes them: arrays of a dataset
-    in memory; frames read one at a time from a dataset on disk (any size, any count)."""
+@dataclass
+class _Pool:
+    """What suggest ranks and against what: the unlabelled images not labelled since nor
+    excluded (``js``: their unlabelled indices), and the labelled images (those labelled
+    since included, the excluded left out)."""
+
+    images: object  # an (M, H, W) array, or FramesOf a dataset read from disk
+    js: list[int]
+    labelled: object
+    unlabelled: int  # in the dataset
+    since: int  # unlabelled images labelled since, ranked no more
+    counts: np.ndarray  # labelled class pixels (the dataset's own masks)
+
+
+def _pool_of(dataset, store) -> _Pool:
+    """Arrays of a dataset in memory; frames read one at a time from a dataset on disk
+    (any size, any count). ``store``: its corrections, or None."""
     from .formats import StoredDataset
     from .stats import class_pixel_counts
     from .suggest import FramesOf
 
-    if isinstance(dataset, StoredDataset):
-        n, total = dataset.n_labelled, len(dataset.names)
-        pool, labelled = FramesOf(dataset, range(n, total)), FramesOf(dataset, range(n))
-        return pool, labelled, dataset.test_names, dataset.class_pixels.sum(0)
-    pool = dataset.test_images if dataset.test_images is not None else dataset.images[:0]
-    return pool, dataset.images, dataset.test_names, class_pixel_counts(dataset.masks)
+    stored = isinstance(dataset, StoredDataset)
+    n = dataset.n_labelled if stored else len(dataset)
+    m = len(dataset.test_names)
+    edited, excluded = (store.edited(), store.excluded()) if store is not None else (set(), set())
+    since = [j for j in range(m) if n + j in edited and n + j not in excluded]
+    js = [j for j in range(m) if n + j not in edited and n + j not in excluded]
+    kept = [i for i in range(n) if i not in excluded]
+    if stored:
+        pool, labelled = (
+            FramesOf(dataset, [n + j for j in js]),
+            FramesOf(dataset, kept + [n + j for j in since]),
+        )
+        counts = dataset.class_pixels.sum(0)
+    else:
+        pool = dataset.test_images[js] if m else dataset.images[:0]
+        labelled = (
+            dataset.images[kept]
+            if not since
+            else np.concatenate([dataset.images[kept], dataset.test_images[since]])
+        )
+        counts = class_pixel_counts(dataset.masks)
+    return _Pool(pool, js, labelled, m, len(since), counts)
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
+    from .cli_common import open_store
     from .cli_predict import _progress_printer
     from .device import resolve_device
     from .suggest import describe, rank_pool, score_pool
 
     dataset = load_dataset(args, lazy=True)
-    pool, labelled, names, counts = _pool_of(dataset)
-    if not len(pool):
+    store = None if args.no_corrections else open_store(dataset, None)
+    try:
+        pool = _pool_of(dataset, store)
+    finally:
+        if store is not None:
+            store.close()
+    if pool.since:
+        print(f"{pool.since} unlabelled images labelled since ({store.path}) are not ranked", file=sys.stderr)
+    if not pool.unlabelled:
         raise CliError(
             f"{args.dataset}: has no unlabelled images to rank (an npz test_set, or a folder's "
             "images without masks)"
         )
+    if not len(pool.js):
+        raise CliError(
+            f"{args.dataset}: every unlabelled image has been labelled since or excluded; nothing to rank "
+            "(--no-corrections ranks them all)"
+        )
     model = _checkpoint_model(args.checkpoint)
     device = resolve_device(args.device)
     scores = score_pool(
-        model, pool, measure=args.measure, device=device, progress=_progress_printer("scoring")
+        model, pool.images, measure=args.measure, device=device, progress=_progress_printer("scoring")
     )
+    labelled = pool.labelled
     features = score_pool(model, labelled, device=device).features if len(labelled) else None
     ranking = rank_pool(scores, args.top, features, args.diversity)
     pool_share = scores.class_share.mean(0)
+    counts = pool.counts
     balance = "  ".join(
         f"{c.name} {100 * pool_share[c.id]:.1f}%"
         + (f" ({100 * counts[c.id] / max(counts[1:].sum(), 1):.1f}%)" if len(labelled) else "")
         for c in CLASSES[1:]
     )
     for entry in ranking:
-        entry["name"] = names[entry["index"]]
+        entry["index"] = pool.js[entry["index"]]
+        entry["name"] = dataset.test_names[entry["index"]]
     text = json.dumps(ranking, indent=1)
     if args.out:
         try:
             Path(args.out).write_text(text + "\n")
         except OSError as exc:
             raise CliError(f"{args.out}: could not be written ({exc.strerror or exc})") from None
-        print(f"wrote {args.out}: {len(ranking)} of {len(pool)} unlabelled images, most useful first")
+        print(f"wrote {args.out}: {len(ranking)} of {len(pool.js)} unlabelled images, most useful first")
     info = sys.stdout if args.out else sys.stderr
     print(
         f"predicted class balance of the unlabelled images (labelled terrain in brackets): {balance}",
@@ -124,6 +172,11 @@ def register(sub) -> None:
         help="0: uncertainty alone; 1 (default): discount images like those already picked or labelled",
     )
     p.add_argument("--show", type=int, default=10, help="print this many entries with their reasons")
+    p.add_argument(
+        "--no-corrections",
+        action="store_true",
+        help="rank every unlabelled image, those labelled since or excluded too (by default they are left out)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(func=cmd_suggest)
 
