@@ -58,11 +58,9 @@ def _pool_of(dataset, store) -> _Pool:
         counts = dataset.class_pixels.sum(0)
     else:
         pool = dataset.test_images[js] if m else dataset.images[:0]
-        labelled = (
-            dataset.images[kept]
-            if not since
-            else np.concatenate([dataset.images[kept], dataset.test_images[since]])
-        )
+        labelled = dataset.images if len(kept) == n else dataset.images[kept]  # no copy when all are kept
+        if since:
+            labelled = np.concatenate([labelled, dataset.test_images[since]])
         counts = class_pixel_counts(dataset.masks)
     return _Pool(pool, js, labelled, m, len(since), counts)
 
@@ -71,7 +69,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from .cli_common import open_store
     from .cli_predict import _progress_printer
     from .device import resolve_device
-    from .suggest import describe, rank_pool, score_pool
+    from .suggest import rank_pool, score_pool
 
     dataset = load_dataset(args, lazy=True)
     store = None if args.no_corrections else open_store(dataset, None)
@@ -97,19 +95,26 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     scores = score_pool(
         model, pool.images, measure=args.measure, device=device, progress=_progress_printer("scoring")
     )
-    labelled = pool.labelled
-    features = score_pool(model, labelled, device=device).features if len(labelled) else None
+    features = score_pool(model, pool.labelled, device=device).features if len(pool.labelled) else None
     ranking = rank_pool(scores, args.top, features, args.diversity)
-    pool_share = scores.class_share.mean(0)
-    counts = pool.counts
-    balance = "  ".join(
-        f"{c.name} {100 * pool_share[c.id]:.1f}%"
-        + (f" ({100 * counts[c.id] / max(counts[1:].sum(), 1):.1f}%)" if len(labelled) else "")
-        for c in CLASSES[1:]
-    )
     for entry in ranking:
         entry["index"] = pool.js[entry["index"]]
         entry["name"] = dataset.test_names[entry["index"]]
+    _say_ranking(args, ranking, scores.class_share.mean(0), pool)
+    return 0
+
+
+def _say_ranking(args: argparse.Namespace, ranking: list[dict], pool_share: np.ndarray, pool: _Pool) -> None:
+    """The ranking as JSON (to ``--out``, else stdout), the predicted class balance of the
+    pool against the labelled one, and the first ``--show`` entries with their reasons."""
+    from .suggest import describe
+
+    counts = pool.counts
+    balance = "  ".join(
+        f"{c.name} {100 * pool_share[c.id]:.1f}%"
+        + (f" ({100 * counts[c.id] / max(counts[1:].sum(), 1):.1f}%)" if len(pool.labelled) else "")
+        for c in CLASSES[1:]
+    )
     text = json.dumps(ranking, indent=1)
     if args.out:
         try:
@@ -123,13 +128,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         file=info,
     )
     for k, entry in enumerate(ranking[: args.show]):
-        print(
-            f"{k + 1:>4}. {entry['name']:>12}  {entry['score']:.4f}  {describe(entry)}",
-            file=info,
-        )
+        print(f"{k + 1:>4}. {entry['name']:>12}  {entry['score']:.4f}  {describe(entry)}", file=info)
     if not args.out:
         print(text)
-    return 0
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
