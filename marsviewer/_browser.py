@@ -111,6 +111,12 @@ class DatasetBrowser:
         self.pool_labelled = set(int(i) for i in rows)
         self.refresh_stats()
 
+    def named(self, row: int, label: str) -> str:
+        """A queue's line for image ``row``, its name appended where it has one of its own
+        (a folder's or a zarr dataset's file name, not its row number)."""
+        name = self.names[row] if 0 <= row < len(self.names) else ""
+        return label if not name or name == str(row) else f"{label} · {name}"
+
     def labelled_rows(self) -> np.ndarray:
         """The labelled images and the unlabelled ones labelled since."""
         return np.concatenate(
