@@ -409,7 +409,9 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert s.label_next.start() is not None
     wait(s, lambda: done.calls, timeout=120)
     assert done.calls == [(True,)] and [e.row for e in s.label_next.entries] == [4]
-    assert b.named(4, "image 4 · 0.5") == "image 4 · 0.5 · unlabelled images/f4"  # the queue line names the file
+    assert (
+        b.named(4, "image 4 · 0.5") == "image 4 · 0.5 · unlabelled images/f4"
+    )  # the queue line names the file
     b.set_index(0)
     review.restore()  # nothing saved there: an entry, the original read again
     assert 0 not in b.masks.written
