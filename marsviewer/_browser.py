@@ -111,11 +111,14 @@ class DatasetBrowser:
         self.pool_labelled = set(int(i) for i in rows)
         self.refresh_stats()
 
-    def named(self, row: int, label: str) -> str:
-        """A queue's line for image ``row``, its name appended where it has one of its own
-        (a folder's or a zarr dataset's file name, not its row number)."""
+    def own_name(self, row: int) -> str:
+        """Image ``row``'s file name (a folder's, a zarr dataset's), or "" where its name is
+        only its number (an npz, the synthetic sample)."""
         name = self.names[row] if 0 <= row < len(self.names) else ""
-        return label if not name or name == str(row) else f"{label} · {name}"
+        number = row
+        if row >= self.n_labelled:
+            name, number = name.removeprefix("unlabelled "), row - self.n_labelled
+        return "" if name in ("", str(number), str(row)) else name
 
     def labelled_rows(self) -> np.ndarray:
         """The labelled images and the unlabelled ones labelled since."""

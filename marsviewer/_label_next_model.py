@@ -36,7 +36,11 @@ class NextEntry:
 
     @property
     def label(self) -> str:
-        return f"image {self.row:>5} · {self.score:.2f} · {self.short or self.text}"
+        return self.line()
+
+    def line(self, name: str = "") -> str:
+        """The queue's line, with the image's file name where it has one."""
+        return f"image {self.row:>5}{f' ({name})' if name else ''} · {self.score:.2f} · {self.short or self.text}"
 
     @classmethod
     def from_ranking(cls, row: int, entry: dict) -> NextEntry:

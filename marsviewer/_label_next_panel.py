@@ -85,7 +85,7 @@ class LabelNextPanel(QWidget):
     def _fill_queue(self) -> None:
         self.queue.clear()
         for entry in self.model.entries:
-            item = QListWidgetItem(self.model.browser.named(entry.row, entry.label))
+            item = QListWidgetItem(entry.line(self.model.browser.own_name(entry.row)))
             item.setData(256, entry)  # Qt.UserRole
             item.setToolTip(entry.text)
             self.queue.addItem(item)

@@ -27,7 +27,11 @@ class QueueEntry:
 
     @property
     def label(self) -> str:
-        return f"image {self.index:>5} · {self.score:.2f} · {self.text}"
+        return self.line()
+
+    def line(self, name: str = "") -> str:
+        """The queue's line, with the image's file name where it has one."""
+        return f"image {self.index:>5}{f' ({name})' if name else ''} · {self.score:.2f} · {self.text}"
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ class ReviewPanel(QWidget):
     def _fill_queue(self) -> None:
         self.queue.clear()
         for entry in self.model.queue:
-            item = QListWidgetItem(self.model.browser.named(entry.index, entry.label))
+            item = QListWidgetItem(entry.line(self.model.browser.own_name(entry.index)))
             item.setData(256, entry)  # Qt.UserRole
             self.queue.addItem(item)
         self._show_availability()

@@ -271,7 +271,7 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     assert done.calls == [(True,)]
     rows = [e.row for e in nxt.entries]
     assert sorted(rows) == list(range(20, 25))  # every unlabelled image left, each once
-    assert b.named(20, "image 20") == "image 20"  # no names of their own: the row says it all
+    assert b.own_name(20) == b.own_name(3) == ""  # an npz's names are numbers: the row says it all
     s.review.store.include(25)
     assert all(e.text and "uncertain" in e.label for e in nxt.entries)
     nxt.go_to(nxt.entries[0])
@@ -409,9 +409,8 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert s.label_next.start() is not None
     wait(s, lambda: done.calls, timeout=120)
     assert done.calls == [(True,)] and [e.row for e in s.label_next.entries] == [4]
-    assert (
-        b.named(4, "image 4 · 0.5") == "image 4 · 0.5 · unlabelled images/f4"
-    )  # the queue line names the file
+    assert b.own_name(4) == "images/f4"  # the queue's line names the file
+    assert s.label_next.entries[0].line(b.own_name(4)).startswith("image     4 (images/f4) · ")
     b.set_index(0)
     review.restore()  # nothing saved there: an entry, the original read again
     assert 0 not in b.masks.written
