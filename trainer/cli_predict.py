@@ -48,6 +48,35 @@ def _probability(text: str) -> float:
     return value
 
 
+def _evaluated(args, dataset, data) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The rows to score (labelled rows, then the unlabelled images labelled since as rows
+    ``n + j``) and the corrected masks by row: with the dataset's corrections, as training
+    validated, the excluded images left out and corrected masks as the truth; the split's
+    own rows and masks with ``--no-corrections``."""
+    from .cli_common import open_store
+    from .formats import StoredDataset
+
+    n = dataset.n_labelled if isinstance(dataset, StoredDataset) else len(dataset)
+    idx = _split_indices(data, args.split, n, args.checkpoint)
+    store = None if args.no_corrections else open_store(dataset, None)
+    if store is None:
+        return idx, {}
+    try:
+        edited, excluded = store.snapshot()
+    finally:
+        store.close()
+    new = np.array(sorted(i for i in edited if i >= n) if args.split != "val" else [], np.int64)
+    # As training takes them in (epoch_corrections): sorted, the excluded left out.
+    kept = np.setdiff1d(np.union1d(idx, new), np.fromiter(excluded, np.int64, len(excluded)))
+    print(
+        f"using corrections from {store.path}: {sum(1 for i in edited if i < n)} corrected, "
+        f"{len(new)} labelled since, {len(idx) + len(new) - len(kept)} excluded of this split "
+        "(--no-corrections: the masks as they are)",
+        file=sys.stderr,
+    )
+    return kept, edited
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -58,10 +87,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args, lazy=True)
     data, model, device, dist, precision = _load_model(args)
-    idx = _split_indices(data, args.split, len(dataset), args.checkpoint)
+    idx, edited = _evaluated(args, dataset, data)
+    if not len(idx):
+        raise CliError(
+            f"{args.dataset}: every image of the {args.split} split is excluded; nothing to evaluate"
+        )
     if isinstance(dataset, StoredDataset):  # frame by frame from disk, large frames by tiles
         show = _progress_printer("evaluating") if dist.is_main else lambda done, total: None
-        frames = frames_confusion(model, dataset, idx, device, precision, dist)
+        frames = frames_confusion(model, dataset, idx, device, precision, dist, overrides=edited)
         while True:
             try:
                 done, _ = next(frames)
@@ -70,10 +103,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 break
             show(min(len(idx), done * dist.world), len(idx))
     else:
-        images = torch.from_numpy(dataset.images).to(device)
-        masks = torch.from_numpy(dataset.masks).to(device)
+        n = len(dataset)
+        pool = dataset.test_images
+        images = np.stack([dataset.images[i] if i < n else pool[i - n] for i in idx])
+        masks = np.stack([edited[i] if i in edited else dataset.masks[i] for i in idx])
         batch = args.batch_size or predict_batch(images.shape)
-        result = confusion_on(model, images, masks, idx, batch, dist, precision).compute()
+        images, masks = torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device)
+        result = confusion_on(model, images, masks, np.arange(len(idx)), batch, dist, precision).compute()
     result["images"] = len(idx)
     if not dist.is_main:
         return 0
@@ -279,6 +315,12 @@ def register(sub) -> None:
         "--json",
         action="store_true",
         help='print {"iou", "miou", "miou_keras", "pixel_accuracy", "confusion", "images"}',
+    )
+    q.add_argument(
+        "--no-corrections",
+        action="store_true",
+        help="score the masks as they are, excluded images too (by default the dataset's corrections "
+        "apply, as in training's validation)",
     )
     q.set_defaults(func=cmd_evaluate)
     q = inference_parser(
