@@ -49,6 +49,36 @@ def test_stats_json_exact(tmp_path, capsys):
     assert js["duplicate_mask_groups"] == [{"size": 2, "indices": [0, 2]}]
 
 
+def test_stats_count_the_saved_corrections_as_napari_does(tmp_path, capsys, monkeypatch):
+    """A corrected mask counts as corrected, an unlabelled image labelled since as a
+    labelled one, an excluded image still counts (it is in the dataset); the same from a
+    zarr read from disk (corrections carried by convert). --no-corrections: the file."""
+    from trainer import formats
+    from trainer.corrections import CorrectionStore
+
+    masks = hand_masks()  # 3 masks of 2x3; pixels by class [2, 10, 4, 0, 2]
+    path = tmp_path / "hand.npz"
+    write_npz(path, np.zeros_like(masks), masks, np.zeros((2, *masks.shape[1:]), np.uint8))
+    store = CorrectionStore.for_dataset(read_npz(path))
+    store.save_mask(1, np.full(masks.shape[1:], 3, np.uint8))  # 6 pixels of Sand, not Soil
+    store.save_mask(3 + 1, np.full(masks.shape[1:], 4, np.uint8))  # unlabelled image 1: Big Rock
+    store.exclude(0)
+    store.close()
+    want = np.array([2, 10 - 6, 4, 6, 2 + 6])
+    code, text, err = run(["stats", path, "--json"], capsys)
+    js = json.loads(text)
+    assert code == 0 and js["images"] == 4 and js["unlabelled_images"] == 1
+    assert [c["pixels"] for c in js["classes"]] == want.tolist()
+    assert "1 corrected, 1 labelled since, 1 excluded (counted)" in err
+    plain = json.loads(run(["stats", path, "--json", "--no-corrections"], capsys)[1])
+    assert plain["images"] == 3 and [c["pixels"] for c in plain["classes"]] == [2, 10, 4, 0, 2]
+    assert run(["convert", path, "--out", tmp_path / "d.zarr"], capsys)[0] == 0
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 10)  # read from disk, from its class table
+    disk = json.loads(run(["stats", tmp_path / "d.zarr", "--json"], capsys)[1])
+    assert disk["images"] == 4 and disk["unlabelled_images"] == 1
+    assert disk["classes"] == js["classes"]
+
+
 def test_stats_table(npz_path, capsys):
     code, text, _ = run(["stats", npz_path], capsys)
     assert code == 0

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from .classes import NUM_CLASSES
 from .cli_common import CliError, add_dataset_args, load_dataset, say_replaced_store
 
 
@@ -43,18 +46,55 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def _corrected_stats(dataset, store):
+    """(stats, unlabelled images) with the store's corrections in (None: as the file has
+    them), as napari counts: corrected masks, unlabelled images labelled since counted as
+    labelled, excluded images still counted (they are in the dataset)."""
     from .formats import StoredDataset
-    from .stats import counts_stats, dataset_stats, format_stats
+    from .stats import counts_stats, dataset_stats
+
+    edited = store.snapshot()[0] if store is not None else {}
+    if not isinstance(dataset, StoredDataset):
+        pool = 0 if dataset.test_images is None else len(dataset.test_images)
+        if store is None:
+            return dataset_stats(dataset), pool
+        applied, _ = store.apply(dataset)
+        return dataset_stats(applied), pool - (len(applied) - len(dataset))
+    n = dataset.n_labelled  # from its class table; duplicates not searched
+    pixels = [dataset.class_pixels[i] for i in range(n)]
+    for i, mask in sorted(edited.items()):
+        counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        if i < n:
+            pixels[i] = counts
+        else:
+            pixels.append(counts)
+    pixels = np.array(pixels, np.int64).reshape(-1, NUM_CLASSES)
+    since = len(pixels) - n
+    return counts_stats(
+        (pixels > 0).sum(axis=0), pixels.sum(axis=0), len(pixels)
+    ), dataset.n_unlabelled - since
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .cli_common import open_store
+    from .formats import StoredDataset
+    from .stats import format_stats
 
     dataset = load_dataset(args, lazy=True)
-    if isinstance(dataset, StoredDataset):  # from its class table; duplicates not searched
-        pixels = dataset.class_pixels
-        stats = counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(dataset))
-        pool = dataset.n_unlabelled
-    else:
-        stats = dataset_stats(dataset)
-        pool = 0 if dataset.test_images is None else len(dataset.test_images)
+    store = None if args.no_corrections else open_store(dataset, None)
+    try:
+        stats, pool = _corrected_stats(dataset, store)
+        if store is not None:
+            edited, excluded = store.edited(), store.excluded()
+            n = dataset.n_labelled if isinstance(dataset, StoredDataset) else len(dataset)
+            print(
+                f"using corrections from {store.path}: {sum(1 for i in edited if i < n)} corrected, "
+                f"{sum(1 for i in edited if i >= n)} labelled since, {len(excluded)} excluded (counted)",
+                file=sys.stderr,
+            )
+    finally:
+        if store is not None:
+            store.close()
     if args.json:
         print(json.dumps({**stats.to_json(), "unlabelled_images": pool}))
     else:
@@ -149,4 +189,9 @@ def register(sub) -> None:
     p = sub.add_parser("stats", help="class balance and duplicate-mask groups of a dataset")
     add_dataset_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--no-corrections",
+        action="store_true",
+        help="count the masks as the file has them (by default the dataset's corrections count, as in napari)",
+    )
     p.set_defaults(func=cmd_stats)
