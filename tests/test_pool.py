@@ -4,6 +4,7 @@ labelling (suggest), export the model, and their refusals."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -295,8 +296,14 @@ def test_suggest_leaves_out_images_labelled_since_or_excluded(trained, tmp_path,
     assert sorted(e["index"] for e in ranked) == [0, 1, 3, 4, 6, 7, 8, 9, 10, 11]
     assert all(e["name"] == str(e["index"]) for e in ranked)
     argv = ["suggest", source, "--checkpoint", ckpt, "--no-corrections", "--out", tmp_path / "b.json"]
-    assert run(argv, capsys)[0] == 0
+    code, plain, _ = run(argv, capsys)
+    assert code == 0
     assert sorted(e["index"] for e in json.loads((tmp_path / "b.json").read_text())) == list(range(12))
+
+    def soil(text: str) -> float:  # the labelled share in brackets: "Soil 12.3% (45.6%)"
+        return float(re.search(r"Soil [\d.]+% \(([\d.]+)%\)", text).group(1))
+
+    assert soil(out) > soil(plain)  # the image labelled since (all Soil) counts as labelled terrain
 
 
 def test_pool_frames_of_any_size_and_by_tiles_score_as_whole_batches(trained, monkeypatch):

@@ -46,7 +46,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _corrected_stats(dataset, store):
+def corrected_stats(dataset, store):
     """(stats, unlabelled images) with the store's corrections in (None: as the file has
     them), as napari counts: corrected masks, unlabelled images labelled since counted as
     labelled, excluded images still counted (they are in the dataset)."""
@@ -83,7 +83,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     dataset = load_dataset(args, lazy=True)
     store = None if args.no_corrections else open_store(dataset, None)
     try:
-        stats, pool = _corrected_stats(dataset, store)
+        stats, pool = corrected_stats(dataset, store)
         if store is not None:
             edited, excluded = store.edited(), store.excluded()
             n = dataset.n_labelled if isinstance(dataset, StoredDataset) else len(dataset)

@@ -33,14 +33,14 @@ class _Pool:
     labelled: object
     unlabelled: int  # in the dataset
     since: int  # unlabelled images labelled since, ranked no more
-    counts: np.ndarray  # labelled class pixels (the dataset's own masks)
+    counts: np.ndarray  # labelled class pixels, the corrections counted (as stats counts them)
 
 
 def _pool_of(dataset, store) -> _Pool:
     """Arrays of a dataset in memory; frames read one at a time from a dataset on disk
     (any size, any count). ``store``: its corrections, or None."""
+    from .cli_data import corrected_stats
     from .formats import StoredDataset
-    from .stats import class_pixel_counts
     from .suggest import FramesOf
 
     stored = isinstance(dataset, StoredDataset)
@@ -55,13 +55,13 @@ def _pool_of(dataset, store) -> _Pool:
             FramesOf(dataset, [n + j for j in js]),
             FramesOf(dataset, kept + [n + j for j in since]),
         )
-        counts = dataset.class_pixels.sum(0)
     else:
         pool = dataset.test_images[js] if m else dataset.images[:0]
         labelled = dataset.images if len(kept) == n else dataset.images[kept]  # no copy when all are kept
         if since:
             labelled = np.concatenate([labelled, dataset.test_images[since]])
-        counts = class_pixel_counts(dataset.masks)
+    stats, _ = corrected_stats(dataset, store)  # the labelled terrain as stats and napari count it
+    counts = np.array([c.pixels for c in stats.classes], np.int64)
     return _Pool(pool, js, labelled, m, len(since), counts)
 
 
