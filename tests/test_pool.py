@@ -319,10 +319,21 @@ def test_pool_frames_of_any_size_and_by_tiles_score_as_whole_batches(trained, mo
             return ds.test_images[i]
 
     pool = ds.test_images[:5]
-    said = {"batched": [], "framed": []}
+    said = {"batched": [], "framed": [], "mixed": []}
     batched = score_pool(model, pool, batch_size=2, progress=lambda *a: said["batched"].append(a))
-    framed = score_pool(model, FramesOf(Stored(), range(5)), progress=lambda *a: said["framed"].append(a))
-    assert said == {"batched": [(2, 5), (4, 5), (5, 5)], "framed": [(k, 5) for k in range(1, 6)]}
+    framed = score_pool(
+        model, FramesOf(Stored(), range(5)), batch_size=2, progress=lambda *a: said["framed"].append(a)
+    )
+    # Frames of a sequence go in batches of one size: a frame of another size ends a batch.
+    mixed = [pool[0], pool[1], pool[2][:48, :96], pool[3]]
+    alone = [score_pool(model, [f]) for f in mixed]
+    together = score_pool(model, mixed, progress=lambda *a: said["mixed"].append(a))
+    assert said == {
+        "batched": [(2, 5), (4, 5), (5, 5)],
+        "framed": [(2, 5), (4, 5), (5, 5)],
+        "mixed": [(2, 4), (3, 4), (4, 4)],
+    }
+    np.testing.assert_allclose(together.uncertainty, [a.uncertainty[0] for a in alone], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(framed.uncertainty, batched.uncertainty, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(framed.features, batched.features, atol=1e-5)
     np.testing.assert_array_equal(framed.regions, batched.regions)

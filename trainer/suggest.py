@@ -76,9 +76,10 @@ def score_pool(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> PoolScores:
-    """Score (M, H, W) uint8 images in batches, or frames of any sizes one at a time (a
-    sequence whose ``[i]`` is an (H, W) uint8 frame: :class:`FramesOf` a dataset read
-    from disk), frames of over a megapixel by tiles. The probabilities are never all held."""
+    """Score (M, H, W) uint8 images in batches, or frames of any sizes (a sequence whose
+    ``[i]`` is an (H, W) uint8 frame: :class:`FramesOf` a dataset read from disk) in
+    batches of consecutive frames of one size, frames of over a megapixel alone by tiles.
+    The probabilities are never all held."""
     from .inference import inference_model
 
     if measure not in MEASURES:
@@ -141,20 +142,38 @@ def _reopened(path: str, rows: list[int]) -> FramesOf:
     return FramesOf(open_zarr(path), rows)
 
 
+def _batches(images, batch_size: int):
+    """(first index, (B, H, W) frames): batches of an array; of a sequence, runs of
+    consecutive frames of one size, as many as hold the pixels of ``batch_size`` frames of
+    64x128 (a large frame alone). A frame is read when its batch is made."""
+    if isinstance(images, np.ndarray):
+        for start in range(0, len(images), batch_size):
+            yield start, np.asarray(images[start : start + batch_size])
+        return
+    group: list[np.ndarray] = []
+    start = 0
+    for k in range(len(images)):
+        frame = np.asarray(images[k])
+        limit = max(1, batch_size * 64 * 128 // max(frame.size, 1))
+        if group and (frame.shape != group[0].shape or len(group) >= limit):
+            yield start, np.stack(group)
+            group, start = [], k
+        group.append(frame)
+    if group:
+        yield start, np.stack(group)
+
+
 def _pool_probs(model, images, batch_size: int, device: torch.device, bottleneck: list):
     """(first index, flip-averaged probabilities (B, C, H, W), bottleneck features (B, D))
-    of each batch of an array, or of each frame of a sequence; ``bottleneck`` is filled by
-    the caller's hook on every forward pass."""
+    of each batch (:func:`_batches`); ``bottleneck`` is filled by the caller's hook on
+    every forward pass."""
     from .device import resolve_precision
     from .inference import to_input
     from .tiling import WHOLE_IMAGE_PIXELS, predict_tiled
 
-    batched = isinstance(images, np.ndarray)
-    step = batch_size if batched else 1
-    for start in range(0, len(images), step):
+    for start, frames in _batches(images, batch_size):
         bottleneck.clear()
-        frames = np.asarray(images[start : start + step]) if batched else np.asarray(images[start])[None]
-        if frames[0].size > WHOLE_IMAGE_PIXELS:  # tiles: the features are their mean
+        if frames[0].size > WHOLE_IMAGE_PIXELS:  # alone in its batch; tiles: the features are their mean
             fp32 = resolve_precision("fp32", device)
             tiled = predict_tiled(model, frames[0], device, precision=fp32, flip_tta=True)
             features = torch.cat([b.float().mean((2, 3)) for b in bottleneck]).mean(0, keepdim=True)
