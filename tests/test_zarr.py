@@ -13,7 +13,7 @@ from trainer import formats
 from trainer.cli import main
 from trainer.convert import convert
 from trainer.dataset import DatasetError
-from trainer.formats import StoredDataset, open_dataset, open_zarr, read_npz
+from trainer.formats import StoredDataset, open_dataset, open_zarr, read_npz, write_npz
 
 
 def save(path, arr):
@@ -99,6 +99,41 @@ def test_npz_round_trip_in_memory_when_small_lazily_when_large(tmp_path, npz_pat
     lazy = open_dataset(out, lazy=True)
     assert isinstance(lazy, StoredDataset) and lazy.n_unlabelled == len(want.test_images)
     np.testing.assert_array_equal(lazy.image(len(want) + 1), want.test_images[1])
+
+
+def test_small_frames_read_in_order_read_each_chunk_once(tmp_path):
+    """Small frames are stored many to a chunk: reading them one after another (as
+    validation, predict and suggest do) reads each chunk once, in any order correctly."""
+    from trainer.synth import generate
+
+    ds = generate(150, 60, seed=2).dataset
+    path = tmp_path / "s.npz"
+    write_npz(path, ds.images, ds.masks, ds.test_images, dtype="uint8")
+    convert(path, tmp_path / "s.zarr")
+    stored = open_zarr(tmp_path / "s.zarr")
+    rows = int(stored.images.chunks[0])
+    assert 1 < rows < 210  # several chunks of several frames
+
+    class Counting:  # the zarr array, counting the reads
+        def __init__(self, array):
+            self.array, self.chunks, self.reads = array, array.chunks, 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.array[key]
+
+    stored.images, stored.masks = Counting(stored.images), Counting(stored.masks)
+    every = np.concatenate([ds.images, ds.test_images])
+    for i in range(210):
+        np.testing.assert_array_equal(stored.image(i), every[i])
+        if i < 150:
+            np.testing.assert_array_equal(stored.mask(i), ds.masks[i])
+    assert stored.images.reads == -(-210 // rows) and stored.masks.reads == -(-150 // rows)
+    for i in (209, 3, 150, 0):  # out of order: still the right frames
+        np.testing.assert_array_equal(stored.image(i), every[i])
+    mine = stored.image(5)
+    mine[:] = 0  # a frame is the caller's own: the chunk kept is not changed
+    np.testing.assert_array_equal(stored.image(5), every[5])
 
 
 def test_npz_is_converted_a_chunk_at_a_time(tmp_path, npz_path, monkeypatch):

@@ -76,6 +76,9 @@ class StoredDataset:
     n_labelled: int
     class_pixels: np.ndarray
     attrs: dict = field(default_factory=dict)
+    # The chunk last read for image() and mask(): small frames are stored many to a chunk,
+    # and reading them in order (validation, predict, suggest) then reads each chunk once.
+    _last_chunk: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def source(self) -> str:
@@ -114,12 +117,23 @@ class StoredDataset:
         return (len(self.names) + self.n_labelled) * h * w
 
     def image(self, i: int) -> np.ndarray:
-        h, w = self.sizes[i]
-        return np.asarray(self.images[i, :h, :w])
+        return self._frame("images", self.images, i)
 
     def mask(self, i: int) -> np.ndarray:
-        h, w = self.sizes[i]
-        return np.asarray(self.masks[i, :h, :w])
+        return self._frame("masks", self.masks, i)
+
+    def _frame(self, key: str, array, i: int) -> np.ndarray:
+        """Frame ``i`` of ``array`` at its own size."""
+        h, w = (int(v) for v in self.sizes[i])
+        rows = int(array.chunks[0])
+        if rows == 1:
+            return np.asarray(array[i, :h, :w])
+        c = i // rows
+        last = self._last_chunk.get(key)
+        if last is None or last[0] != c:
+            last = (c, np.asarray(array[c * rows : (c + 1) * rows]))
+            self._last_chunk[key] = last  # one assignment: threads see a whole chunk or none
+        return last[1][i - c * rows, :h, :w].copy()
 
     def class_cells(self) -> np.ndarray:
         import zarr
