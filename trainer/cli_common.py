@@ -65,6 +65,36 @@ def open_store(dataset, path: str | None = None):
     return CorrectionStore.existing(dataset, path)
 
 
+def corrected_stats(dataset, store):
+    """(stats, unlabelled images) with the store's corrections in (None: as the file has
+    them), as napari counts: corrected masks, unlabelled images labelled since counted as
+    labelled, excluded images still counted (they are in the dataset)."""
+    import numpy as np
+
+    from .classes import NUM_CLASSES
+    from .formats import StoredDataset
+    from .stats import counts_stats, dataset_stats
+
+    if not isinstance(dataset, StoredDataset):
+        pool = 0 if dataset.test_images is None else len(dataset.test_images)
+        if store is None:
+            return dataset_stats(dataset), pool
+        applied, _ = store.apply(dataset)
+        return dataset_stats(applied), pool - (len(applied) - len(dataset))
+    n = dataset.n_labelled  # from its class table; duplicates not searched
+    pixels = [dataset.class_pixels[i] for i in range(n)]
+    edited = store.snapshot()[0] if store is not None else {}
+    for i, mask in sorted(edited.items()):
+        counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        if i < n:
+            pixels[i] = counts
+        else:
+            pixels.append(counts)
+    pixels = np.array(pixels, np.int64).reshape(-1, NUM_CLASSES)
+    stats = counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(pixels))
+    return stats, dataset.n_unlabelled - (len(pixels) - n)
+
+
 def say_replaced_store(out, moved_to: str | None) -> None:
     """Tell the user where the corrections of a dataset an output replaced went."""
     if moved_to:

@@ -7,9 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from .classes import NUM_CLASSES
 from .cli_common import CliError, add_dataset_args, load_dataset, say_replaced_store
 
 
@@ -46,37 +43,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def corrected_stats(dataset, store):
-    """(stats, unlabelled images) with the store's corrections in (None: as the file has
-    them), as napari counts: corrected masks, unlabelled images labelled since counted as
-    labelled, excluded images still counted (they are in the dataset)."""
-    from .formats import StoredDataset
-    from .stats import counts_stats, dataset_stats
-
-    edited = store.snapshot()[0] if store is not None else {}
-    if not isinstance(dataset, StoredDataset):
-        pool = 0 if dataset.test_images is None else len(dataset.test_images)
-        if store is None:
-            return dataset_stats(dataset), pool
-        applied, _ = store.apply(dataset)
-        return dataset_stats(applied), pool - (len(applied) - len(dataset))
-    n = dataset.n_labelled  # from its class table; duplicates not searched
-    pixels = [dataset.class_pixels[i] for i in range(n)]
-    for i, mask in sorted(edited.items()):
-        counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-        if i < n:
-            pixels[i] = counts
-        else:
-            pixels.append(counts)
-    pixels = np.array(pixels, np.int64).reshape(-1, NUM_CLASSES)
-    since = len(pixels) - n
-    return counts_stats(
-        (pixels > 0).sum(axis=0), pixels.sum(axis=0), len(pixels)
-    ), dataset.n_unlabelled - since
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .cli_common import open_store
+    from .cli_common import corrected_stats, open_store
     from .formats import StoredDataset
     from .stats import format_stats
 

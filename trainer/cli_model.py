@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CLASSES
-from .cli_common import CliError, add_dataset_args, load_dataset, positive_int
+from .cli_common import CliError, add_dataset_args, corrected_stats, load_dataset, positive_int
 
 
 def _checkpoint_model(path: str):
@@ -39,7 +39,6 @@ class _Pool:
 def _pool_of(dataset, store) -> _Pool:
     """Arrays of a dataset in memory; frames read one at a time from a dataset on disk
     (any size, any count). ``store``: its corrections, or None."""
-    from .cli_data import corrected_stats
     from .formats import StoredDataset
     from .suggest import FramesOf
 
