@@ -48,7 +48,7 @@ def _probability(text: str) -> float:
     return value
 
 
-def _evaluated(args, dataset, data) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def _evaluated(args, dataset, data, say: bool = True) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """The rows to score (labelled rows, then the unlabelled images labelled since as rows
     ``n + j``) and the corrected masks by row: with the dataset's corrections, as training
     validated, the excluded images left out and corrected masks as the truth; the split's
@@ -68,12 +68,13 @@ def _evaluated(args, dataset, data) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     new = np.array(sorted(i for i in edited if i >= n) if args.split != "val" else [], np.int64)
     # As training takes them in (epoch_corrections): sorted, the excluded left out.
     kept = np.setdiff1d(np.union1d(idx, new), np.fromiter(excluded, np.int64, len(excluded)))
-    print(
-        f"using corrections from {store.path}: {sum(1 for i in edited if i < n)} corrected, "
-        f"{len(new)} labelled since, {len(idx) + len(new) - len(kept)} excluded of this split "
-        "(--no-corrections: the masks as they are)",
-        file=sys.stderr,
-    )
+    if say:
+        print(
+            f"using corrections from {store.path}: {sum(1 for i in edited if i < n)} corrected, "
+            f"{len(new)} labelled since, {len(idx) + len(new) - len(kept)} excluded of this split "
+            "(--no-corrections: the masks as they are)",
+            file=sys.stderr,
+        )
     return kept, edited
 
 
@@ -87,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args, lazy=True)
     data, model, device, dist, precision = _load_model(args)
-    idx, edited = _evaluated(args, dataset, data)
+    idx, edited = _evaluated(args, dataset, data, say=dist.is_main)  # said once under torchrun
     if not len(idx):
         raise CliError(
             f"{args.dataset}: every image of the {args.split} split is excluded; nothing to evaluate"
