@@ -12,7 +12,7 @@ import sys
 from .cli_common import EXIT_BAD_INPUT, CliError
 from .dataset import DatasetError
 
-COMMAND_MODULES = ("cli_data", "cli_train", "cli_predict", "cli_review", "cli_model")
+COMMAND_MODULES = ("cli_data", "cli_train", "cli_evaluate", "cli_predict", "cli_review", "cli_model")
 """Each module has ``register(subparsers)`` that adds its commands; adding a command is
 adding it to one of them (or a new module here)."""
 

@@ -1,6 +1,7 @@
 """What every ``mars-trainer`` command shares: the error for people, the dataset
-arguments, opening a dataset and its corrections store. Command modules import from
-here and from nothing else of the CLI, so the CLI has no import cycle."""
+arguments, opening a dataset and its corrections store, a checkpoint to predict with.
+Command modules import from here and from nothing else of the CLI, so the CLI has no
+import cycle."""
 
 from __future__ import annotations
 
@@ -102,6 +103,75 @@ def say_replaced_store(out, moved_to: str | None) -> None:
             f"{Path(out).name} replaced an earlier dataset: its corrections were moved to {moved_to}",
             file=sys.stderr,
         )
+
+
+def load_model(args):
+    """(checkpoint dict, model ready to predict, device, distributed context, precision)."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .device import init_distributed, resolve_device, resolve_precision
+    from .inference import prepare_model
+
+    data = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(data, args.checkpoint)
+    dist = init_distributed(args.device)
+    device = resolve_device(args.device, dist.local_rank)
+    precision = resolve_precision(args.precision, device)
+    return data, prepare_model(model, device), device, dist, precision
+
+
+def split_indices(data: dict, split: str, n: int, source: str):
+    """The checkpoint's ``split`` rows (``all``: every labelled row) of a dataset of ``n``."""
+    import numpy as np
+
+    if split == "all":
+        return np.arange(n)
+    key = "val_indices" if split == "val" else "train_indices"
+    idx = np.asarray(data.get(key, []), dtype=np.int64)
+    if len(idx) == 0 or idx.max() >= n:
+        raise CliError(
+            f"{source}: the checkpoint's {split} split does not fit this dataset of {n} images; use --split all"
+        )
+    return idx
+
+
+def progress_printer(label: str):
+    """A ``(done, total)`` callback that shows progress on a terminal's stderr, else nothing."""
+    stream = sys.stderr
+
+    def show(done: int, total: int) -> None:
+        if stream is not None and stream.isatty():
+            stream.write(f"\r{label}: {done}/{total}")
+            if done == total:
+                stream.write("\n")
+            stream.flush()
+
+    return show
+
+
+def inference_parser(sub, name: str, help: str, splits: tuple, default: str, inputs: bool = False):
+    """A command that uses a checkpoint: its dataset, checkpoint, device, precision, batch
+    and (given ``splits``) split arguments."""
+    from .config import PREDICT_BATCH
+
+    q = sub.add_parser(name, help=help)
+    add_dataset_args(q, inputs=inputs)
+    q.add_argument("--checkpoint", required=True, help="a checkpoint written by mars-trainer train")
+    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    q.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 on GPUs and on CPUs that compute bf16 natively, else fp32",
+    )
+    q.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help=f"images per forward pass; default {PREDICT_BATCH} of 64x128, as many pixels for "
+        "other sizes (one at a time from 512x512 up)",
+    )
+    if splits:
+        q.add_argument("--split", choices=splits, default=default, help=f"which images (default {default})")
+    return q
 
 
 def positive_int(text: str) -> int:

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CLASSES
-from .cli_common import CliError, add_dataset_args, corrected_stats, load_dataset, positive_int
+from .cli_common import (
+    CliError,
+    add_dataset_args,
+    corrected_stats,
+    load_dataset,
+    positive_int,
+    progress_printer,
+)
 
 
 def _checkpoint_model(path: str):
@@ -66,7 +73,6 @@ def _pool_of(dataset, store) -> _Pool:
 
 def cmd_suggest(args: argparse.Namespace) -> int:
     from .cli_common import open_store
-    from .cli_predict import _progress_printer
     from .device import resolve_device
     from .suggest import rank_pool, score_pool
 
@@ -92,7 +98,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     model = _checkpoint_model(args.checkpoint)
     device = resolve_device(args.device)
     scores = score_pool(
-        model, pool.images, measure=args.measure, device=device, progress=_progress_printer("scoring")
+        model, pool.images, measure=args.measure, device=device, progress=progress_printer("scoring")
     )
     features = score_pool(model, pool.labelled, device=device).features if len(pool.labelled) else None
     ranking = rank_pool(scores, args.top, features, args.diversity)
