@@ -344,6 +344,8 @@ def test_pool_frames_of_any_size_and_by_tiles_score_as_whole_batches(trained, mo
         monkeypatch.setattr(tiling, name, value)  # tiles of the least size: 2 x 3 here
     assert len(tiling.tile_layout(192, *tiling.tile_size(model))) == 2
     tiled = score_pool(model, [big])
+    twice = score_pool(model, [big, big], batch_size=4096)  # however large the batch: alone, by tiles
+    np.testing.assert_allclose(twice.uncertainty, [tiled.uncertainty[0]] * 2, rtol=1e-6)
     # Flip-averaged as the whole frame is (without the flip the shares move by ~2e-3).
     np.testing.assert_allclose(tiled.class_share, whole.class_share, atol=5e-4)
     np.testing.assert_allclose(tiled.uncertainty, whole.uncertainty, rtol=5e-5)

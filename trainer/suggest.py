@@ -144,8 +144,13 @@ def _reopened(path: str, rows: list[int]) -> FramesOf:
 
 def _batches(images, batch_size: int):
     """(first index, (B, H, W) frames): batches of an array; of a sequence, runs of
-    consecutive frames of one size, as many as hold the pixels of ``batch_size`` frames of
-    64x128 (a large frame alone). A frame is read when its batch is made."""
+    consecutive frames of one size, ``batch_size`` scaled to their size as prediction
+    scales its batch (:func:`~trainer.inference.predict_batch`; a large frame alone). A
+    frame is read when its batch is made."""
+    from .config import PREDICT_BATCH
+    from .inference import predict_batch
+    from .tiling import WHOLE_IMAGE_PIXELS
+
     if isinstance(images, np.ndarray):
         for start in range(0, len(images), batch_size):
             yield start, np.asarray(images[start : start + batch_size])
@@ -154,7 +159,9 @@ def _batches(images, batch_size: int):
     start = 0
     for k in range(len(images)):
         frame = np.asarray(images[k])
-        limit = max(1, batch_size * 64 * 128 // max(frame.size, 1))
+        limit = max(1, batch_size * predict_batch(frame.shape) // PREDICT_BATCH)
+        if frame.size > WHOLE_IMAGE_PIXELS:
+            limit = 1  # predicted by tiles, alone
         if group and (frame.shape != group[0].shape or len(group) >= limit):
             yield start, np.stack(group)
             group, start = [], k
