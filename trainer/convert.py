@@ -20,7 +20,7 @@ from .dataset import DatasetError
 from .formats.folder import FolderIndex, FolderItem, frame_size, index_folder, load_item
 from .formats.zarr_dataset import ZarrWriter, is_zarr
 from .mask_mapping import MaskMapping
-from .store_location import DatasetHasher, identity, move_aside_store, row_keys
+from .store_location import DatasetHasher, content_identity, identity, move_aside_store
 
 
 @dataclass
@@ -187,8 +187,5 @@ def _convert_npz(src: Path, out: Path, progress) -> tuple[ConvertReport, dict]:
             return names + test_names, n
 
         path = write_store(out, writer, fill)
-    ident = dict(
-        content_hash=hasher.hexdigest(), n=n, shape=tuple(npz.shape), n_pool=npz.n_test,
-        keys=row_keys(names, test_names), by_name=False,
-    )  # fmt: skip
+    ident = content_identity(hasher.hexdigest(), npz.shape, names, test_names)
     return ConvertReport(path, n, total - n, npz.shape, 1), ident

@@ -77,12 +77,18 @@ def identity(dataset, original_masks: np.ndarray | None = None) -> dict:
             content_hash=None, n=dataset.n_labelled, shape=shapes,
             n_pool=dataset.n_unlabelled, keys=keys, by_name=True,
         )  # fmt: skip
-    keys = row_keys(dataset.names, dataset.test_names)
     masks = dataset.masks if original_masks is None else original_masks
-    pool = 0 if dataset.test_images is None else len(dataset.test_images)
+    return content_identity(
+        dataset_hash(dataset.images, masks), masks.shape[1:], dataset.names, dataset.test_names, by_name
+    )
+
+
+def content_identity(content_hash: str, shape, names, test_names, by_name: bool = False) -> dict:
+    """:func:`identity` of a dataset held (or streamed) whole: masks of one ``shape``, rows
+    named ``names`` then ``test_names``."""
     return dict(
-        content_hash=dataset_hash(dataset.images, masks), n=len(masks), shape=masks.shape[1:],
-        n_pool=pool, keys=keys, by_name=by_name,
+        content_hash=content_hash, n=len(names), shape=tuple(shape), n_pool=len(test_names),
+        keys=row_keys(names, test_names), by_name=by_name,
     )  # fmt: skip
 
 
