@@ -564,6 +564,21 @@ def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):
     after = load_checkpoint(tmp_path / "checkpoints/best.pt")
     assert after["step"] == best_before["step"] and after["miou"] == best_before["miou"]
 
+    # Resumed into another run directory, the best so far comes along: that directory
+    # stands for its run on its own (--checkpoint DIR, the Finished event).
+    events = list(
+        fit(data, preset("tiny").replace(epochs=4), tmp_path / "next", resume=tmp_path / "checkpoints/last.pt")
+    )
+    moved = load_checkpoint(tmp_path / "next/checkpoints/best.pt")
+    assert moved["step"] == best_before["step"] and moved["miou"] == best_before["miou"]
+    assert events[-1].best_checkpoint == str(tmp_path / "next/checkpoints/best.pt")
+    # A checkpoint on its own, with no best beside it: nothing to take along.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "last.pt").write_bytes((tmp_path / "next/checkpoints/last.pt").read_bytes())
+    events = list(fit(data, preset("tiny").replace(epochs=5), tmp_path / "third", resume=alone / "last.pt"))
+    assert events[-1].best_checkpoint is None and not (tmp_path / "third/checkpoints/best.pt").exists()
+
 
 # -- validation, run records, precision -----------------------------------------------------
 

@@ -3,6 +3,7 @@ labelling (suggest), export the model, and their refusals."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -402,6 +403,54 @@ def test_export_onnx_or_a_clear_message(trained, tmp_path, capsys, monkeypatch):
         ["export-model", "--checkpoint", ckpt, "--format", "onnx", "--out", tmp_path / "b.onnx"], capsys
     )
     assert code == 2 and "pip install" in err and "onnxscript" in err
+
+
+def test_export_format_follows_the_file_name(trained, tmp_path, capsys, monkeypatch):
+    """``--format`` left out: ONNX for a ``.onnx`` name, else TorchScript. A name that says
+    the other format is refused before anything is written."""
+    import trainer.portable as portable
+
+    _, ckpt, _, _ = trained
+    wrote = []
+    monkeypatch.setattr(portable, "export", lambda model, fmt, out: wrote.append((fmt, out.name)) or 1.0)
+    for name, fmt in (("m.onnx", "onnx"), ("m.ONNX", "onnx"), ("m.pt", "torchscript"), ("model", "torchscript")):
+        code, stdout, _ = run(["export-model", "--checkpoint", ckpt, "--out", tmp_path / name], capsys)
+        assert code == 0 and f"({fmt})" in stdout
+    code, _, _ = run(["export-model", "--checkpoint", ckpt, "--out", tmp_path / "x", "--format", "onnx"], capsys)
+    assert code == 0
+    assert wrote == [
+        ("onnx", "m.onnx"), ("onnx", "m.ONNX"), ("torchscript", "m.pt"), ("torchscript", "model"), ("onnx", "x")
+    ]
+    for name, fmt, hint in (("m.onnx", "torchscript", "m.pt"), ("m.pth", "onnx", "m.onnx")):
+        code, _, err = run(["export-model", "--checkpoint", ckpt, "--out", tmp_path / name, "--format", fmt], capsys)
+        assert code == 2 and f"name it {hint}" in err
+    assert len(wrote) == 5
+
+
+def test_a_run_directory_stands_for_its_checkpoint(trained, tmp_path, capsys):
+    """``--checkpoint RUN`` (or RUN/checkpoints) is the run's best.pt, ``--resume RUN`` its
+    last.pt; either falls back to the other; a folder without checkpoints is refused by name."""
+    from trainer.cli_common import checkpoint_arg
+    from trainer.runs import checkpoint_file
+
+    data, ckpt, _, _ = trained
+    run_dir = ckpt.parent.parent
+    assert checkpoint_file(run_dir) == run_dir / "checkpoints" / "best.pt"
+    assert checkpoint_file(run_dir / "checkpoints") == run_dir / "checkpoints" / "best.pt"
+    assert checkpoint_file(run_dir, "last") == ckpt
+    assert checkpoint_file(ckpt) == ckpt
+    only_last = tmp_path / "stopped" / "checkpoints"
+    only_last.mkdir(parents=True)
+    (only_last / "last.pt").write_bytes(ckpt.read_bytes())
+    assert checkpoint_file(only_last.parent) == only_last / "last.pt"
+    with pytest.raises(argparse.ArgumentTypeError, match="without checkpoints"):
+        checkpoint_arg("best")(str(tmp_path))
+    code, by_dir, _ = run(["evaluate", "--checkpoint", run_dir, data, "--json"], capsys)
+    code2, by_file, _ = run(["evaluate", "--checkpoint", run_dir / "checkpoints/best.pt", data, "--json"], capsys)
+    assert code == code2 == 0 and json.loads(by_dir) == json.loads(by_file)
+    with pytest.raises(SystemExit) as exit_:
+        run(["evaluate", "--checkpoint", tmp_path, data], capsys)
+    assert exit_.value.code == 2 and "without checkpoints" in capsys.readouterr().err
 
 
 def test_label_confidence_default_is_the_measured_one():

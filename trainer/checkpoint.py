@@ -49,6 +49,28 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: TrainCo
     return path
 
 
+def adopt_best(best: Path, resumed: str | Path, best_miou: float) -> bool:
+    """Resuming into another run directory: copy the resumed run's best checkpoint (the
+    ``best.pt`` beside ``resumed``) to ``best`` when there is none there yet and it holds
+    the best mIoU the resumed state knows, so that the new run directory has its best
+    weights even if no epoch of its own beats them. True when copied."""
+    import shutil
+
+    source = Path(resumed).with_name(best.name)
+    if best.exists() or not source.is_file() or source.resolve() == best.resolve():
+        return False
+    try:
+        data = load_checkpoint(source)
+    except CheckpointError:
+        return False
+    if data.get("miou") != best_miou:  # a best of another run, or of a later state
+        return False
+    tmp = best.with_name(best.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, best)
+    return True
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint safely. Raises :class:`CheckpointError` with a plain message."""
     path = Path(path)

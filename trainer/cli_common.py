@@ -148,6 +148,29 @@ def progress_printer(label: str):
     return show
 
 
+def checkpoint_arg(which: str = "best"):
+    """An argparse type: a checkpoint file, or a run directory standing for its ``which``
+    checkpoint (``best`` or ``last``)."""
+    from .runs import checkpoint_file
+
+    def parse(text: str) -> str:
+        try:
+            return str(checkpoint_file(text, which))
+        except FileNotFoundError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def add_checkpoint_arg(p: argparse.ArgumentParser, required: bool = True, help: str = "") -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=required,
+        type=checkpoint_arg("best"),
+        help=help or "a checkpoint written by mars-trainer train, or its run directory (then its best.pt)",
+    )
+
+
 def inference_parser(sub, name: str, help: str, splits: tuple, default: str, inputs: bool = False):
     """A command that uses a checkpoint: its dataset, checkpoint, device, precision, batch
     and (given ``splits``) split arguments."""
@@ -155,7 +178,7 @@ def inference_parser(sub, name: str, help: str, splits: tuple, default: str, inp
 
     q = sub.add_parser(name, help=help)
     add_dataset_args(q, inputs=inputs)
-    q.add_argument("--checkpoint", required=True, help="a checkpoint written by mars-trainer train")
+    add_checkpoint_arg(q)
     q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     q.add_argument(
         "--precision",

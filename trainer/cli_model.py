@@ -14,6 +14,7 @@ import numpy as np
 from .classes import CLASSES
 from .cli_common import (
     CliError,
+    add_checkpoint_arg,
     add_dataset_args,
     corrected_stats,
     load_dataset,
@@ -138,19 +139,40 @@ def _say_ranking(args: argparse.Namespace, ranking: list[dict], pool_share: np.n
         print(text)
 
 
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
+SHOWN = {"onnx": "an ONNX", "torchscript": "a TorchScript"}
+
+
+def _export_format(out: Path, fmt: str | None) -> str:
+    """The format ``--format`` names, else the one the file name says (``.onnx``: ONNX,
+    else TorchScript). A name that says the other format is refused: a TorchScript file
+    named ``.onnx`` fails in every ONNX runtime with a message about protobufs."""
+    suffix = out.suffix.lower()
+    said = "onnx" if suffix == ".onnx" else "torchscript" if suffix in TORCHSCRIPT_SUFFIXES else None
+    if fmt is None:
+        return said or "torchscript"
+    if said is not None and said != fmt:
+        raise CliError(
+            f"{out}: the name of {SHOWN[said]} file for {SHOWN[fmt]} model; name it "
+            f"{out.with_suffix('.onnx' if fmt == 'onnx' else '.pt').name}, or leave --format out"
+        )
+    return fmt
+
+
 def cmd_export_model(args: argparse.Namespace) -> int:
     from .portable import ExportError, export
 
-    model = _checkpoint_model(args.checkpoint)
     out = Path(args.out)
+    fmt = _export_format(out, args.format)
     if not out.parent.exists():
         raise CliError(f"{out.parent}: no such folder")
+    model = _checkpoint_model(args.checkpoint)
     try:
-        agreement = export(model, args.format, out)
+        agreement = export(model, fmt, out)
     except ExportError as exc:
         raise CliError(str(exc)) from None
     print(
-        f"wrote {out} ({args.format}); checked against the checkpoint on random images of two sizes: "
+        f"wrote {out} ({fmt}); checked against the checkpoint on random images of two sizes: "
         f"{100 * agreement:.2f}% of pixels predicted alike"
     )
     return 0
@@ -162,7 +184,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("suggest", help="rank unlabelled images by how much labelling them should help")
     add_dataset_args(p)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by mars-trainer train")
+    add_checkpoint_arg(p)
     p.add_argument("--top", type=positive_int, help="keep the first K (default: every unlabelled image)")
     p.add_argument("--out", help='a JSON file: [{"index", "name", "score", "reasons"}] (default: print it)')
     p.add_argument(
@@ -189,7 +211,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export-model", help="write the model as TorchScript or ONNX, checked against the checkpoint"
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by mars-trainer train")
-    p.add_argument("--format", choices=FORMATS, default="torchscript")
+    add_checkpoint_arg(p)
+    p.add_argument(
+        "--format", choices=FORMATS, help="default: onnx for a file named .onnx, else torchscript"
+    )
     p.add_argument("--out", required=True, help="the model file (e.g. model.pt or model.onnx)")
     p.set_defaults(func=cmd_export_model)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_common import CliError, add_dataset_args, load_dataset, open_store, say_replaced_store
+from .cli_common import CliError, add_checkpoint_arg, add_dataset_args, load_dataset, open_store, say_replaced_store
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -211,7 +211,12 @@ def register(sub) -> None:
     p.add_argument(
         "--out", required=True, help="output JSON: [{index, score, reasons}], most suspicious first"
     )
-    p.add_argument("--checkpoint", help="use this model's predictions instead of training out-of-fold models")
+    add_checkpoint_arg(
+        p,
+        required=False,
+        help="use this model's predictions (a checkpoint, or a run directory: its best.pt) instead of "
+        "training out-of-fold models",
+    )
     p.add_argument("--folds", type=int, default=3, help="out-of-fold models to train (default 3)")
     p.add_argument(
         "--minutes", type=float, default=3.0, help="training budget for all folds together (default 3)"

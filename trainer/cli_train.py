@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import fields
 
-from .cli_common import CliError, add_dataset_args, iou_table, load_dataset
+from .cli_common import CliError, add_dataset_args, checkpoint_arg, iou_table, load_dataset
 from .config import PRESETS, TrainConfig, build
 
 _CONTROLLED = {"epochs", "minutes", "device", "seed"}  # shown in the main group
@@ -28,7 +28,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         "--preset", choices=list(PRESETS), help="starting point (default: gpu on CUDA, else cpu)"
     )
     main.add_argument("--config", help="a TOML file of config keys (top level or a [train] table)")
-    main.add_argument("--resume", help="continue from this checkpoint (its split and optimiser state)")
+    main.add_argument(
+        "--resume",
+        type=checkpoint_arg("last"),
+        help="continue from this checkpoint (its split and optimiser state), or from a run directory's last.pt",
+    )
     group = p.add_argument_group("config (override preset and --config)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -189,7 +193,11 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
         elif kind == "finished":
             progress.line(
                 f"finished ({event.reason}) in {event.seconds:.0f} s: best mIoU {event.best_miou:.3f}; "
-                f"best checkpoint {event.best_checkpoint}"
+                + (
+                    f"best checkpoint {event.best_checkpoint}"
+                    if event.best_checkpoint
+                    else "no best checkpoint (no validation has finished)"
+                )
             )
         elif kind == "stopped":
             progress.line(f"stopped at epoch {event.epoch + 1}; checkpoint {event.checkpoint}")

@@ -31,7 +31,7 @@ import torch
 from . import events as ev
 from .allocator import keep_freed_memory
 from .augment import oversampling_weights
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import adopt_best, check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .control import RunState, TrainControl
 from .crops import crop_source
@@ -108,6 +108,8 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         if self.crops is None:
             self.data_mode += f" on {device.type}"
         self._build(data)
+        if data is not None and self.runs is not None:  # a new run directory gets the best so far
+            adopt_best(self.runs.best, resume, self.state.best)
         self.seen_version = None
         self.sample_weights = self._sample_weights()
         self.per_step = cfg.batch_size * self.dist.world

@@ -44,6 +44,27 @@ def _tensorboard_writer(path: Path):
     return SummaryWriter(log_dir=str(path))
 
 
+CHECKPOINTS = ("best", "last")
+
+
+def checkpoint_file(path: str | Path, which: str = "best") -> Path:
+    """``path`` itself when it is not a directory. In a run directory (or its
+    ``checkpoints`` folder): its ``which`` checkpoint (``best`` or ``last``), else the
+    other (a run stopped before its first validation has only ``last``). A directory with
+    neither raises :class:`FileNotFoundError` saying so."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    order = (which, *(c for c in CHECKPOINTS if c != which))
+    for name in order:
+        if (folder / f"{name}.pt").is_file():
+            return folder / f"{name}.pt"
+    raise FileNotFoundError(
+        f"{path}: a folder without checkpoints (a run directory holds checkpoints/best.pt and last.pt)"
+    )
+
+
 class RunDirError(OSError):
     """The run directory cannot be created or written."""
 
@@ -66,11 +87,11 @@ class RunDir:
 
     @property
     def best(self) -> Path:
-        return self.path / "checkpoints" / "best.pt"
+        return self.path / "checkpoints" / f"{CHECKPOINTS[0]}.pt"
 
     @property
     def last(self) -> Path:
-        return self.path / "checkpoints" / "last.pt"
+        return self.path / "checkpoints" / f"{CHECKPOINTS[1]}.pt"
 
     def write_start(self, cfg: TrainConfig, train_idx, val_idx) -> None:
         (self.path / "config.toml").write_text(to_toml(cfg))
