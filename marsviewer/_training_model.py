@@ -17,6 +17,7 @@ from psygnal import Signal
 
 from trainer import events as ev
 from trainer.config import ConfigError, TrainConfig
+from trainer.runs import new_run_dir
 
 from ._predictions import Predictions
 from ._run_record import RunFollower, RunRecord
@@ -120,7 +121,7 @@ class TrainingModel(Predictions):
         except ConfigError as exc:
             self.status.emit(f"Cannot start: {exc}", True)
             return None
-        run_dir = self.runs_root / time.strftime("%Y%m%d-%H%M%S")
+        run_dir = new_run_dir(self.runs_root)
         self._reset(str(run_dir))
         self.record.state = "starting"
         self._start_time = time.perf_counter()

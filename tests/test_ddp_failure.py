@@ -82,6 +82,17 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
         cfg = cfg.replace(epochs=2, val_fraction=0.34, batch_size=4)  # 3 frames: rank 0 has 2, rank 1 one
         control = TrainControl()
     run_dir = os.path.join(out_dir, "run") if rank == 0 else None
+    if mode == "used_run_dir":  # rank 0's run directory holds another run: every rank is told
+        from trainer.runs import RunDirError
+
+        try:
+            said = {"kind": next(fit(ds, cfg, run_dir)).kind}
+        except RunDirError as exc:
+            said = {"kind": "refused", "message": str(exc)}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(said, f)
+        shutdown_distributed(wait_for_peers=True)
+        return
     events = []
     for e in fit(ds, cfg, run_dir, control=control, corrections=store):
         events.append(e)
@@ -161,3 +172,13 @@ def test_a_stop_while_validating_frames_from_disk_ends_every_rank_alike(tmp_path
     convert(tmp_path / "f.npz", tmp_path / "f.zarr")
     said = _two_ranks(tmp_path, "stop_validating")
     assert said[0] == said[1] and said[0]["kind"] == "stopped" and said[0]["validated"] == [], said
+
+
+def test_a_run_directory_rank_0_cannot_use_stops_every_rank(tmp_path):
+    """Only rank 0 writes the run directory; when it refuses one (here: it holds another
+    run), every rank raises the same error before training instead of waiting for rank 0."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "events.jsonl").write_text('{"kind": "started"}\n')
+    said = _two_ranks(tmp_path, "used_run_dir")
+    assert said[0] == said[1] and said[0]["kind"] == "refused", said
+    assert "holds another run" in said[0]["message"]

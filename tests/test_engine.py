@@ -541,6 +541,28 @@ def test_resume_keeps_the_plateau_schedule_and_the_clock(data, never_improves, t
     assert rest[-1].seconds >= first[-1].seconds + 0.9 * wall
 
 
+def test_a_run_directory_holds_one_run(tiny_run, data, tmp_path, monkeypatch):
+    """A new run into a directory that holds another is refused before it writes anything
+    (their events, metrics and checkpoints would mix); resuming from a checkpoint inside it
+    continues it; runs started by napari get a directory of their own, even in one second."""
+    from trainer import runs
+    from trainer.runs import RunDirError, new_run_dir
+
+    run, _ = tiny_run
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    with pytest.raises(RunDirError, match="holds another run"):
+        next(fit(data, preset("tiny"), run))
+    other = tmp_path / "other.pt"
+    other.write_bytes((run / "checkpoints" / "last.pt").read_bytes())
+    with pytest.raises(RunDirError, match="holds another run"):
+        next(fit(data, preset("tiny"), run, resume=other))  # a checkpoint from elsewhere: another run
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261127-120000")
+    made = [new_run_dir(tmp_path / "runs") for _ in range(3)]
+    assert [p.name for p in made] == ["20261127-120000", "20261127-120000-2", "20261127-120000-3"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+
+
 def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):
     """A resumed run whose validations are worse than the best so far keeps best.pt."""
     import trainer.epoch_end as epoch_end

@@ -53,7 +53,7 @@ from .inference import prepare_model, stratified_split
 from .losses import LossParams, SegmentationLoss, frequency_class_weights
 from .model import build_model, count_parameters
 from .previews import Previews
-from .runs import RunDir
+from .runs import RunDir, RunDirError
 from .stats import class_pixel_counts, class_presence
 
 
@@ -78,8 +78,8 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         if cfg.threads and device.type == "cpu":
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.runs = RunDir(run_dir) if (run_dir is not None and self.dist.is_main) else None
         self.peers = Peers(self.dist)
+        self.runs = self._open_run_dir(run_dir, resume)
         self.resumed_from = str(resume) if resume else None
         self.stored = dataset if isinstance(dataset, StoredDataset) else None
         self.presence = dataset.class_pixels > 0 if self.stored is not None else class_presence(dataset.masks)
@@ -131,6 +131,20 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         self.epoch_loss = torch.zeros((), device=device)
         self.epoch_loss_n = 0
         self.lr = cfg.lr
+
+    def _open_run_dir(self, run_dir, resume) -> RunDir | None:
+        """Rank 0's run directory; one it cannot use raises :class:`RunDirError` on every
+        rank (the others would wait for it in their first collective)."""
+        runs, problem = None, None
+        if run_dir is not None and self.dist.is_main:
+            try:
+                runs = RunDir(run_dir, resume)
+            except RunDirError as exc:
+                problem = str(exc)
+        problem = self.peers.share(problem)
+        if problem is not None:
+            raise RunDirError(problem)
+        return runs
 
     def _split(self, data: dict | None) -> None:
         """The checkpoint's split when resuming, else a new stratified one."""

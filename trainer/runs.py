@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,38 @@ class RunDirError(OSError):
     """The run directory cannot be created or written."""
 
 
+def new_run_dir(root: str | Path) -> Path:
+    """A new, empty run directory under ``root`` (created, with ``root``), named by the
+    local time, with ``-2``, ``-3``... when a run of the same second has the name already."""
+    stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
+    Path(root).mkdir(parents=True, exist_ok=True)
+    while True:
+        path = Path(root) / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            k += 1
+
+
+def holds_run(path: Path) -> bool:
+    events = path / "events.jsonl"
+    return events.is_file() and events.stat().st_size > 0
+
+
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
+    """A run's directory, created when needed. One that holds another run already is
+    refused (its records would mix with this run's), unless this run continues it:
+    ``continues`` is a checkpoint inside it."""
+
+    def __init__(self, path: str | Path, continues: str | Path | None = None) -> None:
         self.path = Path(path)
+        inside = continues is not None and self.path.resolve() in Path(continues).resolve().parents
+        if holds_run(self.path) and not inside:
+            raise RunDirError(
+                f"{self.path}: holds another run already (its events, metrics and checkpoints); train into a "
+                "new directory, or resume this run from its own checkpoint"
+            )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
