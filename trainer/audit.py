@@ -197,6 +197,84 @@ def _headline_first(reason: dict) -> float:
     return -(2 * reason["score"] if reason["kind"] == "misaligned" else reason["score"])
 
 
+class Evidence:
+    """Each image's reasons and score as the evidence comes in, image by image or for all
+    at once; :meth:`ranking` combines them, most suspicious first."""
+
+    def __init__(self, n: int) -> None:
+        self.scores = np.zeros(n)
+        self.reasons: list[list[dict]] = [[] for _ in range(n)]
+
+    def add(self, i: int, score: float, reason: dict, sets_score: bool = True) -> None:
+        self.reasons[i].append({**reason, "score": round(float(score), 4)})
+        if sets_score:
+            self.scores[i] = max(self.scores[i], score)
+
+    def groups(self, exact: list[tuple[int, ...]], near: list[tuple[int, ...]]) -> None:
+        """Exact duplicate-mask groups, then near-duplicate ones not inside the exact ones."""
+        for g in exact:
+            s = 1.0 if len(g) >= 3 else 0.6
+            for i in g:
+                self.add(i, s, {"kind": "duplicate_mask", "group_size": len(g), "group": list(g)[:50]})
+        members = {i for g in exact for i in g}
+        for g in near:
+            if set(g) <= members:
+                continue
+            for i in g:
+                self.add(
+                    i,
+                    0.9 if len(g) >= 3 else NEAR_PAIR,
+                    {"kind": "near_duplicate_mask", "group_size": len(g), "group": list(g)[:50]},
+                )
+
+    def single_class(self, i: int, shares: np.ndarray) -> None:
+        """``shares``: the share of each class in image ``i``'s mask."""
+        if shares.max() >= 0.995:
+            self.add(i, 0.4, {"kind": "single_class", "class": int(shares.argmax())})
+
+    def model(self, i: int, frac: float, plain: float, shift_gain: float, move) -> None:
+        """The model's evidence on image ``i``: the share of its pixels confidently flagged
+        (``frac``), of pixels predicted otherwise (``plain``), and the gain of the best
+        move of its mask (``shift_gain``, ``move`` (dy, dx))."""
+        if shift_gain >= MISALIGNED:
+            dy, dx = (int(v) for v in move)
+            self.add(i, shift_gain, {
+                "kind": "misaligned", "shift_y": dy, "shift_x": dx, "gain": round(float(shift_gain), 4),
+            }, sets_score=False)  # fmt: skip
+        self.add(
+            i,
+            frac,
+            {
+                "kind": "model_disagreement",
+                "confident_disagreement": round(float(frac), 4),
+                "pixel_error": round(float(plain), 4),
+            },
+            sets_score=False,
+        )
+        # Both are shares of the image the model says are mislabelled: regions that
+        # disagree, plus what moving the whole mask would put right. Their sum can pass 1
+        # (a model that disagrees everywhere, an under-trained one): capped, so pasted-in
+        # outliers sharing one mask stay first as promised above.
+        self.scores[i] = max(self.scores[i], min(float(frac + shift_gain), MODEL_SCORE_MAX))
+
+    def ranking(self, excluded=frozenset()) -> list[dict]:
+        out = [
+            {
+                "index": i,
+                "score": round(float(self.scores[i]), 4),
+                "reasons": sorted(self.reasons[i], key=_headline_first),
+            }
+            for i in range(len(self.scores))
+            if i not in excluded
+        ]
+        out.sort(key=lambda r: (-r["score"], r["index"]))
+        return out
+
+
+def class_shares(mask: np.ndarray) -> np.ndarray:
+    return np.bincount(mask.ravel(), minlength=5)[:5] / max(mask.size, 1)
+
+
 def rank(
     masks: np.ndarray,
     pred: np.ndarray | None,
@@ -207,33 +285,13 @@ def rank(
     n = len(masks)
     if n == 0:
         return []
-    scores = np.zeros(n)
-    reasons: list[list[dict]] = [[] for _ in range(n)]
-
-    def add(i: int, score: float, reason: dict, sets_score: bool = True) -> None:
-        reasons[i].append({**reason, "score": round(float(score), 4)})
-        if sets_score:
-            scores[i] = max(scores[i], score)
-
-    for g in duplicate_mask_groups(masks):
-        s = 1.0 if len(g) >= 3 else 0.6
-        for i in g:
-            add(i, s, {"kind": "duplicate_mask", "group_size": len(g), "group": list(g)[:50]})
-    exact = {i for g in duplicate_mask_groups(masks) for i in g}
-    for g in near_duplicate_groups(masks):
-        if set(g) <= exact:
-            continue
-        for i in g:
-            add(
-                i,
-                0.9 if len(g) >= 3 else NEAR_PAIR,
-                {"kind": "near_duplicate_mask", "group_size": len(g), "group": list(g)[:50]},
-            )
-    flat = masks.reshape(n, -1)
-    counts = np.stack([(flat == c).mean(axis=1) for c in range(5)], axis=1)
-    for i in np.flatnonzero(counts.max(axis=1) >= 0.995):
-        add(int(i), 0.4, {"kind": "single_class", "class": int(counts[i].argmax())})
+    evidence = Evidence(n)
+    exact_groups = duplicate_mask_groups(masks)
+    evidence.groups(exact_groups, near_duplicate_groups(masks))
+    for i in range(n):
+        evidence.single_class(i, class_shares(masks[i]))
     if pred is not None:
+        exact = {i for g in exact_groups for i in g}
         wrong = pred != masks
         shift_gain, moves = np.zeros(n), np.zeros((n, 2), np.int64)
         if conf is not None and conf.ndim == 4:  # class probabilities: confident learning
@@ -244,38 +302,8 @@ def rank(
         frac = suspect.reshape(n, -1).mean(axis=1)
         plain = wrong.reshape(n, -1).mean(axis=1)
         for i in range(n):
-            if shift_gain[i] >= MISALIGNED:
-                dy, dx = (int(v) for v in moves[i])
-                add(i, shift_gain[i], {
-                    "kind": "misaligned", "shift_y": dy, "shift_x": dx,
-                    "gain": round(float(shift_gain[i]), 4),
-                }, sets_score=False)  # fmt: skip
-            add(
-                i,
-                frac[i],
-                {
-                    "kind": "model_disagreement",
-                    "confident_disagreement": round(float(frac[i]), 4),
-                    "pixel_error": round(float(plain[i]), 4),
-                },
-                sets_score=False,
-            )
-            # Both are shares of the image the model says are mislabelled: regions that
-            # disagree, plus what moving the whole mask would put right. Their sum can
-            # pass 1 (a model that disagrees everywhere, an under-trained one): capped, so
-            # pasted-in outliers sharing one mask stay first as promised above.
-            scores[i] = max(scores[i], min(float(frac[i] + shift_gain[i]), MODEL_SCORE_MAX))
-    out = [
-        {
-            "index": i,
-            "score": round(float(scores[i]), 4),
-            "reasons": sorted(reasons[i], key=_headline_first),
-        }
-        for i in range(n)
-        if i not in excluded
-    ]
-    out.sort(key=lambda r: (-r["score"], r["index"]))
-    return out
+            evidence.model(i, frac[i], plain[i], shift_gain[i], moves[i])
+    return evidence.ranking(excluded)
 
 
 def baseline_rank(masks: np.ndarray, pred: np.ndarray) -> list[int]:
