@@ -65,6 +65,28 @@ def test_class_aware_crops_find_a_rare_class(stored):
     assert with_rock > 0.1, with_rock
 
 
+def test_crops_fit_small_frames_and_ignore_what_lies_beyond():
+    """Without --tile, a crop is 256 a side or the largest frame's side (up to the U-Net's
+    multiple); where a frame is smaller than its crop, the mask is ignored there (with a
+    background weight, a 0 there would teach the model that padding is background)."""
+    from trainer.crops import disk_tile
+    from trainer.losses import IGNORE_INDEX
+
+    assert disk_tile(np.array([[64, 128], [45, 77]]), 8) == (64, 128)
+    assert disk_tile(np.array([[45, 77]]), 8) == (48, 80)
+    assert disk_tile(np.array([[1024, 1024], [64, 128]]), 8) == (256, 256)
+    assert disk_tile(np.array([[300, 40]]), 16) == (256, 48)
+    masks = np.ones((2, 20, 30), np.uint8)
+    masks[:, 10:] = 2
+    images = np.full((2, 20, 30), 7, np.uint8)
+    source = CropSource(MemoryFrames(masks, images, 2), np.arange(2), (24, 32), 4, seed=0)
+    images, masks = source.read(source.plan(0, 0))
+    assert images.shape == masks.shape == (4, 24, 32)
+    assert (masks[:, 20:] == IGNORE_INDEX).all() and (masks[:, :, 30:] == IGNORE_INDEX).all()
+    assert (images[:, 20:] == 0).all() and (images[:, :20, :30] == 7).all()
+    assert set(np.unique(masks[:, :20, :30])) == {1, 2}
+
+
 def test_class_aware_crops_are_centred_on_the_class():
     """A class-aware crop is centred on a point of a cell holding the class, so the class
     comes with context on every side, not at a crop's corner."""
@@ -96,7 +118,8 @@ def test_training_from_disk_by_crops(stored, tmp_path, monkeypatch):
 
     events = list(fit(s, cfg, tmp_path / "run", control=TrainControl(preview_indices=[3, -1, 99])))
     started, last = events[0], events[-1]
-    assert started.data.startswith("256x256 crops read from disk") and last.kind == "finished"
+    # frames smaller than 256x256: crops of the frames' size (96x160), not padded to 256x256
+    assert started.data.startswith("96x160 crops read from disk") and last.kind == "finished"
     # previews of frames from disk: the rows it has, with the entropy prediction gives
     preview = [e for e in events if e.kind == "preview"][-1]
     assert preview.indices == [3] and preview.masks.shape == (1, 96, 160)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .classes import NUM_CLASSES
 from .formats.zarr_dataset import CELL, _cell_counts
+from .losses import IGNORE_INDEX
 
 CLASS_AWARE_SHARE = 0.5
 DISK_TILE = 256  # crop size for datasets trained from disk when --tile is not given
@@ -29,19 +30,31 @@ def crop_source(cfg, stored, images, masks, n_labelled: int, rows, rank: int):
     """(the run's CropSource or None, what it trains on in words): crops when ``tile`` is
     set or the dataset stays on disk (``stored``), else whole images from memory.
     ``images`` is the trainer's image tensor, ``masks`` its masks as an array."""
-    tile = cfg.tile or (DISK_TILE if stored is not None else 0)
-    if not tile:
+    if not cfg.tile and stored is None:
         return None, "whole images held in memory"
+    tile = (cfg.tile, cfg.tile) if cfg.tile else disk_tile(stored.sizes, 2**cfg.depth)
+    size = f"{tile[0]}x{tile[1]}"
     if stored is not None:
         frames = stored
         mode = (
-            f"{tile}x{tile} crops read from disk by {cfg.data_workers} threads "
+            f"{size} crops read from disk by {cfg.data_workers} threads "
             f"({len(stored.names)} frames, {stored.nbytes / 1e6:,.0f} MB)"
         )
     else:
         frames = MemoryFrames(masks, images.cpu().numpy(), n_labelled)
-        mode = f"{tile}x{tile} crops of images held in memory"
+        mode = f"{size} crops of images held in memory"
     return CropSource(frames, rows, tile, cfg.batch_size, cfg.seed, rank, cfg.data_workers), mode
+
+
+def disk_tile(sizes: np.ndarray, multiple: int) -> tuple[int, int]:
+    """The crop of a dataset trained from disk without ``--tile``: DISK_TILE a side, or
+    less where every frame is smaller (the largest frame's side, up to a multiple of the
+    U-Net's ``multiple``): crops of 64x128 frames are 64x128, not frames padded to 256x256
+    (eight times the pixels, seven eighths of them padding)."""
+    if not len(sizes):
+        return DISK_TILE, DISK_TILE
+    h, w = (min(DISK_TILE, -(-int(v) // multiple) * multiple) for v in np.asarray(sizes).max(axis=0))
+    return h, w
 
 
 class MemoryFrames:
@@ -61,12 +74,15 @@ class MemoryFrames:
 
 
 class CropSource:
-    """Batches of (images, masks) uint8 crops of ``tile`` x ``tile`` from ``frames`` (a
-    :class:`~trainer.formats.StoredDataset` or :class:`MemoryFrames`)."""
+    """Batches of (images, masks) uint8 crops of ``tile`` (a side, or (height, width))
+    from ``frames`` (a :class:`~trainer.formats.StoredDataset` or :class:`MemoryFrames`).
+    Where a frame is smaller than the crop, the rest of the crop is image 0 and mask
+    ``IGNORE_INDEX``: no loss counts it."""
 
-    def __init__(self, frames, rows: np.ndarray, tile: int, batch: int, seed: int,
+    def __init__(self, frames, rows: np.ndarray, tile: int | tuple[int, int], batch: int, seed: int,
                  rank: int = 0, workers: int = 2, prefetch: int = 4) -> None:  # fmt: skip
-        self.frames, self.tile, self.batch, self.seed, self.rank = frames, tile, batch, seed, rank
+        self.frames, self.batch, self.seed, self.rank = frames, batch, seed, rank
+        self.tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
         self.workers, self.prefetch = max(1, workers), max(1, prefetch)
         self.sizes = np.asarray(frames.sizes)
         self.cells = frames.class_cells()
@@ -94,6 +110,7 @@ class CropSource:
         """(row, y, x) of each crop of batch ``batch`` of ``epoch``."""
         rng = np.random.default_rng([self.seed, epoch, batch, self.rank])
         classes = sorted(self.by_class)
+        th, tw = self.tile
         out = []
         for _ in range(self.batch):
             h, w = (0, 0)
@@ -104,25 +121,25 @@ class CropSource:
                 cells = self._cells_of(row)[c].astype(np.float64)
                 k = rng.choice(cells.size, p=cells.ravel() / cells.sum())
                 cy, cx = divmod(k, cells.shape[1])
-                y = cy * CELL + rng.integers(CELL) - self.tile // 2
-                x = cx * CELL + rng.integers(CELL) - self.tile // 2
+                y = cy * CELL + rng.integers(CELL) - th // 2
+                x = cx * CELL + rng.integers(CELL) - tw // 2
             else:
                 row = int(self.rows[rng.integers(len(self.rows))])
                 h, w = self.sizes[row]
-                y, x = rng.integers(max(1, h - self.tile + 1)), rng.integers(max(1, w - self.tile + 1))
-            y = int(np.clip(y, 0, max(0, h - self.tile)))
-            x = int(np.clip(x, 0, max(0, w - self.tile)))
+                y, x = rng.integers(max(1, h - th + 1)), rng.integers(max(1, w - tw + 1))
+            y = int(np.clip(y, 0, max(0, h - th)))
+            x = int(np.clip(x, 0, max(0, w - tw)))
             out.append((row, y, x))
         return out
 
     # -- reading them
     def read(self, plan: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        t = self.tile
-        images = np.zeros((len(plan), t, t), np.uint8)
-        masks = np.zeros((len(plan), t, t), np.uint8)  # beyond a small frame: 0, ignored
+        t_h, t_w = self.tile
+        images = np.zeros((len(plan), t_h, t_w), np.uint8)
+        masks = np.full((len(plan), t_h, t_w), IGNORE_INDEX, np.uint8)  # beyond a small frame
         for k, (row, y, x) in enumerate(plan):
             h, w = self.sizes[row]
-            th, tw = min(t, h - y), min(t, w - x)
+            th, tw = min(t_h, h - y), min(t_w, w - x)
             images[k, :th, :tw] = self.frames.images[row, y : y + th, x : x + tw]
             if row in self.overrides:
                 masks[k, :th, :tw] = self.overrides[row][y : y + th, x : x + tw]

@@ -191,7 +191,7 @@ class EpochEnd:
         shape = self.images.shape[-2:]
         if self.device.type == "cpu":
             return predict_batch(shape)
-        trained = self.cfg.tile**2 if self.crops is not None else shape[0] * shape[1]
+        trained = int(np.prod(self.crops.tile)) if self.crops is not None else shape[0] * shape[1]
         return max(1, 2 * self.cfg.batch_size * trained // (shape[0] * shape[1]))
 
     def save(self, which: str, miou: float | None = None) -> Iterator[ev.Event]:
