@@ -227,3 +227,134 @@ def test_out_of_fold_models_never_predict_what_they_trained_on(monkeypatch):
         assert not train & held and not train & {12, 13}
     shown = sorted(i for _, held in predicted for i in held)
     assert shown == list(range(n)) and {12, 13} <= predicted[-1][1]
+
+
+# -- the audit of frames read one at a time ---------------------------------------------
+def _planted(n: int = 100, seed: int = 3):
+    """Masks with every kind of evidence planted, and noisy class probabilities that agree
+    with them but where one image's labels are moved and others' are wrong."""
+    from trainer.synth import generate
+
+    masks = generate(n, 0, seed=seed).dataset.masks.copy()
+    masks[5] = masks[6]
+    masks[7] = masks[6]  # a group of 3
+    masks[10] = masks[11]  # a pair
+    masks[12] = masks[13]
+    masks[12, :2] = (masks[12, :2] % 4) + 1  # a near pair
+    masks[9] = 2  # one class
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 5, *masks.shape[1:])).astype(np.float32)
+    np.put_along_axis(logits, masks[:, None].astype(np.int64), 2.5, axis=1)
+    logits[20] = np.roll(logits[20], 6, axis=2)  # image 20's mask sits 6 px off
+    logits[30, :, 10:40, 20:70] = logits[30, ::-1, 10:40, 20:70]  # a region labelled otherwise
+    probs = np.exp(logits)
+    probs /= probs.sum(1, keepdims=True)
+    return masks, probs.argmax(1).astype(np.uint8), probs.astype(np.float16)
+
+
+def test_ranking_frames_one_at_a_time_equals_the_ranking_of_arrays():
+    """Every kind of evidence, read a frame at a time in chunks of any length, ranks as
+    the arrays do (the ordering, the scores and every reason)."""
+    from trainer.audit_stored import chunks_of, rank_frames
+
+    masks, pred, probs = _planted()
+    want = rank(masks, pred, probs, excluded={3})
+    kinds = {x["kind"] for r in want for x in r["reasons"] if x["score"] > 0}
+    assert kinds == {"duplicate_mask", "near_duplicate_mask", "single_class", "misaligned", "model_disagreement"}
+    calls = []
+
+    def probs_of(rows):
+        calls.append(rows)
+        return pred[rows], probs[rows]
+
+    for size in (1, 7, 64):
+        chunks = chunks_of(range(len(masks)), lambda i: masks[i].shape, size)
+        got = rank_frames(len(masks), lambda i: masks[i], chunks, probs_of, excluded={3})
+        assert got == want
+    assert rank_frames(len(masks), lambda i: masks[i], None, None) == rank(masks, None, None)
+    assert max(len(c) for c in calls) == 64 and sum(len(c) for c in calls) == 2 * 3 * len(masks)
+
+
+def test_frames_of_several_sizes_are_grouped_by_size():
+    """Masks equal in bytes but not in shape are not duplicates; chunks hold one size."""
+    from trainer.audit_stored import chunks_of, rank_frames
+
+    masks = [np.ones((4, 6), np.uint8), np.ones((6, 4), np.uint8), np.ones((4, 6), np.uint8), np.ones((2, 2), np.uint8)]
+    ranking = rank_frames(4, lambda i: masks[i], None, None)
+    dup = {r["index"]: [x for x in r["reasons"] if x["kind"] == "duplicate_mask"] for r in ranking}
+    assert dup[0][0]["group"] == [0, 2] and not dup[1] and not dup[3]
+    assert chunks_of(range(4), lambda i: masks[i].shape, 64) == [[0], [1], [2], [3]]
+    assert chunks_of([0, 2, 1], lambda i: masks[i].shape, 64) == [[0, 2], [1]]
+
+
+def test_audit_of_a_dataset_read_from_disk(tmp_path, npz_path, small_sample, monkeypatch):
+    """A zarr too large for memory is audited a frame at a time: with a checkpoint, the
+    very ranking it gets in memory, its corrections in (a corrected mask, an exclusion,
+    an unlabelled image labelled since); with out-of-fold models trained from disk, the
+    pasted-in group first and the excluded image left out."""
+    from trainer import formats
+    from trainer.config import preset
+    from trainer.convert import convert
+    from trainer.engine import fit
+
+    zarr = tmp_path / "m.zarr"
+    convert(npz_path, zarr)
+    mem = formats.open_dataset(zarr)
+    list(fit(mem, preset("tiny").replace(epochs=1), tmp_path / "run"))
+    n = len(mem)
+    store = CorrectionStore.for_dataset(mem)
+    store.save_mask(4, np.full_like(mem.masks[4], 2), note="one class")
+    store.exclude(9)
+    store.save_mask(n + 2, mem.masks[0], note="labelled since")
+    store.close()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    out = {}
+    for where in ("memory", "disk"):
+        if where == "disk":
+            monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+        assert main(["audit", str(zarr), "--checkpoint", str(ckpt), "--out", str(tmp_path / f"{where}.json")]) == 0
+        out[where] = json.loads((tmp_path / f"{where}.json").read_text())
+    assert out["disk"] == out["memory"]
+    by_index = {r["index"]: r for r in out["disk"]}
+    assert 9 not in by_index and n in by_index and len(by_index) == n  # n - 1 labelled + 1 since
+    assert "single_class" in {x["kind"] for x in by_index[4]["reasons"]}
+    assert {x["kind"] for x in by_index[n]["reasons"]} >= {"duplicate_mask"}  # its mask is image 0's
+    assert main(["audit", str(zarr), "--folds", "2", "--epochs", "2", "--out", str(tmp_path / "oof.json")]) == 0
+    ranking = json.loads((tmp_path / "oof.json").read_text())
+    group = set(small_sample.truth["outlier_group"])
+    assert {r["index"] for r in ranking[: len(group)]} == group and 9 not in {r["index"] for r in ranking}
+    assert all(any(x["kind"] == "model_disagreement" for x in r["reasons"]) for r in ranking)
+
+
+def test_out_of_fold_models_from_disk_never_train_on_what_they_rank(tmp_path, npz_path, small_sample, monkeypatch):
+    """Each fold's model trains on the other folds only: the folds' held-out images
+    partition the training pool; excluded images and pasted-in duplicates train none."""
+    import trainer.engine
+    from trainer import formats
+    from trainer.audit_stored import audit_stored
+    from trainer.checkpoint import save_checkpoint
+    from trainer.config import preset
+    from trainer.convert import convert
+    from trainer.model import build_model
+
+    convert(npz_path, tmp_path / "m.zarr")
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    ds = formats.open_dataset(tmp_path / "m.zarr", lazy=True)
+    store = CorrectionStore.for_dataset(ds)
+    store.exclude(9)
+    trained = []
+
+    def fake_fit(dataset, cfg, run_dir, control=None, corrections=None):
+        _, excluded = corrections.snapshot()
+        trained.append({i for i in range(len(ds)) if i not in excluded})
+        save_checkpoint(f"{run_dir}/checkpoints/last.pt", model=build_model(preset("tiny")), config=preset("tiny"))
+        yield from ()
+
+    monkeypatch.setattr(trainer.engine, "fit", fake_fit)
+    ranking = audit_stored(ds, store, folds=3, epochs=1)
+    store.close()
+    pool = set(range(len(ds))) - {9} - set(small_sample.truth["outlier_group"])
+    held = [pool - t for t in trained]
+    assert len(trained) == 3 and all(t <= pool for t in trained)
+    assert sum(len(h) for h in held) == len(pool) and set().union(*held) == pool
+    assert len(ranking) == len(ds) - 1

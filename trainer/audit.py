@@ -65,6 +65,23 @@ def near_duplicate_groups(masks: np.ndarray, agreement: float = 0.98) -> list[tu
     return groups
 
 
+def class_sums(mask: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For one image: per class, the sum of the model's probability of that class over the
+    pixels labelled with it, and their count (what :func:`class_thresholds` adds up)."""
+    c = probs.shape[0]
+    sums, counts = np.zeros(c), np.zeros(c)
+    for k in range(c):
+        sel = mask == k
+        if sel.any():
+            sums[k] = float(probs[k][sel].astype(np.float32).sum())
+            counts[k] = sel.sum()
+    return sums, counts
+
+
+def thresholds_of(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+
+
 def class_thresholds(masks: np.ndarray, probs: np.ndarray, skip=frozenset()) -> np.ndarray:
     """Per class, the model's mean probability for that class on the pixels labelled with
     it (confident learning, Northcutt et al. 2021): a self-confidence per class that adapts
@@ -72,25 +89,29 @@ def class_thresholds(masks: np.ndarray, probs: np.ndarray, skip=frozenset()) -> 
     c = probs.shape[1]
     sums, counts = np.zeros(c), np.zeros(c)
     for i in range(len(masks)):
-        if i in skip:
-            continue
-        for k in range(c):
-            sel = masks[i] == k
-            if sel.any():
-                sums[k] += float(probs[i, k][sel].astype(np.float32).sum())
-                counts[k] += sel.sum()
-    return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+        if i not in skip:
+            s, k = class_sums(masks[i], probs[i])
+            sums += s
+            counts += k
+    return thresholds_of(sums, counts)
 
 
 def label_error_pixels(
-    masks: np.ndarray, probs: np.ndarray, skip=frozenset(), window: int = 5, coherence: float = 0.6
+    masks: np.ndarray,
+    probs: np.ndarray,
+    skip=frozenset(),
+    window: int = 5,
+    coherence: float = 0.6,
+    thresholds: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pixels whose label is probably wrong: the model gives the label less than that
     class's threshold and another class at least its own threshold, in a neighbourhood
-    where most pixels are such errors (label errors are regions; model noise is speckle)."""
+    where most pixels are such errors (label errors are regions; model noise is speckle).
+    ``thresholds``: the classes' thresholds, when these images are a part of the ranked
+    ones (else they come from these images, leaving out those in ``skip``)."""
     from scipy.ndimage import uniform_filter
 
-    t = class_thresholds(masks, probs, skip).astype(np.float32)
+    t = (thresholds if thresholds is not None else class_thresholds(masks, probs, skip)).astype(np.float32)
     out = np.zeros(masks.shape, bool)
     for start in range(0, len(masks), 128):
         p = probs[start : start + 128].astype(np.float32)  # (B, C, H, W)

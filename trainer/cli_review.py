@@ -16,6 +16,8 @@ from .cli_common import CliError, add_checkpoint_arg, add_dataset_args, load_dat
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit, describe_reason
+    from .audit_stored import audit_stored
+    from .formats import StoredDataset
 
     out = Path(args.out)
     if not out.parent.exists():
@@ -28,11 +30,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise CliError(f"--minutes must be more than 0, got {args.minutes:g}")
     if args.epochs is not None and args.epochs < 1:
         raise CliError(f"--epochs must be at least 1, got {args.epochs}")
-    dataset = load_dataset(args)
+    dataset = load_dataset(args, lazy=True)
     store = open_store(dataset, args.corrections)
-    excluded: set[int] = set()
-    if store is not None:
-        dataset, excluded = store.apply(dataset)
     started = time.time()
     tty = sys.stderr.isatty()
 
@@ -41,16 +40,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
         sys.stderr.write(("\r" + line.ljust(70)) if tty else line + "\n")
         sys.stderr.flush()
 
-    ranking, _, _ = audit(
-        dataset,
-        checkpoint=args.checkpoint,
-        folds=args.folds,
-        minutes=args.minutes,
-        excluded=excluded,
-        progress=progress,
-        seed=args.seed,
+    how = dict(
+        checkpoint=args.checkpoint, folds=args.folds, minutes=args.minutes, progress=progress, seed=args.seed,
         epochs=args.epochs or 0,
-    )
+    )  # fmt: skip
+    if isinstance(dataset, StoredDataset):  # read from disk a frame at a time
+        ranking = audit_stored(dataset, store, **how)
+    else:
+        excluded: set[int] = set()
+        if store is not None:
+            dataset, excluded = store.apply(dataset)
+        ranking, _, _ = audit(dataset, excluded=excluded, **how)
     if tty:
         sys.stderr.write("\n")
     out.write_text(json.dumps(ranking))
