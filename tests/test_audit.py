@@ -236,8 +236,8 @@ def _planted(n: int = 100, seed: int = 3):
     from trainer.synth import generate
 
     masks = generate(n, 0, seed=seed).dataset.masks.copy()
-    masks[5] = masks[6]
-    masks[7] = masks[6]  # a group of 3
+    group = [5, 7, *range(40, 50)]
+    masks[group] = masks[6]  # a group of 13, which the model does not know (below)
     masks[10] = masks[11]  # a pair
     masks[12] = masks[13]
     masks[12, :2] = (masks[12, :2] % 4) + 1  # a near pair
@@ -245,6 +245,7 @@ def _planted(n: int = 100, seed: int = 3):
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(n, 5, *masks.shape[1:])).astype(np.float32)
     np.put_along_axis(logits, masks[:, None].astype(np.int64), 2.5, axis=1)
+    logits[[6, *group]] = rng.normal(size=(len(group) + 1, *logits.shape[1:]))  # the group: left out of thresholds
     logits[20] = np.roll(logits[20], 6, axis=2)  # image 20's mask sits 6 px off
     logits[30, :, 10:40, 20:70] = logits[30, ::-1, 10:40, 20:70]  # a region labelled otherwise
     probs = np.exp(logits)
@@ -285,6 +286,9 @@ def test_frames_of_several_sizes_are_grouped_by_size():
     assert dup[0][0]["group"] == [0, 2] and not dup[1] and not dup[3]
     assert chunks_of(range(4), lambda i: masks[i].shape, 64) == [[0], [1], [2], [3]]
     assert chunks_of([0, 2, 1], lambda i: masks[i].shape, 64) == [[0, 2], [1]]
+    assert chunks_of(range(70), lambda i: (64, 128)) == [list(range(64)), list(range(64, 70))]
+    assert chunks_of(range(3), lambda i: (512, 512)) == [[0, 1], [2]]  # 64 x 64x128 pixels at most
+    assert chunks_of(range(2), lambda i: (2048, 2048)) == [[0], [1]]
 
 
 def test_audit_of_a_dataset_read_from_disk(tmp_path, npz_path, small_sample, monkeypatch):

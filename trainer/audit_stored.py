@@ -52,7 +52,6 @@ def mask_evidence(n: int, mask_of: Callable[[int], np.ndarray], evidence: Eviden
         if progress is not None and (i + 1) % 500 == 0:
             progress(f"reading masks: {i + 1} of {n}")
     exact = [g for idx in digests.values() if len(idx) > 1 for g in _subgroups(idx, mask_of, duplicate_mask_groups)]
-    exact.sort(key=lambda g: (-len(g), g[0]))
     near = [g for idx in signatures.values() if len(idx) > 1 for g in _subgroups(idx, mask_of, near_duplicate_groups)]
     evidence.groups(exact, near)
     return {i for g in exact for i in g}
