@@ -204,7 +204,7 @@ class DatasetPanel(QWidget):
             f"{len(groups)} group(s) of images share an identical mask: often pasted-in "
             "outliers or copied labels. Click a group to step through it."
             if groups
-            else "Duplicate masks are looked for in datasets held in memory; this one is read from disk."
+            else "This dataset is read from disk: Rank in the Review tab finds duplicate masks (it reads them all)."
             if is_stack(b.masks)
             else "No two images have identical masks."
         )

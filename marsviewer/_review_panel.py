@@ -17,7 +17,6 @@ from qtpy.QtWidgets import (
 )
 
 from ._review_model import ImageReview, ReviewModel
-from ._review_queue import AUDIT_NEEDS_MEMORY
 
 # Alt keys: napari binds Ctrl+S (save layers) and Ctrl+Z (the paint stroke's undo).
 SHORTCUTS = (
@@ -31,6 +30,10 @@ SHORTCUTS = (
 
 
 AUDIT_HINT = "Duplicate masks are ranked at once; model disagreement needs a short training."
+AUDIT_HINT_DISK = (
+    "Read from disk: Rank reads every mask (duplicates) and trains out-of-fold models from disk "
+    "(model disagreement)."
+)
 
 
 class ReviewPanel(QWidget):
@@ -148,14 +151,10 @@ class ReviewPanel(QWidget):
         self._show_availability()
 
     def _show_availability(self) -> None:
-        """A dataset that cannot be ranked says so here, with its controls off."""
-        why = self.model.audit_unavailable()
-        self.audit_button.setEnabled(why is None and self.model.auditor is None)
-        self.minutes_spin.setEnabled(why is None)
-        if why is not None:
-            self.audit_status.setText(why)
-        elif self.audit_status.text() == AUDIT_NEEDS_MEMORY:  # the dataset before could not
-            self.audit_status.setText(AUDIT_HINT)
+        """The hint for this dataset (one read from disk ranks duplicates with the audit)."""
+        self.audit_button.setEnabled(self.model.auditor is None)
+        if self.audit_status.text() in (AUDIT_HINT, AUDIT_HINT_DISK):
+            self.audit_status.setText(AUDIT_HINT_DISK if self.model.reads_from_disk() else AUDIT_HINT)
 
 
 def _button(row: QHBoxLayout, text: str, action) -> QPushButton:

@@ -14,10 +14,6 @@ from ._stack import is_stack, overlay_like
 DISAGREEMENT = "model disagrees"
 QUEUE_MIN_SCORE = 0.05
 QUEUE_MAX = 500
-AUDIT_NEEDS_MEMORY = (
-    "Ranking (duplicate masks, out-of-fold models) needs the dataset in memory; "
-    "this one is read from disk frame by frame."
-)
 
 
 class ReviewQueue:
@@ -25,8 +21,8 @@ class ReviewQueue:
 
     def rerank(self, ranking: list[dict] | None = None) -> None:
         """Rank by duplicate masks now (or take an audit's ranking) and refill the queue."""
-        if ranking is None and is_stack(self.masks):
-            ranking = []  # duplicate masks are looked for in datasets held in memory
+        if ranking is None and self.reads_from_disk():
+            ranking = []  # read from disk: duplicate masks are found by the audit (Rank)
         if ranking is None:
             ranking = rank(
                 np.asarray(self.masks[: self.n_labelled], dtype=np.uint8), None, None, self.excluded()
@@ -70,25 +66,30 @@ class ReviewQueue:
         self._emit_state(i)
 
     # -- the audit job -------------------------------------------------------------
-    def audit_unavailable(self) -> str | None:
-        """Why this dataset cannot be ranked (read from disk), or None."""
-        return AUDIT_NEEDS_MEMORY if self.masks is not None and is_stack(self.masks) else None
+    def reads_from_disk(self) -> bool:
+        """Whether the dataset is read from disk a frame at a time (then duplicate masks
+        too wait for the audit: finding them reads every mask)."""
+        return self.masks is not None and is_stack(self.masks)
 
     def start_audit(self, minutes: float, folds: int = 3):
+        """Rank the labelled images in a child process: from the arrays of a dataset held
+        in memory (unsaved edits included), or a dataset read from disk by its path, with
+        the corrections saved in its store (the child reads it a frame at a time)."""
         from trainer.process import AuditProcess
 
         if not self.active or self.auditor is not None:
             return None
-        why = self.audit_unavailable()
-        if why is not None:
-            self.notify.emit(why, "error")
-            return None
         n = self.n_labelled
-        masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()
         excluded = {i for i in self.excluded() if i < n}
-        self.auditor = AuditProcess(
-            np.asarray(self.images[:n], dtype=np.uint8), masks, excluded, minutes, folds
-        )
+        if self.reads_from_disk():
+            edited, _ = self.store.snapshot()
+            edited = {i: m for i, m in edited.items() if i < n}
+            self.auditor = AuditProcess.of_stored(self.browser.source, edited, excluded, minutes, folds)
+        else:
+            masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()
+            self.auditor = AuditProcess(
+                np.asarray(self.images[:n], dtype=np.uint8), masks, excluded, minutes, folds
+            )
         self.audit_progress.emit(f"Training {folds} out-of-fold models ({minutes:g} min of compute)…")
         return self.auditor
 

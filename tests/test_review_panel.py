@@ -80,3 +80,31 @@ def test_audit_from_the_panel_ranks_and_shows_disagreement(widget, qtbot):
     item = panel.queue.item(panel.queue.count() - 1)
     panel.queue.itemClicked.emit(item)
     assert DISAGREEMENT in widget.viewer.layers
+
+
+def test_audit_of_a_dataset_read_from_disk_from_the_panel(widget, npz_path, small_sample, tmp_path, qtbot, monkeypatch):
+    """A dataset too large for memory ranks too: the child reads it from disk, with the
+    exclusions saved in its store; the pasted-in group comes first, the excluded image
+    is not listed, and an entry goes to its image."""
+    from trainer import formats
+    from trainer.convert import convert
+
+    convert(npz_path, tmp_path / "d.zarr")
+    monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
+    widget.open_path(tmp_path / "d.zarr")
+    qtbot.waitUntil(lambda: not widget.loading, timeout=20_000)
+    panel, model = widget.review, widget.session.review
+    assert model.reads_from_disk() and panel.audit_button.isEnabled() and panel.queue.count() == 0
+    assert "Read from disk" in panel.audit_status.text()
+    widget.browser.set_index(2)
+    model.toggle_exclude()
+    done = []
+    model.audit_done.connect(done.append)
+    assert panel.start_audit(minutes=0.1, folds=2) is not None
+    qtbot.waitUntil(lambda: bool(done), timeout=120_000)
+    assert done == [True] and panel.queue.count() > 0
+    listed = [panel.queue.item(k).data(256).index for k in range(panel.queue.count())]
+    group = small_sample.truth["outlier_group"]
+    assert set(listed[: len(group)]) == set(group) and 2 not in listed
+    panel.queue.itemClicked.emit(panel.queue.item(len(group)))
+    assert widget.browser.index == listed[len(group)]

@@ -139,13 +139,14 @@ def _say(progress, what: str, k: int, chunks: list[list[int]]) -> None:
         progress(f"{what}: {done} of {sum(len(c) for c in chunks)} images")
 
 
-class _FoldCorrections:
-    """What an out-of-fold model trains on, said as a corrections store (the engine's way
-    of leaving rows out of a dataset on disk): the dataset's corrected masks, and every row
-    but the fold's training rows excluded."""
+class Snapshot:
+    """Corrections as they were read once, seen as a corrections store: what an
+    out-of-fold model trains on (the engine's way of leaving rows out of a dataset on
+    disk: every row but the fold's training rows excluded), or a store's state handed to
+    a child process."""
 
     def __init__(self, edited: dict, excluded: set[int]) -> None:
-        self.edited, self.excluded_rows = edited, excluded
+        self.edited, self.excluded_rows = edited, set(excluded)
 
     def version(self) -> int:
         return 1
@@ -252,7 +253,7 @@ def _fold_model(audit: StoredAudit, train: np.ndarray, k: int, folds: int, minut
     from .out_of_fold import audit_config
 
     keep = {audit.rows[int(i)] for i in train}
-    out = _FoldCorrections(audit.edited, {r for r in range(len(audit.dataset.names)) if r not in keep})
+    out = Snapshot(audit.edited, {r for r in range(len(audit.dataset.names)) if r not in keep})
     cfg = audit_config(minutes / folds, seed, epochs)
     with tempfile.TemporaryDirectory() as tmp:
         for e in fit(audit.dataset, cfg, tmp, control=control, corrections=out):

@@ -152,6 +152,21 @@ def suggest_job(control, emit, pool, labelled, checkpoint: str, top: int | None)
     emit(ev.Suggested(rank_pool(scores, top, features)))
 
 
+def stored_audit_job(control, emit, path: str, edited: dict, excluded, minutes: float, folds: int) -> None:
+    """The review audit of a converted dataset read from disk (``path``), with the
+    corrections store's state (``edited`` masks, ``excluded`` rows) as the parent read it."""
+    from .audit_stored import Snapshot, audit_stored
+    from .device import compute_clock
+    from .formats import open_zarr
+
+    control.clock = compute_clock
+    ranking = audit_stored(
+        open_zarr(path), Snapshot(edited, set(excluded)), folds=folds, minutes=minutes,
+        progress=lambda text: emit(ev.Progress(text)), control=control,
+    )  # fmt: skip
+    emit(ev.Ranked(ranking, None))
+
+
 def audit_job(control, emit, images, masks, excluded, minutes: float, folds: int) -> None:
     """The review audit with a compute budget: ``minutes`` of this process's CPU time
     (over its threads), so sharing the CPU with a training does not shrink its models."""

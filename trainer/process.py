@@ -25,7 +25,7 @@ import numpy as np
 
 from . import events as ev
 from .config import TrainConfig
-from .jobs import KNOWN_ERRORS, DatasetSpec, audit_job, predict_job, suggest_job, train_job
+from .jobs import KNOWN_ERRORS, DatasetSpec, audit_job, predict_job, stored_audit_job, suggest_job, train_job
 
 NICE = 15
 
@@ -322,3 +322,11 @@ class AuditProcess(ChildJob):
         self, images: np.ndarray, masks: np.ndarray, excluded, minutes: float, folds: int = 3
     ) -> None:
         super().__init__(audit_job, images, masks, sorted(excluded), minutes, folds)
+
+    @classmethod
+    def of_stored(cls, path: str, edited: dict, excluded, minutes: float, folds: int = 3) -> AuditProcess:
+        """The audit of a converted dataset that the child reads from disk (``path``),
+        with the corrections store's ``edited`` masks and ``excluded`` rows."""
+        job = cls.__new__(cls)
+        ChildJob.__init__(job, stored_audit_job, str(path), edited, sorted(excluded), minutes, folds)
+        return job
