@@ -103,7 +103,8 @@ class ReviewQueue:
                 self.audit_masks = e.predictions
                 self.rerank(e.ranking)
                 self.audit_progress.emit(
-                    f"Ranked {len(e.ranking)} images. Click an entry to see it; pink = the model disagrees."
+                    f"Ranked {len(e.ranking)} images. Click an entry to see it"
+                    + ("; pink = the model disagrees." if e.predictions is not None else ".")
                 )
                 self._end_audit(True)
                 return

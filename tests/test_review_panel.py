@@ -77,6 +77,7 @@ def test_audit_from_the_panel_ranks_and_shows_disagreement(widget, qtbot):
     assert not panel.audit_button.isEnabled()
     qtbot.waitUntil(lambda: bool(done), timeout=120_000)
     assert done == [True] and panel.audit_button.isEnabled() and panel.queue.count() > 0
+    assert "pink = the model disagrees" in panel.audit_status.text()
     item = panel.queue.item(panel.queue.count() - 1)
     panel.queue.itemClicked.emit(item)
     assert DISAGREEMENT in widget.viewer.layers
@@ -102,7 +103,7 @@ def test_audit_of_a_dataset_read_from_disk_from_the_panel(widget, npz_path, smal
     model.audit_done.connect(done.append)
     assert panel.start_audit(minutes=0.1, folds=2) is not None
     qtbot.waitUntil(lambda: bool(done), timeout=120_000)
-    assert done == [True] and panel.queue.count() > 0
+    assert done == [True] and panel.queue.count() > 0 and "pink" not in panel.audit_status.text()
     listed = [panel.queue.item(k).data(256).index for k in range(panel.queue.count())]
     group = small_sample.truth["outlier_group"]
     assert set(listed[: len(group)]) == set(group) and 2 not in listed
