@@ -245,7 +245,8 @@ def _planted(n: int = 100, seed: int = 3):
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(n, 5, *masks.shape[1:])).astype(np.float32)
     np.put_along_axis(logits, masks[:, None].astype(np.int64), 2.5, axis=1)
-    logits[[6, *group]] = rng.normal(size=(len(group) + 1, *logits.shape[1:]))  # the group: left out of thresholds
+    # The group's probabilities are noise: the thresholds must leave them out.
+    logits[[6, *group]] = rng.normal(size=(len(group) + 1, *logits.shape[1:]))
     logits[20] = np.roll(logits[20], 6, axis=2)  # image 20's mask sits 6 px off
     logits[30, :, 10:40, 20:70] = logits[30, ::-1, 10:40, 20:70]  # a region labelled otherwise
     probs = np.exp(logits)
@@ -261,7 +262,13 @@ def test_ranking_frames_one_at_a_time_equals_the_ranking_of_arrays():
     masks, pred, probs = _planted()
     want = rank(masks, pred, probs, excluded={3})
     kinds = {x["kind"] for r in want for x in r["reasons"] if x["score"] > 0}
-    assert kinds == {"duplicate_mask", "near_duplicate_mask", "single_class", "misaligned", "model_disagreement"}
+    assert kinds == {
+        "duplicate_mask",
+        "near_duplicate_mask",
+        "single_class",
+        "misaligned",
+        "model_disagreement",
+    }
     calls = []
 
     def probs_of(rows):
@@ -280,7 +287,12 @@ def test_frames_of_several_sizes_are_grouped_by_size():
     """Masks equal in bytes but not in shape are not duplicates; chunks hold one size."""
     from trainer.audit_stored import chunks_of, rank_frames
 
-    masks = [np.ones((4, 6), np.uint8), np.ones((6, 4), np.uint8), np.ones((4, 6), np.uint8), np.ones((2, 2), np.uint8)]
+    masks = [
+        np.ones((4, 6), np.uint8),
+        np.ones((6, 4), np.uint8),
+        np.ones((4, 6), np.uint8),
+        np.ones((2, 2), np.uint8),
+    ]
     ranking = rank_frames(4, lambda i: masks[i], None, None)
     dup = {r["index"]: [x for x in r["reasons"] if x["kind"] == "duplicate_mask"] for r in ranking}
     assert dup[0][0]["group"] == [0, 2] and not dup[1] and not dup[3]
@@ -316,21 +328,28 @@ def test_audit_of_a_dataset_read_from_disk(tmp_path, npz_path, small_sample, mon
     for where in ("memory", "disk"):
         if where == "disk":
             monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
-        assert main(["audit", str(zarr), "--checkpoint", str(ckpt), "--out", str(tmp_path / f"{where}.json")]) == 0
+        assert (
+            main(["audit", str(zarr), "--checkpoint", str(ckpt), "--out", str(tmp_path / f"{where}.json")])
+            == 0
+        )
         out[where] = json.loads((tmp_path / f"{where}.json").read_text())
     assert out["disk"] == out["memory"]
     by_index = {r["index"]: r for r in out["disk"]}
     assert 9 not in by_index and n in by_index and len(by_index) == n  # n - 1 labelled + 1 since
     assert "single_class" in {x["kind"] for x in by_index[4]["reasons"]}
     assert {x["kind"] for x in by_index[n]["reasons"]} >= {"duplicate_mask"}  # its mask is image 0's
-    assert main(["audit", str(zarr), "--folds", "2", "--epochs", "2", "--out", str(tmp_path / "oof.json")]) == 0
+    assert (
+        main(["audit", str(zarr), "--folds", "2", "--epochs", "2", "--out", str(tmp_path / "oof.json")]) == 0
+    )
     ranking = json.loads((tmp_path / "oof.json").read_text())
     group = set(small_sample.truth["outlier_group"])
     assert {r["index"] for r in ranking[: len(group)]} == group and 9 not in {r["index"] for r in ranking}
     assert all(any(x["kind"] == "model_disagreement" for x in r["reasons"]) for r in ranking)
 
 
-def test_out_of_fold_models_from_disk_never_train_on_what_they_rank(tmp_path, npz_path, small_sample, monkeypatch):
+def test_out_of_fold_models_from_disk_never_train_on_what_they_rank(
+    tmp_path, npz_path, small_sample, monkeypatch
+):
     """Each fold's model trains on the other folds only: the folds' held-out images
     partition the training pool; excluded images and pasted-in duplicates train none."""
     import trainer.engine
@@ -351,7 +370,9 @@ def test_out_of_fold_models_from_disk_never_train_on_what_they_rank(tmp_path, np
     def fake_fit(dataset, cfg, run_dir, control=None, corrections=None):
         _, excluded = corrections.snapshot()
         trained.append({i for i in range(len(ds)) if i not in excluded})
-        save_checkpoint(f"{run_dir}/checkpoints/last.pt", model=build_model(preset("tiny")), config=preset("tiny"))
+        save_checkpoint(
+            f"{run_dir}/checkpoints/last.pt", model=build_model(preset("tiny")), config=preset("tiny")
+        )
         yield from ()
 
     monkeypatch.setattr(trainer.engine, "fit", fake_fit)

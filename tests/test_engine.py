@@ -589,7 +589,9 @@ def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):
     # Resumed into another run directory, the best so far comes along: that directory
     # stands for its run on its own (--checkpoint DIR, the Finished event).
     events = list(
-        fit(data, preset("tiny").replace(epochs=4), tmp_path / "next", resume=tmp_path / "checkpoints/last.pt")
+        fit(
+            data, preset("tiny").replace(epochs=4), tmp_path / "next", resume=tmp_path / "checkpoints/last.pt"
+        )
     )
     moved = load_checkpoint(tmp_path / "next/checkpoints/best.pt")
     assert moved["step"] == best_before["step"] and moved["miou"] == best_before["miou"]

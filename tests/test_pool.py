@@ -413,16 +413,29 @@ def test_export_format_follows_the_file_name(trained, tmp_path, capsys, monkeypa
     _, ckpt, _, _ = trained
     wrote = []
     monkeypatch.setattr(portable, "export", lambda model, fmt, out: wrote.append((fmt, out.name)) or 1.0)
-    for name, fmt in (("m.onnx", "onnx"), ("m.ONNX", "onnx"), ("m.pt", "torchscript"), ("model", "torchscript")):
+    for name, fmt in (
+        ("m.onnx", "onnx"),
+        ("m.ONNX", "onnx"),
+        ("m.pt", "torchscript"),
+        ("model", "torchscript"),
+    ):
         code, stdout, _ = run(["export-model", "--checkpoint", ckpt, "--out", tmp_path / name], capsys)
         assert code == 0 and f"({fmt})" in stdout
-    code, _, _ = run(["export-model", "--checkpoint", ckpt, "--out", tmp_path / "x", "--format", "onnx"], capsys)
+    code, _, _ = run(
+        ["export-model", "--checkpoint", ckpt, "--out", tmp_path / "x", "--format", "onnx"], capsys
+    )
     assert code == 0
     assert wrote == [
-        ("onnx", "m.onnx"), ("onnx", "m.ONNX"), ("torchscript", "m.pt"), ("torchscript", "model"), ("onnx", "x")
+        ("onnx", "m.onnx"),
+        ("onnx", "m.ONNX"),
+        ("torchscript", "m.pt"),
+        ("torchscript", "model"),
+        ("onnx", "x"),
     ]
     for name, fmt, hint in (("m.onnx", "torchscript", "m.pt"), ("m.pth", "onnx", "m.onnx")):
-        code, _, err = run(["export-model", "--checkpoint", ckpt, "--out", tmp_path / name, "--format", fmt], capsys)
+        code, _, err = run(
+            ["export-model", "--checkpoint", ckpt, "--out", tmp_path / name, "--format", fmt], capsys
+        )
         assert code == 2 and f"name it {hint}" in err
     assert len(wrote) == 5
 
@@ -446,7 +459,9 @@ def test_a_run_directory_stands_for_its_checkpoint(trained, tmp_path, capsys):
     with pytest.raises(argparse.ArgumentTypeError, match="without checkpoints"):
         checkpoint_arg("best")(str(tmp_path))
     code, by_dir, _ = run(["evaluate", "--checkpoint", run_dir, data, "--json"], capsys)
-    code2, by_file, _ = run(["evaluate", "--checkpoint", run_dir / "checkpoints/best.pt", data, "--json"], capsys)
+    code2, by_file, _ = run(
+        ["evaluate", "--checkpoint", run_dir / "checkpoints/best.pt", data, "--json"], capsys
+    )
     assert code == code2 == 0 and json.loads(by_dir) == json.loads(by_file)
     with pytest.raises(SystemExit) as exit_:
         run(["evaluate", "--checkpoint", tmp_path, data], capsys)

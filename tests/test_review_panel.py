@@ -83,7 +83,9 @@ def test_audit_from_the_panel_ranks_and_shows_disagreement(widget, qtbot):
     assert DISAGREEMENT in widget.viewer.layers
 
 
-def test_audit_of_a_dataset_read_from_disk_from_the_panel(widget, npz_path, small_sample, tmp_path, qtbot, monkeypatch):
+def test_audit_of_a_dataset_read_from_disk_from_the_panel(
+    widget, npz_path, small_sample, tmp_path, qtbot, monkeypatch
+):
     """A dataset too large for memory ranks too: the child reads it from disk, with the
     exclusions saved in its store; the pasted-in group comes first, the excluded image
     is not listed, and an entry goes to its image."""

@@ -21,8 +21,15 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .audit import Evidence, class_shares, class_sums, label_error_pixels, misalignment, near_duplicate_groups
-from .audit import thresholds_of
+from .audit import (
+    Evidence,
+    class_shares,
+    class_sums,
+    label_error_pixels,
+    misalignment,
+    near_duplicate_groups,
+    thresholds_of,
+)
 from .stats import duplicate_mask_groups
 
 CHUNK = 64  # frames of one size whose evidence is computed together, as rank() does
@@ -32,10 +39,14 @@ CHUNK_PIXELS = CHUNK * 64 * 128  # and their pixels at most (ten bytes a pixel o
 ProbsOf = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
 
 
-def _subgroups(members: list[int], mask_of, find) -> list[tuple[int, ...]]:
-    """``find`` (a grouping of a mask array) on the masks of ``members``, as their indices."""
-    local = find(np.stack([mask_of(i) for i in members]))
-    return [tuple(members[j] for j in g) for g in local]
+def _subgroups(buckets: dict, mask_of, find) -> list[tuple[int, ...]]:
+    """``find`` (a grouping of a mask array) within each bucket of two or more images, on
+    their masks; the groups as the images' indices, bucket by bucket."""
+    out = []
+    for members in (m for m in buckets.values() if len(m) > 1):
+        local = find(np.stack([mask_of(i) for i in members]))
+        out += [tuple(members[j] for j in g) for g in local]
+    return out
 
 
 def mask_evidence(n: int, mask_of: Callable[[int], np.ndarray], evidence: Evidence, progress=None):
@@ -51,14 +62,16 @@ def mask_evidence(n: int, mask_of: Callable[[int], np.ndarray], evidence: Eviden
         evidence.single_class(i, class_shares(m))
         if progress is not None and (i + 1) % 500 == 0:
             progress(f"reading masks: {i + 1} of {n}")
-    exact = [g for idx in digests.values() if len(idx) > 1 for g in _subgroups(idx, mask_of, duplicate_mask_groups)]
-    near = [g for idx in signatures.values() if len(idx) > 1 for g in _subgroups(idx, mask_of, near_duplicate_groups)]
-    evidence.groups(exact, near)
+    exact = _subgroups(digests, mask_of, duplicate_mask_groups)
+    evidence.groups(exact, _subgroups(signatures, mask_of, near_duplicate_groups))
     return {i for g in exact for i in g}
 
 
 def chunks_of(
-    rows: Sequence[int], shape_of: Callable[[int], tuple[int, int]], size: int = CHUNK, pixels: int = CHUNK_PIXELS
+    rows: Sequence[int],
+    shape_of: Callable[[int], tuple[int, int]],
+    size: int = CHUNK,
+    pixels: int = CHUNK_PIXELS,
 ) -> list[list[int]]:
     """``rows`` in runs of consecutive rows of one frame size: ``size`` frames and
     ``pixels`` pixels at most (a larger frame alone)."""
@@ -159,8 +172,8 @@ class StoredAudit:
     """The audit of a :class:`~trainer.formats.StoredDataset`: its labelled frames, then
     the unlabelled ones labelled since (as :meth:`CorrectionStore.apply` appends them, so
     the indices are those of an audit of the same dataset in memory), each with its
-    corrected mask; excluded images are ranked with the others and left out of the ranking
-    and of the models' training."""
+    corrected mask. Excluded images are left out of the ranking and of the models'
+    training."""
 
     def __init__(self, dataset, store=None) -> None:
         edited, excluded = store.snapshot() if store is not None else ({}, set())
@@ -243,7 +256,9 @@ def audit_stored(
     return audit.rank(lambda k: models[fold_of[k]], chunks, exact, evidence, progress)
 
 
-def _fold_model(audit: StoredAudit, train: np.ndarray, k: int, folds: int, minutes, seed, epochs, progress, control):
+def _fold_model(
+    audit: StoredAudit, train: np.ndarray, k: int, folds: int, minutes, seed, epochs, progress, control
+):
     """The model of fold ``k``, trained from disk on the positions ``train``."""
     import tempfile
 

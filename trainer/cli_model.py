@@ -212,8 +212,6 @@ def register(sub) -> None:
         "export-model", help="write the model as TorchScript or ONNX, checked against the checkpoint"
     )
     add_checkpoint_arg(p)
-    p.add_argument(
-        "--format", choices=FORMATS, help="default: onnx for a file named .onnx, else torchscript"
-    )
+    p.add_argument("--format", choices=FORMATS, help="default: onnx for a file named .onnx, else torchscript")
     p.add_argument("--out", required=True, help="the model file (e.g. model.pt or model.onnx)")
     p.set_defaults(func=cmd_export_model)

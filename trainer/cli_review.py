@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_common import CliError, add_checkpoint_arg, add_dataset_args, load_dataset, open_store, say_replaced_store
+from .cli_common import (
+    CliError,
+    add_checkpoint_arg,
+    add_dataset_args,
+    load_dataset,
+    open_store,
+    say_replaced_store,
+)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
