@@ -103,7 +103,7 @@ def test_audit_of_a_dataset_read_from_disk_from_the_panel(
     model.toggle_exclude()
     done = []
     model.audit_done.connect(done.append)
-    assert panel.start_audit(minutes=0.1, folds=2) is not None
+    assert panel.start_audit(minutes=0.03, folds=2)  # duplicates rank first at any budget is not None
     qtbot.waitUntil(lambda: bool(done), timeout=120_000)
     assert done == [True] and panel.queue.count() > 0 and "pink" not in panel.audit_status.text()
     listed = [panel.queue.item(k).data(256).index for k in range(panel.queue.count())]
