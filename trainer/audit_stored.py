@@ -260,23 +260,9 @@ def _fold_model(
     audit: StoredAudit, train: np.ndarray, k: int, folds: int, minutes, seed, epochs, progress, control
 ):
     """The model of fold ``k``, trained from disk on the positions ``train``."""
-    import tempfile
-
-    from . import events as ev
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .engine import fit
-    from .out_of_fold import audit_config
+    from .out_of_fold import audit_config, fold_model
 
     keep = {audit.rows[int(i)] for i in train}
     out = Snapshot(audit.edited, {r for r in range(len(audit.dataset.names)) if r not in keep})
     cfg = audit_config(minutes / folds, seed, epochs)
-    with tempfile.TemporaryDirectory() as tmp:
-        for e in fit(audit.dataset, cfg, tmp, control=control, corrections=out):
-            if progress and isinstance(e, ev.Step) and e.step % 20 == 0:
-                progress(f"fold {k + 1}/{folds}: {100 * e.progress:.0f}% (loss {e.loss:.3f})")
-            if isinstance(e, ev.Failed):
-                raise RuntimeError(f"audit model of fold {k + 1} failed: {e.message}")
-            if isinstance(e, ev.Stopped):
-                raise RuntimeError("the ranking was stopped")
-        model, _ = model_from_checkpoint(load_checkpoint(tmp + "/checkpoints/last.pt"))
-    return model.eval()
+    return fold_model(audit.dataset, cfg, f"{k + 1}/{folds}", progress, control, corrections=out).eval()

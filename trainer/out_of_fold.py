@@ -24,8 +24,6 @@ def out_of_fold_predictions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted masks, max probabilities) for ``indices``, each from a model trained
     on the other folds; ``extra`` images (in no fold) are predicted by the last model."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .engine import fit
     from .inference import predict_arrays
 
     rng = np.random.default_rng(cfg.seed)
@@ -36,22 +34,31 @@ def out_of_fold_predictions(
     for k, held in enumerate(parts):
         train = np.setdiff1d(order, held)
         sub = Dataset(images=dataset.images[train], masks=dataset.masks[train], source=dataset.source)
-        with tempfile.TemporaryDirectory() as tmp:
-            for e in fit(sub, cfg, tmp, control=control):
-                if progress and isinstance(e, ev.Step) and e.step % 20 == 0:
-                    progress(f"fold {k + 1}/{folds}: {100 * e.progress:.0f}% (loss {e.loss:.3f})")
-                if isinstance(e, ev.Failed):
-                    raise RuntimeError(f"audit model of fold {k + 1} failed: {e.message}")
-                if isinstance(e, ev.Stopped):
-                    raise RuntimeError("the ranking was stopped")
-            ckpt = tmp + "/checkpoints/last.pt"
-            model, _ = model_from_checkpoint(load_checkpoint(ckpt))
+        model = fold_model(sub, cfg, f"{k + 1}/{folds}", progress, control)
         if k == folds - 1 and extra is not None and len(extra):
             held = np.concatenate([held, extra])
         out = predict_arrays(model, dataset.images[held], 64, "cpu", with_probs=True, flip_tta=True)
         pred[held] = out["masks"]
         conf[held] = out["probs"]
     return pred, conf
+
+
+def fold_model(dataset, cfg: TrainConfig, fold: str, progress=None, control=None, corrections=None):
+    """Train one out-of-fold model (fold ``fold``, e.g. "2/3") and return it;
+    ``corrections`` says which rows of a dataset on disk it leaves out."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine import fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for e in fit(dataset, cfg, tmp, control=control, corrections=corrections):
+            if progress and isinstance(e, ev.Step) and e.step % 20 == 0:
+                progress(f"fold {fold}: {100 * e.progress:.0f}% (loss {e.loss:.3f})")
+            if isinstance(e, ev.Failed):
+                raise RuntimeError(f"audit model of fold {fold} failed: {e.message}")
+            if isinstance(e, ev.Stopped):
+                raise RuntimeError("the ranking was stopped")
+        model, _ = model_from_checkpoint(load_checkpoint(tmp + "/checkpoints/last.pt"))
+    return model
 
 
 def predictions_from_checkpoint(dataset: Dataset, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
