@@ -26,20 +26,17 @@ class Predictions:
         if not checkpoint:
             self.status.emit("No checkpoint yet: train first, or open a run.", True)
             return None
-        if is_stack(self.prediction):
-            self.status.emit(
-                "This dataset is read from disk frame by frame: predict all of it with "
-                f"'mars-trainer predict {self.browser.source} --checkpoint {checkpoint} --out FOLDER'; "
-                "the live preview shows the image on screen while training.",
-                True,
-            )
-            return None
         try:
             spec = self.training_data()
         except ConfigError as exc:
             self.status.emit(str(exc), True)
             return None
-        self.predictor = PredictionProcess(spec, checkpoint)
+        out = None
+        if is_stack(self.prediction):  # read from disk: the masks go to disk too, read back by frame
+            run = Path(checkpoint).resolve().parent.parent.name
+            out = self.runs_root / "predictions" / f"{run}-{Path(self.browser.source).stem}.zarr"
+            out.parent.mkdir(parents=True, exist_ok=True)
+        self.predictor = PredictionProcess(spec, checkpoint, out=None if out is None else str(out))
         self.status.emit(f"Predicting {len(self.prediction)} images with {Path(checkpoint).name}…", False)
         self.busy_changed.emit()
         return self.predictor
@@ -50,6 +47,8 @@ class Predictions:
                 self.status.emit(e.text, False)
             elif isinstance(e, ev.Predicted):
                 self._take_prediction(e.masks, e.entropy)
+            elif isinstance(e, ev.PredictedOnDisk):
+                self._take_disk_prediction(e)
             elif isinstance(e, ev.Failed):
                 self.status.emit(f"Prediction failed: {e.message}", True)
                 self.notify.emit(f"Prediction failed: {e.message.splitlines()[0]}", "error")
@@ -103,18 +102,39 @@ class Predictions:
         # Scored where there are labels: the labelled images and those labelled since.
         rows = self.browser.labelled_rows()
         labels = np.asarray(self.browser.masks)
-        self.image_miou = np.full(len(masks), np.nan)
-        self.image_miou[rows] = per_image_miou(masks[rows], labels[rows])
-        order = worst_first(self.image_miou)
-        self.worst_order = order[~np.isnan(self.image_miou[order])]
-        self.worst_position = -1
-        self.confusion = confusion_matrix(masks[rows], labels[rows])
+        image_miou = np.full(len(masks), np.nan)
+        image_miou[rows] = per_image_miou(masks[rows], labels[rows])
+        self._scored(image_miou, confusion_matrix(masks[rows], labels[rows]))
         self.status.emit(
             f"Predicted all {len(masks)} images. Mean per-image mIoU {np.nanmean(self.image_miou):.3f}; "
             "'Next worst IoU' visits the images the model disagrees with most."
             + self.browser.pool_balance(masks),
             False,
         )
+
+    def _take_disk_prediction(self, e) -> None:
+        """A prediction of a dataset read from disk: the prediction layer reads its frames
+        from the masks the child wrote (the uncertainty layer stays as it was)."""
+        import zarr
+
+        stack = self.prediction
+        for i in list(stack.written):
+            stack.forget(i)  # live previews: the whole prediction replaces them
+        stack.rebase(zarr.open_array(e.path, mode="r"))
+        self.prediction_changed.emit(None)
+        self._scored(np.asarray(e.image_miou, float), np.asarray(e.confusion))
+        self.status.emit(
+            f"Predicted all {len(stack)} images into {e.path}. Mean per-image mIoU "
+            f"{np.nanmean(self.image_miou):.3f}; 'Next worst IoU' visits the images the model disagrees with most.",
+            False,
+        )
+
+    def _scored(self, image_miou: np.ndarray, confusion: np.ndarray) -> None:
+        self.image_miou = image_miou
+        order = worst_first(image_miou)
+        self.worst_order = order[~np.isnan(image_miou[order])]
+        self.worst_position = -1
+        self.confusion = confusion
 
     def next_worst(self) -> str:
         """Go to the next image in worst-first order; returns a line saying which."""

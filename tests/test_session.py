@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import pytest
 from marsviewer._review_model import CHANGED, DISAGREEMENT, QueueEntry
 from marsviewer._session import QUIET_S, Session
 from trainer.audit import move_mask
+from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.config import preset
+from trainer.inference import predict_arrays
 
 
 class Recorder:
@@ -399,7 +402,6 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert isinstance(dataset, formats.StoredDataset)
     edited, _ = spec.open_corrections(dataset).snapshot()
     assert edited[1].shape == (24, 32) and edited[3].shape == (32, 32)
-    assert s.training.predict_all("x.pt") is None  # a message: predict from the command line
     s.training.start(preset("tiny").replace(epochs=1, device="cpu"))  # the child reads the store
     wait(s, lambda: s.training.record.state in ("finished", "failed"))
     assert s.training.record.state == "finished", s.training.record.message
@@ -411,6 +413,22 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert done.calls == [(True,)] and [e.row for e in s.label_next.entries] == [4]
     assert b.own_name(4) == "images/f4"  # the queue's line names the file
     assert s.label_next.entries[0].line(b.own_name(4)).startswith("image     4 (images/f4) · ")
+    predicted = Recorder(s.training.predicted)  # Predict all: into a zarr beside the runs, read by frame
+    assert s.training.predict_all() is not None
+    wait(s, lambda: predicted.calls, timeout=60)
+    t = s.training
+    assert t.prediction.written == {} and t.prediction.n_base == 5  # the live preview gave way
+    assert [p.name for p in (tmp_path / "runs" / "predictions").iterdir()] == [
+        f"{Path(t.checkpoint).parent.parent.name}-d.zarr"
+    ]
+    model = model_from_checkpoint(load_checkpoint(t.checkpoint))[0]
+    for row in range(5):  # each frame at its own size inside the padded frame
+        h, w = b.masks.sizes[row]
+        want = predict_arrays(model, s.images[row][None][:, :h, :w], device="cpu")["masks"][0]
+        assert (t.prediction[row][:h, :w] == want).all() and not t.prediction[row][h:].any()
+    assert np.isnan(t.image_miou[4]) and not np.isnan(t.image_miou[:4]).any()  # 3 was labelled since
+    assert t.confusion.sum() == sum(int(np.prod(b.masks.sizes[r])) for r in range(4))
+    assert "rank 1 of 4" in t.next_worst() and b.index == int(np.nanargmin(t.image_miou))
     b.set_index(0)
     review.restore()  # nothing saved there: an entry, the original read again
     assert 0 not in b.masks.written

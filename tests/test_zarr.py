@@ -7,6 +7,7 @@ import errno
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from trainer import formats
@@ -253,3 +254,49 @@ def test_stats_of_a_large_store_from_its_class_table(tmp_path, npz_path, monkeyp
     monkeypatch.setattr(formats, "IN_MEMORY_BYTES", 1000)
     assert main(["stats", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[:8] == from_npz
+
+
+def test_predicting_a_dataset_read_from_disk_into_a_zarr(tmp_path, monkeypatch):
+    """Every frame predicted at its own size into a padded zarr array, written a block at
+    a time; the labelled frames scored against their masks (an edit in the store wins),
+    through the path of small frames (batches) and of large ones (one at a time)."""
+    import zarr
+
+    from trainer import predict_stored, tiling
+    from trainer.config import preset
+    from trainer.inference import predict_arrays
+    from trainer.metrics import confusion_matrix, per_image_miou
+    from trainer.model import build_model
+    from trainer.predict_stored import predict_to_disk
+
+    arrays = mixed_folder(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "d.zarr")
+    ds = open_dataset(tmp_path / "d.zarr", lazy=True)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny")).eval()
+    edit = np.full((45, 29), 3, np.uint8)
+
+    class Store:
+        def snapshot(self):
+            return {1: edit, 2: np.ones((20, 20), np.uint8)}, set()  # 2: labelled since
+
+    layout = predict_stored.chunk_layout
+    monkeypatch.setattr(predict_stored, "chunk_layout", lambda h, w: (*layout(h, w)[:2], 2))  # blocks of 2
+    said = []
+    for whole in (tiling.WHOLE_IMAGE_PIXELS, 100):  # then every frame as a large one
+        monkeypatch.setattr(tiling, "WHOLE_IMAGE_PIXELS", whole)
+        e = predict_to_disk(model, ds, tmp_path / f"p{whole}.zarr", "cpu", Store(), lambda *a: said.append(a))
+        got = zarr.open_array(e.path, mode="r")[:]
+        assert got.shape == (3, 45, 50)
+        truths = [arrays["a"][1], edit, np.ones((20, 20), np.uint8)]
+        cm = np.zeros((5, 5), np.int64)
+        for i, name in enumerate("abc"):
+            h, w = arrays[name][0].shape
+            want = predict_arrays(model, arrays[name][0][None], device="cpu")["masks"][0]
+            assert (got[i, :h, :w] == want).mean() > 0.99 and not got[i, h:].any() and not got[i, :, w:].any()
+            assert e.image_miou[i] == pytest.approx(
+                per_image_miou(got[i, :h, :w][None], truths[i][None])[0], nan_ok=True
+            )
+            cm += confusion_matrix(got[i, :h, :w], truths[i])
+        np.testing.assert_array_equal(e.confusion, cm)
+    assert said[-1] == (3, 3)

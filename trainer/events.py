@@ -157,6 +157,18 @@ class Predicted(Event):
 
 
 @dataclass
+class PredictedOnDisk(Event):
+    """A prediction of a dataset read from disk: the masks are in a zarr array at ``path``
+    ((N, H, W) uint8, each frame at its own size inside the padded frame), with the scores
+    of the labelled frames."""
+
+    path: str
+    image_miou: np.ndarray = field(repr=False)  # (N,) per-image mIoU, NaN where there is no label
+    confusion: np.ndarray = field(repr=False)  # (5, 5) over the labelled frames
+    kind = "predicted_on_disk"
+
+
+@dataclass
 class Ranked(Event):
     """The review audit's result: images most probably mislabelled first."""
 
@@ -175,5 +187,5 @@ class Suggested(Event):
 
 TERMINAL = (Finished, Stopped, Failed)
 """The events that end a training run."""
-JOB_END = (*TERMINAL, Predicted, Ranked, Suggested)
+JOB_END = (*TERMINAL, Predicted, PredictedOnDisk, Ranked, Suggested)
 """The events that end any child job."""

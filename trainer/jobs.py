@@ -89,12 +89,16 @@ def predict_job(
     device: str,
     batch_size: int | None,
     confidence: bool = False,
+    out: str | None = None,
 ) -> None:
     """Masks and entropy maps (and, with ``confidence``, the predicted class's
-    probability) of the labelled images, then the unlabelled ones."""
+    probability) of the labelled images, then the unlabelled ones. A dataset read from
+    disk is predicted into a zarr array at ``out`` instead, and scored as it goes
+    (:mod:`trainer.predict_stored`)."""
     from . import tiling
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .device import resolve_device
+    from .formats import StoredDataset
     from .inference import predict_arrays
 
     dev = resolve_device(device)
@@ -105,6 +109,14 @@ def predict_job(
         emit(ev.Progress(f"predicting {done}/{total}", done, total))
         wait_while_paused(control)
 
+    if isinstance(dataset, StoredDataset):
+        from .predict_stored import predict_to_disk
+
+        if out is None:
+            raise ValueError("a dataset read from disk is predicted into a file: give out")
+        store = spec.open_corrections(dataset)
+        emit(predict_to_disk(model.to(dev), dataset, out, dev, store, progress))
+        return
     images, _ = dataset.stacked()  # as the viewer stacks them
     if images[0].size > tiling.WHOLE_IMAGE_PIXELS:  # large frames: one at a time, by tiles
         emit(ev.Predicted(*_predict_large(model.to(dev), images, dev, confidence, progress)))

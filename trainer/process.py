@@ -295,10 +295,12 @@ class PredictionProcess(ChildJob):
         device: str = "auto",
         batch_size: int | None = None,
         confidence: bool = False,
+        out: str | None = None,
     ) -> None:
         """``batch_size``: images per forward pass; by default as many pixels as 32
-        images of 64x128 (:func:`~trainer.inference.predict_batch`)."""
-        super().__init__(predict_job, spec, checkpoint, device, batch_size, confidence)
+        images of 64x128 (:func:`~trainer.inference.predict_batch`). ``out``: where the
+        masks of a dataset read from disk go (a zarr array; ``PredictedOnDisk`` follows)."""
+        super().__init__(predict_job, spec, checkpoint, device, batch_size, confidence, out)
 
 
 class SuggestProcess(ChildJob):
