@@ -621,7 +621,32 @@ def test_excluded_images_leave_validation_too(tmp_path):
     pixels = int(np.sum(v.confusion))
     kept = np.setdiff1d(val, val[:3])
     assert pixels == ds.masks[kept].size  # the confusion matrix counts only the kept images
-    assert events[0].val_images == len(val)
+    assert events[0].val_images == len(val) - 3  # Started counts what the run validates
+    # An epoch is as many steps as the images it trains on make, the excluded not counted.
+    ds_steps = [e.step for e in events if isinstance(e, ev.Validation)][0]
+    assert ds_steps == -(-events[0].train_images // cfg.batch_size)
+
+
+def test_an_epoch_is_sized_by_the_images_it_trains_on(tmp_path):
+    """Excluding half the training images halves an epoch; images labelled since add to
+    it: the epochs asked for mean passes over what the run trains on."""
+    from trainer.corrections import CorrectionStore
+
+    ds = generate(40, 8, seed=6).dataset
+    cfg = preset("tiny").replace(epochs=1, val_fraction=0.25, batch_size=4)
+    steps = {}
+    for case in ("none", "half excluded", "labelled since"):
+        store = CorrectionStore.for_dataset(ds, path=tmp_path / f"{case}.sqlite")
+        train, _ = stratified_split(class_presence(ds.masks), cfg.val_fraction, cfg.seed)
+        if case == "half excluded":
+            store.exclude_many([int(i) for i in train[::2]])
+        if case == "labelled since":
+            for j in range(8):
+                store.save_mask(40 + j, np.ones(ds.image_shape, np.uint8))
+        events = list(fit(ds, cfg, corrections=store))
+        steps[case] = (events[0].train_images, [e.step for e in events if isinstance(e, ev.Validation)][0])
+        store.close()
+    assert steps == {"none": (30, 8), "half excluded": (15, 4), "labelled since": (38, 10)}
 
 
 def test_metrics_csv_has_one_row_per_validation(tiny_run):

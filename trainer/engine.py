@@ -112,6 +112,9 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
             adopt_best(self.runs.best, resume, self.state.best)
         self.seen_version = None
         self.sample_weights = self._sample_weights()
+        # The store's first reading, before the epoch is sized: an epoch is as many steps as
+        # the images it trains on make (not counting the excluded; counting those labelled since).
+        self.first_update = self.reload_corrections()
         self.per_step = cfg.batch_size * self.dist.world
         self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -253,7 +256,7 @@ def fit(
             reason = "completed"  # resumed from the end of a run as long as this one
         else:
             while True:
-                update = run.reload_corrections()
+                update, run.first_update = run.first_update or run.reload_corrections(), None
                 if update is not None:
                     yield run.emit(update)
                 if run.budget_s and not run.validation_timed:
