@@ -216,7 +216,7 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
 
     def started(self) -> ev.Started:
         if self.runs is not None:
-            self.runs.write_start(self.cfg, self.train_idx, self.val_idx)
+            self.runs.write_start(self.cfg, self.base_train_idx, self.base_val_idx)  # the split itself
         return ev.Started(
             self.cfg.to_dict(), str(self.device), device_name(self.device), len(self.train_idx),
             len(self.val_idx), count_parameters(self.model), self.dist.world, self.resumed_from,
