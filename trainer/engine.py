@@ -108,8 +108,6 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         if self.crops is None:
             self.data_mode += f" on {device.type}"
         self._build(data)
-        if data is not None and self.runs is not None:  # a new run directory gets the best so far
-            adopt_best(self.runs.best, resume, self.state.best)
         self.seen_version = None
         self.sample_weights = self._sample_weights()
         # The store's first reading, before the epoch is sized: an epoch is as many steps as
@@ -134,6 +132,8 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         self.epoch_loss = torch.zeros((), device=device)
         self.epoch_loss_n = 0
         self.lr = cfg.lr
+        if data is not None and self.runs is not None:  # last: nothing after it refuses the run
+            adopt_best(self.runs.best, resume, self.state.best)  # a new run directory gets the best so far
 
     def _open_run_dir(self, run_dir, resume) -> RunDir | None:
         """Rank 0's run directory; one it cannot use raises :class:`RunDirError` on every
