@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,11 @@ class Predictions:
             return None
         out = None
         if is_stack(self.prediction):  # read from disk: the masks go to disk too, read back by frame
+            from trainer.runs import new_run_dir
+
             run = Path(checkpoint).resolve().parent.parent.name
-            out = self.runs_root / "predictions" / f"{run}-{Path(self.browser.source).stem}.zarr"
-            out.parent.mkdir(parents=True, exist_ok=True)
+            # A new folder each time: the layer goes on reading the last one meanwhile.
+            out = new_run_dir(self.runs_root / "predictions" / f"{run}-{Path(self.browser.source).stem}")
         self.predictor = PredictionProcess(spec, checkpoint, out=None if out is None else str(out))
         self.status.emit(f"Predicting {len(self.prediction)} images with {Path(checkpoint).name}…", False)
         self.busy_changed.emit()
@@ -122,6 +125,9 @@ class Predictions:
             stack.forget(i)  # live previews: the whole prediction replaces them
         stack.rebase(zarr.open_array(e.path, mode="r"))
         self.prediction_changed.emit(None)
+        for older in Path(e.path).parent.iterdir():  # earlier predictions of this run and dataset
+            if older != Path(e.path):
+                shutil.rmtree(older, ignore_errors=True)
         self._scored(np.asarray(e.image_miou, float), np.asarray(e.confusion))
         self.status.emit(
             f"Predicted all {len(stack)} images into {e.path}. Mean per-image mIoU "

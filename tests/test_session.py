@@ -418,9 +418,9 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     wait(s, lambda: predicted.calls, timeout=60)
     t = s.training
     assert t.prediction.written == {} and t.prediction.n_base == 5  # the live preview gave way
-    assert [p.name for p in (tmp_path / "runs" / "predictions").iterdir()] == [
-        f"{Path(t.checkpoint).parent.parent.name}-d.zarr"
-    ]
+    folder = tmp_path / "runs" / "predictions" / f"{Path(t.checkpoint).parent.parent.name}-d"
+    first = list(folder.iterdir())
+    assert len(first) == 1
     model = model_from_checkpoint(load_checkpoint(t.checkpoint))[0]
     for row in range(5):  # each frame at its own size inside the padded frame
         h, w = b.masks.sizes[row]
@@ -429,6 +429,12 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert np.isnan(t.image_miou[4]) and not np.isnan(t.image_miou[:4]).any()  # 3 was labelled since
     assert t.confusion.sum() == sum(int(np.prod(b.masks.sizes[r])) for r in range(4))
     assert "rank 1 of 4" in t.next_worst() and b.index == int(np.nanargmin(t.image_miou))
+    assert t.predict_all() is not None  # again: a folder of its own, the one before removed
+    wait(s, lambda: len(predicted.calls) == 2, timeout=60)
+    assert [p.name for p in folder.iterdir()] != [first[0].name] and len(list(folder.iterdir())) == 1
+    assert (
+        t.prediction[1][:24, :32] == predict_arrays(model, s.images[1][None][:, :24, :32])["masks"][0]
+    ).all()
     b.set_index(0)
     review.restore()  # nothing saved there: an entry, the original read again
     assert 0 not in b.masks.written
