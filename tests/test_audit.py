@@ -383,3 +383,20 @@ def test_out_of_fold_models_from_disk_never_train_on_what_they_rank(
     assert len(trained) == 3 and all(t <= pool for t in trained)
     assert sum(len(h) for h in held) == len(pool) and set().union(*held) == pool
     assert len(ranking) == len(ds) - 1
+
+
+def test_nothing_left_to_train_on_says_so_and_duplicates_alone_still_rank(small_sample, tmp_path):
+    """Every image excluded or in a group of identical masks: out-of-fold models have
+    nothing to train on, which is said (in memory and from disk alike); a given model
+    still ranks them, from disk as from memory (no class keeps a threshold of its own)."""
+    from trainer.audit_stored import chunks_of, rank_frames
+    from trainer.dataset import DatasetError
+
+    ds = small_sample.dataset
+    with pytest.raises(DatasetError, match="1 of 60 images left to train"):
+        audit(ds, folds=2, epochs=1, excluded=set(range(59)))
+    masks, pred, probs = (a[20:26].copy() for a in _planted())
+    masks[:3], masks[3:] = masks[0], masks[3]  # two groups: every image a duplicate
+    chunks = chunks_of(range(6), lambda i: masks[i].shape)
+    got = rank_frames(6, lambda i: masks[i], chunks, lambda rows: (pred[rows], probs[rows]))
+    assert got == rank(masks, pred, probs) and len(got) == 6

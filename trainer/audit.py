@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .dataset import Dataset
+from .dataset import Dataset, DatasetError
 from .out_of_fold import audit_config, out_of_fold_predictions, predictions_from_checkpoint
 from .stats import duplicate_mask_groups
 
@@ -334,6 +334,16 @@ def baseline_rank(masks: np.ndarray, pred: np.ndarray) -> list[int]:
     return [int(i) for i in worst_first(per_image_miou(pred, masks))]
 
 
+def check_pool(trainable: int, n: int) -> None:
+    """Out-of-fold models need two images at least to train on (one held out, one not)."""
+    if trainable < 2:
+        raise DatasetError(
+            f"{trainable} of {n} images left to train the audit's models on (the others are excluded "
+            "or in groups of identical masks, which rank first as they are): at least 2 are needed; "
+            "rank with a trained model's predictions instead (--checkpoint)"
+        )
+
+
 def audit(
     dataset: Dataset,
     checkpoint: str | None = None,
@@ -361,6 +371,7 @@ def audit(
         # Exact duplicate groups are outliers already found: leave them out of model training.
         dupes = {i for g in duplicate_mask_groups(dataset.masks) if len(g) >= 3 for i in g}
         train_pool = np.array([i for i in keep if i not in dupes])
+        check_pool(len(train_pool), len(dataset))
         cfg = audit_config(minutes / folds, seed, epochs)
         rest = np.setdiff1d(np.arange(len(dataset)), train_pool)
         pred, conf = out_of_fold_predictions(

@@ -23,6 +23,7 @@ import numpy as np
 
 from .audit import (
     Evidence,
+    check_pool,
     class_shares,
     class_sums,
     label_error_pixels,
@@ -128,12 +129,13 @@ def model_evidence(
         for j, i in enumerate(rows):
             sums[i], counts[i] = class_sums(mask_of(i), probs[j])
         _say(progress, "thresholds", k, chunks)
-    total_sums, total_counts = 0.0, 0.0
+    classes = len(next(iter(sums.values())))
+    total_sums, total_counts = np.zeros(classes), np.zeros(classes)
     for i in range(n):  # in image order, as class_thresholds adds them up
         if i not in exact:
-            total_sums = total_sums + sums[i]
-            total_counts = total_counts + counts[i]
-    thresholds = thresholds_of(np.asarray(total_sums), np.asarray(total_counts))
+            total_sums += sums[i]
+            total_counts += counts[i]
+    thresholds = thresholds_of(total_sums, total_counts)
     for k, rows in enumerate(chunks):
         pred, probs = probs_of(rows)
         masks = np.stack([mask_of(i) for i in rows])
@@ -247,6 +249,7 @@ def audit_stored(
     exact = mask_evidence(n, audit.mask, evidence, progress)
     # Exact duplicate groups are outliers already found: left out of the models' training.
     pool = np.array([k for k in range(n) if k not in audit.excluded and k not in exact], np.int64)
+    check_pool(len(pool), n)
     parts = np.array_split(np.random.default_rng(seed).permutation(pool), folds)
     parts[-1] = np.concatenate([parts[-1], np.setdiff1d(np.arange(n), pool)])  # the rest: the last model
     models = [_fold_model(audit, np.setdiff1d(pool, held), k, folds, minutes, seed, epochs, progress, control)
