@@ -33,10 +33,23 @@ class ReviewQueue:
 
     def go_to(self, entry: QueueEntry) -> None:
         self.browser.set_index(entry.index)
-        if self.audit_masks is not None and entry.index < len(self.audit_masks):
+        predicted = self._audit_mask(entry.index)
+        if predicted is not None:
             self.disagreement = overlay_like(self.disagreement, self.masks)
-            self.disagreement[entry.index] = self.audit_masks[entry.index] != self.masks[entry.index]
+            mask = np.asarray(self.masks[entry.index])
+            h, w = predicted.shape
+            shown = np.zeros(mask.shape, bool)  # a frame of a stack: its own size inside the padded one
+            shown[:h, :w] = predicted != mask[:h, :w]
+            self.disagreement[entry.index] = shown
             self.overlay_changed.emit(DISAGREEMENT, entry.index)
+
+    def _audit_mask(self, i: int) -> np.ndarray | None:
+        """The audit's predicted mask of image ``i``: from the arrays of every image, or
+        (a dataset read from disk) those kept for the highest-scored ones."""
+        masks = self.audit_masks
+        if isinstance(masks, dict):
+            return masks.get(i)
+        return masks[i] if masks is not None and i < len(masks) else None
 
     def exclude_group(self, entry: QueueEntry | None) -> None:
         if entry is None or not self.active:
@@ -104,7 +117,11 @@ class ReviewQueue:
                 self.rerank(e.ranking)
                 self.audit_progress.emit(
                     f"Ranked {len(e.ranking)} images. Click an entry to see it"
-                    + ("; pink = the model disagrees." if e.predictions is not None else ".")
+                    + (
+                        "; pink = the model disagrees."
+                        if e.predictions is not None and len(e.predictions)
+                        else "."
+                    )
                 )
                 self._end_audit(True)
                 return

@@ -400,3 +400,12 @@ def test_nothing_left_to_train_on_says_so_and_duplicates_alone_still_rank(small_
     chunks = chunks_of(range(6), lambda i: masks[i].shape)
     got = rank_frames(6, lambda i: masks[i], chunks, lambda rows: (pred[rows], probs[rows]))
     assert got == rank(masks, pred, probs) and len(got) == 6
+
+
+def test_the_predictions_kept_for_the_review_are_the_highest_scored_within_a_budget():
+    from trainer.audit_stored import KeptPredictions
+
+    kept = KeptPredictions(budget=300)
+    for i, score in enumerate([0.5, 0.1, 0.9, 0.3, 0.7]):
+        kept.offer(i, score, np.full((10, 10), i, np.uint8))
+    assert sorted(kept.masks) == [0, 2, 4] and kept.bytes == 300 and (kept.masks[4] == 4).all()

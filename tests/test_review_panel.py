@@ -105,9 +105,11 @@ def test_audit_of_a_dataset_read_from_disk_from_the_panel(
     model.audit_done.connect(done.append)
     assert panel.start_audit(minutes=0.03, folds=2)  # duplicates rank first at any budget is not None
     qtbot.waitUntil(lambda: bool(done), timeout=120_000)
-    assert done == [True] and panel.queue.count() > 0 and "pink" not in panel.audit_status.text()
+    assert done == [True] and panel.queue.count() > 0 and "pink" in panel.audit_status.text()
     listed = [panel.queue.item(k).data(256).index for k in range(panel.queue.count())]
     group = small_sample.truth["outlier_group"]
     assert set(listed[: len(group)]) == set(group) and 2 not in listed
     panel.queue.itemClicked.emit(panel.queue.item(len(group)))
     assert widget.browser.index == listed[len(group)]
+    # the predictions of the highest-scored images came back: the disagreement shows
+    assert DISAGREEMENT in widget.viewer.layers and listed[len(group)] in model.audit_masks

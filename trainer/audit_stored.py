@@ -17,6 +17,7 @@ bytes a pixel.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -120,9 +121,11 @@ def model_evidence(
     probs_of: ProbsOf,
     exact: set[int],
     progress: Callable[[str], None] | None = None,
+    kept: KeptPredictions | None = None,
 ) -> None:
     """Passes 2 and 3: the classes' thresholds over the images not in ``exact``
-    duplicate groups, then each image's flagged pixels and best move into ``evidence``."""
+    duplicate groups, then each image's flagged pixels and best move into ``evidence``
+    (and its predicted mask offered to ``kept``)."""
     sums, counts = {}, {}
     for k, rows in enumerate(chunks):
         _, probs = probs_of(rows)
@@ -145,7 +148,28 @@ def model_evidence(
         plain = (pred != masks).reshape(len(rows), -1).mean(axis=1)
         for j, i in enumerate(rows):
             evidence.model(i, frac[j], plain[j], gain[j], move[j])
+            if kept is not None:
+                kept.offer(i, evidence.scores[i], pred[j])
         _say(progress, "scoring", k, chunks)
+
+
+class KeptPredictions:
+    """The predicted masks of the highest-scored images, ``budget`` bytes of them at most:
+    what the Review tab shows as the model's disagreement (the whole prediction of a
+    dataset on disk is not kept)."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget, self.bytes = budget, 0
+        self.masks: dict[int, np.ndarray] = {}
+        self._heap: list[tuple[float, int]] = []
+
+    def offer(self, i: int, score: float, mask: np.ndarray) -> None:
+        heapq.heappush(self._heap, (float(score), i))
+        self.masks[i] = mask
+        self.bytes += mask.nbytes
+        while self.bytes > self.budget:
+            _, lowest = heapq.heappop(self._heap)
+            self.bytes -= self.masks.pop(lowest).nbytes
 
 
 def _say(progress, what: str, k: int, chunks: list[list[int]]) -> None:
@@ -210,14 +234,16 @@ class StoredAudit:
 
         return probs
 
-    def rank(self, model_of=None, chunks=None, exact=None, evidence=None, progress=None) -> list[dict]:
+    def rank(
+        self, model_of=None, chunks=None, exact=None, evidence=None, progress=None, kept=None
+    ) -> list[dict]:
         n = len(self.rows)
         evidence = evidence or Evidence(n)
         if exact is None:
             exact = mask_evidence(n, self.mask, evidence, progress)
         if model_of is not None:
             chunks = chunks or chunks_of(range(n), self.shape)
-            model_evidence(evidence, n, self.mask, chunks, self.probs_of(model_of), exact, progress)
+            model_evidence(evidence, n, self.mask, chunks, self.probs_of(model_of), exact, progress, kept)
         return evidence.ranking(self.excluded)
 
 
@@ -231,17 +257,18 @@ def audit_stored(
     epochs: int = 0,
     progress: Callable[[str], None] | None = None,
     control=None,
+    kept: KeptPredictions | None = None,
 ) -> list[dict]:
     """:func:`trainer.audit.audit` of a dataset read from disk: the ranking (indices as
     :class:`StoredAudit` numbers the images). The out-of-fold models train from disk as
-    ``train`` does, each with the other folds' images; an epoch is as many steps as
-    the whole dataset makes (``epochs``: the same ranking on every run)."""
+    ``train`` does, each with the other folds' images (``epochs``: the same ranking on
+    every run). ``kept`` gets the predicted masks of the highest-scored images."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
 
     audit = StoredAudit(dataset, store)
     if checkpoint:
         model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-        return audit.rank(lambda k: model.eval(), progress=progress)
+        return audit.rank(lambda k: model.eval(), progress=progress, kept=kept)
     if folds < 2:
         raise ValueError(f"folds must be at least 2, got {folds}")
     n = len(audit.rows)
@@ -256,7 +283,7 @@ def audit_stored(
               for k, held in enumerate(parts)]  # fmt: skip
     fold_of = {int(k): f for f, held in enumerate(parts) for k in held}
     chunks = [c for held in parts for c in chunks_of(sorted(int(k) for k in held), audit.shape)]
-    return audit.rank(lambda k: models[fold_of[k]], chunks, exact, evidence, progress)
+    return audit.rank(lambda k: models[fold_of[k]], chunks, exact, evidence, progress, kept)
 
 
 def _fold_model(

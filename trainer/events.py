@@ -173,7 +173,8 @@ class Ranked(Event):
     """The review audit's result: images most probably mislabelled first."""
 
     ranking: list = field(repr=False)  # [{"index", "score", "reasons": [...]}]
-    predictions: np.ndarray | None = field(default=None, repr=False)  # (N, H, W) uint8, out of fold
+    # (N, H, W) uint8, out of fold; from disk {image: (h, w) mask} of the highest-scored images
+    predictions: np.ndarray | dict | None = field(default=None, repr=False)
     kind = "ranked"
 
 

@@ -167,16 +167,17 @@ def suggest_job(control, emit, pool, labelled, checkpoint: str, top: int | None)
 def stored_audit_job(control, emit, path: str, edited: dict, excluded, minutes: float, folds: int) -> None:
     """The review audit of a converted dataset read from disk (``path``), with the
     corrections store's state (``edited`` masks, ``excluded`` rows) as the parent read it."""
-    from .audit_stored import Snapshot, audit_stored
+    from .audit_stored import KeptPredictions, Snapshot, audit_stored
     from .device import compute_clock
     from .formats import open_zarr
 
     control.clock = compute_clock
+    kept = KeptPredictions()
     ranking = audit_stored(
         open_zarr(path), Snapshot(edited, set(excluded)), folds=folds, minutes=minutes,
-        progress=lambda text: emit(ev.Progress(text)), control=control,
+        progress=lambda text: emit(ev.Progress(text)), control=control, kept=kept,
     )  # fmt: skip
-    emit(ev.Ranked(ranking, None))
+    emit(ev.Ranked(ranking, kept.masks))
 
 
 def audit_job(control, emit, images, masks, excluded, minutes: float, folds: int) -> None:
