@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from trainer.audit import MODEL_SCORE_MAX, audit, baseline_rank, misalignment, near_duplicate_groups, rank
+from trainer.audit import MODEL_SCORE_MAX, audit, baseline_rank, near_duplicate_groups, rank
+from trainer.audit_pixels import misalignment
 from trainer.cli import main
 from trainer.corrections import CorrectionStore
 from trainer.formats import read_npz

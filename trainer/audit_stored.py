@@ -22,16 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .audit import (
-    Evidence,
-    check_pool,
-    class_shares,
-    class_sums,
-    label_error_pixels,
-    misalignment,
-    near_duplicate_groups,
-    thresholds_of,
-)
+from .audit import Evidence, check_pool, class_shares, near_duplicate_groups
+from .audit_pixels import class_sums, label_error_pixels, misalignment, thresholds_of
 from .stats import duplicate_mask_groups
 
 CHUNK = 64  # frames of one size whose evidence is computed together, as rank() does
