@@ -38,7 +38,13 @@ class Predictions:
 
             run = Path(checkpoint).resolve().parent.parent.name
             # A new folder each time: the layer goes on reading the last one meanwhile.
-            out = new_run_dir(self.runs_root / "predictions" / f"{run}-{Path(self.browser.source).stem}")
+            try:
+                out = new_run_dir(self.runs_root / "predictions" / f"{run}-{Path(self.browser.source).stem}")
+            except OSError as exc:
+                self.status.emit(
+                    f"Cannot predict: cannot write to {self.runs_root} ({exc.strerror or exc})", True
+                )
+                return None
         self.predictor = PredictionProcess(spec, checkpoint, out=None if out is None else str(out))
         self.status.emit(f"Predicting {len(self.prediction)} images with {Path(checkpoint).name}…", False)
         self.busy_changed.emit()

@@ -121,7 +121,14 @@ class TrainingModel(Predictions):
         except ConfigError as exc:
             self.status.emit(f"Cannot start: {exc}", True)
             return None
-        run_dir = new_run_dir(self.runs_root)
+        try:
+            run_dir = new_run_dir(self.runs_root)
+        except OSError as exc:
+            self.status.emit(
+                f"Cannot start: cannot create a run directory in {self.runs_root} ({exc.strerror or exc})",
+                True,
+            )
+            return None
         self._reset(str(run_dir))
         self.record.state = "starting"
         self._start_time = time.perf_counter()

@@ -167,6 +167,15 @@ def test_jobs_are_held_while_the_person_browses_and_go_on_when_quiet(session):
     assert job.log[-1] == "release" and not session.holding
 
 
+def test_a_runs_folder_that_cannot_be_written_says_so(session, tmp_path):
+    t = session.training
+    status = Recorder(t.status)
+    t.runs_root = tmp_path / "a-file"
+    t.runs_root.write_text("not a folder")
+    assert t.start(preset("tiny")) is None and not t.running
+    assert "cannot create a run directory in" in status.calls[-1][0] and status.calls[-1][1]
+
+
 def test_training_needs_a_dataset():
     s = Session()
     status = Recorder(s.training.status)
@@ -435,6 +444,9 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert (
         t.prediction[1][:24, :32] == predict_arrays(model, s.images[1][None][:, :24, :32])["masks"][0]
     ).all()
+    t.runs_root = tmp_path / "a-file"  # a runs folder that cannot be written: said, nothing starts
+    t.runs_root.write_text("")
+    assert t.predict_all() is None and t.predictor is None
     b.set_index(0)
     review.restore()  # nothing saved there: an entry, the original read again
     assert 0 not in b.masks.written
