@@ -54,8 +54,9 @@ class ReviewModel(ReviewQueue):
     saved = Signal(int)
     notify = Signal(str, str)
 
-    def __init__(self, browser) -> None:
+    def __init__(self, browser, training_data=None) -> None:
         self.browser = browser
+        self.training_data = training_data  # () -> the DatasetSpec a child job reads the dataset by
         self.store: CorrectionStore | None = None
         self.n_labelled = 0  # rows from here on are unlabelled images
         self.masks: np.ndarray | None = None  # the live array the viewer paints into

@@ -93,12 +93,10 @@ class ReviewQueue:
         if not self.active or self.auditor is not None:
             return None
         n = self.n_labelled
-        excluded = {i for i in self.excluded() if i < n}
-        if self.reads_from_disk():
-            edited, _ = self.store.snapshot()
-            edited = {i: m for i, m in edited.items() if i < n}
-            self.auditor = AuditProcess.of_stored(self.browser.source, edited, excluded, minutes, folds)
+        if self.reads_from_disk():  # the child reads the store too: no mask decompressed here
+            self.auditor = AuditProcess.of_stored(self.training_data(), minutes, folds)
         else:
+            excluded = {i for i in self.excluded() if i < n}
             masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()
             self.auditor = AuditProcess(
                 np.asarray(self.images[:n], dtype=np.uint8), masks, excluded, minutes, folds

@@ -46,7 +46,7 @@ class Session:
 
     def __init__(self, runs_root: str | Path | None = None, clock=time.monotonic) -> None:
         self.browser = DatasetBrowser()
-        self.review = ReviewModel(self.browser)
+        self.review = ReviewModel(self.browser, self.training_data)
         self.training = TrainingModel(self.browser, self.training_data, runs_root)
         self.label_next = LabelNextModel(self.browser, self.review, self.training)
         self.images: np.ndarray | None = None

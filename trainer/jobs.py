@@ -164,17 +164,23 @@ def suggest_job(control, emit, pool, labelled, checkpoint: str, top: int | None)
     emit(ev.Suggested(rank_pool(scores, top, features)))
 
 
-def stored_audit_job(control, emit, path: str, edited: dict, excluded, minutes: float, folds: int) -> None:
-    """The review audit of a converted dataset read from disk (``path``), with the
-    corrections store's state (``edited`` masks, ``excluded`` rows) as the parent read it."""
+def stored_audit_job(control, emit, spec: DatasetSpec, minutes: float, folds: int) -> None:
+    """The review audit of a converted dataset read from disk (``spec``: its path and
+    corrections store, which this process reads): its labelled frames, ranked as napari
+    numbers them (images labelled since are not among them)."""
     from .audit_stored import KeptPredictions, Snapshot, audit_stored
     from .device import compute_clock
     from .formats import open_zarr
 
     control.clock = compute_clock
+    dataset = open_zarr(spec.path)  # read from disk whatever its size: the viewer's numbering
+    store = spec.open_corrections(dataset)
+    edited, excluded = store.snapshot() if store is not None else ({}, set())
+    n = len(dataset)
+    labelled = Snapshot({i: m for i, m in edited.items() if i < n}, {i for i in excluded if i < n})
     kept = KeptPredictions()
     ranking = audit_stored(
-        open_zarr(path), Snapshot(edited, set(excluded)), folds=folds, minutes=minutes,
+        dataset, labelled, folds=folds, minutes=minutes,
         progress=lambda text: emit(ev.Progress(text)), control=control, kept=kept,
     )  # fmt: skip
     emit(ev.Ranked(ranking, kept.masks))

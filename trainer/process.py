@@ -326,9 +326,9 @@ class AuditProcess(ChildJob):
         super().__init__(audit_job, images, masks, sorted(excluded), minutes, folds)
 
     @classmethod
-    def of_stored(cls, path: str, edited: dict, excluded, minutes: float, folds: int = 3) -> AuditProcess:
-        """The audit of a converted dataset that the child reads from disk (``path``),
-        with the corrections store's ``edited`` masks and ``excluded`` rows."""
+    def of_stored(cls, spec: DatasetSpec, minutes: float, folds: int = 3) -> AuditProcess:
+        """The audit of a converted dataset that the child reads from disk, with the
+        corrections saved in its store (``spec``: as a training from napari gets it)."""
         job = cls.__new__(cls)
-        ChildJob.__init__(job, stored_audit_job, str(path), edited, sorted(excluded), minutes, folds)
+        ChildJob.__init__(job, stored_audit_job, spec, minutes, folds)
         return job
