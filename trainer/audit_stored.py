@@ -24,6 +24,7 @@ import numpy as np
 
 from .audit import Evidence, check_pool, class_shares, near_duplicate_groups
 from .audit_pixels import class_sums, label_error_pixels, misalignment, thresholds_of
+from .inference import same_size_runs
 from .stats import duplicate_mask_groups
 
 CHUNK = 64  # frames of one size whose evidence is computed together, as rank() does
@@ -69,20 +70,7 @@ def chunks_of(
 ) -> list[list[int]]:
     """``rows`` in runs of consecutive rows of one frame size: ``size`` frames and
     ``pixels`` pixels at most (a larger frame alone)."""
-    out: list[list[int]] = []
-    for i in rows:
-        shape = shape_of(i)
-        last = out[-1] if out else None
-        if (
-            last is not None
-            and len(last) < size
-            and shape_of(last[-1]) == shape
-            and (len(last) + 1) * shape[0] * shape[1] <= pixels
-        ):
-            last.append(i)
-        else:
-            out.append([i])
-    return out
+    return list(same_size_runs(rows, shape_of, lambda shape: min(size, pixels // (shape[0] * shape[1]))))
 
 
 def rank_frames(

@@ -82,6 +82,23 @@ def batches(indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield indices[start : start + batch_size]
 
 
+def same_size_runs(rows, shape_of, limit) -> Iterator[list[int]]:
+    """``rows`` in runs of consecutive rows whose frames have one size (``shape_of(row)``,
+    asked once a row, in order), ``limit(shape)`` rows at most (at least 1): batches of
+    frames of several sizes. A run is yielded once the row after it is seen."""
+    run: list[int] = []
+    run_shape = None
+    for row in rows:
+        shape = tuple(shape_of(row))
+        if run and (shape != run_shape or len(run) >= max(1, limit(shape))):
+            yield run
+            run = []
+        run.append(row)
+        run_shape = shape
+    if run:
+        yield run
+
+
 @torch.no_grad()
 def confusion_on(
     model: torch.nn.Module,

@@ -148,26 +148,27 @@ def _batches(images, batch_size: int):
     scales its batch (:func:`~trainer.inference.predict_batch`; a large frame alone). A
     frame is read when its batch is made."""
     from .config import PREDICT_BATCH
-    from .inference import predict_batch
+    from .inference import predict_batch, same_size_runs
     from .tiling import WHOLE_IMAGE_PIXELS
 
     if isinstance(images, np.ndarray):
         for start in range(0, len(images), batch_size):
             yield start, np.asarray(images[start : start + batch_size])
         return
-    group: list[np.ndarray] = []
-    start = 0
-    for k in range(len(images)):
-        frame = np.asarray(images[k])
-        limit = max(1, batch_size * predict_batch(frame.shape) // PREDICT_BATCH)
-        if frame.size > WHOLE_IMAGE_PIXELS:
-            limit = 1  # predicted by tiles, alone
-        if group and (frame.shape != group[0].shape or len(group) >= limit):
-            yield start, np.stack(group)
-            group, start = [], k
-        group.append(frame)
-    if group:
-        yield start, np.stack(group)
+
+    def limit(shape) -> int:
+        if shape[0] * shape[1] > WHOLE_IMAGE_PIXELS:
+            return 1  # predicted by tiles, alone
+        return batch_size * predict_batch(shape) // PREDICT_BATCH
+
+    read: dict[int, np.ndarray] = {}  # a batch's frames and the one after it, read once each
+
+    def shape_of(k: int) -> tuple[int, ...]:
+        read[k] = np.asarray(images[k])
+        return read[k].shape
+
+    for run in same_size_runs(range(len(images)), shape_of, limit):
+        yield run[0], np.stack([read.pop(k) for k in run])
 
 
 def _pool_probs(model, images, batch_size: int, device: torch.device, bottleneck: list):
