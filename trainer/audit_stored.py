@@ -186,9 +186,8 @@ class StoredAudit:
         n = len(dataset)
         self.dataset, self.edited = dataset, edited
         self.rows = list(range(n)) + sorted(i for i in edited if i >= n)  # store rows, by position
-        self.position = {row: k for k, row in enumerate(self.rows)}
-        self.excluded = {self.position[i] for i in excluded if i in self.position}
-        self.excluded_rows = set(excluded)
+        position = {row: k for k, row in enumerate(self.rows)}
+        self.excluded = {position[i] for i in excluded if i in position}
 
     def mask(self, k: int) -> np.ndarray:
         row = self.rows[k]
@@ -214,18 +213,6 @@ class StoredAudit:
 
         return probs
 
-    def rank(
-        self, model_of=None, chunks=None, exact=None, evidence=None, progress=None, kept=None
-    ) -> list[dict]:
-        n = len(self.rows)
-        evidence = evidence or Evidence(n)
-        if exact is None:
-            exact = mask_evidence(n, self.mask, evidence, progress)
-        if model_of is not None:
-            chunks = chunks or chunks_of(range(n), self.shape)
-            model_evidence(evidence, n, self.mask, chunks, self.probs_of(model_of), exact, progress, kept)
-        return evidence.ranking(self.excluded)
-
 
 def audit_stored(
     dataset,
@@ -245,25 +232,30 @@ def audit_stored(
     every run). ``kept`` gets the predicted masks of the highest-scored images."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
 
-    audit = StoredAudit(dataset, store)
-    if checkpoint:
-        model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-        return audit.rank(lambda k: model.eval(), progress=progress, kept=kept)
-    if folds < 2:
+    if not checkpoint and folds < 2:
         raise ValueError(f"folds must be at least 2, got {folds}")
+    audit = StoredAudit(dataset, store)
     n = len(audit.rows)
+    if n == 0:
+        return []
     evidence = Evidence(n)
     exact = mask_evidence(n, audit.mask, evidence, progress)
-    # Exact duplicate groups are outliers already found: left out of the models' training.
-    pool = np.array([k for k in range(n) if k not in audit.excluded and k not in exact], np.int64)
-    check_pool(len(pool), n)
-    parts = np.array_split(np.random.default_rng(seed).permutation(pool), folds)
-    parts[-1] = np.concatenate([parts[-1], np.setdiff1d(np.arange(n), pool)])  # the rest: the last model
-    models = [_fold_model(audit, np.setdiff1d(pool, held), k, folds, minutes, seed, epochs, progress, control)
-              for k, held in enumerate(parts)]  # fmt: skip
-    fold_of = {int(k): f for f, held in enumerate(parts) for k in held}
-    chunks = [c for held in parts for c in chunks_of(sorted(int(k) for k in held), audit.shape)]
-    return audit.rank(lambda k: models[fold_of[k]], chunks, exact, evidence, progress, kept)
+    if checkpoint:
+        model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)[0].eval()
+        model_of, chunks = (lambda k: model), chunks_of(range(n), audit.shape)
+    else:
+        # Exact duplicate groups are outliers already found: left out of the models' training.
+        pool = np.array([k for k in range(n) if k not in audit.excluded and k not in exact], np.int64)
+        check_pool(len(pool), n)
+        parts = np.array_split(np.random.default_rng(seed).permutation(pool), folds)
+        parts[-1] = np.concatenate([parts[-1], np.setdiff1d(np.arange(n), pool)])  # the rest: the last model
+        models = [_fold_model(audit, np.setdiff1d(pool, held), k, folds, minutes, seed, epochs, progress, control)
+                  for k, held in enumerate(parts)]  # fmt: skip
+        fold_of = {int(k): f for f, held in enumerate(parts) for k in held}
+        model_of = lambda k: models[fold_of[k]]  # noqa: E731
+        chunks = [c for held in parts for c in chunks_of(sorted(int(k) for k in held), audit.shape)]
+    model_evidence(evidence, n, audit.mask, chunks, audit.probs_of(model_of), exact, progress, kept)
+    return evidence.ranking(audit.excluded)
 
 
 def _fold_model(
