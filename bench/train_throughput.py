@@ -45,7 +45,7 @@ from trainer.allocator import OPT_OUT, keep_freed_memory
 from trainer.config import PREDICT_BATCH, preset
 from trainer.device import cpu_bf16_support, device_name, resolve_device, resolve_precision
 from trainer.engine import build_optimizer, fit
-from trainer.inference import predict_arrays
+from trainer.inference import predict_arrays, predict_batch
 from trainer.model import build_model
 from trainer.synth import generate
 
@@ -93,11 +93,21 @@ def minor_faults() -> int:
 
 
 def bare_img_s(
-    cfg, device, shape, steps: int, warmup: int, channels_last: bool, bf16: bool, faults: list | None = None
+    cfg,
+    device,
+    shape,
+    steps: int,
+    warmup: int,
+    channels_last: bool,
+    bf16: bool,
+    faults: list | None = None,
+    cudnn_benchmark: bool = False,
 ) -> float:
     """Images a second of the bare step; appends the minor page faults a timed step to
-    ``faults`` when given."""
+    ``faults`` when given. On CUDA, cuDNN picks its algorithms by timing them when
+    ``cudnn_benchmark``, by its heuristics otherwise (as the engine leaves it)."""
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     model = build_model(cfg).to(device)
     x = torch.rand(cfg.batch_size, 1, *shape, device=device)
     if channels_last:
@@ -148,14 +158,56 @@ def pipeline_img_s(cfg, dataset, warmup_steps: int) -> tuple[float, dict]:
     return images / (end - t0), extra
 
 
-def predict_img_s(cfg, device, images: np.ndarray) -> float:
+def predict_img_s(cfg, device, images: np.ndarray, batch_size: int | None = None) -> float:
     model = build_model(cfg)
-    predict_arrays(model, images[:PREDICT_BATCH], device=device)  # warm-up
+    predict_arrays(model, images[: batch_size or PREDICT_BATCH], batch_size, device)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    predict_arrays(model, images, device=device)
+    predict_arrays(model, images, batch_size, device)
     sync(device)
     return len(images) / (time.perf_counter() - t0)
+
+
+def synthetic(n: int, shape: tuple[int, int]):
+    """``n`` synthetic training images; many are drawn in parallel, a block of 2,000 a
+    process (each block its own seed; 20,000 take 40 s in one process)."""
+    if n <= 2000:
+        return generate(n, 0, seed=0, shape=shape).dataset
+    from concurrent.futures import ProcessPoolExecutor
+
+    from trainer.dataset import Dataset
+
+    sizes = [min(2000, n - start) for start in range(0, n, 2000)]
+    with ProcessPoolExecutor(min(len(sizes), os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(_block, sizes, range(len(sizes)), [shape] * len(sizes)))
+    images, masks = (np.concatenate(a) for a in zip(*parts, strict=True))
+    return Dataset(images=images, masks=masks, source=f"synthetic:{n}:blocks")
+
+
+def _block(n: int, seed: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    d = generate(n, 0, seed=seed, shape=shape).dataset
+    return d.images, d.masks
+
+
+def cuda_extras(cfg, device, shape, steps: int, warmup: int, images: np.ndarray) -> dict:
+    """What holds a GPU back, measured on the fastest layout (channels_last bf16): cuDNN's
+    algorithm choice by timing or by heuristics; the bare step at larger batches (a
+    step that is faster per image at a larger batch was waiting on kernel launches, not
+    on arithmetic); prediction at larger batches."""
+    one = lambda **kw: round(bare_img_s(cfg, device, shape, steps, warmup, True, True, **kw), 1)  # noqa: E731
+    return {
+        "cuda_bare_cudnn_benchmark_img_s": {
+            "off": one(cudnn_benchmark=False),
+            "on": one(cudnn_benchmark=True),
+        },
+        "cuda_bare_batch_img_s": {
+            str(b): round(bare_img_s(cfg.replace(batch_size=b), device, shape, steps, warmup, True, True), 1)
+            for b in (cfg.batch_size, 2 * cfg.batch_size, 4 * cfg.batch_size)
+        },
+        "cuda_predict_batch_img_s": {
+            str(b): round(predict_img_s(cfg, device, images, b), 1) for b in (32, 128, 256, 512, 1024)
+        },
+    }
 
 
 def submit_seconds(cfg, shape) -> float:
@@ -226,8 +278,7 @@ def main() -> None:
     if args.batch_size:
         cfg = cfg.replace(batch_size=args.batch_size)
     n = args.images or (20000 if device.type == "cuda" else 1000)
-    dataset = generate(n, 0, seed=0).dataset
-    shape = dataset.image_shape
+    shape = (64, 128)  # the competition's
     steps_per_epoch = -(-int(n * (1 - cfg.val_fraction)) // cfg.batch_size)
     warmup = max(cfg.log_every * 2, 5)
     bare_steps = max(steps_per_epoch // 2, 20)
@@ -241,6 +292,8 @@ def main() -> None:
         )
         print(json.dumps({"img_s": img_s, "faults": faults[0]}))
         return
+
+    dataset = synthetic(n, shape)
 
     def bare_round() -> dict[str, float]:
         return {
@@ -287,16 +340,18 @@ def main() -> None:
         "gflops_pipeline": round(gflops_pipeline, 1),
         "gflops_pipeline_share": round(gflops_pipeline / max(mm32, mm16), 3),
         "predict_img_s": round(pred, 1),
-        "predict_batch": PREDICT_BATCH,
+        "predict_batch": predict_batch(shape, device),
         "predict_over_pipeline": round(pred / pipe, 2),
         "allocator": allocator,
-        "allocator_bare_img_s": {
-            "variant": max(bare, key=bare.get),
-            **allocator_comparison(args, max(bare, key=bare.get)),
-        },
+        # glibc's allocator serves the host: a GPU's step hardly touches it.
+        "allocator_bare_img_s": None
+        if device.type == "cuda"
+        else {"variant": max(bare, key=bare.get), **allocator_comparison(args, max(bare, key=bare.get))},
         "torch": torch.__version__,
         **extra,
     }
+    if device.type == "cuda":
+        result.update(cuda_extras(cfg, device, shape, bare_steps, warmup, dataset.images))
     if not args.no_submit:
         result["submit_images"] = SUBMIT_IMAGES
         result["submit_s"] = round(submit_seconds(cfg, shape), 1)

@@ -68,3 +68,23 @@ def test_a_training_child_gives_its_gpu_memory_back(tmp_path):
     before = used()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert used() - before < 64 * 2**20  # within 64 MiB of where it started
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
+def test_torchrun_trains_on_two_gpus_with_nccl(tmp_path):
+    """Two ranks under torchrun, one GPU each, NCCL between them: one run directory, both
+    ranks counted, every validation finite."""
+    import json
+
+    from trainer.formats import write_npz
+
+    d = generate(512, 0, seed=2).dataset
+    write_npz(tmp_path / "d.npz", d.images, d.masks)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "trainer", "train", str(tmp_path / "d.npz"), "--run-dir", str(tmp_path / "run")]
+    cmd += ["--preset", "gpu", "--epochs", "2", "--device", "cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(x) for x in (tmp_path / "run/events.jsonl").read_text().splitlines()]
+    assert events[0]["world_size"] == 2 and events[-1]["kind"] == "finished"
+    assert all(math.isfinite(e["miou"]) for e in events if e["kind"] == "validation")

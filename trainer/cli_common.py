@@ -174,7 +174,7 @@ def add_checkpoint_arg(p: argparse.ArgumentParser, required: bool = True, help: 
 def inference_parser(sub, name: str, help: str, splits: tuple, default: str, inputs: bool = False):
     """A command that uses a checkpoint: its dataset, checkpoint, device, precision, batch
     and (given ``splits``) split arguments."""
-    from .config import PREDICT_BATCH
+    from .config import GPU_PREDICT_BATCH, PREDICT_BATCH
 
     q = sub.add_parser(name, help=help)
     add_dataset_args(q, inputs=inputs)
@@ -189,8 +189,9 @@ def inference_parser(sub, name: str, help: str, splits: tuple, default: str, inp
     q.add_argument(
         "--batch-size",
         type=positive_int,
-        help=f"images per forward pass; default {PREDICT_BATCH} of 64x128, as many pixels for "
-        "other sizes (one at a time from 512x512 up)",
+        help=f"images per forward pass; default {PREDICT_BATCH} of 64x128 on a CPU, "
+        f"{GPU_PREDICT_BATCH} on a GPU, as many pixels for other sizes (on a CPU one at a time "
+        "from 512x512 up)",
     )
     if splits:
         q.add_argument("--split", choices=splits, default=default, help=f"which images (default {default})")

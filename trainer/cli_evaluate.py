@@ -80,7 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pool = dataset.test_images
         images = np.stack([dataset.images[i] if i < n else pool[i - n] for i in idx])
         masks = np.stack([edited[i] if i in edited else dataset.masks[i] for i in idx])
-        batch = args.batch_size or predict_batch(images.shape)
+        batch = args.batch_size or predict_batch(images.shape, device)
         images, masks = torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device)
         result = confusion_on(model, images, masks, np.arange(len(idx)), batch, dist, precision).compute()
     result["images"] = len(idx)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import PREDICT_BATCH, PREDICT_PIXELS
+from .config import GPU_PREDICT_BATCH, PREDICT_BATCH
 from .device import DistContext, Precision, resolve_precision, uses_channels_last
 from .metrics import ConfusionMatrix
 
@@ -41,14 +41,16 @@ def stratified_split(presence: np.ndarray, val_fraction: float, seed: int) -> tu
     return train_idx, val_idx
 
 
-def predict_batch(image_shape: tuple[int, ...]) -> int:
-    """Images per forward pass when predicting on a CPU images of ``image_shape`` (its
-    last two are height and width): :data:`PREDICT_BATCH` at the competition's 64x128,
-    as many pixels a batch for other sizes (at least 1, at most twice that). A batch of
-    large frames whose activations leave the caches runs slower per pixel: 768x768 frames
-    at 32 a batch predicted 2.3x slower than one at a time."""
+def predict_batch(image_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
+    """Images per forward pass when predicting images of ``image_shape`` (its last two
+    are height and width) on ``device``: at the competition's 64x128, :data:`PREDICT_BATCH`
+    on a CPU, :data:`GPU_PREDICT_BATCH` elsewhere; as many pixels a batch for other sizes
+    (at least 1, at most twice that). On a CPU a batch of large frames whose activations
+    leave the caches runs slower per pixel: 768x768 frames at 32 a batch predicted 2.3x
+    slower than one at a time."""
+    batch = PREDICT_BATCH if torch.device(device).type == "cpu" else GPU_PREDICT_BATCH
     h, w = image_shape[-2:]
-    return max(1, min(2 * PREDICT_BATCH, PREDICT_PIXELS // max(int(h) * int(w), 1)))
+    return max(1, min(2 * batch, batch * 64 * 128 // max(int(h) * int(w), 1)))
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -151,7 +153,7 @@ def predict_arrays(
     device = torch.device(device)
     precision = precision or resolve_precision("auto", device)
     model = inference_model(model, device)
-    batch_size = batch_size or predict_batch(images.shape)
+    batch_size = batch_size or predict_batch(images.shape, device)
     n = len(images)
     out = {"masks": np.empty((n, *images.shape[1:]), np.uint8)}
     if with_probs:

@@ -1,0 +1,106 @@
+"""Where the training pipeline's time goes: ``fit()`` under ``torch.profiler``.
+
+Profiles ``--active`` windows of ``log_every`` steps each, after two windows of warm-up
+(cuDNN's algorithm search, the allocator's first growth), of ``fit()`` as users run it
+(the preset, auto precision, augmentation on the device). Prints the operators that take
+the most time on the device (on a CPU: on the host), and for a GPU how busy it was: the
+kernels' time over the wall time of the window, and the kernels launched a step. A GPU
+busy far less than all the time waits on the host (Python, kernel launches); one busy
+all the time is bound by its kernels, which the table names.
+
+    python bench/step_profile.py --device cuda [--preset gpu] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _report import report
+from torch.profiler import ProfilerActivity, profile, schedule
+from train_throughput import synthetic
+
+from trainer import events as ev
+from trainer.config import preset
+from trainer.device import device_name, resolve_device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", help="default: gpu on cuda, cpu otherwise")
+    p.add_argument(
+        "--images", type=int, default=12000, help="enough that the windows fall in the first epoch"
+    )
+    p.add_argument("--log-every", type=int, default=10, help="steps a profiled window")
+    p.add_argument("--active", type=int, default=3, help="windows profiled")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    name = args.preset or ("gpu" if cuda else "cpu")
+    cfg = preset(name).replace(device=args.device, epochs=100, log_every=args.log_every)
+    dataset = synthetic(args.images, (64, 128))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # Profiler step k begins at the k-th step event: steps 0-1 warm up (0 holds the
+    # start-up), the next ``active`` are recorded, once.
+    events, wall = 0, {}
+    run = fit_events(dataset, cfg)
+    when = schedule(wait=0, warmup=2, active=args.active, repeat=1)
+    with profile(activities=activities, schedule=when) as prof:
+        for e in run:
+            if isinstance(e, ev.Step):
+                events += 1
+                now = time.perf_counter()
+                prof.step()
+                if events == 2:
+                    wall["start"] = now
+                elif events == 2 + args.active:
+                    wall["end"] = now
+                    break
+    run.close()
+    steps = args.active * args.log_every
+    seconds = wall["end"] - wall["start"]
+    table = prof.key_averages()
+    # Operators (host rows) by the time they take where they run; on a GPU, the kernels'
+    # own rows (device rows) add up to the time it was busy.
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = [r for r in table if r.device_type.name == "CPU" and not r.key.startswith("ProfilerStep")]
+    kernels = [r for r in table if r.device_type.name != "CPU"]
+    rows = sorted(ops, key=lambda r: getattr(r, key), reverse=True)[: args.top]
+    total_us = (
+        sum(r.self_device_time_total for r in kernels) if cuda else sum(r.self_cpu_time_total for r in ops)
+    )
+    result = {
+        "device": device_name(device),
+        "preset": name,
+        "batch_size": cfg.batch_size,
+        "steps": steps,
+        "wall_s": round(seconds, 3),
+        "img_s": round(steps * cfg.batch_size / seconds, 1),
+        "busy": round(total_us / 1e6 / seconds, 3) if cuda else None,
+        "kernels_per_step": round(sum(r.count for r in kernels) / steps, 1) if cuda else None,
+        "top": [
+            {
+                "op": r.key[:90],
+                "ms_per_step": round(getattr(r, key) / 1e3 / steps, 3),
+                "share": round(getattr(r, key) / max(total_us, 1), 3),
+                "calls_per_step": round(r.count / steps, 1),
+            }
+            for r in rows
+        ],
+        "torch": torch.__version__,
+    }
+    report(result, args.json)
+
+
+def fit_events(dataset, cfg):
+    from trainer.engine import fit
+
+    return fit(dataset, cfg)
+
+
+if __name__ == "__main__":
+    main()
