@@ -6,7 +6,7 @@ compiled and the eager step side by side, and says after how many steps of train
 the compile time would be won back (never, when the compiled step is not faster).
 
     python bench/compile_check.py [--steps 20] [--json OUT]
-    python bench/compile_check.py --device cuda   # the gpu preset
+    python bench/compile_check.py --device cuda [--mode reduce-overhead]   # the gpu preset
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile's mode; reduce-overhead replays the step as CUDA graphs",
+    )
     p.add_argument("--json")
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -43,7 +49,7 @@ def main() -> None:
     x = torch.rand(cfg.batch_size, 1, 64, 128, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (cfg.batch_size, 64, 128), device=device)
     opt = torch.optim.AdamW(model.parameters())
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=None if args.mode == "default" else args.mode)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -77,6 +83,7 @@ def main() -> None:
         "preset": "gpu" if device.type == "cuda" else "cpu",
         "batch_size": cfg.batch_size,
         "precision": precision.name,
+        "mode": args.mode,
         "compile_s": round(compile_s, 1),
         "eager_img_s": round(eager, 1),
         "compiled_img_s": round(rates["compiled"], 1),

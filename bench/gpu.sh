@@ -6,6 +6,7 @@
 # pytest -m gpu, then train_throughput, step_profile and compile_check with --device cuda,
 # their JSON in OUTDIR as *_cuda.json. Each part has a time limit of its own, so that one
 # that hangs or fails leaves the others their turn; the exit status is the first failure's.
+# GPU_PARTS="gpu_tests step_profile_cuda" runs only the parts named.
 set -u
 out=$(mkdir -p "${1:-bench/out}" && cd "${1:-bench/out}" && pwd)
 py=${PYTHON:-python3}
@@ -15,6 +16,7 @@ status=0
 part() {  # part SECONDS NAME COMMAND...: run, log to OUTDIR/NAME.log, remember a failure
     local limit=$1 name=$2 t0=$SECONDS
     shift 2
+    case " ${GPU_PARTS:-$name} " in *" $name "*) ;; *) return ;; esac
     echo "== $name"
     (cd "$root" && timeout "$limit" "$@") >"$out/$name.log" 2>&1
     local rc=$?
@@ -29,4 +31,6 @@ part 240 gpu_tests $py -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
 part 300 train_throughput_cuda $py bench/train_throughput.py --device cuda --json "$out/train_throughput_cuda.json"
 part 120 step_profile_cuda $py bench/step_profile.py --device cuda --json "$out/step_profile_cuda.json"
 part 240 compile_check_cuda $py bench/compile_check.py --device cuda --steps 50 --json "$out/compile_check_cuda.json"
+part 240 compile_check_cuda_graphs $py bench/compile_check.py --device cuda --steps 50 --mode reduce-overhead \
+    --json "$out/compile_check_cuda_graphs.json"
 exit $status

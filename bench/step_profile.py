@@ -64,11 +64,14 @@ def main() -> None:
     steps = args.active * args.log_every
     seconds = wall["end"] - wall["start"]
     table = prof.key_averages()
-    # Operators (host rows) by the time they take where they run; on a GPU, the kernels'
-    # own rows (device rows) add up to the time it was busy.
+    # Operators (host rows) by the time they take where they run. On a GPU, the kernels'
+    # own rows add up to the time it was busy; device rows named as a host row are not
+    # kernels but the span of a step or of a record_function, mirrored on the device.
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ops = [r for r in table if r.device_type.name == "CPU" and not r.key.startswith("ProfilerStep")]
-    kernels = [r for r in table if r.device_type.name != "CPU"]
+    ops = [r for r in table if r.device_type.name == "CPU"]
+    names = {r.key for r in ops}
+    kernels = [r for r in table if r.device_type.name != "CPU" and r.key not in names]
+    ops = [r for r in ops if not r.key.startswith("ProfilerStep")]
     rows = sorted(ops, key=lambda r: getattr(r, key), reverse=True)[: args.top]
     total_us = (
         sum(r.self_device_time_total for r in kernels) if cuda else sum(r.self_cpu_time_total for r in ops)
@@ -81,6 +84,8 @@ def main() -> None:
         "wall_s": round(seconds, 3),
         "img_s": round(steps * cfg.batch_size / seconds, 1),
         "busy": round(total_us / 1e6 / seconds, 3) if cuda else None,
+        "kernel_ms_per_step": round(total_us / 1e3 / steps, 3),
+        "ops_per_step": round(sum(r.count for r in ops) / steps, 1),
         "kernels_per_step": round(sum(r.count for r in kernels) / steps, 1) if cuda else None,
         "top": [
             {

@@ -189,11 +189,12 @@ def _block(n: int, seed: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.nd
     return d.images, d.masks
 
 
-def cuda_extras(cfg, device, shape, steps: int, warmup: int, images: np.ndarray) -> dict:
+def cuda_extras(cfg, device, shape, steps: int, warmup: int, dataset) -> dict:
     """What holds a GPU back, measured on the fastest layout (channels_last bf16): cuDNN's
-    algorithm choice by timing or by heuristics; the bare step at larger batches (a
-    step that is faster per image at a larger batch was waiting on kernel launches, not
-    on arithmetic); prediction at larger batches."""
+    algorithm choice by timing or by heuristics; the bare step and the pipeline at larger
+    batches (a step that is faster per image at a larger batch was waiting on kernel
+    launches, not on arithmetic); prediction at several batches."""
+    images = dataset.images
     one = lambda **kw: round(bare_img_s(cfg, device, shape, steps, warmup, True, True, **kw), 1)  # noqa: E731
     return {
         "cuda_bare_cudnn_benchmark_img_s": {
@@ -203,6 +204,10 @@ def cuda_extras(cfg, device, shape, steps: int, warmup: int, images: np.ndarray)
         "cuda_bare_batch_img_s": {
             str(b): round(bare_img_s(cfg.replace(batch_size=b), device, shape, steps, warmup, True, True), 1)
             for b in (cfg.batch_size, 2 * cfg.batch_size, 4 * cfg.batch_size)
+        },
+        "cuda_pipeline_batch_img_s": {
+            str(b): round(pipeline_img_s(cfg.replace(batch_size=b), dataset, warmup)[0], 1)
+            for b in (2 * cfg.batch_size,)
         },
         "cuda_predict_batch_img_s": {
             str(b): round(predict_img_s(cfg, device, images, b), 1) for b in (32, 128, 256, 512, 1024)
@@ -351,7 +356,7 @@ def main() -> None:
         **extra,
     }
     if device.type == "cuda":
-        result.update(cuda_extras(cfg, device, shape, bare_steps, warmup, dataset.images))
+        result.update(cuda_extras(cfg, device, shape, bare_steps, warmup, dataset))
     if not args.no_submit:
         result["submit_images"] = SUBMIT_IMAGES
         result["submit_s"] = round(submit_seconds(cfg, shape), 1)
