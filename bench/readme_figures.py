@@ -49,9 +49,9 @@ def _machine(run: dict) -> str:
     return f"{run['cpu']}, {run['cpus']} CPUs ({bf16}), {gpu}{torch}"
 
 
-def provenance(outputs: dict[str, dict]) -> str:
+def provenance(outputs: dict[str, dict], apart: str | None = None) -> str:
     """One line on where the figures come from: the machine, and whether one ``make bench``
-    run measured them all; anything else is said, file by file."""
+    run measured them all (but those ``apart`` names); anything else is said, file by file."""
     stamped = {name: d["run"] for name, d in outputs.items() if d.get("run")}
     unstamped = [name for name in outputs if name not in stamped]
     machines: dict[str, list[str]] = {}
@@ -65,7 +65,8 @@ def provenance(outputs: dict[str, dict]) -> str:
     else:
         where = ""
     if stamped and not unstamped and len(runs) == 1 and None not in runs:
-        text = f"All the figures below come from one `make bench` run (started {runs.pop()}){where}."
+        but = f", but {apart}," if apart else ""
+        text = f"All the figures below{but} come from one `make bench` run (started {runs.pop()}){where}."
     else:
         text = f"The figures below come from separate runs of the benchmarks (each gives its date){where}."
     if unstamped:
@@ -290,6 +291,116 @@ def scale(r: dict) -> list[str]:
     ]
 
 
+def gpu(outputs: dict[str, dict]) -> list[str]:
+    """The GPU's figures: ``bash bench/gpu.sh`` on a machine with one, apart from ``make
+    bench`` (which runs where CI does, without a GPU)."""
+    t = outputs.get("train_throughput_cuda")
+    if t is None:
+        return ["On a GPU: not measured (`bash bench/gpu.sh` on a machine with one writes these figures)."]
+    bare, run = t["bare_img_s"], t["run"]
+    lines = [
+        f"On a GPU (`bash bench/gpu.sh`, run apart from `make bench`; `bench/out/train_throughput_cuda.json`, "
+        f"{_when(t)}, **{t['device']}**, {run['cpus']} CPUs, torch {t['torch']}). `{t['preset']}` preset, "
+        f"batch {t['batch_size']}, {t['image_shape'][0]}x{t['image_shape'][1]}, {t['images']:,} synthetic "
+        f"images; auto precision picked **{t['auto_precision']}**:",
+        "",
+        "| what | figure |",
+        "| --- | --- |",
+        f"| bare step, img/s: contiguous fp32 / channels_last fp32 / contiguous bf16 / channels_last bf16 | "
+        f"{bare['contiguous_fp32']} / {bare['channels_last_fp32']} / {bare['contiguous_bf16']} / "
+        f"**{bare['channels_last_bf16']}** |",
+        f"| whole `fit()` pipeline, img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare step"
+        f"{_spread(t)} |",
+        f"| model FLOPs x pipeline img/s | {t['gflops_pipeline'] / 1000:.1f} TFLOP/s = "
+        f"{t['gflops_pipeline_share']} of a 2048x2048 bf16 matmul ({t['gflops_matmul_bf16'] / 1000:.1f} "
+        f"TFLOP/s; fp32 {t['gflops_matmul_fp32'] / 1000:.1f}) |",
+        f"| prediction (`predict_arrays`, batch {t['predict_batch']}), img/s | {t['predict_img_s']}: "
+        f"{t['predict_over_pipeline']}x the training pipeline |",
+        f"| `mars-trainer submit` on {t['submit_images']:,} test images | {t['submit_s']} s |",
+    ]
+    if "cuda_bare_batch_img_s" in t:
+        by = lambda d: " / ".join(f"{k}: {v}" for k, v in d.items())  # noqa: E731
+        cudnn = t["cuda_bare_cudnn_benchmark_img_s"]
+        lines += [
+            f"| bare channels_last bf16 step by batch, img/s | {by(t['cuda_bare_batch_img_s'])} |",
+            f"| whole pipeline by batch, img/s | {t['batch_size']}: {t['pipeline_img_s']} / "
+            f"{by(t['cuda_pipeline_batch_img_s'])} |",
+            f"| prediction by batch, img/s | {by(t['cuda_predict_batch_img_s'])} |",
+            f"| bare step with cuDNN's algorithms picked by its heuristics / by timing them "
+            f"(`cudnn.benchmark`), img/s | **{cudnn['off']}** / {cudnn['on']}: the engine leaves it off |",
+        ]
+    tests = _gpu_tests()
+    if tests:
+        lines += ["", f"`pytest -m gpu` in the same run: {tests}."]
+    prof = outputs.get("step_profile_cuda")
+    if prof:
+        lines += [
+            "",
+            f"What holds the pipeline back (`bench/out/step_profile_cuda.json`, {_when(prof)}, "
+            f"`bench/step_profile.py`: {prof['steps']} steps of {prof['batch_size']} under "
+            f"`torch.profiler`, which slows the host too): the pipeline's {t['pipeline_img_s']:,.0f} img/s "
+            f"{'reach' if t['pipeline_img_s'] >= GPU_GOAL_IMG_S else 'fall short of'} the "
+            f"{GPU_GOAL_IMG_S:,} img/s set as the goal for an H100. The GPU was busy "
+            f"**{prof['busy']}** of the time, its kernels {prof['kernel_ms_per_step']} ms a step (alone, they "
+            f"would allow {prof['batch_size'] * 1000 / prof['kernel_ms_per_step']:,.0f} img/s); a step launches "
+            f"{prof['kernels_per_step']:,.0f} kernels from {prof['ops_per_step']:,.0f} operations on the "
+            "host. At this model's size the host's work for each operation, not the GPU's arithmetic, "
+            "sets the pace; the bare step gains with the batch for the same reason. Replayed as CUDA "
+            "graphs, the step leaves the host out (below).",
+        ]
+    for name in ("compile_check_cuda", "compile_check_cuda_graphs"):
+        c = outputs.get(name)
+        if c:
+            lines += ["", _compile_line(c, name)]
+    return lines
+
+
+def _compile_line(c: dict, name: str) -> str:
+    from trainer.config import preset
+
+    cfg = preset(c.get("preset", "gpu"))
+    steps = -(-int(2615 * (1 - cfg.val_fraction)) // cfg.batch_size) * cfg.epochs
+    mode = c.get("mode", "default")
+    what = "CUDA graphs replaying the step" if mode == "reduce-overhead" else "kernels fused by Inductor"
+    verdict = (
+        f"it pays back after {c['break_even_steps']:,} steps (a run of the `{c.get('preset', 'gpu')}` "
+        f"preset's {cfg.epochs} epochs on the competition's 2,615 images makes {steps:,})"
+        if c["break_even_steps"]
+        else "it never pays back"
+    )
+    return (
+        f"`torch.compile(mode={mode!r})`, {what} (`bench/out/{name}.json`, {_when(c)}, {c['device']}, "
+        f"{c['precision']}, batch {c.get('batch_size', '-')}): compiled in {c['compile_s']} s; "
+        f"{c['compiled_img_s']} img/s against eager {c['eager_img_s']} (**x{c['speedup']}**; the model "
+        f"compiled, its loss and optimiser eager): {verdict}. The engine runs eager."
+    )
+
+
+def _gpu_tests() -> str | None:
+    """The summary of the last ``pytest -m gpu`` that ``bench/gpu.sh`` logged, with the
+    reasons for what it skipped."""
+    path = OUT / "gpu_tests.log"
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    summary = next(
+        (line.strip("= ") for line in reversed(lines) if " in " in line and "passed" in line), None
+    )
+    if summary is None:
+        return None
+    skipped = [line.split(": ", 1)[1] for line in lines if line.startswith("SKIPPED") and ": " in line]
+    return summary.split(" in ")[0] + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
+
+
+GPU_GOAL_IMG_S = 10_000
+GPU_OUTPUTS = [
+    "train_throughput_cuda",
+    "step_profile_cuda",
+    "compile_check_cuda",
+    "compile_check_cuda_graphs",
+]
+
+
 SECTIONS = [
     ("train_throughput", throughput),
     ("compile_check", compile_check),
@@ -306,12 +417,14 @@ SECTIONS = [
 
 def render() -> str:
     outputs = {name: data for name, _ in SECTIONS if (data := _load(name)) is not None}
-    parts = [provenance(outputs)] if outputs else []
+    on_gpu = {name: d for name in GPU_OUTPUTS if (d := _load(name)) is not None}
+    parts = [provenance(outputs, "the GPU's at the end" if on_gpu else None)] if outputs else []
     for name, fn in SECTIONS:
         if name in outputs:
             parts.append("\n".join(fn(outputs[name])))
         else:
             parts.append(f"`bench/{name}.py`: not measured in the latest `make bench` run.")
+    parts.append("\n".join(gpu(on_gpu)))
     return "\n\n".join(parts)
 
 

@@ -97,3 +97,23 @@ def test_the_quality_table_says_which_runs_ended_inside_their_warm_up():
     assert "| 136 x 32 |" in text and "| - | 9.0 |" in text
     assert "short: 40 steps of 128 images, all inside its 100-step learning-rate warm-up" in text
     assert "long:" not in text
+
+
+def test_the_gpu_figures_say_where_they_come_from_and_what_holds_the_pipeline_back():
+    import json
+
+    figures = _bench_module("readme_figures")
+    assert figures.gpu({})[0].startswith("On a GPU: not measured")
+    outputs = {n: json.loads((ROOT / "bench/out" / f"{n}.json").read_text()) for n in figures.GPU_OUTPUTS}
+    t, prof = outputs["train_throughput_cuda"], outputs["step_profile_cuda"]
+    text = "\n".join(figures.gpu(outputs))
+    assert f"**{t['device']}**" in text and f"**{t['pipeline_img_s']}**" in text
+    short = t["pipeline_img_s"] < figures.GPU_GOAL_IMG_S
+    assert f"{'fall short of' if short else 'reach'} the {figures.GPU_GOAL_IMG_S:,} img/s" in text
+    faster = {**outputs, "train_throughput_cuda": {**t, "pipeline_img_s": 12_000.0}}
+    assert f"12,000 img/s reach the {figures.GPU_GOAL_IMG_S:,}" in "\n".join(figures.gpu(faster))
+    assert f"busy **{prof['busy']}**" in text
+    graphs = outputs["compile_check_cuda_graphs"]
+    assert f"(**x{graphs['speedup']}**" in text and f"{graphs['break_even_steps']:,} steps" in text
+    # a run of the gpu preset on the competition's 2,615 images: 19 steps an epoch, 60 epochs
+    assert "makes 1,140)" in text
