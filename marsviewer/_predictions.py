@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ from ._stack import is_stack
 
 class Predictions:
     """Predict the dataset or a layer; visit the images the model gets worst."""
+
+    # Removes the predictions that the last one replaced (a thread: gigabytes can take
+    # seconds, which the viewer's thread must not wait for).
+    removing: threading.Thread | None = None
 
     def predict_all(self, checkpoint: str | None = None):
         """Predict every image with the best (else last) checkpoint, in a child process."""
@@ -131,9 +136,12 @@ class Predictions:
             stack.forget(i)  # live previews: the whole prediction replaces them
         stack.rebase(zarr.open_array(e.path, mode="r"))
         self.prediction_changed.emit(None)
-        for older in Path(e.path).parent.iterdir():  # earlier predictions of this run and dataset
-            if older != Path(e.path):
-                shutil.rmtree(older, ignore_errors=True)
+        older = [p for p in Path(e.path).parent.iterdir() if p != Path(e.path)]  # of this run and dataset
+        if older:
+            self.removing = threading.Thread(
+                target=_remove, args=(older,), name="remove-predictions", daemon=True
+            )
+            self.removing.start()
         self._scored(np.asarray(e.image_miou, float), np.asarray(e.confusion))
         self.status.emit(
             f"Predicted all {len(stack)} images into {e.path}. Mean per-image mIoU "
@@ -156,3 +164,8 @@ class Predictions:
         i = int(self.worst_order[self.worst_position])
         self.browser.set_index(i)
         return f"image {i}: mIoU {self.image_miou[i]:.3f} (rank {self.worst_position + 1} of {len(self.worst_order)})"
+
+
+def _remove(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -440,6 +440,7 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert "rank 1 of 4" in t.next_worst() and b.index == int(np.nanargmin(t.image_miou))
     assert t.predict_all() is not None  # again: a folder of its own, the one before removed
     wait(s, lambda: len(predicted.calls) == 2, timeout=60)
+    t.removing.join(timeout=60)  # removed in a thread of its own
     assert [p.name for p in folder.iterdir()] != [first[0].name] and len(list(folder.iterdir())) == 1
     assert (
         t.prediction[1][:24, :32] == predict_arrays(model, s.images[1][None][:, :24, :32])["masks"][0]
