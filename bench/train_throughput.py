@@ -168,16 +168,16 @@ def predict_img_s(cfg, device, images: np.ndarray, batch_size: int | None = None
     return len(images) / (time.perf_counter() - t0)
 
 
-def synthetic(n: int, shape: tuple[int, int]):
-    """``n`` synthetic training images; many are drawn in parallel, a block of 2,000 a
-    process (each block its own seed; 20,000 take 40 s in one process)."""
-    if n <= 2000:
+def synthetic(n: int, shape: tuple[int, int], block: int = 2000):
+    """``n`` synthetic training images; more than ``block`` are drawn in parallel, a block
+    a process (each block its own seed; 20,000 take 40 s in one process)."""
+    if n <= block:
         return generate(n, 0, seed=0, shape=shape).dataset
     from concurrent.futures import ProcessPoolExecutor
 
     from trainer.dataset import Dataset
 
-    sizes = [min(2000, n - start) for start in range(0, n, 2000)]
+    sizes = [min(block, n - start) for start in range(0, n, block)]
     with ProcessPoolExecutor(min(len(sizes), os.cpu_count() or 1)) as pool:
         parts = list(pool.map(_block, sizes, range(len(sizes)), [shape] * len(sizes)))
     images, masks = (np.concatenate(a) for a in zip(*parts, strict=True))
