@@ -42,9 +42,12 @@ class Predictions:
             from trainer.runs import new_run_dir
 
             run = Path(checkpoint).resolve().parent.parent.name
-            # A new folder each time: the layer goes on reading the last one meanwhile.
+            # A new folder each time, RUN-TIME: the layer goes on reading the last one
+            # meanwhile. One folder holds a dataset's predictions, whichever run made them.
             try:
-                out = new_run_dir(self.runs_root / "predictions" / f"{run}-{Path(self.browser.source).stem}")
+                out = new_run_dir(
+                    self.runs_root / "predictions" / dataset_key(self.browser.source), f"{run}-"
+                )
             except OSError as exc:
                 self.status.emit(
                     f"Cannot predict: cannot write to {self.runs_root} ({exc.strerror or exc})", True
@@ -136,7 +139,7 @@ class Predictions:
             stack.forget(i)  # live previews: the whole prediction replaces them
         stack.rebase(zarr.open_array(e.path, mode="r"))
         self.prediction_changed.emit(None)
-        older = [p for p in Path(e.path).parent.iterdir() if p != Path(e.path)]  # of this run and dataset
+        older = [p for p in Path(e.path).parent.iterdir() if p != Path(e.path)]  # of this dataset, any run
         if older:
             self.removing = threading.Thread(
                 target=_remove, args=(older,), name="remove-predictions", daemon=True
@@ -169,3 +172,12 @@ class Predictions:
 def _remove(folders: list[Path]) -> None:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def dataset_key(source: str) -> str:
+    """The name of a dataset's predictions folder: its name, and a digest of where it is
+    (two datasets of one name in two folders keep theirs apart)."""
+    import hashlib
+
+    where = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:8]
+    return f"{Path(source).stem}-{where}"

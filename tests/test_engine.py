@@ -561,6 +561,7 @@ def test_a_run_directory_holds_one_run(tiny_run, data, tmp_path, monkeypatch):
     made = [new_run_dir(tmp_path / "runs") for _ in range(3)]
     assert [p.name for p in made] == ["20261127-120000", "20261127-120000-2", "20261127-120000-3"]
     assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+    assert new_run_dir(tmp_path / "runs", "run7-").name == "run7-20261127-120000"
 
 
 def test_resume_remembers_the_best_miou(data, tmp_path, monkeypatch):

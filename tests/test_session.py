@@ -427,9 +427,17 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     wait(s, lambda: predicted.calls, timeout=60)
     t = s.training
     assert t.prediction.written == {} and t.prediction.n_base == 5  # the live preview gave way
-    folder = tmp_path / "runs" / "predictions" / f"{Path(t.checkpoint).parent.parent.name}-d"
+    run = Path(t.checkpoint).parent.parent.name
+    (folder,) = (tmp_path / "runs" / "predictions").iterdir()
+    assert folder.name.startswith("d-")
+    from marsviewer._predictions import dataset_key  # of one name in two folders: apart
+
+    assert dataset_key(str(tmp_path / "a" / "d.zarr")) != dataset_key(str(tmp_path / "b" / "d.zarr"))
+    assert dataset_key(str(tmp_path / "a" / "d.zarr")) == dataset_key(str(tmp_path / "a" / "." / "d.zarr"))
     first = list(folder.iterdir())
-    assert len(first) == 1
+    assert len(first) == 1 and first[0].name.startswith(f"{run}-")
+    other_run = folder / "other-run-20260101-000000"  # an earlier prediction of another run
+    other_run.mkdir()
     model = model_from_checkpoint(load_checkpoint(t.checkpoint))[0]
     for row in range(5):  # each frame at its own size inside the padded frame
         h, w = b.masks.sizes[row]
@@ -441,7 +449,8 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert t.predict_all() is not None  # again: a folder of its own, the one before removed
     wait(s, lambda: len(predicted.calls) == 2, timeout=60)
     t.removing.join(timeout=60)  # removed in a thread of its own
-    assert [p.name for p in folder.iterdir()] != [first[0].name] and len(list(folder.iterdir())) == 1
+    (second,) = folder.iterdir()  # the earlier ones, of any run, removed
+    assert second.name != first[0].name and second.name.startswith(f"{run}-")
     assert (
         t.prediction[1][:24, :32] == predict_arrays(model, s.images[1][None][:, :24, :32])["masks"][0]
     ).all()

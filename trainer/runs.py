@@ -70,10 +70,11 @@ class RunDirError(OSError):
     """The run directory cannot be created or written."""
 
 
-def new_run_dir(root: str | Path) -> Path:
+def new_run_dir(root: str | Path, prefix: str = "") -> Path:
     """A new, empty run directory under ``root`` (created, with ``root``), named by the
-    local time, with ``-2``, ``-3``... when a run of the same second has the name already."""
-    stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
+    local time after ``prefix``, with ``-2``, ``-3``... when a run of the same second has
+    the name already."""
+    stamp, k = prefix + time.strftime("%Y%m%d-%H%M%S"), 1
     Path(root).mkdir(parents=True, exist_ok=True)
     while True:
         path = Path(root) / (stamp if k == 1 else f"{stamp}-{k}")
