@@ -433,7 +433,9 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     from marsviewer._predictions import dataset_key  # of one name in two folders: apart
 
     assert dataset_key(str(tmp_path / "a" / "d.zarr")) != dataset_key(str(tmp_path / "b" / "d.zarr"))
-    assert dataset_key(str(tmp_path / "a" / "d.zarr")) == dataset_key(str(tmp_path / "b" / ".." / "a" / "d.zarr"))
+    assert dataset_key(str(tmp_path / "a" / "d.zarr")) == dataset_key(
+        str(tmp_path / "b" / ".." / "a" / "d.zarr")
+    )
     first = list(folder.iterdir())
     assert len(first) == 1 and first[0].name.startswith(f"{run}-")
     other_run = folder / "other-run-20260101-000000"  # an earlier prediction of another run
