@@ -773,7 +773,7 @@ def test_prediction_batches_hold_about_as_many_pixels(tmp_path):
     assert [predict_batch(s) for s in [(64, 128), (5, 256, 256), (768, 768), (32, 32), (4000, 3000)]] == [
         32, 4, 1, 64, 1,
     ]  # fmt: skip
-    # On a GPU, eight times as many (256 of 64x128 predicted 4.8x faster than 32 on an H200).
+    # On a GPU, eight times as many (256 of 64x128 predicted 3.5-4.8x faster than 32 on an H200).
     on_gpu = [
         predict_batch(s, "cuda") for s in [(64, 128), (5, 256, 256), (768, 768), (32, 32), (4096, 4096)]
     ]

@@ -23,8 +23,9 @@ def _opt(default, help: str, choices: tuple | None = None, **kw):
 # batch's activations leave the CPU's caches (bench/train_throughput.py measures
 # predict_img_s). Larger images go fewer to a batch, about as many pixels (inference.predict_batch).
 PREDICT_BATCH = 32
-# On a GPU (bench/train_throughput.py, H200, gpu preset): 256 images of 64x128 a batch
-# predicted 4.8x faster than 32, and 2.6x faster than 1024.
+# On a GPU (bench/train_throughput.py, two runs on an H200, gpu preset): 256 images of
+# 64x128 a batch predicted 3.5x and 4.8x faster than 32; 512 and 1024 were 9% faster at
+# best in one run, 1024 2.6x slower in the other.
 GPU_PREDICT_BATCH = 256
 
 LOSS_NAMES = ("ce", "focal", "dice", "tversky", "focal_tversky", "lovasz")
