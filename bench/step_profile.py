@@ -6,7 +6,9 @@ Profiles ``--active`` windows of ``log_every`` steps each, after two windows of 
 the most time on the device (on a CPU: on the host), and for a GPU how busy it was: the
 kernels' time over the wall time of the window, and the kernels launched a step. A GPU
 busy far less than all the time waits on the host (Python, kernel launches); one busy
-all the time is bound by its kernels, which the table names.
+all the time is bound by its kernels, which the table names. ``parts`` splits a step by
+the parts the engine names (batch, augment, forward, loss, backward, finite, optimizer):
+each one's time on the host, and on a GPU the time of the kernels it launched.
 
     python bench/step_profile.py --device cuda [--preset gpu] [--json OUT]
 """
@@ -71,7 +73,17 @@ def main() -> None:
     ops = [r for r in table if r.device_type.name == "CPU"]
     names = {r.key for r in ops}
     kernels = [r for r in table if r.device_type.name != "CPU" and r.key not in names]
-    ops = [r for r in ops if not r.key.startswith("ProfilerStep")]
+    # The engine names a step's parts (record_function "step/..."): their host time, the
+    # device time of what they launched, a step.
+    parts = {
+        r.key: {
+            "host_ms": round(r.cpu_time_total / 1e3 / steps, 3),
+            "device_ms": round(r.device_time_total / 1e3 / steps, 3) if cuda else None,
+        }
+        for r in ops
+        if r.key.startswith("step/")
+    }
+    ops = [r for r in ops if not r.key.startswith(("ProfilerStep", "step/"))]
     rows = sorted(ops, key=lambda r: getattr(r, key), reverse=True)[: args.top]
     total_us = (
         sum(r.self_device_time_total for r in kernels) if cuda else sum(r.self_cpu_time_total for r in ops)
@@ -87,6 +99,8 @@ def main() -> None:
         "kernel_ms_per_step": round(total_us / 1e3 / steps, 3),
         "ops_per_step": round(sum(r.count for r in ops) / steps, 1),
         "kernels_per_step": round(sum(r.count for r in kernels) / steps, 1) if cuda else None,
+        "wall_ms_per_step": round(seconds * 1e3 / steps, 3),
+        "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1]["host_ms"])),
         "top": [
             {
                 "op": r.key[:90],

@@ -44,6 +44,12 @@ def test_step_profile_counts_the_steps_it_profiles(tmp_path):
     assert len(top) == 5 and all(r["ms_per_step"] > 0 for r in top)
     assert [r["ms_per_step"] for r in top] == sorted((r["ms_per_step"] for r in top), reverse=True)
     assert not any(r["op"].startswith("ProfilerStep") for r in top)
+    parts = out["parts"]  # the parts the engine names: a step, all but the bookkeeping between them
+    assert set(parts) == {
+        f"step/{p}" for p in ("batch", "augment", "forward", "loss", "backward", "finite", "optimizer")
+    }
+    host = sum(p["host_ms"] for p in parts.values())
+    assert 0.5 * out["wall_ms_per_step"] < host <= out["wall_ms_per_step"], (host, out["wall_ms_per_step"])
     # every training step takes the gradient of each convolution once
     from trainer.config import preset
     from trainer.model import build_model

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from torch.profiler import record_function as phase  # names a step's parts in a profile (7 us each)
 
 from . import events as ev
 from .augment import augment_batch
@@ -54,25 +55,30 @@ class EpochSteps:
         cfg, st = self.cfg, self.state
         problem, loss = None, None
         try:
-            x, y = to_input(images_u8, self.device), masks_u8  # the loss takes uint8 targets
-            if cfg.augment:
-                x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
+            with phase("step/augment"):
+                x, y = to_input(images_u8, self.device), masks_u8  # the loss takes uint8 targets
+                if cfg.augment:
+                    x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
             self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress(self.step_clock))
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
-            with self.precision.autocast(self.device):
+            with phase("step/forward"), self.precision.autocast(self.device):
                 logits = self.train_model(x)
-            loss = self.criterion(logits, y)
+            with phase("step/loss"):
+                loss = self.criterion(logits, y)
         except Exception as exc:
             if not self.peers.active:
                 raise
             problem = describe_failure(exc, cfg)
         self.peers.agree(problem)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-        self.nonfinite |= ~torch.isfinite(grad_norm) | ~torch.isfinite(loss.detach())
-        self.optimizer.step()
+        with phase("step/backward"):
+            loss.backward()
+        with phase("step/finite"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            self.nonfinite |= ~torch.isfinite(grad_norm) | ~torch.isfinite(loss.detach())
+        with phase("step/optimizer"):
+            self.optimizer.step()
         st.step += 1
         st.batch += 1
         return loss.detach()
@@ -120,7 +126,8 @@ class EpochSteps:
             k = st.batch
             if self.crops is None:
                 idx = source[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-                images, masks = self.images[idx], self.masks[idx]
+                with phase("step/batch"):
+                    images, masks = self.images[idx], self.masks[idx]
             else:
                 images, masks = (torch.from_numpy(a).to(self.device) for a in next(source))
             loss = self.train_step(images, masks)
