@@ -357,3 +357,59 @@ def test_every_loss_takes_uint8_targets_as_the_dataset_stores_them(terms):
         loss.backward()
         grads.append((loss.detach(), lg.grad))
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators that make the host wait for a GPU: a value read back, or an
+    output whose size depends on the values (nonzero, boolean indexing, bincount)."""
+
+    WAITING = {"nonzero", "bincount", "_local_scalar_dense", "masked_select", "unique", "repeat_interleave"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        bool_index = name == "index" and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else [])
+        )
+        if name in self.WAITING or bool_index:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("terms", ["ce:1,dice:1", "focal:1,tversky:1", "focal_tversky:1"])
+def test_the_loss_never_makes_the_host_wait(terms):
+    """On a GPU each of these stops the host queuing work until the GPU has caught up, in
+    the middle of every step (and CUDA graphs cannot hold them). Lovasz sorts the pixels
+    of each class present, and so must read the classes back: it is left out."""
+    from trainer.config import parse_loss_spec
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 8, 16, requires_grad=True)
+    target = torch.randint(0, 5, (2, 8, 16), dtype=torch.uint8)
+    target[0, :2] = IGNORE_INDEX
+    loss_fn = SegmentationLoss(parse_loss_spec(terms), [0, 1, 1, 1, 2])
+    with _HostWaits() as waits:
+        loss_fn(logits, target).backward()
+    assert waits.seen == []
+
+
+def test_a_training_step_never_makes_the_host_wait():
+    """The whole step (batch augmentation, forward, the preset's loss, backward, the finite
+    check, AdamW) queues its work without reading anything back: the host reads the loss
+    once every ``log_every`` steps, nothing else."""
+    from trainer.config import preset
+    from trainer.control import TrainControl
+    from trainer.engine import _Trainer
+    from trainer.synth import generate
+
+    d = generate(40, 0, seed=0).dataset
+    cfg = preset("tiny").replace(device="cpu", loss="ce:1,dice:1", augment=True)
+    run = _Trainer(d, cfg, None, TrainControl(), None, None)
+    images, masks = torch.from_numpy(d.images[:4]), torch.from_numpy(d.masks[:4])
+    run.train_step(images, masks)
+    with _HostWaits() as waits:
+        run.train_step(images, masks)
+    assert waits.seen == []
