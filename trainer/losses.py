@@ -140,10 +140,10 @@ def _focal(b: _Batch, gamma: float) -> torch.Tensor:
 def _tversky(b: _Batch, alpha: float, beta: float, gamma: float, eps: float = 1.0) -> torch.Tensor:
     tp, fp, fn = b.soft_counts()
     ti = (tp + eps) / (tp + alpha * fp + beta * fn + eps)
-    # Classes of weight 0 are set to 0 before the power rather than multiplied by 0 after
-    # it (whose gradient would be NaN), and not dropped: picking the others out would make
-    # a GPU's host wait to learn how many there are.
-    per_class = _safe_pow(torch.where(b.w > 0, 1 - ti, torch.zeros_like(ti)), gamma)
+    # Classes of weight 0 are multiplied by 0, not picked out (which would make a GPU's
+    # host wait to learn how many there are): _safe_pow's gradient is finite everywhere,
+    # so 0 times it is 0, not NaN.
+    per_class = _safe_pow(1 - ti, gamma)
     return (per_class * b.w).sum() / b.w.sum().clamp_min(1e-6)
 
 
