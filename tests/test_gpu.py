@@ -52,6 +52,22 @@ def test_same_weights_predict_the_same_classes_on_cuda_and_cpu(data, tmp_path):
     assert np.mean(on_gpu == on_cpu) >= 0.99
 
 
+def test_the_audit_predicts_on_the_gpu_as_on_the_cpu(data, tmp_path):
+    """Its models train on the GPU (``auto``), and predict there too."""
+    from trainer.inference import predict_arrays
+    from trainer.model import build_model
+    from trainer.out_of_fold import audit_device, audit_predict
+
+    assert audit_device().type == "cuda"
+    torch.manual_seed(0)
+    model = build_model(preset("tiny"))
+    on_gpu = audit_predict(model, data.images[:64])
+    on_cpu = predict_arrays(model, data.images[:64], 64, "cpu", with_probs=True, flip_tta=True)
+    assert on_gpu["probs"].shape == on_cpu["probs"].shape
+    # an untrained model's classes are near ties: its probabilities are compared (bf16 on both)
+    assert np.abs(on_gpu["probs"].astype(np.float32) - on_cpu["probs"]).mean() < 0.01
+
+
 def test_a_training_child_gives_its_gpu_memory_back(tmp_path):
     """The child process ends and the GPU's used memory returns to what it was."""
     code = (

@@ -199,16 +199,16 @@ class StoredAudit:
 
     def probs_of(self, model_of: Callable[[int], object]) -> ProbsOf:
         """Predictions of a chunk's frames by ``model_of(position)`` (one model a chunk)."""
-        from .inference import predict_arrays
+        from .out_of_fold import audit_device, audit_predict
         from .tiling import WHOLE_IMAGE_PIXELS, predict_any
 
         def probs(chunk: list[int]) -> tuple[np.ndarray, np.ndarray]:
             model = model_of(chunk[0])
             images = [self.dataset.image(self.rows[k]) for k in chunk]
             if images[0].size > WHOLE_IMAGE_PIXELS:  # alone in its chunk: by tiles
-                p = predict_any(model, images[0], "cpu", flip_tta=True)
+                p = predict_any(model, images[0], audit_device(), flip_tta=True)
                 return p.argmax(0)[None].astype(np.uint8), p[None].astype(np.float16)
-            out = predict_arrays(model, np.stack(images), CHUNK, "cpu", with_probs=True, flip_tta=True)
+            out = audit_predict(model, np.stack(images), CHUNK)
             return out["masks"], out["probs"]
 
         return probs

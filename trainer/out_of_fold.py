@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from . import events as ev
 from .config import TrainConfig, preset
@@ -24,8 +25,6 @@ def out_of_fold_predictions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted masks, max probabilities) for ``indices``, each from a model trained
     on the other folds; ``extra`` images (in no fold) are predicted by the last model."""
-    from .inference import predict_arrays
-
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(indices)
     parts = np.array_split(order, folds)
@@ -37,10 +36,28 @@ def out_of_fold_predictions(
         model = fold_model(sub, cfg, f"{k + 1}/{folds}", progress, control)
         if k == folds - 1 and extra is not None and len(extra):
             held = np.concatenate([held, extra])
-        out = predict_arrays(model, dataset.images[held], 64, "cpu", with_probs=True, flip_tta=True)
+        out = audit_predict(model, dataset.images[held])
         pred[held] = out["masks"]
         conf[held] = out["probs"]
     return pred, conf
+
+
+def audit_device() -> torch.device:
+    """Where the audit's models predict: where they train (``auto``: a GPU when there is one)."""
+    from .device import resolve_device
+
+    return resolve_device("auto")
+
+
+def audit_predict(model, images: np.ndarray, cpu_batch: int = 64) -> dict[str, np.ndarray]:
+    """Masks and probabilities of ``images``, each the mean of the image and its mirror
+    image, on :func:`audit_device`: ``cpu_batch`` images a batch on a CPU, a GPU's default
+    batch there."""
+    from .inference import predict_arrays
+
+    device = audit_device()
+    batch = cpu_batch if device.type == "cpu" else None
+    return predict_arrays(model, images, batch, device, with_probs=True, flip_tta=True)
 
 
 def fold_model(dataset, cfg: TrainConfig, fold: str, progress=None, control=None, corrections=None):
@@ -63,10 +80,9 @@ def fold_model(dataset, cfg: TrainConfig, fold: str, progress=None, control=None
 
 def predictions_from_checkpoint(dataset: Dataset, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .inference import predict_arrays
 
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    out = predict_arrays(model, dataset.images, 64, "cpu", with_probs=True, flip_tta=True)
+    out = audit_predict(model, dataset.images)
     return out["masks"], out["probs"]
 
 
