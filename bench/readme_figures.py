@@ -352,6 +352,22 @@ def gpu(outputs: dict[str, dict]) -> list[str]:
         c = outputs.get(name)
         if c:
             lines += ["", _compile_line(c, name)]
+    g = outputs.get("graph_step_cuda")
+    if g:
+        learns = (
+            "the replays learn"
+            if g["weights_changed"] and not g["nonfinite"]
+            else "**the replays do not learn**"
+        )
+        lines += [
+            "",
+            f"The whole training step as one CUDA graph (`bench/out/graph_step_cuda.json`, {_when(g)}, "
+            f"`bench/graph_step.py`: batch, augmentation, forward, loss, backward, AdamW; batch "
+            f"{g['batch_size']}): **{g['graph_img_s']:,.0f} img/s** against the same step eager "
+            f"{g['eager_img_s']:,.0f} (x{g['speedup']}), captured in {g['capture_s']} s; {learns} (loss "
+            f"{g['first_replay_loss']} at the first replay, {g['last_replay_loss']} after {g['steps']}). "
+            "The engine runs eager.",
+        ]
     return lines
 
 
@@ -398,6 +414,7 @@ GPU_OUTPUTS = [
     "step_profile_cuda",
     "compile_check_cuda",
     "compile_check_cuda_graphs",
+    "graph_step_cuda",
 ]
 
 

@@ -1,0 +1,124 @@
+"""Could the whole training step run as one CUDA graph, and how fast? (CUDA only)
+
+On a GPU the ``gpu`` preset's step is bound by the host's work for each of its thousand
+kernels (``bench/step_profile.py``), not by the GPU. A CUDA graph replays the kernels of a
+captured step without the host. This captures the engine's whole step as ``fit()`` runs it
+(a batch drawn from the images held on the GPU, the batched augmentation, forward in bf16
+autocast, the preset's loss, backward, the finite check, fused AdamW) and times its replay
+against the same step run eagerly, in one run. It needs a step that reads nothing back from
+the GPU (a test holds the engine's step to that) and AdamW with ``capturable=True``.
+
+Replays must learn: the loss at the first and last replay is reported, and the weights must
+change between replays.
+
+    python bench/graph_step.py [--preset gpu] [--batch-size 128] [--steps 100] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _report import report
+from train_throughput import synthetic
+
+from trainer.augment import augment_batch
+from trainer.config import parse_loss_spec, preset
+from trainer.device import device_name, resolve_device
+from trainer.inference import prepare_model, to_input
+from trainer.losses import LossParams, SegmentationLoss
+from trainer.model import build_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpu")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--json")
+    args = p.parse_args()
+    device = resolve_device("cuda")
+    cfg = preset(args.preset).replace(device="cuda")
+    if args.batch_size:
+        cfg = cfg.replace(batch_size=args.batch_size)
+    data = synthetic(args.images, (64, 128))
+    images = torch.from_numpy(data.images).to(device)
+    masks = torch.from_numpy(data.masks).to(device)
+    torch.manual_seed(0)
+    model = prepare_model(build_model(cfg), device)
+    model.train()
+    weights = [cfg.background_weight, 1.0, 1.0, 1.0, 1.0]
+    criterion = SegmentationLoss(parse_loss_spec(cfg.loss), weights, LossParams.from_config(cfg)).to(device)
+    lr = torch.tensor(cfg.lr, device=device)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=True
+    )
+    generator = torch.cuda.default_generators[device.index or 0]  # graph-safe: its offsets are captured
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def step() -> torch.Tensor:
+        idx = torch.randint(0, len(images), (cfg.batch_size,), device=device, generator=generator)
+        x, y = augment_batch(to_input(images[idx], device), masks[idx], cfg, generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            logits = model(x)
+        loss = criterion(logits, y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        nonfinite.logical_or_(~torch.isfinite(norm) | ~torch.isfinite(loss.detach()))
+        opt.step()
+        return loss.detach()
+
+    def eager_img_s(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            step()
+        torch.cuda.synchronize()
+        return n * cfg.batch_size / (time.perf_counter() - t0)
+
+    side = torch.cuda.Stream()  # warm-up off the default stream, as capture wants
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager_img_s(5)
+    torch.cuda.current_stream().wait_stream(side)
+    eager = eager_img_s(args.steps)
+
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    capture_s = time.perf_counter() - t0
+    graph.replay()
+    torch.cuda.synchronize()
+    first_loss = float(static_loss)
+    probe = next(model.parameters())
+    before = probe.detach().clone()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    graphed = args.steps * cfg.batch_size / (time.perf_counter() - t0)
+    result = {
+        "device": device_name(device),
+        "preset": args.preset,
+        "batch_size": cfg.batch_size,
+        "steps": args.steps,
+        "eager_img_s": round(eager, 1),
+        "graph_img_s": round(graphed, 1),
+        "speedup": round(graphed / eager, 3),
+        "capture_s": round(capture_s, 2),
+        "first_replay_loss": round(first_loss, 4),
+        "last_replay_loss": round(float(static_loss), 4),
+        "weights_changed": bool((probe.detach() != before).any()),
+        "nonfinite": bool(nonfinite),
+        "torch": torch.__version__,
+    }
+    report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
