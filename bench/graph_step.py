@@ -4,8 +4,8 @@ On a GPU the ``gpu`` preset's step is bound by the host's work for each of its t
 kernels (``bench/step_profile.py``), not by the GPU. A CUDA graph replays the kernels of a
 captured step without the host. This captures the engine's whole step as ``fit()`` runs it
 (a batch drawn from the images held on the GPU, the batched augmentation, forward in bf16
-autocast, the preset's loss, backward, the finite check, fused AdamW) and times its replay
-against the same step run eagerly, in one run. It needs a step that reads nothing back from
+autocast, the preset's loss with the engine's class weights, backward, the finite check,
+fused AdamW) and times its replay against the same step run eagerly, in one run. It needs a step that reads nothing back from
 the GPU (a test holds the engine's step to that) and AdamW with ``capturable=True``.
 
 Replays must learn: the loss at the first and last replay is reported, and the weights must
@@ -27,8 +27,9 @@ from trainer.augment import augment_batch
 from trainer.config import parse_loss_spec, preset
 from trainer.device import device_name, resolve_device
 from trainer.inference import prepare_model, to_input
-from trainer.losses import LossParams, SegmentationLoss
+from trainer.losses import LossParams, SegmentationLoss, frequency_class_weights
 from trainer.model import build_model
+from trainer.stats import class_pixel_counts
 
 
 def main() -> None:
@@ -49,7 +50,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = prepare_model(build_model(cfg), device)
     model.train()
-    weights = [cfg.background_weight, 1.0, 1.0, 1.0, 1.0]
+    weights = frequency_class_weights(
+        class_pixel_counts(data.masks), cfg.background_weight, cfg.class_weighting
+    )
     criterion = SegmentationLoss(parse_loss_spec(cfg.loss), weights, LossParams.from_config(cfg)).to(device)
     lr = torch.tensor(cfg.lr, device=device)
     opt = torch.optim.AdamW(

@@ -26,6 +26,7 @@ from train_throughput import synthetic
 from trainer import events as ev
 from trainer.config import preset
 from trainer.device import device_name, resolve_device
+from trainer.engine import fit
 
 
 def main() -> None:
@@ -48,8 +49,8 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # Profiler step k begins at the k-th step event: steps 0-1 warm up (0 holds the
     # start-up), the next ``active`` are recorded, once.
-    events, wall = 0, {}
-    run = fit_events(dataset, cfg)
+    events, start, end = 0, None, None
+    run = fit(dataset, cfg)
     when = schedule(wait=0, warmup=2, active=args.active, repeat=1)
     with profile(activities=activities, schedule=when) as prof:
         for e in run:
@@ -58,13 +59,13 @@ def main() -> None:
                 now = time.perf_counter()
                 prof.step()
                 if events == 2:
-                    wall["start"] = now
+                    start = now
                 elif events == 2 + args.active:
-                    wall["end"] = now
+                    end = now
                     break
     run.close()
     steps = args.active * args.log_every
-    seconds = wall["end"] - wall["start"]
+    seconds = end - start
     table = prof.key_averages()
     # Operators (host rows) by the time they take where they run. On a GPU, the kernels'
     # own rows add up to the time it was busy; device rows named as a host row are not
@@ -113,12 +114,6 @@ def main() -> None:
         "torch": torch.__version__,
     }
     report(result, args.json)
-
-
-def fit_events(dataset, cfg):
-    from trainer.engine import fit
-
-    return fit(dataset, cfg)
 
 
 if __name__ == "__main__":

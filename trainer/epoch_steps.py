@@ -124,12 +124,12 @@ class EpochSteps:
                 yield from self.stop()
                 return True
             k = st.batch
-            if self.crops is None:
-                idx = source[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-                with phase("step/batch"):
+            with phase("step/batch"):  # gathered on the device, or crops read from disk
+                if self.crops is None:
+                    idx = source[k * cfg.batch_size : (k + 1) * cfg.batch_size]
                     images, masks = self.images[idx], self.masks[idx]
-            else:
-                images, masks = (torch.from_numpy(a).to(self.device) for a in next(source))
+                else:
+                    images, masks = (torch.from_numpy(a).to(self.device) for a in next(source))
             loss = self.train_step(images, masks)
             loss_sum += loss
             loss_n += 1
