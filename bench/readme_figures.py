@@ -329,6 +329,16 @@ def gpu(outputs: dict[str, dict]) -> list[str]:
             f"| bare step with cuDNN's algorithms picked by its heuristics / by timing them "
             f"(`cudnn.benchmark`), img/s | **{cudnn['off']}** / {cudnn['on']}: the engine leaves it off |",
         ]
+        # The rows above each measured the same step once more: say how far they spread.
+        same = [*t.get("bare_rounds", {}).get("channels_last_bf16", []), cudnn["off"]]
+        same.append(t["cuda_bare_batch_img_s"][str(t["batch_size"])])
+        lines += [
+            "",
+            f"Single figures move with the machine's load: the same step (channels_last bf16, batch "
+            f"{t['batch_size']}, cuDNN's heuristics) measured {len(same)} times in this run gave "
+            f"{min(same):,.0f} to {max(same):,.0f} img/s. Compare the figures within a row, measured "
+            "side by side.",
+        ]
     tests = _gpu_tests()
     if tests:
         lines += ["", f"`pytest -m gpu` in the same run: {tests}."]
