@@ -39,12 +39,15 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=10, help="steps a profiled window")
     p.add_argument("--active", type=int, default=3, help="windows profiled")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-cuda-graph", action="store_true", help="profile the step run eagerly on CUDA")
     p.add_argument("--json")
     args = p.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     name = args.preset or ("gpu" if cuda else "cpu")
-    cfg = preset(name).replace(device=args.device, epochs=100, log_every=args.log_every)
+    cfg = preset(name).replace(
+        device=args.device, epochs=100, log_every=args.log_every, cuda_graph=not args.no_cuda_graph
+    )
     dataset = synthetic(args.images, (64, 128))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # Profiler step k begins at the k-th step event: steps 0-1 warm up (0 holds the
@@ -93,6 +96,7 @@ def main() -> None:
         "device": device_name(device),
         "preset": name,
         "batch_size": cfg.batch_size,
+        "cuda_graph": cuda and cfg.cuda_graph,  # each step replayed as one CUDA graph (the engine's default)
         "steps": steps,
         "wall_s": round(seconds, 3),
         "img_s": round(steps * cfg.batch_size / seconds, 1),

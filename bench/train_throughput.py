@@ -209,6 +209,10 @@ def cuda_extras(cfg, device, shape, steps: int, warmup: int, dataset) -> dict:
             str(b): round(pipeline_img_s(cfg.replace(batch_size=b), dataset, warmup)[0], 1)
             for b in (2 * cfg.batch_size,)
         },
+        # The engine replays each step as one CUDA graph; the same pipeline without:
+        "cuda_pipeline_eager_img_s": round(
+            pipeline_img_s(cfg.replace(cuda_graph=False), dataset, warmup)[0], 1
+        ),
         "cuda_predict_batch_img_s": {
             str(b): round(predict_img_s(cfg, device, images, b), 1) for b in (32, 128, 256, 512, 1024)
         },

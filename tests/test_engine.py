@@ -781,3 +781,33 @@ def test_prediction_batches_hold_about_as_many_pixels(tmp_path):
     big = generate(12, 0, seed=0, shape=(256, 256)).dataset
     run = _Trainer(big, preset("tiny").replace(device="cpu"), None, TrainControl(), None, None)
     assert run._val_batch() == 4
+
+
+def test_a_cuda_graphs_optimiser_saves_plain_and_loads_into_either_kind():
+    """A CUDA graph's AdamW reads its learning rate from a tensor and is capturable; its
+    checkpoint holds a float and capturable off, and a loaded state is made to fit the run."""
+    from trainer.cuda_graph import conform_optimizer, graph_reason, plain_state_dict
+    from trainer.engine import build_optimizer
+    from trainer.model import build_model
+
+    cfg = preset("tiny")
+    cpu = torch.device("cpu")
+    opt = build_optimizer(build_model(cfg), cfg, cpu)
+    conform_optimizer(opt, True, cpu)
+    assert all(torch.is_tensor(g["lr"]) and g["capturable"] for g in opt.param_groups)
+    opt.param_groups[0]["lr"].fill_(1e-4)
+    saved = plain_state_dict(opt)
+    assert (
+        saved["param_groups"][0]["lr"] == pytest.approx(1e-4) and not saved["param_groups"][0]["capturable"]
+    )
+    assert torch.is_tensor(opt.param_groups[0]["lr"])  # the live optimiser keeps its tensor
+    fresh = build_optimizer(build_model(cfg), cfg, cpu)
+    fresh.load_state_dict(saved)
+    conform_optimizer(fresh, False, cpu)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(1e-4) and not fresh.param_groups[0]["capturable"]
+    assert graph_reason(cfg, cpu, 1, None) == "not on CUDA"
+    cuda = torch.device("cuda")
+    assert graph_reason(cfg, cuda, 1, None) is None
+    assert graph_reason(cfg.replace(cuda_graph=False), cuda, 1, None) == "cuda_graph is off"
+    assert graph_reason(cfg, cuda, 2, None) == "under torchrun"
+    assert graph_reason(cfg, cuda, 1, object()) == "crops read from disk"

@@ -39,6 +39,58 @@ def test_gpu_preset_trains_with_finite_loss_and_weights(data, tmp_path):
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
 
 
+def _step_losses(events) -> list[float]:
+    return [e.loss for e in events if isinstance(e, ev.Step)]
+
+
+def test_the_step_replayed_as_a_cuda_graph_learns_as_the_eager_step_does(data, tmp_path):
+    """The same run with the step as a CUDA graph and without: the graph is used (and says
+    so), its replays draw what the eager steps draw (the same seeds), and the losses agree."""
+    cfg = preset("gpu").replace(epochs=2, batch_size=32, log_every=1, device="cuda", seed=3)
+    graphed = list(fit(data, cfg, tmp_path / "graph"))
+    eager = list(fit(data, cfg.replace(cuda_graph=False), tmp_path / "eager"))
+    assert "one CUDA graph" in graphed[0].data, graphed[0].data
+    assert "steps run eagerly (cuda_graph is off)" in eager[0].data
+    assert not [e for e in graphed if isinstance(e, ev.Progress) and "graph" in e.text]  # captured
+    assert isinstance(graphed[-1], ev.Finished) and isinstance(eager[-1], ev.Finished)
+    a, b = np.array(_step_losses(graphed)), np.array(_step_losses(eager))
+    assert len(a) == len(b) >= 10 and np.isfinite(a).all()
+    # bf16 sums in another order drift apart slowly; different draws would differ at once
+    assert np.abs(a - b).max() < 0.05 * b.max(), (a, b)
+    assert a[-3:].mean() < a[:3].mean()  # it learns
+
+
+def test_a_graph_run_resumes_and_its_checkpoint_loads_anywhere(data, tmp_path):
+    from trainer.checkpoint import load_checkpoint
+    from trainer.control import TrainControl
+
+    cfg = preset("gpu").replace(epochs=2, batch_size=32, log_every=1, device="cuda")
+    control = TrainControl()
+    for e in fit(data, cfg, tmp_path / "a", control=control):
+        if isinstance(e, ev.Step) and e.step == 6:  # after the capture, mid-epoch
+            control.request_stop()
+    last = tmp_path / "a/checkpoints/last.pt"
+    groups = load_checkpoint(last)["optimizer"]["param_groups"]
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in groups)
+    resumed = list(fit(data, cfg, tmp_path / "b", resume=last))
+    assert isinstance(resumed[-1], ev.Finished), resumed[-1]
+    assert np.isfinite(_step_losses(resumed)).all()
+    on_cpu = list(fit(data, cfg.replace(device="cpu", epochs=2), tmp_path / "c", resume=last))
+    assert isinstance(on_cpu[-1], ev.Finished), on_cpu[-1]
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly_and_says_so(data, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused for the test")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    cfg = preset("gpu").replace(epochs=1, batch_size=32, log_every=1, device="cuda")
+    events = list(fit(data, cfg, tmp_path))
+    notices = [e.text for e in events if isinstance(e, ev.Progress) and "CUDA graph" in e.text]
+    assert len(notices) == 1 and "capture refused" in notices[0], notices
+    assert isinstance(events[-1], ev.Finished) and math.isfinite(_step_losses(events)[-1])
+
+
 def test_same_weights_predict_the_same_classes_on_cuda_and_cpu(data, tmp_path):
     from trainer.checkpoint import load_checkpoint, model_from_checkpoint
     from trainer.inference import predict_arrays

@@ -97,6 +97,9 @@ class TrainConfig:
         ("auto", "fp32", "bf16"),
     )
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
+    cuda_graph: bool = _opt(
+        True, "on CUDA, replay each training step as one CUDA graph (one process, images in GPU memory)"
+    )
     checkpoint_every: int = _opt(1, "save checkpoints/last every N epochs")
 
     def __post_init__(self) -> None:

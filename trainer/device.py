@@ -51,9 +51,15 @@ class Precision:
     def name(self) -> str:
         return "bf16" if self.dtype is torch.bfloat16 else "fp32"
 
-    def autocast(self, device: torch.device):
-        """The autocast context for this precision on ``device`` (a no-op for fp32)."""
-        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+    def autocast(self, device: torch.device, cache: bool = True):
+        """The autocast context for this precision on ``device`` (a no-op for fp32);
+        ``cache=False`` for a CUDA graph's capture, which its cast cache would break."""
+        return torch.autocast(
+            device.type,
+            dtype=self.dtype or torch.float32,
+            enabled=self.dtype is not None,
+            cache_enabled=cache,
+        )
 
 
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -11,6 +11,8 @@ Design (see the README for measured figures):
 * Under torchrun each process takes its slice of the epoch's draws, DDP averages the
   gradients, confusion matrices are summed, and only rank 0 writes the run directory.
   Between steps the ranks agree on failures and stop requests (``device.Peers``).
+* On a GPU (one process, images in memory) the whole step is replayed as one CUDA graph
+  (``cuda_graph.py``): the host's launches of a thousand small kernels set the pace otherwise.
 * The loss and a non-finite-gradient flag are read back to the host only every
   ``log_every`` steps (no GPU sync per step); before any checkpoint is written every
   weight and optimiser tensor is checked, so no checkpoint ever holds a NaN.
@@ -35,6 +37,7 @@ from .checkpoint import adopt_best, check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .control import RunState, TrainControl
 from .crops import crop_source
+from .cuda_graph import GraphedStep, conform_optimizer, graph_reason
 from .dataset import Dataset, DatasetError
 from .device import (
     Peers,
@@ -107,7 +110,13 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         )
         if self.crops is None:
             self.data_mode += f" on {device.type}"
-        self._build(data)
+        no_graph = graph_reason(cfg, device, self.dist.world, self.crops)
+        if device.type == "cuda":
+            self.data_mode += (
+                f"; steps run eagerly ({no_graph})" if no_graph else "; each step replayed as one CUDA graph"
+            )
+        self._build(data, capturable=no_graph is None)
+        self.graphed = GraphedStep(self) if no_graph is None else None
         self.seen_version = None
         self.sample_weights = self._sample_weights()
         # The store's first reading, before the epoch is sized: an epoch is as many steps as
@@ -164,8 +173,9 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         self.base_train_idx, self.base_val_idx = train_idx, val_idx
         self.train_idx, self.val_idx = train_idx, val_idx
 
-    def _build(self, data: dict | None) -> None:
-        """Loss, model and optimiser, restored from the checkpoint when resuming."""
+    def _build(self, data: dict | None, capturable: bool = False) -> None:
+        """Loss, model and optimiser, restored from the checkpoint when resuming; the
+        optimiser ``capturable`` for a step replayed as a CUDA graph."""
         cfg, device = self.cfg, self.device
         pixels = (
             self.stored.class_pixels[self.train_idx].sum(axis=0)
@@ -185,6 +195,7 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
             self.state = RunState.from_checkpoint(data)
             if "rng_state" in data:
                 torch.set_rng_state(data["rng_state"])
+        conform_optimizer(self.optimizer, capturable, device)
         self.train_model = self.model
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP

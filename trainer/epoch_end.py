@@ -15,6 +15,7 @@ import torch
 from . import events as ev
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
+from .cuda_graph import plain_state_dict
 from .inference import confusion_on, predict_batch
 from .tiling import frames_confusion
 
@@ -207,7 +208,7 @@ class EpochEnd:
         st = self.state
         path = self.runs.best if which == "best" else self.runs.last
         save_checkpoint(
-            path, model=self.model, config=self.cfg, optimizer=self.optimizer.state_dict(),
+            path, model=self.model, config=self.cfg, optimizer=plain_state_dict(self.optimizer),
             epoch=st.epoch, step=st.step, best_miou=st.best,
             miou=miou if miou is not None and not math.isnan(miou) else -1.0,
             plateau_factor=st.plateau_factor, stale=st.stale, elapsed_s=self.elapsed(),

@@ -28,11 +28,13 @@ def _lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
 class EpochSteps:
     """Draw, step and report; hold while paused."""
 
+    def _step_seed(self, batch: int) -> int:
+        """The seed of a step's augmentation: from (seed, epoch, batch, rank), so that a
+        resumed run draws what the uninterrupted run drew."""
+        return ((self.cfg.seed * 1_000_003 + self.state.epoch) * 100_003 + batch) * 64 + self.dist.rank
+
     def _step_generator(self, batch: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        return g.manual_seed(
-            ((self.cfg.seed * 1_000_003 + self.state.epoch) * 100_003 + batch) * 64 + self.dist.rank
-        )
+        return torch.Generator(device=self.device).manual_seed(self._step_seed(batch))
 
     def _epoch_draws(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.state.epoch)
@@ -52,26 +54,52 @@ class EpochSteps:
         """One optimisation step. Forward and loss run under a guard so that, under
         torchrun, a rank that fails there tells the others before anyone enters the
         gradient all-reduce of ``backward``."""
-        cfg, st = self.cfg, self.state
+        st = self.state
         problem, loss = None, None
         try:
-            with phase("step/augment"):
-                x, y = to_input(images_u8, self.device), masks_u8  # the loss takes uint8 targets
-                if cfg.augment:
-                    x, y = augment_batch(x, y, cfg, self._step_generator(st.batch))
-            self.lr = cfg.lr * st.plateau_factor * _lr_factor(cfg, st.step, self._progress(self.step_clock))
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
-            with phase("step/forward"), self.precision.autocast(self.device):
-                logits = self.train_model(x)
-            with phase("step/loss"):
-                loss = self.criterion(logits, y)
+            self.set_step_lr()
+            loss = self.forward_loss(images_u8, masks_u8, self._step_generator(st.batch))
         except Exception as exc:
             if not self.peers.active:
                 raise
-            problem = describe_failure(exc, cfg)
+            problem = describe_failure(exc, self.cfg)
         self.peers.agree(problem)
         self.optimizer.zero_grad(set_to_none=True)
+        self.backward_update(loss)
+        st.step += 1
+        st.batch += 1
+        return loss.detach()
+
+    def set_step_lr(self) -> None:
+        """This step's learning rate into the optimiser (into its tensor when a CUDA graph
+        reads it from there)."""
+        st = self.state
+        self.lr = (
+            self.cfg.lr * st.plateau_factor * _lr_factor(self.cfg, st.step, self._progress(self.step_clock))
+        )
+        for group in self.optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(self.lr)
+            else:
+                group["lr"] = self.lr
+
+    def forward_loss(
+        self, images_u8: torch.Tensor, masks_u8: torch.Tensor, generator: torch.Generator, cache: bool = True
+    ) -> torch.Tensor:
+        """Augmentation, forward and loss of one batch (``cache``: autocast's cast cache,
+        which a CUDA graph's capture must go without)."""
+        with phase("step/augment"):
+            x, y = to_input(images_u8, self.device), masks_u8  # the loss takes uint8 targets
+            if self.cfg.augment:
+                x, y = augment_batch(x, y, self.cfg, generator)
+        with phase("step/forward"), self.precision.autocast(self.device, cache):
+            logits = self.train_model(x)
+        with phase("step/loss"):
+            return self.criterion(logits, y)
+
+    def backward_update(self, loss: torch.Tensor) -> None:
+        """Backward, the non-finite flag (kept on the device: nothing is read back) and
+        the optimiser's step."""
         with phase("step/backward"):
             loss.backward()
         with phase("step/finite"):
@@ -79,9 +107,6 @@ class EpochSteps:
             self.nonfinite |= ~torch.isfinite(grad_norm) | ~torch.isfinite(loss.detach())
         with phase("step/optimizer"):
             self.optimizer.step()
-        st.step += 1
-        st.batch += 1
-        return loss.detach()
 
     def check_finite(self, mean_loss: float | None = None) -> None:
         """Fail (on every rank alike) if the loss or a gradient stopped being finite."""
@@ -124,16 +149,22 @@ class EpochSteps:
                 yield from self.stop()
                 return True
             k = st.batch
-            with phase("step/batch"):  # gathered on the device, or crops read from disk
-                if self.crops is None:
-                    idx = source[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-                    images, masks = self.images[idx], self.masks[idx]
-                else:
-                    images, masks = (torch.from_numpy(a).to(self.device) for a in next(source))
-            loss = self.train_step(images, masks)
+            if self.graphed is not None:  # gathers its batch itself, inside the graph
+                loss = self.graphed.step(source[k * cfg.batch_size : (k + 1) * cfg.batch_size])
+            else:
+                with phase("step/batch"):  # gathered on the device, or crops read from disk
+                    if self.crops is None:
+                        idx = source[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+                        images, masks = self.images[idx], self.masks[idx]
+                    else:
+                        images, masks = (torch.from_numpy(a).to(self.device) for a in next(source))
+                loss = self.train_step(images, masks)
+            if self.graphed is not None and self.graphed.notice:  # the capture failed
+                yield self.emit(ev.Progress(self.graphed.notice))
+                self.graphed.notice = None
             loss_sum += loss
             loss_n += 1
-            n_log += len(images) * self.dist.world
+            n_log += cfg.batch_size * self.dist.world  # every batch is full (crops too)
             if st.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch:
                 mean_loss = (loss_sum / loss_n).item()
                 self.check_finite(mean_loss)
