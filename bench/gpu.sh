@@ -37,7 +37,7 @@ part 240 gpu_tests $py -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
     -o "filterwarnings=error::DeprecationWarning:trainer.*"
 part 300 train_throughput_cuda $py bench/train_throughput.py --device cuda --json "$out/train_throughput_cuda.json"
 part 120 step_profile_cuda $py bench/step_profile.py --device cuda --json "$out/step_profile_cuda.json"
-part 150 graph_step_cuda $py bench/graph_step.py --json "$out/graph_step_cuda.json"
+part 200 graph_step_cuda $py bench/graph_step.py --variants --json "$out/graph_step_cuda.json"
 part 240 compile_check_cuda $py bench/compile_check.py --device cuda --steps 50 --json "$out/compile_check_cuda.json"
 part 240 compile_check_cuda_graphs $py bench/compile_check.py --device cuda --steps 50 --mode reduce-overhead \
     --json "$out/compile_check_cuda_graphs.json"

@@ -26,29 +26,30 @@ from train_throughput import synthetic
 from trainer.augment import augment_batch
 from trainer.config import parse_loss_spec, preset
 from trainer.device import device_name, resolve_device
-from trainer.inference import prepare_model, to_input
 from trainer.losses import LossParams, SegmentationLoss, frequency_class_weights
 from trainer.model import build_model
 from trainer.stats import class_pixel_counts
 
+VARIANTS = {  # name: (channels_last, bf16, cudnn.benchmark, batch size factor)
+    "channels_last_bf16": (True, True, False, 1),
+    "channels_last_fp32": (True, False, False, 1),
+    "contiguous_bf16": (False, True, False, 1),
+    "channels_last_bf16_cudnn_benchmark": (True, True, True, 1),
+    "channels_last_bf16_batch_x2": (True, True, False, 2),
+}
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpu")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--images", type=int, default=4000)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--json")
-    args = p.parse_args()
-    device = resolve_device("cuda")
-    cfg = preset(args.preset).replace(device="cuda")
-    if args.batch_size:
-        cfg = cfg.replace(batch_size=args.batch_size)
-    data = synthetic(args.images, (64, 128))
+
+def measure(cfg, data, steps: int, channels_last=True, bf16=True, cudnn_benchmark=False, eager=True) -> dict:
+    """The step captured and replayed ``steps`` times (and run as many times eagerly first
+    when ``eager``), in one layout and precision."""
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     images = torch.from_numpy(data.images).to(device)
     masks = torch.from_numpy(data.masks).to(device)
     torch.manual_seed(0)
-    model = prepare_model(build_model(cfg), device)
+    model = build_model(cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model.train()
     weights = frequency_class_weights(
         class_pixel_counts(data.masks), cfg.background_weight, cfg.class_weighting
@@ -63,8 +64,11 @@ def main() -> None:
 
     def step() -> torch.Tensor:
         idx = torch.randint(0, len(images), (cfg.batch_size,), device=device, generator=generator)
-        x, y = augment_batch(to_input(images[idx], device), masks[idx], cfg, generator)
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        x = images[idx].unsqueeze(1).float().div_(255.0)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = augment_batch(x, masks[idx], cfg, generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             logits = model(x)
         loss = criterion(logits, y)
         loss.backward()
@@ -87,7 +91,7 @@ def main() -> None:
     with torch.cuda.stream(side):
         eager_img_s(5)
     torch.cuda.current_stream().wait_stream(side)
-    eager = eager_img_s(args.steps)
+    eager = eager_img_s(steps) if eager else None
 
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
@@ -101,25 +105,57 @@ def main() -> None:
     probe = next(model.parameters())
     before = probe.detach().clone()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         graph.replay()
     torch.cuda.synchronize()
-    graphed = args.steps * cfg.batch_size / (time.perf_counter() - t0)
-    result = {
-        "device": device_name(device),
-        "preset": args.preset,
-        "batch_size": cfg.batch_size,
-        "steps": args.steps,
-        "eager_img_s": round(eager, 1),
+    graphed = steps * cfg.batch_size / (time.perf_counter() - t0)
+    torch.backends.cudnn.benchmark = False
+    return {
+        "eager_img_s": round(eager, 1) if eager else None,
         "graph_img_s": round(graphed, 1),
-        "speedup": round(graphed / eager, 3),
+        "speedup": round(graphed / eager, 3) if eager else None,
         "capture_s": round(capture_s, 2),
         "first_replay_loss": round(first_loss, 4),
         "last_replay_loss": round(float(static_loss), 4),
         "weights_changed": bool((probe.detach() != before).any()),
         "nonfinite": bool(nonfinite),
-        "torch": torch.__version__,
     }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpu")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="also the replay's img/s in other layouts, "
+        "precisions, with cuDNN's timed algorithm choice, and at twice the batch",
+    )
+    p.add_argument("--json")
+    args = p.parse_args()
+    device = resolve_device("cuda")
+    cfg = preset(args.preset).replace(device="cuda")
+    if args.batch_size:
+        cfg = cfg.replace(batch_size=args.batch_size)
+    data = synthetic(args.images, (64, 128))
+    result = {
+        "device": device_name(device),
+        "preset": args.preset,
+        "batch_size": cfg.batch_size,
+        "steps": args.steps,
+        **measure(cfg, data, args.steps),
+    }
+    if args.variants:
+        result["variants_graph_img_s"] = {
+            name: measure(
+                cfg.replace(batch_size=cfg.batch_size * k), data, args.steps, cl, bf, cb, eager=False
+            )["graph_img_s"]
+            for name, (cl, bf, cb, k) in VARIANTS.items()
+        }
+    result["torch"] = torch.__version__
     report(result, args.json)
 
 

@@ -115,6 +115,19 @@ def main() -> None:
             }
             for r in rows
         ],
+        # The kernels themselves, by their time a step: under a CUDA graph the host's
+        # operators no longer own them, and these say where the GPU's time goes.
+        "top_kernels": [
+            {
+                "kernel": r.key[:120],
+                "ms_per_step": round(r.self_device_time_total / 1e3 / steps, 3),
+                "share": round(r.self_device_time_total / max(total_us, 1), 3),
+                "calls_per_step": round(r.count / steps, 1),
+            }
+            for r in sorted(kernels, key=lambda r: r.self_device_time_total, reverse=True)[: args.top]
+        ]
+        if cuda
+        else None,
         "torch": torch.__version__,
     }
     report(result, args.json)
