@@ -105,6 +105,14 @@ def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, b], dim=1)  # inference, tracing and export: the plain op
 
 
+def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear upsampling in the dtype it is given. Autocast would run it in fp32: on a
+    GPU the fp32 kernels and the casts around them, and the concatenation with the skip
+    that then runs in fp32 too, took 2 of a step's 15.6 ms (bf16 training, H200)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 class UNet(nn.Module):
     """U-Net mapping (B, 1, H, W) images in [0, 1] to (B, classes, H, W) logits."""
 
@@ -161,7 +169,7 @@ class UNet(nn.Module):
             # to 1, so they commute: reducing first is the same function (the same
             # checkpoints) with the conv on a quarter of the pixels and half the channels
             # to upsample.
-            x = F.interpolate(self.reduce[i](x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = _upsample(self.reduce[i](x), skip.shape[-2:])
             if isinstance(self.gates[i], AttentionGate):
                 skip = self.gates[i](skip, x)
             x = self.decoders[i](_cat_channels(skip, x))
