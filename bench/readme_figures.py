@@ -309,8 +309,7 @@ def gpu(outputs: dict[str, dict]) -> list[str]:
         f"| bare step, img/s: contiguous fp32 / channels_last fp32 / contiguous bf16 / channels_last bf16 | "
         f"{bare['contiguous_fp32']} / {bare['channels_last_fp32']} / {bare['contiguous_bf16']} / "
         f"**{bare['channels_last_bf16']}** |",
-        f"| whole `fit()` pipeline, img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare step"
-        f"{_spread(t)} |",
+        _gpu_pipeline_row(t),
         f"| model FLOPs x pipeline img/s | {t['gflops_pipeline'] / 1000:.1f} TFLOP/s = "
         f"{t['gflops_pipeline_share']} of a 2048x2048 bf16 matmul ({t['gflops_matmul_bf16'] / 1000:.1f} "
         f"TFLOP/s; fp32 {t['gflops_matmul_fp32'] / 1000:.1f}) |",
@@ -343,7 +342,9 @@ def gpu(outputs: dict[str, dict]) -> list[str]:
     if tests:
         lines += ["", f"`pytest -m gpu` in the same run: {tests}."]
     prof = outputs.get("step_profile_cuda")
-    if prof:
+    if prof and prof.get("cuda_graph"):
+        lines += ["", _graphed_profile(prof, t)]
+    elif prof:
         lines += [
             "",
             f"What holds the pipeline back (`bench/out/step_profile_cuda.json`, {_when(prof)}, "
@@ -376,9 +377,88 @@ def gpu(outputs: dict[str, dict]) -> list[str]:
             f"{g['batch_size']}): **{g['graph_img_s']:,.0f} img/s** against the same step eager "
             f"{g['eager_img_s']:,.0f} (x{g['speedup']}), captured in {g['capture_s']} s; {learns} (loss "
             f"{g['first_replay_loss']} at the first replay, {g['last_replay_loss']} after {g['steps']}). "
-            "The engine runs eager.",
+            + _graph_variants(g, outputs.get("compile_check_cuda_graphs")),
         ]
     return lines
+
+
+def _gpu_pipeline_row(t: dict) -> str:
+    eager = t.get("cuda_pipeline_eager_img_s")
+    if eager is None:  # measured before the engine replayed its steps as CUDA graphs
+        return (
+            f"| whole `fit()` pipeline, img/s | **{t['pipeline_img_s']}**: {t['ratio']} of the fastest bare "
+            f"step{_spread(t)} |"
+        )
+    return (
+        f"| whole `fit()` pipeline, each step replayed as one CUDA graph, img/s | **{t['pipeline_img_s']}**: "
+        f"{t['ratio']}x the fastest bare step (run eagerly){_spread(t)}; the same pipeline with its steps run "
+        f"eagerly (`cuda_graph = false`): {eager} (the graph **x{t['pipeline_img_s'] / eager:.2f}**) |"
+    )
+
+
+def _graphed_profile(prof: dict, t: dict) -> str:
+    """What sets the pace once the host is out of the step: the kernels, by kind."""
+    kernels = prof["top_kernels"]
+
+    def kind(*words: str) -> tuple[float, float]:
+        rows = [k for k in kernels if any(w in k["kernel"] for w in words)]
+        return sum(k["ms_per_step"] for k in rows), sum(k["share"] for k in rows)
+
+    bn, bn_share = kind("batch_norm")
+    up, up_share = kind("upsample")
+    conv, conv_share = kind("implicit_gemm", "ImplicitGemm", "conv")
+    return (
+        f"What holds the pipeline back (`bench/out/step_profile_cuda.json`, {_when(prof)}, "
+        f"`bench/step_profile.py`: {prof['steps']} steps of {prof['batch_size']}, each replayed as one "
+        f"CUDA graph, under `torch.profiler`): the pipeline's {t['pipeline_img_s']:,.0f} img/s "
+        f"{'reach' if t['pipeline_img_s'] >= GPU_GOAL_IMG_S else 'fall short of'} the "
+        f"{GPU_GOAL_IMG_S:,} img/s set as the goal for an H100. The host no longer sets the pace: the GPU "
+        f"was busy **{prof['busy']}** of the time. Its kernels do: {prof['kernels_per_step']:,.0f} a step, "
+        f"{prof['kernel_ms_per_step']} ms in all (alone, they allow "
+        f"{prof['batch_size'] * 1000 / prof['kernel_ms_per_step']:,.0f} img/s). Among the "
+        f"{len(kernels)} that take longest, batch norm's channels_last kernels take {bn:.2f} ms a step "
+        f"({bn_share:.0%} of the GPU's time), bilinear upsampling and its backward {up:.2f} ms "
+        f"({up_share:.0%}), and the convolutions' own kernels {conv:.2f} ms ({conv_share:.0%}). Each "
+        "kernel reads and writes its tensor whole; fusing the normalisations and element-wise "
+        "operations into fewer kernels is what `torch.compile` does, at the price of its compile time "
+        "(below)."
+    )
+
+
+def _graph_variants(g: dict, compiled: dict | None) -> str:
+    text = (
+        "The engine replays its step the same way on a GPU (`cuda_graph`, on by default; one "
+        "process, images in GPU memory)."
+    )
+    v = g.get("variants_graph_img_s")
+    if v:
+        names = {
+            "channels_last_bf16": "channels_last bf16 (the engine's)",
+            "channels_last_fp32": "channels_last fp32 (TF32 convolutions)",
+            "contiguous_bf16": "contiguous bf16",
+            "channels_last_bf16_cudnn_benchmark": "channels_last bf16 with `cudnn.benchmark`",
+            "channels_last_bf16_batch_x2": f"channels_last bf16 at batch {2 * g['batch_size']}",
+        }
+        text += (
+            " The replayed step in other forms, same run, img/s: "
+            + "; ".join(f"{names.get(k, k)} {x:,.0f}" for k, x in v.items())
+            + "."
+        )
+    if compiled and compiled.get("compiled_img_s", 0) > g["graph_img_s"]:
+        from trainer.config import preset
+
+        cfg = preset(g.get("preset", "gpu"))
+        run_steps = -(-int(2615 * (1 - cfg.val_fraction)) // cfg.batch_size) * cfg.epochs
+        per_step = g["batch_size"] / g["graph_img_s"] - compiled["batch_size"] / compiled["compiled_img_s"]
+        pays = compiled["compile_s"] / per_step
+        text += (
+            f" `torch.compile(mode='reduce-overhead')` (above, another run: its model compiled, loss and "
+            f"optimiser eager) made {compiled['compiled_img_s']:,.0f} img/s, faster than this graph: its "
+            f"{compiled['compile_s']} s of compiling would pay back against the graph after about "
+            f"{pays:,.0f} steps, {pays / run_steps:.1f} times the {run_steps:,} of a `{g.get('preset', 'gpu')}` "
+            "preset run on the competition's 2,615 images."
+        )
+    return text
 
 
 def _compile_line(c: dict, name: str) -> str:
@@ -398,7 +478,12 @@ def _compile_line(c: dict, name: str) -> str:
         f"`torch.compile(mode={mode!r})`, {what} (`bench/out/{name}.json`, {_when(c)}, {c['device']}, "
         f"{c['precision']}, batch {c.get('batch_size', '-')}): compiled in {c['compile_s']} s; "
         f"{c['compiled_img_s']} img/s against eager {c['eager_img_s']} (**x{c['speedup']}**; the model "
-        f"compiled, its loss and optimiser eager): {verdict}. The engine runs eager."
+        f"compiled, its loss and optimiser eager): {verdict}. "
+        + (
+            "The engine runs eager."
+            if c["device"].startswith("CPU")
+            else "The engine does not compile; on a GPU it replays its own CUDA graph of the step (below)."
+        )
     )
 
 

@@ -138,3 +138,40 @@ def test_the_whole_step_as_a_cuda_graph_is_rendered_with_whether_it_learns():
     assert "**12,500 img/s** against the same step eager 5,000 (x2.5)" in text and "the replays learn" in text
     stuck = "\n".join(figures.gpu({**outputs, "graph_step_cuda": {**graph, "weights_changed": False}}))
     assert "**the replays do not learn**" in stuck
+
+
+def test_the_graphed_pipeline_is_shown_beside_the_eager_one_and_its_kernels_by_kind():
+    import json
+
+    figures = _bench_module("readme_figures")
+    outputs = {n: json.loads((ROOT / "bench/out" / f"{n}.json").read_text()) for n in figures.GPU_OUTPUTS}
+    t = {**outputs["train_throughput_cuda"], "pipeline_img_s": 8000.0, "cuda_pipeline_eager_img_s": 4000.0}
+    kernels = [
+        {"kernel": "batch_norm_collect_statistics", "ms_per_step": 3.0, "share": 0.2, "calls_per_step": 18},
+        {"kernel": "batch_norm_backward_elemt", "ms_per_step": 1.5, "share": 0.1, "calls_per_step": 18},
+        {"kernel": "upsample_bilinear2d_nhwc", "ms_per_step": 0.75, "share": 0.05, "calls_per_step": 4},
+        {"kernel": "sm90_xmma_fprop_implicit_gemm", "ms_per_step": 2.25, "share": 0.15, "calls_per_step": 7},
+    ]
+    prof = {**outputs["step_profile_cuda"], "cuda_graph": True, "top_kernels": kernels, "busy": 0.96}
+    graph = {**outputs["graph_step_cuda"], "batch_size": 128, "graph_img_s": 8000.0}
+    compiled = {**outputs["compile_check_cuda_graphs"], "batch_size": 128, "compiled_img_s": 10000.0}
+    compiled["compile_s"] = 32.0
+    text = "\n".join(
+        figures.gpu(
+            {
+                **outputs,
+                "train_throughput_cuda": t,
+                "step_profile_cuda": prof,
+                "graph_step_cuda": graph,
+                "compile_check_cuda_graphs": compiled,
+            }
+        )
+    )
+    assert "each step replayed as one CUDA graph, img/s | **8000.0**" in text
+    assert "(`cuda_graph = false`): 4000.0 (the graph **x2.00**)" in text
+    assert "busy **0.96**" in text and "batch norm's channels_last kernels take 4.50 ms a step (30%" in text
+    assert "upsampling and its backward 0.75 ms (5%)" in text and "convolutions' own kernels 2.25 ms (15%)" in text
+    # 128/8000 - 128/10000 = 3.2 ms a step saved: 32 s of compiling pay back after 10,000 steps
+    assert "pay back against the graph after about 10,000 steps, 8.8 times the 1,140" in text
+    slower = {**compiled, "compiled_img_s": 7000.0}
+    assert "pay back against" not in "\n".join(figures.gpu({**outputs, "compile_check_cuda_graphs": slower}))
