@@ -21,6 +21,14 @@ def _as_dict(event) -> dict:
     return event.to_json() if isinstance(event, Event) else dict(event)
 
 
+def notice(event) -> str | None:
+    """The text of an event that tells the person something and counts nothing (a
+    ``Progress`` without a total: a step that could not become a CUDA graph, a budget too
+    short to train in), else None."""
+    e = _as_dict(event)
+    return e.get("text") or None if e.get("kind") == "progress" and not e.get("total") else None
+
+
 @dataclass
 class RunRecord:
     """One training run as the GUI shows it, built from its events."""

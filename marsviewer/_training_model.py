@@ -20,7 +20,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.runs import new_run_dir
 
 from ._predictions import Predictions
-from ._run_record import RunFollower, RunRecord
+from ._run_record import RunFollower, RunRecord, notice
 from ._stack import blank_like, is_stack
 
 PREVIEW_EVERY_S = 4.0
@@ -199,6 +199,9 @@ class TrainingModel(Predictions):
             events = self.follower.new_events()
         for e in events:
             self.record.apply(e)
+            text = notice(e) if self.process is not None else None  # a run started here, now
+            if text:
+                self.notify.emit(f"Training: {text}", "info")
             if isinstance(e, ev.Preview):
                 self.show_preview(e.indices, e.masks, e.entropy)
         if self.follower is not None and any(d.get("kind") == "preview" for d in events):

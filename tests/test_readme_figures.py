@@ -170,7 +170,10 @@ def test_the_graphed_pipeline_is_shown_beside_the_eager_one_and_its_kernels_by_k
     assert "each step replayed as one CUDA graph, img/s | **8000.0**" in text
     assert "(`cuda_graph = false`): 4000.0 (the graph **x2.00**)" in text
     assert "busy **0.96**" in text and "batch norm's channels_last kernels take 4.50 ms a step (30%" in text
-    assert "upsampling and its backward 0.75 ms (5%)" in text and "convolutions' own kernels 2.25 ms (15%)" in text
+    assert (
+        "upsampling and its backward 0.75 ms (5%)" in text
+        and "convolutions' own kernels 2.25 ms (15%)" in text
+    )
     # 128/8000 - 128/10000 = 3.2 ms a step saved: 32 s of compiling pay back after 10,000 steps
     assert "pay back against the graph after about 10,000 steps, 8.8 times the 1,140" in text
     slower = {**compiled, "compiled_img_s": 7000.0}

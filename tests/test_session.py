@@ -472,3 +472,31 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     s.review.restore()
     assert 1 not in s.browser.masks.written and (s.browser.masks[1][:4, :4] == 2).all()
     s.shutdown()
+
+
+def test_a_runs_notices_reach_the_person_and_counts_do_not(session):
+    """A Progress without a total tells the person something (a step that could not become
+    a CUDA graph): a notification. One with a total is a count: the status line says it."""
+    from trainer import events as ev
+
+    class Running:
+        running = True
+
+        def events(self):
+            return [
+                ev.Progress("the training step could not be captured as a CUDA graph (...)"),
+                ev.Progress("validating: 3 of 10 images", 3, 10),
+            ]
+
+        def request_preview(self, indices):
+            pass
+
+    notes = Recorder(session.notify)
+    session.training.process = Running()
+    try:
+        session.training.poll()
+    finally:
+        session.training.process = None
+    texts = [c[0] for c in notes.calls]
+    assert texts == ["Training: the training step could not be captured as a CUDA graph (...)"]
+    assert notes.calls[0][1] == "info"
