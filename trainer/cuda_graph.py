@@ -106,9 +106,9 @@ class GraphedStep:
     def _capture(self) -> None:
         t = self.t
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
         t.optimizer.zero_grad(set_to_none=True)  # the graph's backward makes the gradients anew
         try:
+            graph.register_generator_state(self.generator)  # torch >= 2.5
             with torch.cuda.graph(graph):
                 self.loss = self._body()
         except Exception as exc:  # nothing ran: the weights are as the last eager step left them
