@@ -1,17 +1,19 @@
-"""Could the whole training step run as one CUDA graph, and how fast? (CUDA only)
+"""The whole training step as one CUDA graph, apart from ``fit()``: how fast, in which form. (CUDA only)
 
-On a GPU the ``gpu`` preset's step is bound by the host's work for each of its thousand
-kernels (``bench/step_profile.py``), not by the GPU. A CUDA graph replays the kernels of a
-captured step without the host. This captures the engine's whole step as ``fit()`` runs it
-(a batch drawn from the images held on the GPU, the batched augmentation, forward in bf16
-autocast, the preset's loss with the engine's class weights, backward, the finite check,
-fused AdamW) and times its replay against the same step run eagerly, in one run. It needs a step that reads nothing back from
-the GPU (a test holds the engine's step to that) and AdamW with ``capturable=True``.
+On a GPU the ``gpu`` preset's step run eagerly is bound by the host's work for each of its
+thousand kernels (``bench/step_profile.py``), not by the GPU; the engine therefore replays
+its step as one CUDA graph (``trainer/cuda_graph.py``). This captures the same step (a batch
+drawn from the images held on the GPU, the batched augmentation, forward in bf16 autocast,
+the preset's loss with the engine's class weights, backward, the finite check, fused AdamW
+with ``capturable=True``) and times its replay against the same step run eagerly, in one
+run, with nothing else of a run around it. ``--variants`` also times the replay in other
+layouts and precisions, with cuDNN's timed algorithm choice, and at twice the batch: once
+the host is out of the step, which form the kernels run fastest in.
 
 Replays must learn: the loss at the first and last replay is reported, and the weights must
 change between replays.
 
-    python bench/graph_step.py [--preset gpu] [--batch-size 128] [--steps 100] [--json OUT]
+    python bench/graph_step.py [--preset gpu] [--batch-size 128] [--steps 100] [--variants] [--json OUT]
 """
 
 from __future__ import annotations
