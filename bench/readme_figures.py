@@ -445,10 +445,7 @@ def _graph_variants(g: dict, compiled: dict | None) -> str:
             + "."
         )
     if compiled and compiled.get("compiled_img_s", 0) > g["graph_img_s"]:
-        from trainer.config import preset
-
-        cfg = preset(g.get("preset", "gpu"))
-        run_steps = -(-int(2615 * (1 - cfg.val_fraction)) // cfg.batch_size) * cfg.epochs
+        run_steps = _competition_run_steps(g.get("preset", "gpu"))
         per_step = g["batch_size"] / g["graph_img_s"] - compiled["batch_size"] / compiled["compiled_img_s"]
         pays = compiled["compile_s"] / per_step
         text += (
@@ -461,11 +458,22 @@ def _graph_variants(g: dict, compiled: dict | None) -> str:
     return text
 
 
+COMPETITION_IMAGES = 2615  # labelled images of the Mars competition's file
+
+
+def _competition_run_steps(preset_name: str) -> int:
+    """The steps of a run of ``preset_name`` on the competition's labelled images."""
+    from trainer.config import preset
+
+    cfg = preset(preset_name)
+    return -(-int(COMPETITION_IMAGES * (1 - cfg.val_fraction)) // cfg.batch_size) * cfg.epochs
+
+
 def _compile_line(c: dict, name: str) -> str:
     from trainer.config import preset
 
     cfg = preset(c.get("preset", "gpu"))
-    steps = -(-int(2615 * (1 - cfg.val_fraction)) // cfg.batch_size) * cfg.epochs
+    steps = _competition_run_steps(c.get("preset", "gpu"))
     mode = c.get("mode", "default")
     what = "CUDA graphs replaying the step" if mode == "reduce-overhead" else "kernels fused by Inductor"
     verdict = (
