@@ -15,6 +15,7 @@ from trainer.formats import StoredDataset
 from ._stack import FrameStack
 
 META_KEY = "marsviewer"
+AXIS_LABELS = ("image", "y", "x")  # a dataset's layers: one frame per image
 
 
 def class_colormap() -> DirectLabelColormap:
@@ -67,12 +68,14 @@ def _layer_tuples(dataset, images, masks, names, test_names, n_test: int, lazy: 
     shown = list(names) + [f"unlabelled {name}" for name in test_names]
     keys = row_keys(names, test_names)  # how corrections find each image
     meta = {"source": dataset.source, "names": shown, "keys": keys, "lazy": lazy}
+    axes = {"axis_labels": AXIS_LABELS}  # the slider says "image", not napari's "-3"
     images = (
         images,
         {
             "name": f"{label} images",
             "metadata": {META_KEY: {**meta, "role": "images", "n_test": n_test}},
             "contrast_limits": (0, 255),
+            **axes,
         },
         "image",
     )
@@ -83,6 +86,7 @@ def _layer_tuples(dataset, images, masks, names, test_names, n_test: int, lazy: 
             "metadata": {META_KEY: {**meta, "role": "masks"}},
             "colormap": class_colormap(),
             "opacity": 0.45,
+            **axes,
         },
         "labels",
     )

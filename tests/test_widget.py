@@ -40,6 +40,7 @@ def test_sample_layers_and_imbalance(loaded):
     viewer = loaded.viewer
     kinds = sorted(type(layer).__name__ for layer in viewer.layers)
     assert kinds == ["Image", "Labels"]
+    assert viewer.dims.axis_labels == ("image", "y", "x")  # the slider names what it moves through
     masks = loaded.masks_layer.data
     assert masks.shape == (200, 64, 128)
     share = np.bincount(masks.ravel(), minlength=5) / masks.size
