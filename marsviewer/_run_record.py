@@ -80,6 +80,8 @@ class RunRecord:
                 f"Training on {self.device}: {e.get('train_images')} training, "
                 f"{e.get('val_images')} validation images, {e.get('parameters', 0):,} parameters"
                 + (f", {precision} ({e.get('precision_reason', '')})" if precision else "")
+                # how batches are made and whether each step is replayed as a CUDA graph
+                + (f"; {e['data']}" if e.get("data") else "")
             )
         elif kind == "step":
             self.steps.append(e["step"])

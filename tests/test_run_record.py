@@ -22,7 +22,11 @@ def test_history_from_event_dicts():
             "train_images": 9,
             "val_images": 1,
             "parameters": 10,
+            "data": "whole images held in memory on cuda; each step replayed as one CUDA graph",
         }
+    )
+    assert h.message.endswith(
+        "10 parameters; whole images held in memory on cuda; each step replayed as one CUDA graph"
     )
     h.apply(
         {
