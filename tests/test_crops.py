@@ -85,6 +85,13 @@ def test_crops_fit_small_frames_and_ignore_what_lies_beyond():
     assert (masks[:, 20:] == IGNORE_INDEX).all() and (masks[:, :, 30:] == IGNORE_INDEX).all()
     assert (images[:, 20:] == 0).all() and (images[:, :20, :30] == 7).all()
     assert set(np.unique(masks[:, :20, :30])) == {1, 2}
+    # An unlabelled frame (row 1 of a source with one labelled) has no mask to read: its
+    # crop is ignored everywhere until a correction labels it.
+    source = CropSource(
+        MemoryFrames(np.ones((2, 20, 30), np.uint8), images[:2, :20, :30], 1), [0], 16, 1, seed=0
+    )
+    assert (source.read([(1, 0, 0)])[1] == IGNORE_INDEX).all()
+    assert (source.read([(0, 0, 0)])[1] == 1).all()
 
 
 def test_class_aware_crops_are_centred_on_the_class():

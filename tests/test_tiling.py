@@ -193,20 +193,28 @@ def test_small_images_are_predicted_whole_large_ones_by_tiles(model_and_image, m
 
 
 @pytest.mark.parametrize("whole_pixels", [None, 1000], ids=["whole", "tiled"])
-def test_validation_classes_are_the_predicted_classes(model_and_image, whole_pixels):
+def test_validation_classes_are_the_predicted_classes(model_and_image, whole_pixels, monkeypatch):
     """Validation takes the classes without the probabilities: the same classes as
-    predict_any's, whether the frame is predicted whole or by tiles."""
+    predict_any's, whether the frame is predicted whole or by tiles (and by tiles only
+    when it is larger than ``whole_pixels``)."""
     import torch
 
+    from trainer import tiling
     from trainer.device import resolve_precision
     from trainer.inference import inference_model
     from trainer.tiling import WHOLE_IMAGE_PIXELS, classes_any
+
+    tiled = []
+    real = tiling.predict_tiled
+    monkeypatch.setattr(tiling, "predict_tiled", lambda *a, **k: tiled.append(1) or real(*a, **k))
 
     model, image = model_and_image
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)
     pixels = whole_pixels or WHOLE_IMAGE_PIXELS
     want = predict_any(model, image, precision=precision, whole_pixels=pixels).argmax(0)
+    tiled.clear()
     got = classes_any(inference_model(model, device), image, device, precision, whole_pixels=pixels)
+    assert len(tiled) == (0 if whole_pixels is None else 1)
     assert got.shape == image.shape
     np.testing.assert_array_equal(got.numpy(), want)
