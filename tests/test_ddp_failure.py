@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import socket
 
+import numpy as np
 import pytest
 
 
@@ -102,6 +103,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str, mode: str, fail_at: in
     said = {"kind": last.kind, "message": getattr(last, "message", ""), "step": last.step}
     said["updates"] = [[e.excluded, e.train_images] for e in events if e.kind == "data_update"]
     said["validated"] = [e.images for e in events if e.kind == "validation"]
+    said["pixels_scored"] = [int(np.sum(e.confusion)) for e in events if e.kind == "validation"]
     said["lr"] = [e.lr for e in events if e.kind == "step"]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(said, f)
@@ -158,6 +160,9 @@ def test_every_rank_trains_on_rank_0s_reading_of_the_corrections(tmp_path):
     said = _two_ranks(tmp_path, "corrections")
     assert said[0]["kind"] == "finished" and said[0]["updates"][0][0] == 0  # rank 0 excluded none
     assert said[0]["updates"] == said[1]["updates"] and said[0]["validated"] == said[1]["validated"]
+    # Each rank scores its share of the validation images and the counts are summed: every
+    # pixel once (each rank scoring them all would double them and leave the IoU unchanged).
+    assert said[0]["pixels_scored"] == [n * 64 * 128 for n in said[0]["validated"]], said[0]
 
 
 def test_a_stop_while_validating_frames_from_disk_ends_every_rank_alike(tmp_path):

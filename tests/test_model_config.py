@@ -195,6 +195,17 @@ def test_inference_runs_the_folded_model(monkeypatch):
     assert model.training  # confusion_on gives the model back in the mode it came in
 
 
+def test_images_enter_the_model_as_0_to_1():
+    """Training, prediction and the exported models (which divide by 255 themselves, as
+    their users' code must) see a uint8 image the same way: 0 -> 0.0, 255 -> 1.0."""
+    from trainer.inference import to_input
+
+    u8 = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    x = to_input(u8, torch.device("cpu"))
+    assert x.shape == (1, 1, 16, 16) and x.dtype == torch.float32
+    np.testing.assert_array_equal(x.flatten().numpy(), np.arange(256, dtype=np.float32) / 255.0)
+
+
 def test_build_model_from_config_counts_grow_with_width():
     small = build_model(preset("tiny"))
     big = build_model(preset("gpu"))
