@@ -139,6 +139,8 @@ def test_regions_ignore_speckle_and_boundary_strips():
     doubt[2:12, 2:14] = 0.9  # a real region of 120 pixels
     kept, n = _regions(doubt, 0.5, 24)
     assert n == 1 and kept[2:12, 2:14].all() and kept.sum() == 120
+    # A region of exactly min_region pixels is kept; one pixel more asked, it is not.
+    assert _regions(doubt, 0.5, 120)[1] == 1 and _regions(doubt, 0.5, 121)[1] == 0
 
 
 def test_doubt_is_zero_when_sure_and_one_at_a_tie_or_uniform():
@@ -221,6 +223,19 @@ def test_rank_pool_puts_images_like_the_labelled_ones_last():
     assert order[-1] == 2
     first = rank_pool(scores, top=1, labelled_features=labelled)[0]
     assert any(r.get("versus") == "labelled images" for r in first["reasons"])
+
+
+def test_each_pick_names_what_it_is_near_the_labelled_images_or_those_above():
+    """The second pick here lies next to a labelled image, far from the first pick: its
+    reason names the labelled images; the third lies next to the first pick."""
+    feats = [[1.0, 0, 0], [0, 1.0, 0], [1.0, 0.05, 0]]
+    scores = _scores([0.9, 0.8, 0.1], feats)
+    labelled = np.array([[0, 1.0, 0.02]]) / np.linalg.norm([0, 1.0, 0.02])
+    picks = rank_pool(scores, labelled_features=labelled, diversity=0)
+    assert [e["index"] for e in picks] == [0, 1, 2]
+    versus = [next(r["versus"] for r in e["reasons"] if r["kind"] == "diverse") for e in picks]
+    assert versus == ["labelled images", "labelled images", "images above"]
+    assert "close to the labelled images" in describe(picks[1])
 
 
 def test_suggest_cli_ranks_the_test_set(trained, tmp_path, capsys):
@@ -338,6 +353,12 @@ def test_pool_frames_of_any_size_and_by_tiles_score_as_whole_batches(trained, mo
     np.testing.assert_allclose(framed.uncertainty, batched.uncertainty, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(framed.features, batched.features, atol=1e-5)
     np.testing.assert_array_equal(framed.regions, batched.regions)
+    # Larger frames go in smaller batches, as prediction batches them (the same pixels a
+    # batch): 128x256 frames, 4x the pixels of 64x128, four to a batch of 16.
+    from trainer.suggest import _batches
+
+    large = [np.zeros((128, 256), np.uint8)] * 9
+    assert [len(b) for _, b in _batches(large, 16)] == [4, 4, 1]
     t = ds.test_images
     big = np.block([[t[4], t[0], t[0]]] * 3)  # two unlike scenes: the first tile mostly one
     whole = score_pool(model, [big])

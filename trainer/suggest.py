@@ -3,7 +3,7 @@
 Each image gets an uncertainty score from the model's own predictions (flip-averaged),
 counted by regions rather than speckle: pixels where the model hesitates (a small margin
 between its two likeliest classes, or a high entropy) are kept only where they form
-regions larger than ``min_region`` pixels after an opening, so the thin strips along
+regions of at least ``min_region`` pixels after an opening, so the thin strips along
 every class boundary, uncertain in any segmentation, do not decide the order.
 
 The queue is then picked greedily for diversity: each pick is the image whose
