@@ -224,3 +224,22 @@ def test_sixteen_bit_frames_are_stretched(tmp_path):
     Image.fromarray(frame).save(tmp_path / "f.png")
     ds = read_folder(tmp_path)
     np.testing.assert_array_equal(ds.test_images[0], [[0, 0], [128, 255]])
+
+
+def test_images_become_8_bit_gray_as_pil_reads_them():
+    """Colour becomes luma exactly as PIL's convert("L") (which is what people compare
+    with); 16-bit and float images are stretched onto 0..255; a boolean image is 0/255;
+    a constant one is all 0."""
+    from trainer.images import to_gray_u8
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(to_gray_u8(rgb), np.asarray(Image.fromarray(rgb).convert("L")))
+    rgba = np.concatenate([rgb, np.full((40, 50, 1), 7, np.uint8)], -1)
+    np.testing.assert_array_equal(to_gray_u8(rgba), to_gray_u8(rgb))
+    deep = np.array([[1000, 2000], [3000, 1000]], np.uint16)
+    np.testing.assert_array_equal(to_gray_u8(deep), [[0, 128], [255, 0]])
+    np.testing.assert_array_equal(to_gray_u8(np.array([[True, False]])), [[255, 0]])
+    np.testing.assert_array_equal(to_gray_u8(np.full((2, 2), 0.5)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="grayscale or an RGB"):
+        to_gray_u8(np.zeros((2, 2, 2)))

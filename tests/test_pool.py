@@ -384,6 +384,10 @@ def test_export_torchscript_runs_without_this_package(trained, tmp_path, capsys)
     )
     assert code == 0 and "100.00% of pixels" in stdout
     np.save(tmp_path / "x.npy", ds.test_images[:2])
+    # A colour image, each channel another scene: the export takes it as its luma (ITU-R 601
+    # weights, as training reads colour files), not as some other mix of the channels.
+    rgb = np.stack([ds.test_images[2], ds.test_images[3], 255 - ds.test_images[4]])[None]
+    np.save(tmp_path / "rgb.npy", rgb)
     script = (
         "import sys, numpy as np, torch\n"
         f"m = torch.jit.load({str(out)!r})\n"
@@ -392,6 +396,9 @@ def test_export_torchscript_runs_without_this_package(trained, tmp_path, capsys)
         "b = m(x.float().unsqueeze(1) / 255)\n"  # float (N, 1, H, W)
         "c = m(x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous())\n"  # RGB uint8
         "assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-3)\n"
+        f"rgb = torch.from_numpy(np.load({str(tmp_path / 'rgb.npy')!r}))\n"
+        "luma = (rgb.double() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True) / 255\n"
+        "assert torch.allclose(m(rgb), m(luma.float()), atol=1e-3)\n"
         "assert m(x[:, :45, :77]).shape == (2, 5, 45, 77)\n"
         "assert not any(k.startswith(('trainer', 'marsviewer')) for k in sys.modules)\n"
         f"np.save({str(tmp_path / 'y.npy')!r}, a.argmax(1).numpy())\n"
@@ -399,6 +406,29 @@ def test_export_torchscript_runs_without_this_package(trained, tmp_path, capsys)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     want = predict_arrays(model, ds.test_images[:2], 2, "cpu", precision=None)["masks"]
     assert (np.load(tmp_path / "y.npy") == want).mean() > 0.999
+
+
+def test_an_export_that_predicts_otherwise_is_refused(trained, tmp_path, monkeypatch):
+    """The export is checked against the checkpoint: one that changes a pixel in a hundred
+    is refused, naming its agreement."""
+    from trainer import portable
+
+    *_, model = trained
+    real = portable._torchscript_runner
+
+    def off_by_one(path):
+        run = real(path)
+
+        def wrong(batch):
+            got = run(batch).copy()
+            got.reshape(-1)[::100] = (got.reshape(-1)[::100] + 1) % 5
+            return got
+
+        return wrong
+
+    monkeypatch.setattr(portable, "_torchscript_runner", off_by_one)
+    with pytest.raises(portable.ExportError, match=r"agrees with the checkpoint on only 99\.0\d%"):
+        portable.export(model, "torchscript", tmp_path / "m.pt")
 
 
 def test_export_onnx_or_a_clear_message(trained, tmp_path, capsys, monkeypatch):
