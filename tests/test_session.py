@@ -500,3 +500,18 @@ def test_a_runs_notices_reach_the_person_and_counts_do_not(session):
     texts = [c[0] for c in notes.calls]
     assert texts == ["Training: the training step could not be captured as a CUDA graph (...)"]
     assert notes.calls[0][1] == "info"
+
+
+def test_a_duplicate_group_is_visited_from_its_first_member_then_in_order():
+    """Clicking a group from an image outside it starts at the group's first member (not
+    the member after the image shown); from a member it goes on to the next, then wraps."""
+    from marsviewer._browser import DatasetBrowser
+
+    b = DatasetBrowser()
+    b.set_dataset(np.random.default_rng(0).integers(0, 5, (12, 8, 8), dtype=np.uint8))
+    b.set_index(5)
+    seen = []
+    for _ in range(4):
+        b.visit_group([9, 3, 7])
+        seen.append(b.index)
+    assert seen == [3, 7, 9, 3]
