@@ -286,9 +286,10 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     assert b.own_name(20) == b.own_name(3) == ""  # an npz's names are numbers: the row says it all
     s.review.store.include(25)
     assert all(e.text and "uncertain" in e.label for e in nxt.entries)
+    assert b.show == "labelled"
     nxt.go_to(nxt.entries[0])
     row = b.index
-    assert row == rows[0]
+    assert row == rows[0] and b.show == "unlabelled"  # Next and Prev stay among the unlabelled
     nxt.confidence = 0.0  # keep every pixel: the whole prediction becomes the mask
     assert nxt.start_from_prediction() is not None
     wait(s, lambda: nxt.seed is None, timeout=120)
@@ -302,6 +303,39 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     assert (b.masks[row][kept] == first[kept]).all() and kept.sum() < first.size  # only the sure pixels
     assert s.review.save()
     assert b.pool_labelled == {row}
+
+
+def test_label_next_ranks_against_the_labelled_images_left_in(pool_session, monkeypatch):
+    """The queue's diversity is measured against the labelled images training uses: an
+    excluded one is not among them."""
+    from trainer import process
+
+    s, nxt = pool_session, pool_session.label_next
+    monkeypatch.setattr(nxt, "_checkpoint", lambda: "model.pt")
+    seen = []
+    monkeypatch.setattr(process, "SuggestProcess", lambda pool, labelled, *a: seen.append((pool, labelled)))
+    s.review.store.exclude(4)
+    s.review.store.exclude(22)
+    nxt.start()
+    (pool, labelled), images = seen[0], s.review.images
+    assert len(pool) == 5 and len(labelled) == 19
+    assert not any(np.array_equal(x, images[4]) for x in labelled)
+    assert not any(np.array_equal(x, images[22]) for x in pool)
+
+
+def test_a_prediction_does_not_overwrite_paint_made_while_it_ran(pool_session):
+    from types import SimpleNamespace
+
+    s, b, nxt = pool_session, pool_session.browser, pool_session.label_next
+    notes = Recorder(s.notify)
+    b.masks[21][:4] = 2  # the person paints while the prediction runs
+    shape = (1, *b.masks[21].shape)
+    predicted = SimpleNamespace(masks=np.full(shape, 3, np.uint8), confidence=np.ones(shape, np.float16))
+    nxt._take_seed(21, predicted)
+    assert (b.masks[21][:4] == 2).all() and (b.masks[21][4:] == 0).all()
+    assert "changed meanwhile" in notes.calls[-1][0]
+    nxt._take_seed(20, predicted)  # untouched: the prediction goes in
+    assert (b.masks[20] == 3).all() and s.review.has_unsaved_edits(20)
 
 
 def test_folder_corrections_survive_images_added_to_the_folder(tmp_path):
