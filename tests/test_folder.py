@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -77,6 +79,27 @@ def test_colour_masks_are_refused_gray_rgb_masks_read(tmp_path):
     save(tmp_path / "labels" / "a.png", colour)
     with pytest.raises(DatasetError, match=r"a\.png: mask is a colour image"):
         read_folder(tmp_path)
+    colour[0, 0] = (7, 7, 0)  # red and green alike, blue not: colour all the same
+    save(tmp_path / "labels" / "a.png", colour)
+    with pytest.raises(DatasetError, match=r"a\.png: mask is a colour image"):
+        read_folder(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("0:5", "'5' is not a class"),
+        ("0:1,#ff0000:4", "mixes colours and values"),
+        ("70000:1", "'70000' is not a mask value 0..65535"),
+        ("0:1,7", "'7' is not VALUE:CLASS"),
+        ("#ff00:1", "'#ff00' is not a colour"),
+    ],
+)
+def test_mask_mappings_that_cannot_be_meant_are_refused(spec, says):
+    from trainer.mask_mapping import MaskMapping
+
+    with pytest.raises(DatasetError, match=re.escape(says)):
+        MaskMapping.parse(spec)
 
 
 def test_resize_to_most_common_size_masks_nearest(tmp_path):
