@@ -80,6 +80,7 @@ def test_large_frames_are_a_file_each_and_read_back_exactly(tmp_path):
     for array in ("images", "masks"):
         assert len([p for p in (out / array / "c").rglob("*") if p.is_file()]) == 3
     ds = open_dataset(out, lazy=True)
+    assert ds.images.chunks == ds.masks.chunks == (1, 512, 512)  # a crop reads what it covers
     for i, name in enumerate("abc"):
         np.testing.assert_array_equal(ds.image(i), arrays[name][0])
         np.testing.assert_array_equal(ds.mask(i), arrays[name][1])
@@ -233,6 +234,13 @@ def test_foreign_and_unfinished_stores_are_refused(tmp_path):
     g.attrs["complete"] = False
     with pytest.raises(DatasetError, match="did not finish"):
         open_dataset(tmp_path / "s.zarr")
+    from trainer.formats.zarr_dataset import VERSION
+
+    g.attrs.update({"complete": True, "version": VERSION + 1})
+    with pytest.raises(DatasetError, match=f"written by a newer marsviewer.*reads up to {VERSION}"):
+        open_dataset(tmp_path / "s.zarr")
+    g.attrs["version"] = VERSION
+    assert len(open_dataset(tmp_path / "s.zarr")) == 4
     (tmp_path / "junk.zarr").mkdir()
     (tmp_path / "junk.zarr" / "zarr.json").write_text("{not json")
     with pytest.raises(DatasetError, match="junk.zarr: not a readable zarr store"):
