@@ -55,6 +55,9 @@ def test_bad_input_in_the_child_is_a_failed_event(tmp_path):
 
 def test_describe_exit():
     assert "SIGKILL" in describe_exit(-9) and "code 3" in describe_exit(3)
+    # A child killed outright was most often killed for memory: the person is told so.
+    assert "out of memory" in describe_exit(-9) and "out of memory" not in describe_exit(-15)
+    assert describe_exit(-15) == "was ended by SIGTERM" and describe_exit(None) == "is still running"
 
 
 @pytest.mark.skipif(not hasattr(os, "getppid"), reason="POSIX only")
