@@ -65,6 +65,28 @@ def _confident(masks: np.ndarray, p: float = 0.9) -> np.ndarray:
     return probs
 
 
+def test_label_errors_are_confident_regions_not_speckle():
+    """A pixel counts as mislabelled where the model gives its label less than that
+    class's threshold and another class at least its own, and only inside a region of
+    such pixels: the same disagreement on scattered pixels is model noise."""
+    from trainer.audit_pixels import class_thresholds, label_error_pixels
+
+    masks = np.ones((1, 24, 24), np.uint8)  # all Soil
+    probs = np.zeros((1, 5, 24, 24), np.float32)
+    probs[0, 1] = 0.9
+    region = (slice(4, 12), slice(4, 12))
+    probs[0, 1][region], probs[0, 2][region] = 0.05, 0.9  # the model says Bedrock here
+    for y, x in ((18, 3), (3, 20), (20, 20)):  # and on three scattered pixels
+        probs[0, 1, y, x], probs[0, 2, y, x] = 0.05, 0.9
+    t = class_thresholds(masks, probs)
+    assert t[1] == pytest.approx(probs[0, 1].mean()) and t[[0, 2, 3, 4]].tolist() == [1.0] * 4
+    # Classes no pixel is labelled with get threshold 1: no probability reaches it.
+    assert not label_error_pixels(masks, probs).any()
+    errors = label_error_pixels(masks, probs, thresholds=np.array([1.0, 0.8, 0.5, 1.0, 1.0]))
+    assert errors[0][5:11, 5:11].all() and errors.sum() <= 64  # the region, inside its edge
+    assert not errors[0, 18, 3] and not errors[0, 3, 20] and not errors[0, 20, 20]
+
+
 def test_misalignment_finds_the_move_that_puts_a_mask_back():
     truth = _stripes()
     probs = _confident(truth)

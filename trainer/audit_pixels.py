@@ -61,8 +61,7 @@ def label_error_pixels(
         p = probs[start : start + 128].astype(np.float32)  # (B, C, H, W)
         m = masks[start : start + 128].astype(np.int64)
         given = np.take_along_axis(p, m[:, None], axis=1)[:, 0]
-        above = p >= t[None, :, None, None]
-        np.put_along_axis(above, m[:, None], False, axis=1)  # other classes only
+        above = p >= t[None, :, None, None]  # the label's own class is not: given < t[m]
         err = above.any(axis=1) & (given < t[m])
         smooth = uniform_filter(err.astype(np.float32), size=(1, window, window), mode="nearest")
         out[start : start + 128] = err & (smooth >= coherence)
