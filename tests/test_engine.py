@@ -557,6 +557,10 @@ def test_a_run_directory_holds_one_run(tiny_run, data, tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match="holds another run"):
         next(fit(data, preset("tiny"), run, resume=other))  # a checkpoint from elsewhere: another run
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    died = tmp_path / "died"  # a run that ended before its first event left an empty record
+    died.mkdir()
+    (died / "events.jsonl").write_text("")
+    assert runs.RunDir(died).best == died / "checkpoints" / "best.pt"  # not another run: reused
     monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261127-120000")
     made = [new_run_dir(tmp_path / "runs") for _ in range(3)]
     assert [p.name for p in made] == ["20261127-120000", "20261127-120000-2", "20261127-120000-3"]
