@@ -57,3 +57,27 @@ def test_step_profile_counts_the_steps_it_profiles(tmp_path):
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in build_model(preset("tiny")).modules())
     backward = [r for r in top if r["op"] == "aten::convolution_backward"]
     assert backward and backward[0]["calls_per_step"] == convs, top
+
+
+def test_norm_cost_times_each_batch_norm_a_step_runs(tmp_path, monkeypatch):
+    """The shapes are those the preset's batch norms see (each counted per call), and the
+    step's totals are the per-shape figures times their calls."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import norm_cost
+
+    from trainer.config import preset
+
+    cfg = preset("cpu").replace(precision="fp32")
+    shapes = norm_cost.norm_inputs(cfg)
+    assert sum(shapes.values()) == 2 * (2 * cfg.depth + 1)  # two per block: encoders and decoders
+    assert shapes[((32, 16, 64, 128), torch.float32)] == 4 and shapes[((32, 128, 8, 16), torch.float32)] == 2
+    cmd = [sys.executable, str(ROOT / "bench/norm_cost.py"), "--preset", "tiny", "--reps", "3"]
+    run = subprocess.run(
+        cmd + ["--json", str(tmp_path / "n.json")], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads((tmp_path / "n.json").read_text())
+    for part in norm_cost.PARTS:
+        total = sum(r["calls"] * r[part] for r in out["shapes"])
+        assert abs(out["step_ms"][part] - total) <= 0.01 + 0.01 * total, part
+    assert all(r["copy"] > 0 and r["bn_forward"] > 0 for r in out["shapes"])
