@@ -4,7 +4,8 @@
 #     bash bench/gpu.sh [OUTDIR]      # default bench/out; PYTHON=... picks the interpreter
 #
 # pytest -m gpu, then train_throughput, step_profile and compile_check with --device cuda,
-# and graph_step (the whole training step as one CUDA graph), their JSON in OUTDIR as
+# graph_step (the whole training step as one CUDA graph) and batch_quality (the gpu preset's
+# mIoU at batch 128 and 256), their JSON in OUTDIR as
 # *_cuda.json, and what each printed in OUTDIR/gpu.log (the tests' also in gpu_tests.log).
 # Each part has a time limit of its own, so that one that hangs or fails leaves the others
 # their turn; the exit status is the first failure's.
@@ -38,6 +39,7 @@ part 240 gpu_tests $py -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
 part 300 train_throughput_cuda $py bench/train_throughput.py --device cuda --json "$out/train_throughput_cuda.json"
 part 120 step_profile_cuda $py bench/step_profile.py --device cuda --json "$out/step_profile_cuda.json"
 part 200 graph_step_cuda $py bench/graph_step.py --variants --json "$out/graph_step_cuda.json"
+part 300 batch_quality_cuda $py bench/batch_quality.py --device cuda --json "$out/batch_quality_cuda.json"
 part 240 compile_check_cuda $py bench/compile_check.py --device cuda --steps 50 --json "$out/compile_check_cuda.json"
 part 240 compile_check_cuda_graphs $py bench/compile_check.py --device cuda --steps 50 --mode reduce-overhead \
     --json "$out/compile_check_cuda_graphs.json"

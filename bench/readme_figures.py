@@ -379,7 +379,35 @@ def gpu(outputs: dict[str, dict]) -> list[str]:
             f"{g['first_replay_loss']} at the first replay, {g['last_replay_loss']} after {g['steps']}). "
             + _graph_variants(g, outputs.get("compile_check_cuda_graphs")),
         ]
+    bq = outputs.get("batch_quality_cuda")
+    if bq:
+        lines += ["", batch_quality(bq)]
     return lines
+
+
+def batch_quality(b: dict) -> str:
+    """What a larger batch costs in quality (``bench/batch_quality.py``)."""
+    lr = {"none": "", "sqrt": ", the learning rate scaled by the square root of the batch ratio",
+          "linear": ", the learning rate scaled with the batch"}[b["lr_scale"]]  # fmt: skip
+    rows = b["batches"]
+    each = "; ".join(
+        f"batch {r['batch_size']}: mIoU **{r['mean_miou']:.3f}** ({', '.join(f'{m:.3f}' for m in r['miou'])}), "
+        f"{r['steps']:,} steps, {r['mean_seconds']} s, {r['mean_img_s']:,.0f} img/s over the whole run"
+        for r in rows
+    )
+    first = rows[0]["batch_size"]
+    diffs = "; ".join(
+        f"batch {r['batch_size']} minus batch {first}, seed by seed: {r['paired_difference']:+.3f} on average"
+        for r in rows[1:]
+    )
+    if b["seed_spread"]:
+        diffs += f", where batch {first}'s mIoU moves by {b['seed_spread']:.3f} from seed to seed (standard deviation)"
+    return (
+        f"Batch size and quality (`bench/out/batch_quality_cuda.json`, {_when(b)}, {b['device']}, "
+        f"`bench/batch_quality.py`: the `{b['preset']}` preset, {b['epochs']} epochs on {b['images']:,} "
+        f"synthetic images, seeds {', '.join(map(str, b['seeds']))}, each run scored at its last epoch on the "
+        f"same held-out split{lr}): {each}. {diffs[0].upper()}{diffs[1:]}."
+    )
 
 
 def _gpu_pipeline_row(t: dict) -> str:
@@ -518,6 +546,7 @@ GPU_OUTPUTS = [
     "compile_check_cuda",
     "compile_check_cuda_graphs",
     "graph_step_cuda",
+    "batch_quality_cuda",
 ]
 
 

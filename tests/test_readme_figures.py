@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -144,7 +146,8 @@ def test_the_graphed_pipeline_is_shown_beside_the_eager_one_and_its_kernels_by_k
     import json
 
     figures = _bench_module("readme_figures")
-    outputs = {n: json.loads((ROOT / "bench/out" / f"{n}.json").read_text()) for n in figures.GPU_OUTPUTS}
+    kept = [n for n in figures.GPU_OUTPUTS if (ROOT / "bench/out" / f"{n}.json").exists()]
+    outputs = {n: json.loads((ROOT / "bench/out" / f"{n}.json").read_text()) for n in kept}
     t = {**outputs["train_throughput_cuda"], "pipeline_img_s": 8000.0, "cuda_pipeline_eager_img_s": 4000.0}
     kernels = [
         {"kernel": "batch_norm_collect_statistics", "ms_per_step": 3.0, "share": 0.2, "calls_per_step": 18},
@@ -178,3 +181,29 @@ def test_the_graphed_pipeline_is_shown_beside_the_eager_one_and_its_kernels_by_k
     assert "pay back against the graph after about 10,000 steps, 8.8 times the 1,140" in text
     slower = {**compiled, "compiled_img_s": 7000.0}
     assert "pay back against" not in "\n".join(figures.gpu({**outputs, "compile_check_cuda_graphs": slower}))
+
+
+def test_batch_quality_trains_each_batch_on_each_seed_and_is_rendered(tmp_path):
+    """The batch bench on the CPU with the tiny preset: every (batch, seed) run on the same
+    images, paired by seed, and the README's sentence made from it."""
+    import json
+
+    cmd = [sys.executable, str(ROOT / "bench/batch_quality.py"), "--device", "cpu", "--preset", "tiny"]
+    cmd += ["--images", "24", "--epochs", "2", "--batches", "4,8", "--seeds", "0,1", "--lr-scale", "sqrt"]
+    run = subprocess.run(
+        cmd + ["--json", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["batch_size"], r["seed"]) for r in out["runs"]] == [(4, 0), (8, 0), (4, 1), (8, 1)]
+    small, large = out["batches"]
+    assert small["paired_difference"] == 0 and large["steps"] < small["steps"]
+    runs = {(r["batch_size"], r["seed"]): r for r in out["runs"]}
+    assert large["miou"] == [runs[8, 0]["miou"], runs[8, 1]["miou"]]
+    want = ((runs[8, 0]["miou"] - runs[4, 0]["miou"]) + (runs[8, 1]["miou"] - runs[4, 1]["miou"])) / 2
+    assert abs(large["paired_difference"] - want) < 1e-4
+    assert runs[8, 0]["lr"] == pytest.approx(runs[4, 0]["lr"] * 2**0.5)
+    text = _bench_module("readme_figures").batch_quality(out)
+    assert f"batch 8: mIoU **{large['mean_miou']:.3f}**" in text
+    assert f"Batch 8 minus batch 4, seed by seed: {want:+.3f} on average" in text
+    assert "scaled by the square root" in text and "seeds 0, 1" in text
