@@ -7,8 +7,10 @@ drawn from the images held on the GPU, the batched augmentation, forward in bf16
 the preset's loss with the engine's class weights, backward, the finite check, fused AdamW
 with ``capturable=True``) and times its replay against the same step run eagerly, in one
 run, with nothing else of a run around it. ``--variants`` also times the replay in other
-layouts and precisions, with cuDNN's timed algorithm choice, and at twice the batch: once
-the host is out of the step, which form the kernels run fastest in.
+layouts and precisions, with cuDNN's timed algorithm choice, at twice the batch, and with
+cuDNN's batch norm in place of PyTorch's channels_last kernels: once the host is out of the
+step, which form the kernels run fastest in. ``batch_norm_backend`` says which batch norm
+PyTorch picks for the model's activations.
 
 Replays must learn: the loss at the first and last replay is reported, and the weights must
 change between replays.
@@ -32,18 +34,50 @@ from trainer.losses import LossParams, SegmentationLoss, frequency_class_weights
 from trainer.model import build_model
 from trainer.stats import class_pixel_counts
 
-VARIANTS = {  # name: (channels_last, bf16, cudnn.benchmark, batch size factor)
-    "channels_last_bf16": (True, True, False, 1),
-    "channels_last_fp32": (True, False, False, 1),
-    "contiguous_bf16": (False, True, False, 1),
-    "channels_last_bf16_cudnn_benchmark": (True, True, True, 1),
-    "channels_last_bf16_batch_x2": (True, True, False, 2),
+VARIANTS = {  # name: (channels_last, bf16, cudnn.benchmark, batch size factor, cuDNN batch norm)
+    "channels_last_bf16": (True, True, False, 1, False),
+    "channels_last_fp32": (True, False, False, 1, False),
+    "contiguous_bf16": (False, True, False, 1, False),
+    "channels_last_bf16_cudnn_benchmark": (True, True, True, 1, False),
+    "channels_last_bf16_batch_x2": (True, True, False, 2, False),
+    # batch norm is a quarter of the graphed step's kernel time in PyTorch's own
+    # channels_last kernels (step_profile.py): the same step with cuDNN's batch norm
+    "channels_last_bf16_cudnn_batch_norm": (True, True, False, 1, True),
 }
 
 
-def measure(cfg, data, steps: int, channels_last=True, bf16=True, cudnn_benchmark=False, eager=True) -> dict:
+def _cudnn_batch_norm(bn: torch.nn.BatchNorm2d):
+    """``bn``'s training forward through ``torch.cudnn_batch_norm`` (differentiable),
+    whatever PyTorch would pick for the input."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = torch.cudnn_batch_norm(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
+        )
+        return out[0]
+
+    return forward
+
+
+def batch_norm_backend(cfg) -> str:
+    """Which kernels PyTorch picks for the model's first batch norm in training (channels_last,
+    bf16): ``Native`` (its own) or ``Cudnn``."""
+    select = getattr(torch._C, "_select_batch_norm_backend", None)
+    if select is None:
+        return "unknown (this torch does not say)"
+    c = cfg.base_width
+    x = torch.zeros(cfg.batch_size, c, 64, 128, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(c, device="cuda"), torch.zeros(c, device="cuda")
+    return str(select(x, w, b, torch.zeros_like(w), torch.ones_like(w), True, 1e-5)).split(".")[-1]
+
+
+def measure(
+    cfg, data, steps: int, channels_last=True, bf16=True, cudnn_benchmark=False, eager=True, cudnn_norm=False
+) -> dict:
     """The step captured and replayed ``steps`` times (and run as many times eagerly first
-    when ``eager``), in one layout and precision."""
+    when ``eager``), in one layout and precision (and with cuDNN's batch norm when
+    ``cudnn_norm``)."""
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = cudnn_benchmark
     images = torch.from_numpy(data.images).to(device)
@@ -53,6 +87,10 @@ def measure(cfg, data, steps: int, channels_last=True, bf16=True, cudnn_benchmar
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    if cudnn_norm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.forward = _cudnn_batch_norm(m)
     weights = frequency_class_weights(
         class_pixel_counts(data.masks), cfg.background_weight, cfg.class_weighting
     )
@@ -150,13 +188,23 @@ def main() -> None:
         "steps": args.steps,
         **measure(cfg, data, args.steps),
     }
+    result["batch_norm_backend"] = batch_norm_backend(cfg)
     if args.variants:
-        result["variants_graph_img_s"] = {
-            name: measure(
-                cfg.replace(batch_size=cfg.batch_size * k), data, args.steps, cl, bf, cb, eager=False
-            )["graph_img_s"]
-            for name, (cl, bf, cb, k) in VARIANTS.items()
-        }
+        result["variants_graph_img_s"], failed = {}, {}
+        for name, (cl, bf, cb, k, cn) in VARIANTS.items():
+            try:
+                run = measure(
+                    cfg.replace(batch_size=cfg.batch_size * k), data, args.steps, cl, bf, cb, False, cn
+                )
+            except RuntimeError as exc:  # a form this GPU or torch cannot run: said, the others go on
+                failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                continue
+            if not run["weights_changed"] or run["nonfinite"]:
+                failed[name] = "its replays did not learn"  # a speed that does not count
+            else:
+                result["variants_graph_img_s"][name] = run["graph_img_s"]
+        if failed:
+            result["variants_failed"] = failed
     result["torch"] = torch.__version__
     report(result, args.json)
 

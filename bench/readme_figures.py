@@ -458,19 +458,27 @@ def _graph_variants(g: dict, compiled: dict | None) -> str:
         "The engine replays its step the same way on a GPU (`cuda_graph`, on by default; one "
         "process, images in GPU memory)."
     )
+    names = {
+        "channels_last_bf16": "channels_last bf16 (the engine's)",
+        "channels_last_fp32": "channels_last fp32 (TF32 convolutions)",
+        "contiguous_bf16": "contiguous bf16",
+        "channels_last_bf16_cudnn_benchmark": "channels_last bf16 with `cudnn.benchmark`",
+        "channels_last_bf16_batch_x2": f"channels_last bf16 at batch {2 * g['batch_size']}",
+        "channels_last_bf16_cudnn_batch_norm": "channels_last bf16 with cuDNN's batch norm",
+    }
     v = g.get("variants_graph_img_s")
     if v:
-        names = {
-            "channels_last_bf16": "channels_last bf16 (the engine's)",
-            "channels_last_fp32": "channels_last fp32 (TF32 convolutions)",
-            "contiguous_bf16": "contiguous bf16",
-            "channels_last_bf16_cudnn_benchmark": "channels_last bf16 with `cudnn.benchmark`",
-            "channels_last_bf16_batch_x2": f"channels_last bf16 at batch {2 * g['batch_size']}",
-        }
         text += (
             " The replayed step in other forms, same run, img/s: "
             + "; ".join(f"{names.get(k, k)} {x:,.0f}" for k, x in v.items())
             + "."
+        )
+    for name, why in g.get("variants_failed", {}).items():
+        said = names.get(name, name)
+        text += f" {said[0].upper()}{said[1:]}: not counted ({why})."
+    if g.get("batch_norm_backend"):
+        text += (
+            f" PyTorch picks its `{g['batch_norm_backend']}` batch norm kernels for the model's activations."
         )
     if compiled and compiled.get("compiled_img_s", 0) > g["graph_img_s"]:
         run_steps = _competition_run_steps(g.get("preset", "gpu"))

@@ -140,6 +140,15 @@ def test_the_whole_step_as_a_cuda_graph_is_rendered_with_whether_it_learns():
     assert "**12,500 img/s** against the same step eager 5,000 (x2.5)" in text and "the replays learn" in text
     stuck = "\n".join(figures.gpu({**outputs, "graph_step_cuda": {**graph, "weights_changed": False}}))
     assert "**the replays do not learn**" in stuck
+    # A form that could not run, or whose replays did not learn, is named with why; the
+    # batch norm kernels PyTorch picked are said.
+    graph["variants_graph_img_s"] = {"channels_last_bf16": 8000.0, "contiguous_bf16": 3000.0}
+    graph["variants_failed"] = {"channels_last_bf16_cudnn_batch_norm": "its replays did not learn"}
+    graph["batch_norm_backend"] = "Native"
+    text = "\n".join(figures.gpu({**outputs, "graph_step_cuda": graph}))
+    assert "channels_last bf16 (the engine's) 8,000; contiguous bf16 3,000." in text
+    assert "Channels_last bf16 with cuDNN's batch norm: not counted (its replays did not learn)." in text
+    assert "PyTorch picks its `Native` batch norm kernels" in text
 
 
 def test_the_graphed_pipeline_is_shown_beside_the_eager_one_and_its_kernels_by_kind():
