@@ -96,6 +96,19 @@ def test_convert_says_which_corrections_it_could_not_carry(tmp_path, capsys):
     store.close()
 
 
+def test_convert_makes_no_store_when_nothing_it_found_fits(tmp_path, capsys):
+    """A source whose only correction cannot be carried (a mask of another size) gives the
+    converted dataset no store of its own: nothing was carried into one."""
+    mixed_folder(tmp_path / "src")
+    ds = open_dataset(tmp_path / "src", size=(20, 20))
+    store = CorrectionStore.for_dataset(ds)
+    store.save_mask(0, np.ones((20, 20), np.uint8))  # a: 37x50 on disk
+    store.close()
+    assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "d.zarr")]) == 0
+    assert "images/a: its saved mask is not the size of its frame" in capsys.readouterr().err
+    assert CorrectionStore.existing(open_zarr(tmp_path / "d.zarr")) is None
+
+
 def test_convert_of_a_folder_without_corrections_makes_no_store(tmp_path, capsys):
     mixed_folder(tmp_path / "src")
     assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "d.zarr")]) == 0
