@@ -26,9 +26,7 @@ from trainer import events as ev
 from trainer.config import preset
 from trainer.device import device_name, resolve_device
 from trainer.engine import fit
-from trainer.synth import generate
-
-COMPETITION_IMAGES = 2615
+from trainer.synth import COMPETITION_IMAGES, generate
 
 
 def train_once(dataset, cfg) -> dict:

@@ -494,12 +494,10 @@ def _graph_variants(g: dict, compiled: dict | None) -> str:
     return text
 
 
-COMPETITION_IMAGES = 2615  # labelled images of the Mars competition's file
-
-
 def _competition_run_steps(preset_name: str) -> int:
     """The steps of a run of ``preset_name`` on the competition's labelled images."""
     from trainer.config import preset
+    from trainer.synth import COMPETITION_IMAGES
 
     cfg = preset(preset_name)
     return -(-int(COMPETITION_IMAGES * (1 - cfg.val_fraction)) // cfg.batch_size) * cfg.epochs

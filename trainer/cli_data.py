@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli_common import CliError, add_dataset_args, load_dataset, say_replaced_store
+from .synth import COMPETITION_IMAGES
 
 
 def _output(text: str, suffix: str) -> Path:
@@ -127,7 +128,12 @@ def _say_carried(report) -> None:
 def register(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic Mars dataset in the competition .npz format")
     p.add_argument("out", help="output .npz; OUT.truth.json records the planted label problems")
-    p.add_argument("--train", type=int, default=2615, help="training images (default 2615)")
+    p.add_argument(
+        "--train",
+        type=int,
+        default=COMPETITION_IMAGES,
+        help=f"training images (default {COMPETITION_IMAGES})",
+    )
     p.add_argument("--test", type=int, default=0, help="unlabelled test images (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -30,8 +30,9 @@ from .dataset import Dataset
 # Images are rendered in fixed batches of this many (the last one cut), so image i does
 # not depend on how many images were asked for.
 BATCH = 64
+COMPETITION_IMAGES = 2615  # labelled images of the Mars competition's file
 BIG_ROCK_IMAGE_RATE = 0.03  # real data: 62 of 2615 images hold a big rock
-OUTLIER_RATE = 110 / 2615
+OUTLIER_RATE = 110 / COMPETITION_IMAGES
 CORRUPT_RATE = 0.04
 
 
@@ -245,7 +246,7 @@ def _corrupt(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, st
 
 
 def generate(
-    n_train: int = 2615,
+    n_train: int = COMPETITION_IMAGES,
     n_test: int = 0,
     seed: int = 0,
     shape: tuple[int, int] = (64, 128),
