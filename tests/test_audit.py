@@ -193,7 +193,7 @@ def test_cli_audit_and_export(tmp_path, npz_path, small_sample, capsys):
     kept = [i for i in range(len(ds)) if i not in small_sample.truth["outlier_group"]]
     assert len(got) == len(kept)
     np.testing.assert_array_equal(got.masks[kept.index(bad)], small_sample.clean_masks[bad])
-    log = json.loads((tmp_path / "fixed.changelog.json").read_text())
+    log = json.loads((tmp_path / "fixed.npz.changelog.json").read_text())
     assert log["edited"] == 1 and log["excluded"] == len(small_sample.truth["outlier_group"])
     assert log["changes"][0]["history"][0]["note"] == "fixed"
     assert main(["export", str(npz_path), "--out", str(npz_path)]) == 2  # never the original

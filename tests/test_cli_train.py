@@ -90,6 +90,13 @@ def test_predict_and_probs(trained, tmp_path, capsys):
         ["predict", data, "--checkpoint", run_dir / "checkpoints/last.pt", "--split", "all", "--out", out],
         capsys,
     )
+    assert code == 2  # the first prediction is not replaced unasked
+    code, _, _ = run(
+        ["predict", data, "--checkpoint", run_dir / "checkpoints/last.pt", "--split", "all", "--out", out]
+        + ["--overwrite"],
+        capsys,
+    )
+    assert code == 0
     with np.load(out) as z:
         assert z["masks"].shape == (40, 64, 128)
 
@@ -116,6 +123,10 @@ def test_submit_csv(trained, tmp_path, capsys):
         (["evaluate", "{data}", "--checkpoint", "{tmp}/missing.pt"], "no such checkpoint"),
         (
             ["train", "{data}", "--run-dir", "{data}/sub", "--preset", "tiny"],
+            "lies inside an input of this command",
+        ),
+        (
+            ["train", "{data}", "--run-dir", "/dev/null/run", "--preset", "tiny"],
             "cannot write the run directory",
         ),
         (["train", "{data}", "--run-dir", "{tmp}/r", "--epochs", "1", "--minutes", "1"], "not both"),

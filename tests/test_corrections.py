@@ -300,7 +300,7 @@ def test_unlabelled_images_get_labels_with_history_and_export(tmp_path, capsys):
     exported = read_npz(out)
     assert len(exported) == n + 1 and (exported.masks[n] == 2).all() and (exported.masks[4] == 1).all()
     np.testing.assert_array_equal(exported.test_images, data.test_images)
-    log = json.loads(out.with_name("out.changelog.json").read_text())
+    log = json.loads(out.with_name("out.npz.changelog.json").read_text())
     assert log["newly_labelled"] == 1
     assert any(c["action"] == "labelled" and c["unlabelled_index"] == 1 for c in log["changes"])
     store.restore(n + 1)  # back to unlabelled

@@ -477,15 +477,22 @@ def test_checkpoint_write_failure_keeps_the_previous_file(data, tmp_path, monkey
     path = tmp_path / "last.pt"
     ckpt_module.save_checkpoint(path, model=build_model(cfg), config=cfg, step=7)
 
-    def crash_half_way(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 half a zip")
-        raise OSError(28, "No space left on device")
+    real_open = open
 
-    monkeypatch.setattr(ckpt_module.torch, "save", crash_half_way)
+    def disk_full_half_way(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write(b"PK\x03\x04 half a zip")
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+
+    monkeypatch.setattr("builtins.open", disk_full_half_way)
     with pytest.raises(OSError):
         ckpt_module.save_checkpoint(path, model=build_model(cfg), config=cfg, step=8)
+    monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no partial file left
 
 
 # -- resume ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ mid-write never replaces the last good checkpoint.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import warnings
@@ -44,8 +45,17 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: TrainCo
         **state,
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    # Serialised in memory and written by Python, which raises on a full disk (torch's
+    # own file writer aborts the process in C++ there).
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -99,6 +109,19 @@ def load_checkpoint(path: str | Path) -> dict:
         data["config_obj"] = from_dict(data["config"], where=f"{path} config")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
+    weights = data.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: holds no model weights (a damaged or foreign checkpoint)")
+    broken = [
+        k
+        for k, v in weights.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if broken:
+        raise CheckpointError(
+            f"{path}: {len(broken)} weight tensor(s) hold NaN or infinite values ({', '.join(broken[:3])}); "
+            "the model diverged or the file is damaged: use an earlier checkpoint"
+        )
     return data
 
 

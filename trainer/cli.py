@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .corrections import CorrectionsError
     from .device import DeviceError
+    from .outputs import OutputError
     from .runs import RunDirError
 
     keep_freed_memory()
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         DeviceError,
         RunDirError,
         CorrectionsError,
+        OutputError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

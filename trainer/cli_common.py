@@ -198,6 +198,14 @@ def inference_parser(sub, name: str, help: str, splits: tuple, default: str, inp
     return q
 
 
+def add_overwrite_arg(p: argparse.ArgumentParser, help: str = "replace an existing --out") -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"{help} (an output that is or holds one of the command's inputs is refused all the same)",
+    )
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_common import CliError, add_dataset_args, load_dataset, say_replaced_store
+from .cli_common import CliError, add_dataset_args, add_overwrite_arg, load_dataset, say_replaced_store
+from .outputs import check_output, write_bytes
 from .synth import COMPETITION_IMAGES
 
 
@@ -21,24 +22,27 @@ def _output(text: str, suffix: str) -> Path:
     return out
 
 
+def truth_path(out: Path) -> Path:
+    """``OUT.truth.json``: the label problems planted in a synthetic dataset."""
+    return out.with_name(out.stem + ".truth.json")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .formats import write_npz
     from .synth import generate
 
     out = _output(args.out, ".npz")
+    check_output(out, overwrite=args.overwrite)
+    check_output(truth_path(out), overwrite=args.overwrite)
     if args.train < 10 and not args.no_problems:
         print("note: fewer than 10 images: no label problems are planted", file=sys.stderr)
     sample = generate(args.train, args.test, seed=args.seed, plant_problems=not args.no_problems)
     ds = sample.dataset
-    try:
-        write_npz(out, ds.images, ds.masks, ds.test_images, dtype=args.dtype)
-        truth_path = out.with_name(out.stem + ".truth.json")
-        truth_path.write_text(json.dumps(sample.truth, indent=1))
-    except OSError as exc:
-        raise CliError(f"{out}: could not be written ({exc.strerror or exc})") from None
+    write_npz(out, ds.images, ds.masks, ds.test_images, dtype=args.dtype, overwrite=args.overwrite)
+    truth = write_bytes(truth_path(out), json.dumps(sample.truth, indent=1), overwrite=True)
     print(
         f"wrote {out} ({len(ds)} training, {args.test} test images, {args.dtype}) "
-        f"and {truth_path.name} ({len(sample.truth['outlier_group'])} outliers, "
+        f"and {truth.name} ({len(sample.truth['outlier_group'])} outliers, "
         f"{len(sample.truth['corrupted'])} corrupted masks)"
     )
     return 0
@@ -143,6 +147,7 @@ def register(sub) -> None:
         help="stored dtype; the real file uses float64 (default)",
     )
     p.add_argument("--no-problems", action="store_true", help="plant no outliers or corrupted masks")
+    add_overwrite_arg(p, "replace an existing OUT and its OUT.truth.json")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -157,7 +162,7 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs, at most 8)")
     p.add_argument("--skip-bad", action="store_true", help="leave out frames that cannot be read (listed)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    add_overwrite_arg(p, "replace an existing OUT")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("stats", help="class balance and duplicate-mask groups of a dataset")

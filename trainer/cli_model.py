@@ -16,11 +16,13 @@ from .cli_common import (
     CliError,
     add_checkpoint_arg,
     add_dataset_args,
+    add_overwrite_arg,
     corrected_stats,
     load_dataset,
     positive_int,
     progress_printer,
 )
+from .outputs import check_output, dataset_inputs, partial_name, write_bytes, written
 
 
 def _checkpoint_model(path: str):
@@ -72,11 +74,19 @@ def _pool_of(dataset, store) -> _Pool:
     return _Pool(pool, js, labelled, m, len(since), counts)
 
 
+def _inputs(args: argparse.Namespace) -> list:
+    return [*dataset_inputs(args.dataset), args.checkpoint]
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
     from .cli_common import open_store
     from .device import resolve_device
     from .suggest import rank_pool, score_pool
 
+    if args.out:
+        check_output(args.out, _inputs(args), args.overwrite)
+    if not 0.0 <= args.diversity <= 1.0:  # nan fails both
+        raise CliError(f"--diversity must be between 0 and 1, got {args.diversity}")
     dataset = load_dataset(args, lazy=True)
     store = None if args.no_corrections else open_store(dataset, None)
     try:
@@ -123,10 +133,7 @@ def _say_ranking(args: argparse.Namespace, ranking: list[dict], pool_share: np.n
     )
     text = json.dumps(ranking, indent=1)
     if args.out:
-        try:
-            Path(args.out).write_text(text + "\n")
-        except OSError as exc:
-            raise CliError(f"{args.out}: could not be written ({exc.strerror or exc})") from None
+        write_bytes(args.out, text + "\n", inputs=_inputs(args), overwrite=args.overwrite)
         print(f"wrote {args.out}: {len(ranking)} of {len(pool.js)} unlabelled images, most useful first")
     info = sys.stdout if args.out else sys.stderr
     print(
@@ -164,13 +171,13 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     fmt = _export_format(out, args.format)
-    if not out.parent.exists():
-        raise CliError(f"{out.parent}: no such folder")
+    check_output(out, [args.checkpoint], args.overwrite)
     model = _checkpoint_model(args.checkpoint)
     try:
-        agreement = export(model, fmt, out)
+        with written(out, [args.checkpoint], args.overwrite) as tmp:
+            agreement = export(model, fmt, tmp)
     except ExportError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc).replace(str(partial_name(out)), str(out))) from None
     print(
         f"wrote {out} ({fmt}); checked against the checkpoint on random images of two sizes: "
         f"{100 * agreement:.2f}% of pixels predicted alike"
@@ -200,6 +207,7 @@ def register(sub) -> None:
         help="0: uncertainty alone; 1 (default): discount images like those already picked or labelled",
     )
     p.add_argument("--show", type=int, default=10, help="print this many entries with their reasons")
+    add_overwrite_arg(p)
     p.add_argument(
         "--no-corrections",
         action="store_true",
@@ -214,4 +222,5 @@ def register(sub) -> None:
     add_checkpoint_arg(p)
     p.add_argument("--format", choices=FORMATS, help="default: onnx for a file named .onnx, else torchscript")
     p.add_argument("--out", required=True, help="the model file (e.g. model.pt or model.onnx)")
+    add_overwrite_arg(p)
     p.set_defaults(func=cmd_export_model)

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_common import CliError, inference_parser, load_dataset, load_model, progress_printer, split_indices
+from .cli_common import (
+    CliError,
+    add_overwrite_arg,
+    inference_parser,
+    load_dataset,
+    load_model,
+    progress_printer,
+    split_indices,
+)
+from .outputs import check_output, dataset_inputs, written, written_files
 
 
 def _probability(text: str) -> float:
@@ -41,7 +50,8 @@ def _predict_dataset(args: argparse.Namespace) -> int:
     if len(args.inputs) != 1:
         raise CliError("an .npz output takes one dataset; to predict image files give an output folder")
     args.dataset = args.inputs[0]
-    out = Path(args.out)
+    inputs = [*dataset_inputs(args.dataset), args.checkpoint]
+    out = check_output(args.out, inputs, args.overwrite)
     dataset = load_dataset(args)
     data, model, device, _, precision = load_model(args)
     images = _predict_images(args, dataset, data)
@@ -58,10 +68,8 @@ def _predict_dataset(args: argparse.Namespace) -> int:
         result["masks"] = keep_confident(result["masks"], result["probs"].max(axis=1), args.min_confidence)
     if not args.probs:
         result.pop("probs", None)
-    try:
-        np.savez_compressed(out, **result)
-    except OSError as exc:
-        raise CliError(f"{out}: could not be written ({exc.strerror or exc})") from None
+    with written(out, inputs, args.overwrite) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **result)
     print(f"wrote {out}: masks {result['masks'].shape}" + (" and probs" if args.probs else ""))
     return 0
 
@@ -98,29 +106,33 @@ def _predict_files(args: argparse.Namespace) -> int:
     from .inference import keep_confident
     from .tiling import predict_any
 
-    frames = _frames(args)
-    _, model, device, _, precision = load_model(args)
     out = Path(args.out)
+    inputs = [*dataset_inputs(*args.inputs), args.checkpoint]
+    check_output(out, inputs, overwrite=True, what="output folder")
+    frames = _frames(args)
+    names = [rel.with_suffix(".png") for rel, _ in frames]
+    if args.probs:
+        names += [n.with_name(n.stem + "_probs.npy") for n in names]
+    _, model, device, _, precision = load_model(args)
     failed, show = [], progress_printer("predicting")
-    for k, (rel, load) in enumerate(frames):
-        try:
-            image = load()
-        except DatasetError as exc:
-            failed.append(str(exc))
-            continue
-        probs = predict_any(model, image, device, precision=precision)
-        mask = probs.argmax(0).astype(np.uint8)
-        if args.min_confidence > 0:
-            mask = keep_confident(mask, probs.max(axis=0), args.min_confidence)
-        target = out / rel.with_suffix(".png")
-        try:
+    with written_files(out, names, inputs, args.overwrite) as tmp:
+        for k, (rel, load) in enumerate(frames):
+            try:
+                image = load()
+            except DatasetError as exc:
+                failed.append(str(exc))
+                continue
+            probs = predict_any(model, image, device, precision=precision)
+            mask = probs.argmax(0).astype(np.uint8)
+            if args.min_confidence > 0:
+                mask = keep_confident(mask, probs.max(axis=0), args.min_confidence)
+            target = tmp / rel.with_suffix(".png")
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(target)
+            with open(target, "wb") as f:
+                Image.fromarray(mask).save(f, format="PNG")
             if args.probs:
                 np.save(target.with_name(target.stem + "_probs.npy"), probs.astype(np.float16))
-        except OSError as exc:
-            raise CliError(f"{target}: could not be written ({exc.strerror or exc})") from None
-        show(k + 1, len(frames))
+            show(k + 1, len(frames))
     print(
         f"wrote {len(frames) - len(failed)} mask(s) to {out}"
         + (" with class probabilities" if args.probs else "")
@@ -146,6 +158,8 @@ def submission_lines(masks: np.ndarray):
 def cmd_submit(args: argparse.Namespace) -> int:
     from .inference import predict_arrays
 
+    inputs = [*dataset_inputs(args.dataset), args.checkpoint]
+    out = check_output(args.out, inputs, args.overwrite)
     dataset = load_dataset(args)
     if dataset.test_images is None:
         raise CliError(f"{args.dataset}: has no test_set; a submission predicts the test images")
@@ -158,15 +172,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         progress=progress_printer("predicting"),
         precision=precision,
     )
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        with open(tmp, "w", newline="") as f:
-            for line in submission_lines(result["masks"]):
-                f.write(line)
-        tmp.replace(out)
-    except OSError as exc:
-        raise CliError(f"{out}: could not be written ({exc.strerror or exc})") from None
+    with written(out, inputs, args.overwrite) as tmp, open(tmp, "w", newline="") as f:
+        for line in submission_lines(result["masks"]):
+            f.write(line)
     print(f"wrote {out}: {len(result['masks'])} rows")
     return 0
 
@@ -197,7 +205,9 @@ def register(sub) -> None:
         default=0.0,
         help="pixels whose predicted class has a lower probability become 0 (not labelled); default 0: keep all",
     )
+    add_overwrite_arg(q, "replace masks (or an .npz) already at --out")
     q.set_defaults(func=cmd_predict)
     q = inference_parser(sub, "submit", "write the competition CSV for the test_set", (), "")
     q.add_argument("--out", required=True, help="output .csv")
+    add_overwrite_arg(q)
     q.set_defaults(func=cmd_submit)

@@ -15,10 +15,12 @@ from .cli_common import (
     CliError,
     add_checkpoint_arg,
     add_dataset_args,
+    add_overwrite_arg,
     load_dataset,
     open_store,
     say_replaced_store,
 )
+from .outputs import check_output, dataset_inputs, write_bytes
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -26,9 +28,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .audit_stored import audit_stored
     from .formats import StoredDataset
 
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise CliError(f"{out.parent}: no such folder")
+    inputs = [*dataset_inputs(args.dataset), args.corrections, args.checkpoint]
+    out = check_output(args.out, inputs, args.overwrite)
     if not args.checkpoint and args.folds < 2:
         raise CliError(
             f"--folds must be at least 2 (each model predicts the fold it did not see), got {args.folds}"
@@ -60,7 +61,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         ranking, _, _ = audit(dataset, excluded=excluded, **how)
     if tty:
         sys.stderr.write("\n")
-    out.write_text(json.dumps(ranking))
+    write_bytes(out, json.dumps(ranking), inputs=inputs, overwrite=args.overwrite)
     print(f"wrote {out}: {len(ranking)} images ranked; most suspicious:")
     shown_groups: set[tuple[int, ...]] = set()
     lines = 0
@@ -89,12 +90,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npz", ".zarr"):
         raise CliError(f"{out}: the output must end in .npz (the competition's format) or .zarr")
-    if not out.parent.exists():
-        raise CliError(f"{out.parent}: no such folder")
-    if Path(args.dataset).exists() and out.resolve() == Path(args.dataset).resolve():
-        raise CliError(f"{out}: refusing to overwrite the original dataset; choose another name")
+    inputs = [*dataset_inputs(args.dataset), args.corrections]
+    check_output(out, inputs, args.overwrite)
+    check_output(changelog_path(out), inputs, args.overwrite, what="--out")
     if out.suffix == ".zarr":
-        return _export_zarr(args, out)
+        return _export_zarr(args, out, inputs)
     dataset = load_dataset(args)
     store = open_store(dataset, args.corrections)
     edited: dict[int, np.ndarray] = {}
@@ -142,7 +142,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         dtype=np.int64,
     )
     # The real file is float64; keep the dtype people's notebooks expect unless asked.
-    write_npz(out, images[keep], masks[keep], dataset.test_images, dtype=args.dtype)
+    write_npz(out, images[keep], masks[keep], dataset.test_images, args.dtype, args.overwrite, inputs)
     log = {
         "source": dataset.source,
         "corrections": str(store.path) if store is not None else None,
@@ -154,7 +154,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "kept_indices": keep.tolist() if args.drop_excluded else None,
         "changes": changes,
     }
-    changelog = _write_changelog(out, log)
+    changelog = _write_changelog(out, log, inputs)
     print(
         f"wrote {out} ({len(keep)} images, {len(edited) - len(new_labels)} corrected masks, "
         f"{len(new_labels)} newly labelled, {len(excluded)} excluded"
@@ -163,11 +163,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_zarr(args: argparse.Namespace, out: Path) -> int:
+def _export_zarr(args: argparse.Namespace, out: Path, inputs: list) -> int:
     from .export import export_zarr
 
-    if out.exists() and not args.overwrite:
-        raise CliError(f"{out}: already exists; choose another --out or pass --overwrite")
     dataset = load_dataset(args, lazy=True)
     store = open_store(dataset, args.corrections)
     show = None
@@ -179,7 +177,7 @@ def _export_zarr(args: argparse.Namespace, out: Path) -> int:
 
     mapping = getattr(dataset, "attrs", {}).get("mask_mapping", args.mask_mapping)
     log = export_zarr(dataset, store, out, mapping, args.drop_excluded, show)
-    changelog = _write_changelog(out, log)
+    changelog = _write_changelog(out, log, inputs)
     print(
         f"wrote {out} ({log['labelled']} labelled and {log['unlabelled']} unlabelled images; "
         f"{log['edited']} corrected masks, {log['newly_labelled']} newly labelled, {log['excluded']} excluded"
@@ -200,11 +198,16 @@ def _export_zarr(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
-def _write_changelog(out: Path, log: dict) -> Path:
-    """``OUT.changelog.json`` beside the export."""
-    changelog = out.with_name(out.stem + ".changelog.json")
-    changelog.write_text(json.dumps(log, indent=1))
-    return changelog
+def changelog_path(out: Path) -> Path:
+    """``OUT.changelog.json`` beside the export (``fixed.npz.changelog.json``: an export
+    to ``fixed.zarr`` has a changelog of its own)."""
+    return out.with_name(out.name + ".changelog.json")
+
+
+def _write_changelog(out: Path, log: dict, inputs: list) -> Path:
+    # --overwrite replaces the export's own changelog too; check_output refused it before
+    # any work when it was there without --overwrite.
+    return write_bytes(changelog_path(out), json.dumps(log, indent=1), inputs=inputs, overwrite=True)
 
 
 def _store_index(row: int, n: int, new_labels: list[int]) -> int:
@@ -235,6 +238,7 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
+    add_overwrite_arg(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(
@@ -251,6 +255,6 @@ def register(sub) -> None:
     )
     p.add_argument("--drop-excluded", action="store_true", help="leave excluded images out")
     p.add_argument("--dtype", choices=["float64", "float32", "uint8"], default="float64", help=".npz only")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output")
+    add_overwrite_arg(p, "replace an existing --out and its changelog")
     p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
     p.set_defaults(func=cmd_export)

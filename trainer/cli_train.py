@@ -111,9 +111,10 @@ class Progress:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import TrainControl
+    from .outputs import dataset_inputs, refuse_inputs
 
     cfg = config_from_args(args)
-
+    refuse_inputs(args.run_dir, dataset_inputs(args.dataset), what="--run-dir")
     dataset = load_dataset(args, lazy=True)
     # Under torchrun only rank 0 talks; the others train silently.
     quiet = int(os.environ.get("RANK", "0")) != 0

@@ -20,6 +20,7 @@ from .dataset import DatasetError
 from .formats.folder import FolderIndex, FolderItem, frame_size, index_folder, load_item
 from .formats.zarr_dataset import ZarrWriter, is_zarr
 from .mask_mapping import MaskMapping
+from .outputs import check_output, dataset_inputs
 from .store_location import DatasetHasher, content_identity, identity, move_aside_store
 
 
@@ -66,10 +67,11 @@ def convert(
     store of a dataset it replaces is moved aside (``ConvertReport.replaced_store``); the
     corrections saved for ``src`` are carried into the new dataset's store (``.carried``)."""
     src, out = Path(src), Path(out)
+    if workers is not None and workers < 1:
+        raise DatasetError(f"--workers must be at least 1 (decoding threads), got {workers}")
     workers = workers or min(8, os.cpu_count() or 1)
     mapping = MaskMapping.parse(mask_mapping)
-    if out.exists() and not overwrite:
-        raise DatasetError(f"{out}: already exists; choose another --out or pass --overwrite")
+    check_output(out, dataset_inputs(src), overwrite)
     if (str(src).startswith("synthetic") and not src.exists()) or (src.is_file() and not is_zarr(src)):
         report, ident = _convert_arrays(src, out, progress)
     elif is_zarr(src):

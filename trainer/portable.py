@@ -12,6 +12,7 @@ Any height and width of at least 2**depth pixels: the input is padded to a multi
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -96,7 +97,14 @@ def export(model: nn.Module, fmt: str, out: str | Path, images: list[np.ndarray]
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, torch.rand(1, 1, 64, 128), check_trace=False)
             scripted = torch.jit.script(_AnyInput(_Padded(traced, multiple)))
-        scripted.save(str(out))
+        # Serialised in memory and written by Python: torch's own file writer aborts the
+        # process (in C++) on a full disk instead of raising.
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # as for torch.jit.script above
+            torch.jit.save(scripted, buffer)
+        with open(out, "wb") as f:
+            f.write(buffer.getbuffer())
         run = _torchscript_runner(out)
     else:
         _export_onnx(_Padded(model, multiple).eval(), out)

@@ -232,16 +232,17 @@ def write_npz(
     masks: np.ndarray,
     test_images: np.ndarray | None = None,
     dtype: str = "float64",
+    overwrite: bool = True,
+    inputs: tuple = (),
 ) -> None:
-    """Write the competition format. ``dtype`` float64 mimics the real file."""
+    """Write the competition format. ``dtype`` float64 mimics the real file. Written as
+    every output is (:mod:`trainer.outputs`): under a partial name, renamed when complete;
+    an existing file replaced only with ``overwrite``, never one of ``inputs``."""
+    from ..outputs import written
+
     training = np.stack([images, masks], axis=1).astype(dtype)
     arrays = {TRAIN_KEY: training}
     if test_images is not None:
         arrays[TEST_KEY] = test_images.astype(dtype)
-    path = Path(path)
-    # Write to a temporary name and rename, so an interrupted write never leaves a
-    # half-written file under the final name.
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    with written(path, inputs, overwrite) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    tmp.replace(path)

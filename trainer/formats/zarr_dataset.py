@@ -171,8 +171,9 @@ def open_zarr(path: str | Path) -> StoredDataset:
         raise DatasetError(
             f"{path}: conversion did not finish (only {path.name}.partial exists); convert again"
         )
+    store = _ChunkCheckedStore(path)
     try:
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(store=store, mode="r")
         attrs = dict(group.attrs)
     except Exception as exc:  # zarr raises several types for a foreign or broken store
         raise DatasetError(f"{path}: not a readable zarr store ({type(exc).__name__}: {exc})") from None
@@ -194,6 +195,16 @@ def open_zarr(path: str | Path) -> StoredDataset:
         class_pixels = np.asarray(group["class_pixels"][:])
     except KeyError as exc:
         raise DatasetError(f"{path}: incomplete dataset, array {exc} is missing; convert again") from None
+    except Exception as exc:  # a damaged table: zarr and its codecs raise several types
+        raise DatasetError(
+            f"{path}: damaged dataset ({_why(exc)}); convert it again from its source"
+        ) from None
+    # Datasets written before every chunk was stored and checksummed may lack the chunks
+    # of masks that hold no labelled pixel (zarr leaves out chunks of fill values).
+    store.every_chunk = bool(attrs.get("every_chunk_written"))
+    store.unlabelled_rows = (
+        np.flatnonzero(class_pixels[:, 1:].sum(axis=1) == 0) if n_rows(class_pixels) else []
+    )
     names = list(attrs.get("names", []))
     n = int(attrs.get("n_labelled", 0))
     if len(names) != images.shape[0] or masks.shape[0] != n or len(sizes) != len(names):
@@ -201,7 +212,169 @@ def open_zarr(path: str | Path) -> StoredDataset:
             f"{path}: inconsistent dataset ({images.shape[0]} images, {len(names)} names, "
             f"{masks.shape[0]} masks for {n} labelled); convert again"
         )
-    return StoredDataset(path, images, masks, sizes, names, n, class_pixels, attrs)
+    store.rows_per_file = {"images": _rows_per_file(images), "masks": _rows_per_file(masks)}
+    stored = StoredDataset(path, images, masks, sizes, names, n, class_pixels, attrs)
+    stored.images = CheckedFrames(images, stored, "images")
+    stored.masks = CheckedFrames(masks, stored, "masks")
+    return stored
+
+
+def n_rows(table: np.ndarray) -> int:
+    return int(table.shape[0]) if table.ndim else 0
+
+
+def _rows_per_file(array) -> int:
+    """Frames stored in one chunk file (a shard holds one frame)."""
+    shards = getattr(array, "shards", None)
+    return int((shards or array.chunks)[0])
+
+
+def _why(exc: BaseException) -> str:
+    if "checksum" in str(exc).lower():
+        return "its checksum does not match its content"
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class DamagedChunk(DatasetError):
+    """A chunk file of a stored dataset that is missing."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _ChunkCheckedStore(path: Path):
+    """A read-only zarr store over ``path`` in which a missing chunk file of the frames
+    is an error, not a frame of zeros (zarr's reading of a chunk it cannot find)."""
+    from zarr.storage import LocalStore
+
+    class ChunkCheckedStore(LocalStore):
+        every_chunk = True  # until the attributes say otherwise
+        unlabelled_rows: object = ()
+        rows_per_file: dict = {}  # noqa: RUF012 (set per instance)
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            # Missing chunk keys are noted here and raised by CheckedFrames once zarr's
+            # read has ended: raised inside it, they would leave its other reads pending.
+            self.missing: set[str] = set()
+
+        async def get(self, key, prototype=None, byte_range=None):
+            found = await super().get(key, prototype, byte_range)
+            if found is None and "/c/" in key and not self._may_be_missing(key):
+                self.missing.add(key)
+            return found
+
+        def _may_be_missing(self, key: str) -> bool:
+            name, _, rest = key.partition("/c/")
+            if self.every_chunk or name != "masks":
+                return False
+            per = self.rows_per_file.get(name, 1)
+            first = int(rest.split("/")[0]) * per
+            rows = set(range(first, first + per))
+            return rows <= set(int(r) for r in self.unlabelled_rows) or not rows
+
+    return ChunkCheckedStore(path, read_only=True)
+
+
+def _drain_zarr() -> None:
+    """Let the reads zarr started beside one that failed end, so that none is left
+    pending (asyncio then complains at exit)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def rest() -> None:
+        me = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me), return_exceptions=True)
+
+    try:
+        sync(rest(), timeout=30)
+    except Exception:  # draining is a courtesy; the error that brought us here matters
+        pass
+
+
+class CheckedFrames:
+    """A stored dataset's frame array (zarr) whose every read either returns the frames
+    as written or raises one :class:`~trainer.dataset.DatasetError` naming the dataset,
+    the frame and its chunk file: a missing, truncated or garbled chunk is never data.
+    Everything else (shape, dtype, chunks, resize) is the zarr array's."""
+
+    def __init__(self, array, dataset: StoredDataset, name: str) -> None:
+        self._array, self._dataset, self._name = array, dataset, name
+
+    def __getattr__(self, attr):
+        return getattr(self._array, attr)
+
+    def __len__(self) -> int:
+        return int(self._array.shape[0])
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[...], dtype=dtype)
+
+    def __getitem__(self, key):
+        try:
+            frames = self._array[key]
+        except Exception as exc:
+            _drain_zarr()
+            raise DatasetError(self._describe(key, exc)) from None
+        missing = self._array.store.missing
+        if missing:
+            per = _rows_per_file(self._array)
+            asked = self._rows(key)
+            mine = sorted(
+                k
+                for k in missing
+                if k.startswith(self._name + "/c/")
+                and (asked is None or int(k.partition("/c/")[2].split("/")[0]) in {r // per for r in asked})
+            )
+            if mine:
+                raise DatasetError(self._describe(key, DamagedChunk(mine[0])))
+        return frames
+
+    def _rows(self, key) -> range | list[int] | None:
+        """The frames a read of ``key`` covers (None: not known, any)."""
+        first = key[0] if isinstance(key, tuple) and key else key
+        n = len(self)
+        if isinstance(first, int | np.integer):
+            return [int(first) % n] if n else []
+        if isinstance(first, slice):
+            return range(*first.indices(n))
+        return None
+
+    def _first_bad(self, rows, per: int) -> int | None:
+        """The first frame of ``rows`` (a slice) whose chunk file cannot be read."""
+        if not isinstance(rows, slice):
+            return None
+        for start in range(*rows.indices(len(self)))[::per]:
+            try:
+                self._array[start]
+            except Exception:
+                return int(start)
+        return None
+
+    def _describe(self, key, exc: BaseException) -> str:
+        ds = self._dataset
+        per = _rows_per_file(self._array)
+        first = key[0] if isinstance(key, tuple) and key else key
+        if isinstance(exc, DamagedChunk):
+            row = int(exc.key.partition("/c/")[2].split("/")[0]) * per
+            what = f"its chunk file {ds.path / exc.key} is missing"
+        else:
+            row = first if isinstance(first, int | np.integer) else self._first_bad(first, per)
+            if row is not None and row < 0:
+                row += len(self)
+            where = (
+                f"its chunk file {ds.path / self._name / 'c' / str(row // per) / '0' / '0'}"
+                if row is not None
+                else "one of its chunk files"
+            )
+            what = f"{where} is damaged ({_why(exc)})"
+        frame = (
+            f"frame {row} ({ds.names[row]})" if row is not None and 0 <= row < len(ds.names) else "a frame"
+        )
+        return f"{ds.path}: the {self._name[:-1]} of {frame} cannot be read: {what}; convert the dataset again from its source"
 
 
 class ZarrWriter:
@@ -220,13 +393,24 @@ class ZarrWriter:
             shutil.rmtree(self.tmp)
         h, w = frame
         chunks, shards, self.block_frames = chunk_layout(h, w)
-        self.group = zarr.open_group(self.tmp, mode="w")
+        try:
+            self.group = zarr.open_group(self.tmp, mode="w")
+        except OSError as exc:
+            from ..outputs import could_not_write
+
+            self.abandon()
+            raise could_not_write(out, exc) from None
         gh, gw = -(-h // CELL), -(-w // CELL)
 
+        from zarr.codecs import Crc32cCodec, ZstdCodec
+
         def array(name, shape, dtype, chunks, shards=None):
+            # Every chunk is written (also all-zero ones) and carries a checksum: a chunk
+            # file missing or damaged later is then an error when read, never zeros.
             return self.group.create_array(
-                name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0
-            )
+                name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0,
+                compressors=[ZstdCodec(level=0), Crc32cCodec()], config={"write_empty_chunks": True},
+            )  # fmt: skip
 
         self.images = array("images", (n_total, h, w), "uint8", chunks, shards)
         self.masks = array("masks", (n_labelled, h, w), "uint8", chunks, shards)
@@ -237,7 +421,8 @@ class ZarrWriter:
         )
         self.attrs = {
             "format": FORMAT, "version": VERSION, "complete": False, "id": uuid.uuid4().hex,
-            "image_rule": IMAGE_RULE, "classes": [[c.id, c.name, c.hex] for c in CLASSES], **attrs,
+            "image_rule": IMAGE_RULE, "classes": [[c.id, c.name, c.hex] for c in CLASSES],
+            "every_chunk_written": True, **attrs,
         }  # fmt: skip
         self.group.attrs.update(self.attrs)
         self.frame = (h, w)
@@ -278,7 +463,7 @@ class ZarrWriter:
     def finish(self, names: list[str], n_labelled: int) -> Path:
         """Close the dataset with ``names`` (rows beyond them, frames that were skipped,
         are cut off) and move it to its final name."""
-        import shutil
+        from ..outputs import replace_into
 
         self._flush()
         n = len(names)
@@ -290,9 +475,7 @@ class ZarrWriter:
         self.group.create_array("sizes", data=self.sizes, chunks=self.sizes.shape or (1, 2))
         self.group.create_array("class_pixels", data=self.class_pixels, chunks=self.class_pixels.shape)
         self.group.attrs.update({"names": names, "n_labelled": int(self.masks.shape[0]), "complete": True})
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.tmp.rename(self.out)
+        replace_into(self.tmp, self.out)  # a dataset already there goes only once this one is in place
         return self.out
 
     def abandon(self) -> None:
