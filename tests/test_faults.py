@@ -259,3 +259,125 @@ def test_a_read_only_location_is_said_before_any_work(work, capsys, small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     for argv, out in [*_writer_cases(work, small_disk)]:
         refused(argv, capsys, out, "read-only")
+
+
+# -- a damaged converted dataset: an error naming the frame and the file, never zeros
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A zarr dataset of 300 small frames (three chunk files of 128) and a checkpoint."""
+    from trainer.convert import convert
+    from trainer.formats import write_npz
+    from trainer.synth import generate
+
+    tmp = tmp_path_factory.mktemp("converted")
+    ds = generate(300, 20, seed=1, plant_problems=False).dataset
+    write_npz(tmp / "s.npz", ds.images, ds.masks, ds.test_images, dtype="uint8")
+    convert(tmp / "s.npz", tmp / "L.zarr")
+    ckpt = save_checkpoint(tmp / "ck.pt", model=build_model(preset("tiny")), config=preset("tiny"))
+    return tmp / "L.zarr", ckpt
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(
+            np.random.default_rng(0).integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes()
+        )
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage"])
+def test_a_damaged_chunk_is_an_error_for_every_command(converted, tmp_path, capsys, how):
+    import shutil
+
+    src, ck = converted
+    data = tmp_path / "L.zarr"
+    shutil.copytree(src, data)
+    chunk = data / "images" / "c" / "1" / "0" / "0"  # frames 128-255
+    _damage(chunk, how)
+    before = digest(data)
+    why = "is missing" if how == "deleted" else "is damaged"
+    for argv in (
+        ["train", data, "--run-dir", tmp_path / "run", "--preset", "tiny", "--epochs", "1"],
+        ["predict", data, "--checkpoint", ck, "--out", tmp_path / "p.npz", "--split", "all"],
+        ["evaluate", data, "--checkpoint", ck],
+        ["export", data, "--out", tmp_path / "e.zarr"],
+        ["export", data, "--out", tmp_path / "e.npz"],
+    ):
+        err = refused(argv, capsys, chunk, "frame 128 (128)", why, "convert the dataset again")
+        assert "Traceback" not in err
+    assert not (tmp_path / "e.zarr").exists() and not (tmp_path / "e.npz").exists()
+    assert not (tmp_path / "p.npz").exists()
+    assert digest(data) == before
+
+
+def test_a_frame_read_from_a_damaged_chunk_is_never_zeros(converted, tmp_path):
+    import shutil
+
+    from trainer.dataset import DatasetError
+    from trainer.formats import open_zarr
+
+    src, _ = converted
+    data = tmp_path / "L.zarr"
+    shutil.copytree(src, data)
+    (data / "masks" / "c" / "2" / "0" / "0").unlink()  # masks of frames 256-299
+    stored = open_zarr(data)
+    assert stored.mask(255).any()  # the chunk before is whole
+    for read in (lambda: stored.mask(256), lambda: stored.masks[260, :8, :8], lambda: stored.masks[250:270]):
+        with pytest.raises(DatasetError, match=r"frame 256 \(256\).*masks/c/2/0/0 is missing"):
+            read()
+    with pytest.raises(DatasetError, match="masks/c/2/0/0 is missing"):
+        stored.to_memory()
+    assert stored.image(299).any()  # images are another array, whole
+
+
+def test_large_frames_a_shard_each_missing_or_truncated(tmp_path, capsys):
+    """Frames larger than 256x256 are a shard (file) each; an older dataset (written
+    before every chunk was stored) may lack the shard of a mask with no labelled pixel,
+    and that mask reads as unlabelled; in a dataset written now a missing shard is an error."""
+    import json
+
+    from trainer.dataset import DatasetError
+    from trainer.formats import open_zarr
+
+    folder = tmp_path / "big"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (300, 320), dtype=np.uint8)).save(
+            folder / "images" / f"f{i}.png"
+        )
+        mask = np.zeros((300, 320), np.uint8) if i == 1 else rng.integers(1, 5, (300, 320), dtype=np.uint8)
+        Image.fromarray(mask).save(folder / "masks" / f"f{i}.png")
+    assert main(["convert", str(folder), "--out", str(tmp_path / "B.zarr")]) == 0
+    data = tmp_path / "B.zarr"
+    (data / "masks" / "c" / "1" / "0" / "0").unlink()  # the all-unlabelled mask's shard
+    with pytest.raises(DatasetError, match=r"frame 1 \(images/f1\).*B.zarr/masks/c/1/0/0 is missing"):
+        open_zarr(data).mask(1)
+    meta = json.loads((data / "zarr.json").read_text())
+    del meta["attributes"]["every_chunk_written"]  # as an older version wrote it
+    (data / "zarr.json").write_text(json.dumps(meta))
+    assert not open_zarr(data).mask(1).any()  # zarr left such shards out then
+    _damage(data / "masks" / "c" / "2" / "0" / "0", "truncated")
+    with pytest.raises(DatasetError, match=r"frame 2 \(images/f2\).*masks/c/2/0/0 is damaged"):
+        open_zarr(data).mask(2)
+    (data / "images" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(DatasetError, match=r"frame 0 \(images/f0\).*images/c/0/0/0 is missing"):
+        open_zarr(data).image(0)
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused(work, capsys, tmp_path):
+    import torch
+
+    model = build_model(preset("tiny"))
+    with torch.no_grad():
+        next(iter(model.parameters()))[0].fill_(float("nan"))
+    bad = save_checkpoint(tmp_path / "nan.pt", model=model, config=preset("tiny"))
+    refused(
+        ["evaluate", work["npz"], "--checkpoint", bad], capsys, bad, "NaN or infinite", "earlier checkpoint"
+    )
