@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.outputs import OutputError, dataset_inputs, written
+
 from ._layers import META_KEY
 from ._stack import MATERIALISE_BYTES, is_stack
 
@@ -23,20 +25,27 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
         raise ValueError(f"{out}: label values {arr.min()}..{arr.max()} do not fit in 0..255")
     arr = arr.astype(np.uint8)
     source = (meta.get("metadata") or {}).get(META_KEY, {}).get("source")
-    if source and Path(source).exists() and Path(source).resolve() == out.resolve():
-        raise ValueError(f"{out}: refusing to overwrite the original dataset; choose another name")
     suffix = out.suffix.lower()
-    if suffix == ".npz":
-        np.savez_compressed(out, masks=arr)
-    elif suffix in (".png", ".tif", ".tiff"):
-        if arr.ndim != 2:
-            raise ValueError(
-                f"{out}: a {suffix} file holds one mask, but the layer is {arr.shape}; "
-                "save as .npz to keep the whole stack"
-            )
-        from PIL import Image
-
-        Image.fromarray(arr).save(out)
-    else:
+    if suffix not in (".npz", ".png", ".tif", ".tiff"):
         raise ValueError(f"{out}: unsupported extension; use .npz, .png or .tif")
+    if suffix != ".npz" and arr.ndim != 2:
+        raise ValueError(
+            f"{out}: a {suffix} file holds one mask, but the layer is {arr.shape}; "
+            "save as .npz to keep the whole stack"
+        )
+    # napari's save dialog has asked before replacing a file; the dataset the masks came
+    # from, its images and its corrections are never written, whatever was answered.
+    try:
+        with (
+            written(out, dataset_inputs(source), overwrite=True, what="file name") as tmp,
+            open(tmp, "wb") as f,
+        ):
+            if suffix == ".npz":
+                np.savez_compressed(f, masks=arr)
+            else:
+                from PIL import Image
+
+                Image.fromarray(arr).save(f, format="PNG" if suffix == ".png" else "TIFF")
+    except OutputError as exc:
+        raise ValueError(str(exc)) from None
     return [str(out)]

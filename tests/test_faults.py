@@ -381,3 +381,179 @@ def test_a_checkpoint_with_a_nan_weight_is_refused(work, capsys, tmp_path):
     refused(
         ["evaluate", work["npz"], "--checkpoint", bad], capsys, bad, "NaN or infinite", "earlier checkpoint"
     )
+
+
+# -- masks as label tools save them, read to the exact classes
+
+
+def _pair(folder: Path, name: str, image: Image.Image, mask: Image.Image, **save) -> None:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    image.save(folder / "images" / f"{name}.png")
+    mask.save(folder / "masks" / f"{name}{save.pop('suffix', '.png')}", **save)
+
+
+def _classes(h=6, w=8) -> np.ndarray:
+    return (np.arange(h * w).reshape(h, w) % 5).astype(np.uint8)
+
+
+def test_palette_masks_are_read_as_their_indices(tmp_path):
+    from trainer.formats import read_folder
+
+    want = _classes()
+    voc = Image.fromarray(want, mode="P")
+    voc.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128] + [0] * 750)
+    same = Image.fromarray(want, mode="P")
+    same.putpalette([0, 0, 0] * 256)  # every class drawn black: colours cannot tell them apart
+    _pair(tmp_path, "voc", Image.fromarray(want * 50), voc)
+    _pair(tmp_path, "same", Image.fromarray(want * 50), same)
+    ds = read_folder(tmp_path)
+    for name in ("voc", "same"):
+        np.testing.assert_array_equal(ds.masks[ds.names.index(f"images/{name}")], want)
+
+
+def test_palette_masks_with_a_colour_mapping_are_read_by_colour(tmp_path):
+    from trainer.formats import read_folder
+
+    want = _classes()
+    voc = Image.fromarray(want, mode="P")
+    voc.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128] + [0] * 750)
+    _pair(tmp_path, "voc", Image.fromarray(want * 50), voc)
+    ds = read_folder(tmp_path, "#000000:0,#800000:4,#008000:3,#808000:2,#000080:1")
+    np.testing.assert_array_equal(ds.masks[0], np.array([0, 4, 3, 2, 1])[want])
+
+
+def test_transparent_mask_pixels_are_not_labelled(tmp_path):
+    from trainer.formats import read_folder
+
+    want = _classes()
+    rgba = np.zeros((*want.shape, 4), np.uint8)
+    rgba[..., :3] = want[..., None] * 40
+    rgba[..., 3] = 255
+    rgba[:2, :, 3] = 0  # the top rows: not labelled, whatever colour lies under them
+    _pair(tmp_path, "a", Image.fromarray(want * 50), Image.fromarray(rgba, mode="RGBA"))
+    ds = read_folder(tmp_path, "#000000:1,#282828:2,#505050:3,#787878:4,#a0a0a0:4")
+    expected = np.array([1, 2, 3, 4, 4])[want]
+    expected[:2] = 0
+    np.testing.assert_array_equal(ds.masks[0], expected)
+
+
+def test_exif_rotated_jpeg_images_are_turned_upright_as_their_masks_are(tmp_path, capsys):
+    from trainer.formats import read_folder
+    from trainer.images import read_image
+
+    out = tmp_path / "p.zarr"
+    tmp_path = tmp_path / "photos"
+
+    upright = np.zeros((40, 64), np.uint8)
+    upright[:10, :] = 255  # bright sky at the top, as a viewer shows the photo
+    stored = np.rot90(upright, 1)  # a camera held sideways stores it turned (64x40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    (tmp_path / "images").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(stored).save(tmp_path / "images" / "p.jpg", exif=exif, quality=100)
+    mask = np.where(upright > 0, 1, 2).astype(np.uint8)  # drawn on the upright view
+    Image.fromarray(mask).save(tmp_path / "masks" / "p.png")
+    image = read_image(tmp_path / "images" / "p.jpg")
+    assert image.shape == (40, 64) and image[:10].mean() > 200 and image[12:].mean() < 50
+    ds = read_folder(tmp_path)
+    assert ds.images.shape == (1, 40, 64)
+    np.testing.assert_array_equal(ds.masks[0], mask)
+    # convert reads the size from the header the same way
+    assert main(["convert", str(tmp_path), "--out", str(out)]) == 0
+    from trainer.formats import open_zarr
+
+    np.testing.assert_array_equal(open_zarr(out).image(0), image)
+    np.testing.assert_array_equal(open_zarr(out).mask(0), mask)
+
+
+def test_jpeg_masks_are_warned_of_and_their_stray_values_counted(tmp_path):
+    from trainer.formats import read_folder
+    from trainer.formats.folder import LossyMaskWarning
+
+    want = np.zeros((32, 32), np.uint8)
+    want[:, 16:] = 4
+    want[8:24, 4:12] = 2
+    want[::3, ::5] = 4
+    _pair(tmp_path, "j", Image.fromarray(want * 60), Image.fromarray(want), suffix=".jpg", quality=10)
+    raw = np.asarray(Image.open(tmp_path / "masks" / "j.jpg"))
+    stray = int((raw > 4).sum())
+    assert stray > 0  # JPEG made values that are no class
+    with pytest.warns(LossyMaskWarning, match=rf"j.jpg: a JPEG mask.* {stray} pixels were not a class value"):
+        ds = read_folder(tmp_path)
+    assert (ds.masks[0][raw > 4] == 0).all()  # left unlabelled, not a guessed class
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("0:1,0:2", "value 0 is given twice"),
+        ("#ff0000:1,#FF0000:2", "#FF0000 is given twice"),
+    ],
+)
+def test_a_mapping_that_lists_a_value_twice_is_refused(spec, fragment):
+    from trainer.dataset import DatasetError
+    from trainer.mask_mapping import MaskMapping
+
+    with pytest.raises(DatasetError, match=fragment):
+        MaskMapping.parse(spec)
+    assert MaskMapping.parse("0:1,0:1").lut[0] == 1  # said twice alike: one meaning
+
+
+def test_negative_mask_values_are_named(tmp_path):
+    from trainer.dataset import DatasetError
+    from trainer.mask_mapping import MaskMapping
+
+    with pytest.raises(
+        DatasetError, match=r"m.png: mask holds negative values \(down to -1\); expected 0..4"
+    ):
+        MaskMapping.parse("identity").apply(np.array([[0, -1]], np.int32), "m.png")
+
+
+def test_a_header_of_too_many_pixels_is_refused_by_name_and_can_be_allowed(tmp_path, monkeypatch, capsys):
+    import struct
+    import zlib
+
+    from trainer.dataset import DatasetError
+    from trainer.images import read_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # a PNG whose header declares 20000x20000 pixels and that holds almost nothing
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
+    with pytest.raises(
+        DatasetError, match=r"bomb.png: its header declares 20000x20000 pixels.*MARSVIEWER_MAX_PIXELS"
+    ):
+        read_image(bomb)
+    (tmp_path / "data").mkdir()
+    bomb.rename(tmp_path / "data" / "bomb.png")
+    refused(["stats", tmp_path / "data"], capsys, "bomb.png", "20000x20000", "MARSVIEWER_MAX_PIXELS")
+    monkeypatch.setenv("MARSVIEWER_MAX_PIXELS", "1000")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(small)
+    with pytest.raises(DatasetError, match=r"40x40 pixels \(1,600\), more than the 1,000 allowed"):
+        read_image(small)
+    monkeypatch.setenv("MARSVIEWER_MAX_PIXELS", "0")
+    assert read_image(small).shape == (40, 40)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path, capsys, kind):
+    from trainer.dataset import DatasetError
+    from trainer.images import read_image
+
+    if kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path = tmp_path / "pipe.png"
+        os.mkfifo(path)
+    with pytest.raises(DatasetError, match="not a regular file"):
+        read_image(path)
+    code, _, err = run(["stats", path], capsys)
+    assert code == 2 and "Traceback" not in err and str(path) in err

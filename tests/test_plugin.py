@@ -94,9 +94,13 @@ def test_writer_npz_png_and_refuses_original(tmp_path, npz_path):
         write_labels(str(tmp_path / "stack.png"), masks, {})
     meta = {"metadata": {"marsviewer": {"source": str(npz_path)}}}
     before = npz_path.read_bytes()
-    with pytest.raises(ValueError, match="refusing to overwrite the original"):
+    with pytest.raises(ValueError, match="is an input of this command"):
         write_labels(str(npz_path), masks, meta)
-    assert npz_path.read_bytes() == before
+    store = npz_path.with_name(npz_path.stem + ".marsviewer")
+    with pytest.raises(ValueError, match="lies inside an input"):
+        write_labels(str(store / "m.npz"), masks, meta)  # the dataset's corrections folder
+    assert npz_path.read_bytes() == before and not store.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
 
 
 def test_sample_is_labelled_synthetic_mars():

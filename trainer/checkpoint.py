@@ -20,6 +20,7 @@ import torch
 
 from .classes import CLASSES
 from .config import ConfigError, TrainConfig, from_dict
+from .dataset import not_a_regular_file
 from .model import UNet, build_model
 
 FORMAT = "marsviewer-checkpoint"
@@ -84,8 +85,11 @@ def adopt_best(best: Path, resumed: str | Path, best_miou: float) -> bool:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint safely. Raises :class:`CheckpointError` with a plain message."""
     path = Path(path)
-    if not path.is_file():
+    why = not_a_regular_file(path)
+    if why == "no such file":
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if why:
+        raise CheckpointError(f"{path}: {why} (a checkpoint)")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols of files it will refuse anyway.

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runs import RunDirError
 
     keep_freed_memory()
+    _say_warnings_plainly()
     completed = False
     try:
         code = int(args.func(args) or 0)
@@ -69,6 +70,27 @@ def main(argv: list[str] | None = None) -> int:
         from .device import shutdown_distributed
 
         shutdown_distributed(wait_for_peers=completed)
+
+
+def _say_warnings_plainly() -> None:
+    """Warnings about the person's files (a lossy mask) read as one line, not as a
+    source location."""
+    import warnings
+
+    from .formats.folder import LossyMaskWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "marsviewer", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LossyMaskWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.marsviewer = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -263,11 +263,18 @@ def preset(name: str) -> TrainConfig:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file: top-level keys, or a ``[train]`` table."""
+    from .dataset import not_a_regular_file
+
     path = Path(path)
+    why = not_a_regular_file(path)
+    if why and why != "no such file":
+        raise ConfigError(f"{path}: {why} (a TOML config file)")
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     if "train" in data and isinstance(data["train"], dict):

@@ -14,6 +14,26 @@ class DatasetError(ValueError):
     file, what was expected and what was found."""
 
 
+def not_a_regular_file(path) -> str | None:
+    """Why ``path`` cannot be read as a file (None: it can). A device such as /dev/zero
+    would be read until memory runs out, and a pipe would wait forever."""
+    import os
+    import stat
+    from pathlib import Path
+
+    try:
+        mode = os.stat(Path(path)).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "is a folder; expected a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a device or a pipe); expected a file"
+    return None
+
+
 @dataclass
 class Dataset:
     """Grayscale images with their masks, held as uint8 arrays.

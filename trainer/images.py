@@ -9,6 +9,10 @@ becomes one (H, W) uint8 grayscale image by one rule, the rule training images f
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +49,86 @@ def to_gray_u8(arr: np.ndarray) -> np.ndarray:
     return stretch_to_u8(arr)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """One image file as (H, W) uint8; a ``DatasetError`` naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+MAX_PIXELS_VARIABLE = "MARSVIEWER_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 200_000_000  # 14142x14142: larger headers are refused unless allowed
+
+
+def max_pixels() -> int | None:
+    """The most pixels a frame may declare (None: no limit): ``MARSVIEWER_MAX_PIXELS``
+    (0: no limit), else 200 megapixels. A header can declare far more pixels than the
+    file holds, and decoding it would take the machine's memory."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        raise DatasetError(
+            f"{MAX_PIXELS_VARIABLE}={text!r}: expected a whole number of pixels (0: no limit)"
+        ) from None
+    return None if value <= 0 else value
+
+
+@contextmanager
+def open_picture(path: str | Path, what: str = "image", decode: bool = True) -> Iterator:
+    """A PIL image of the file at ``path``, turned upright as viewers show it (its EXIF
+    orientation applied; ``decode=False``: the header only, as stored). Refused with a :class:`DatasetError` naming the file: a path
+    that is not a regular file (a device or a pipe would be read forever), a header that
+    declares more pixels than :func:`max_pixels`, a file PIL cannot read."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F", "RGB", "RGBA", "1"):
-                im = im.convert("RGB")
-            arr = np.array(im)  # a writable copy
+        mode = path.stat().st_mode
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise DatasetError(
+            f"{path}: not a regular file (a device, a pipe or a folder); expected an {what} file"
+        )
+    limit = max_pixels()
+    Image.MAX_IMAGE_PIXELS = None  # the limit is ours (above), with a way to lift it
+    try:
+        with Image.open(path) as im:
+            pixels = im.width * im.height
+            if limit is not None and pixels > limit:
+                raise DatasetError(
+                    f"{path}: its header declares {im.width}x{im.height} pixels ({pixels:,}), more than the "
+                    f"{limit:,} allowed (a damaged or hostile file, or a very large frame); "
+                    f"to read it on purpose set {MAX_PIXELS_VARIABLE}={pixels} (0: no limit)"
+                )
+            if not decode:
+                yield im
+                return
+            im.load()
+            upright = ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
+            upright.format = im.format  # exif_transpose returns a copy without it
+            yield upright
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{path}: {exc}; set {MAX_PIXELS_VARIABLE}=0 to read it on purpose") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({exc})") from None
+        raise DatasetError(f"{path}: unreadable {what} ({exc})") from None
+
+
+def upright_size(im) -> tuple[int, int]:
+    """(height, width) of a PIL image as viewers show it (EXIF orientations 5-8 turn it)."""
+    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (im.width, im.height) if turned else (im.height, im.width)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file as (H, W) uint8; a ``DatasetError`` naming the file if it cannot be read."""
+    path = Path(path)
+    with open_picture(path) as im:
+        if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F", "RGB", "RGBA", "1"):
+            im = im.convert("RGB")
+        arr = np.array(im)  # a writable copy
     try:
         return to_gray_u8(arr)
     except ValueError as exc:

@@ -90,7 +90,12 @@ class MaskMapping:
     def _from_toml(cls, spec: str) -> MaskMapping:
         import tomllib
 
+        from .dataset import not_a_regular_file
+
         path = Path(spec)
+        why = not_a_regular_file(path)
+        if why and why != "no such file":
+            raise DatasetError(f"{path}: {why} (a mask mapping TOML file)")
         try:
             table = tomllib.loads(path.read_text())
         except FileNotFoundError:
@@ -110,12 +115,27 @@ class MaskMapping:
         if any(is_colour) and not all(is_colour):
             raise DatasetError(f"mask mapping {spec!r}: mixes colours and values; use one kind")
         if all(is_colour):
-            return cls(spec, colours={_colour(k, spec): _class_id(t, spec) for k, t in pairs})
+            colours: dict[int, int] = {}
+            for key, target in pairs:
+                colour, cls_id = _colour(key, spec), _class_id(target, spec)
+                if colour in colours and colours[colour] != cls_id:
+                    raise DatasetError(
+                        f"mask mapping {spec!r}: {key} is given twice, as class {colours[colour]} and "
+                        f"as class {cls_id}; give each colour once"
+                    )
+                colours[colour] = cls_id
+            return cls(spec, colours=colours)
         values = {}
         for key, target in pairs:
             if not key.isdigit() or int(key) > 65535:
                 raise DatasetError(f"mask mapping {spec!r}: {key!r} is not a mask value 0..65535")
-            values[int(key)] = _class_id(target, spec)
+            cls_id = _class_id(target, spec)
+            if int(key) in values and values[int(key)] != cls_id:
+                raise DatasetError(
+                    f"mask mapping {spec!r}: value {int(key)} is given twice, as class {values[int(key)]} "
+                    f"and as class {cls_id}; give each value once"
+                )
+            values[int(key)] = cls_id
         return cls(spec, values)
 
     @property
@@ -131,8 +151,12 @@ class MaskMapping:
             return "the mapping lists " + ", ".join(f"#{c:06x}" for c in self.colours)
         return "the mapping lists " + ", ".join(str(v) for v in np.flatnonzero(self.lut != _UNMAPPED))
 
-    def apply(self, raw: np.ndarray, path: Path | str) -> np.ndarray:
-        """(H, W) integer or (H, W, 3) uint8 mask values -> (H, W) uint8 class ids."""
+    def apply(self, raw: np.ndarray, path: Path | str, lossy: bool = False):
+        """(H, W) integer or (H, W, 3) uint8 mask values -> (H, W) uint8 class ids.
+        ``lossy`` (a JPEG mask): values the mapping does not list become 0 (not
+        labelled) instead of an error, and the result is (class ids, how many)."""
+        if lossy:
+            return self._apply_lossy(raw, path)
         if raw.ndim == 3:
             rgb = raw[..., :3].astype(np.uint32)
             gray = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()
@@ -148,8 +172,14 @@ class MaskMapping:
         if self.is_colour:
             v = raw.astype(np.uint32) & 0xFF
             return self._apply_colours((v << 16) | (v << 8) | v, path)
-        if raw.dtype.kind not in "ui" or (raw.size and (raw.min() < 0 or raw.max() > 65535)):
-            raise DatasetError(f"{path}: mask of {raw.dtype} values; expected whole numbers")
+        if raw.dtype.kind not in "ui":
+            raise DatasetError(f"{path}: mask of {raw.dtype} values; expected whole numbers (class ids)")
+        if raw.size and raw.min() < 0:
+            raise DatasetError(
+                f"{path}: mask holds negative values (down to {int(raw.min())}); {self.expected()}"
+            )
+        if raw.size and raw.max() > 65535:
+            raise DatasetError(f"{path}: mask holds values up to {int(raw.max())}; {self.expected()}")
         mapped = self.lut[raw]
         bad = mapped == _UNMAPPED
         if bad.any():
@@ -159,6 +189,23 @@ class MaskMapping:
                 + self.expected()
             )
         return mapped
+
+    def _apply_lossy(self, raw: np.ndarray, path) -> tuple[np.ndarray, int]:
+        if raw.ndim == 3 and self.is_colour:
+            rgb = raw[..., :3].astype(np.uint32)
+            packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+            found, inverse = np.unique(packed, return_inverse=True)
+            ids = np.array([self.colours.get(int(c), _UNMAPPED) for c in found], np.uint8)
+            mapped = ids[inverse.reshape(packed.shape)]
+        else:
+            values = raw.mean(axis=-1).round().astype(np.int64) if raw.ndim == 3 else raw.astype(np.int64)
+            if self.is_colour:
+                v = values.clip(0, 255).astype(np.uint32)
+                return self._apply_lossy(np.stack([v, v, v], -1), path)
+            mapped = self.lut[values.clip(0, 65535)]
+            mapped[(values < 0) | (values > 65535)] = _UNMAPPED
+        unknown = mapped == _UNMAPPED
+        return np.where(unknown, 0, mapped).astype(np.uint8), int(unknown.sum())
 
     def _apply_colours(self, packed: np.ndarray, path) -> np.ndarray:
         found, inverse = np.unique(packed, return_inverse=True)

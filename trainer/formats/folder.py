@@ -23,6 +23,8 @@ store at each frame's own size.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..dataset import Dataset, DatasetError
-from ..images import IMAGE_SUFFIXES, read_image
+from ..images import IMAGE_SUFFIXES, open_picture, read_image, upright_size
 from ..mask_mapping import PRESETS, MaskMapping
 
 IMAGE_DIRS = {"images", "image", "imgs", "img", "edr"}
@@ -72,6 +74,21 @@ class FolderIndex:
         return str(item.image.relative_to(self.root).with_suffix(""))
 
 
+def _walk(root: Path) -> list[Path]:
+    """Every file under ``root``; a sub-folder that cannot be listed is an error naming
+    it (skipped, a masks/ folder would turn every image into an unlabelled one)."""
+
+    def refuse(exc: OSError) -> None:
+        raise DatasetError(
+            f"{exc.filename}: this folder cannot be read ({exc.strerror or exc}); fix its permissions"
+        )
+
+    found = []
+    for folder, _, names in os.walk(root, onerror=refuse):
+        found += [Path(folder) / n for n in names if (Path(folder) / n).is_file()]
+    return found
+
+
 def index_folder(root: str | Path) -> FolderIndex:
     """Find the frames of a folder without decoding any of them."""
     root = Path(root)
@@ -79,7 +96,7 @@ def index_folder(root: str | Path) -> FolderIndex:
         raise DatasetError(f"{root}: no such folder")
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in _walk(root) if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(
             f"{root}: no images found; expected PNG/JPG/TIF images with masks, either in "
@@ -122,24 +139,40 @@ def index_folder(root: str | Path) -> FolderIndex:
     return FolderIndex(root, labelled, unlabelled)
 
 
-def read_mask_file(path: Path) -> np.ndarray:
-    """A mask file's raw values: (H, W) integers, or (H, W, 3) for an RGB(A) file."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass
+class MaskFile:
+    """A mask file's raw values and what they cannot say by themselves."""
 
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("RGB", "RGBA", "P", "PA"):
-                return np.asarray(im.convert("RGB"))
+    values: np.ndarray  # (H, W) integers (palette indices for a palette file), or (H, W, 3) RGB
+    transparent: np.ndarray | None  # (H, W) bool: alpha 0, "not labelled"; None: no alpha
+    lossy: bool  # JPEG: values near edges are not the ones drawn
+
+
+def read_mask_file(path: Path, colours: bool = False) -> MaskFile:
+    """A mask file as drawn, turned upright as its image is. A palette ('P') file gives
+    its indices (label tools save class ids so; colours are not unique in a palette),
+    unless the mapping is by ``colours``; alpha 0 means not labelled."""
+    with open_picture(path, "mask") as im:
+        mode = im.mode
+        transparent = None
+        if mode in ("RGBA", "LA", "PA") or (mode in ("P", "L", "RGB") and "transparency" in im.info):
+            transparent = np.asarray(im.convert("RGBA").getchannel("A")) == 0
+        if mode in ("P", "PA") and not colours:
+            arr = np.asarray(im.getchannel(0))
+        elif mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            arr = np.asarray(im.convert("RGB"))
+        elif mode == "LA":
+            arr = np.asarray(im.getchannel(0))
+        else:
             arr = np.asarray(im)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({exc})") from None
-    if arr.ndim != 2:
+        lossy = im.format == "JPEG"
+    if arr.ndim == 3 and arr.shape[-1] != 3 or arr.ndim not in (2, 3):
         raise DatasetError(f"{path}: expected a 2-D mask, found shape {arr.shape}")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
-    return arr
+    if transparent is not None and not transparent.any():
+        transparent = None
+    return MaskFile(arr, transparent, lossy)
 
 
 def load_item(item: FolderItem, mapping: MaskMapping) -> tuple[np.ndarray, np.ndarray | None]:
@@ -155,25 +188,37 @@ def load_item(item: FolderItem, mapping: MaskMapping) -> tuple[np.ndarray, np.nd
                 f"{image.shape[0]}x{image.shape[1]}; expected the same size"
             )
 
-    raw = read_mask_file(item.mask)
-    same_size(raw, item.mask, "mask")
-    mask = mapping.apply(raw, item.mask)
+    raw = read_mask_file(item.mask, colours=mapping.is_colour)
+    same_size(raw.values, item.mask, "mask")
+    if raw.lossy:
+        mask, unknown = mapping.apply(raw.values, item.mask, lossy=True)
+        warnings.warn(
+            f"{item.mask}: a JPEG mask: its compression changes values near class edges; "
+            f"{unknown} pixels were not a class value and are left unlabelled (others may have "
+            "changed class unseen): save masks as PNG",
+            LossyMaskWarning,
+            stacklevel=2,
+        )
+    else:
+        mask = mapping.apply(raw.values, item.mask)
+    if raw.transparent is not None:
+        mask = np.where(raw.transparent, 0, mask).astype(np.uint8)
     for path in item.ignore:
-        ignore = read_mask_file(path)
+        ignore = read_mask_file(path).values
         same_size(ignore, path, "rover/range mask")
         mask = np.where(ignore.reshape(*image.shape, -1).any(-1), 0, mask).astype(np.uint8)
     return image, mask
 
 
-def frame_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file, from its header: no pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+class LossyMaskWarning(UserWarning):
+    """A mask saved in a lossy format (JPEG): some pixels are not the class drawn."""
 
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({exc})") from None
+
+def frame_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file as it is shown (upright), from its header: no
+    pixel is decoded."""
+    with open_picture(path, decode=False) as im:
+        return upright_size(im)
 
 
 def resize(arr: np.ndarray, size: tuple[int, int], *, is_mask: bool) -> np.ndarray:

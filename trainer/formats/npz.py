@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import NUM_CLASSES
-from ..dataset import Dataset, DatasetError
+from ..dataset import Dataset, DatasetError, not_a_regular_file
 
 TRAIN_KEY = "training_set"
 TEST_KEY = "test_set"
@@ -141,10 +141,11 @@ class NpzStream:
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
     if path.is_dir():
         raise DatasetError(f"{path}: is a folder; expected an .npz file")
+    why = not_a_regular_file(path)
+    if why:
+        raise DatasetError(f"{path}: {why}")
     if not zipfile.is_zipfile(path):
         raise DatasetError(
             f"{path}: not an npz file (an npz is a zip archive of .npy arrays); "
