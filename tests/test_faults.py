@@ -557,3 +557,100 @@ def test_a_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path, capsys, 
         read_image(path)
     code, _, err = run(["stats", path], capsys)
     assert code == 2 and "Traceback" not in err and str(path) in err
+
+
+# -- messages that say what is wrong and the way out
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["train", "{npz}", "--run-dir", "{tmp}/r", "--minutes", "nan"], ["minutes", "finite"]),
+        (["train", "{npz}", "--run-dir", "{tmp}/r", "--epochs", "1", "--loss", "ce:nan"], ["loss", "finite"]),
+        (["convert", "{folder}", "--out", "{tmp}/w.zarr", "--workers", "-3"], ["--workers", "at least 1"]),
+        (["stats", "{npz}", "--mask-mapping", "0:1,1:2"], ["--mask-mapping", "folders"]),
+        (["stats", "{npz}", "--size", "32x32"], ["--size", "folders"]),
+        (["stats", "{folder}", "--mask-mapping", "0:1,0:2"], ["value 0 is given twice"]),
+        (["stats", "{folder}", "--size", "100000x100000"], ["GB of memory available", "--size"]),
+        (
+            ["suggest", "{npz}", "--checkpoint", "{ckpt}", "--diversity", "nan"],
+            ["--diversity", "between 0 and 1"],
+        ),
+        (
+            ["suggest", "{npz}", "--checkpoint", "{ckpt}", "--diversity", "-5"],
+            ["--diversity", "between 0 and 1"],
+        ),
+        (
+            ["export-model", "--checkpoint", "/dev/zero", "--out", "{tmp}/m.pt"],
+            ["/dev/zero", "not a regular file"],
+        ),
+    ],
+)
+def test_bad_values_are_named(work, capsys, argv, fragments):
+    argv = [str(a).format(**{k: str(v) for k, v in work.items()}) for a in argv]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_a_stopped_conversion_is_named_before_no_such_dataset(work, capsys):
+    (work["tmp"] / "L.zarr.partial").mkdir()
+    refused(["stats", work["tmp"] / "L.zarr"], capsys, "L.zarr", "did not finish", "run convert again")
+
+
+def test_a_fractional_npz_value_is_said_as_a_number(tmp_path, capsys):
+    arr = np.zeros((2, 2, 4, 4))
+    arr[1, 0, 2, 2] = 1.5
+    np.savez(tmp_path / "f.npz", training_set=arr)
+    err = refused(["stats", tmp_path / "f.npz"], capsys, "f.npz", "the value 1.5,")
+    assert "np." not in err
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage " * 100, b"SQLite format 3\0" + b"\x07" * 200])
+def test_a_damaged_corrections_store_says_the_way_out(work, capsys, damage):
+    from trainer.corrections import CorrectionStore
+    from trainer.formats import read_npz
+
+    folder = work["tmp"] / "mars_for_students.marsviewer"
+    folder.mkdir()
+    store = folder / "corrections.sqlite"
+    store.write_bytes(damage)
+    if not damage:  # an empty file: a new store, and said so
+        with pytest.warns(UserWarning, match="was an empty file"):
+            CorrectionStore.for_dataset(read_npz(work["npz"])).close()
+        return
+    err = refused(["stats", work["npz"]], capsys, store, "move the folder", "--no-corrections")
+    assert "Traceback" not in err
+    assert store.read_bytes() == damage
+    assert run(["stats", work["npz"], "--no-corrections"], capsys)[0] == 0
+
+
+def test_a_corrections_folder_that_is_not_a_folder_is_refused_not_replaced(work, capsys):
+    beside = work["tmp"] / "mars_for_students.marsviewer"
+    beside.write_text("not a folder")
+    refused(["stats", work["npz"]], capsys, beside, "is not a folder", "move it aside")
+    assert beside.read_text() == "not a folder"
+
+
+def test_corrections_of_images_whose_names_are_not_utf8_are_saved_and_found_again(tmp_path):
+    from trainer.corrections import CorrectionStore
+    from trainer.formats import read_folder
+
+    name = os.fsdecode(b"caf\xe9")  # a Latin-1 name on a UTF-8 system
+    folder = tmp_path / "d"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for stem in (name, "plain"):
+        Image.fromarray(np.full((4, 6), 9, np.uint8)).save(folder / "images" / f"{stem}.png")
+        Image.fromarray(np.ones((4, 6), np.uint8)).save(folder / "masks" / f"{stem}.png")
+    ds = read_folder(folder)
+    row = ds.names.index(f"images/{name}")
+    store = CorrectionStore.for_dataset(ds)
+    store.save_mask(row, np.full((4, 6), 3, np.uint8))
+    store.close()
+    again = CorrectionStore.for_dataset(read_folder(folder))
+    edited, _ = again.snapshot()
+    assert list(edited) == [row] and (edited[row] == 3).all()
+    assert again.orphans() == []
+    again.close()

@@ -73,18 +73,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say_warnings_plainly() -> None:
-    """Warnings about the person's files (a lossy mask) read as one line, not as a
-    source location."""
+    """Warnings about the person's files (a lossy mask, an empty store) read as one
+    line, not as a source location."""
     import warnings
 
-    from .formats.folder import LossyMaskWarning
+    from .dataset import FileWarning
 
     shown = warnings.showwarning
     if getattr(shown, "marsviewer", False):
         return
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, LossyMaskWarning):
+        if issubclass(category, FileWarning):
             print(f"warning: {message}", file=sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)

@@ -54,8 +54,18 @@ def add_dataset_args(p: argparse.ArgumentParser, inputs: bool = False) -> None:
 def load_dataset(args: argparse.Namespace, lazy: bool = False) -> Dataset:
     """The command's dataset; ``lazy``: a large zarr dataset may come back unread
     (a :class:`~trainer.formats.StoredDataset`) for commands that read it from disk."""
-    from .formats import open_dataset
+    from .formats import is_zarr, open_dataset
 
+    folder = Path(args.dataset).is_dir() and not is_zarr(args.dataset)
+    for flag, given in (
+        ("--mask-mapping", args.mask_mapping != "identity"),
+        ("--size", args.size is not None),
+    ):
+        if given and not folder:
+            raise CliError(
+                f"{args.dataset}: {flag} applies to folders of image files only; an npz or a converted "
+                "dataset holds class ids at their size already (convert --mask-mapping sets it for a folder)"
+            )
     return open_dataset(args.dataset, mask_mapping=args.mask_mapping, size=args.size, lazy=lazy)
 
 

@@ -4,6 +4,7 @@ is saved in every run directory and checkpoint, and refuses unknown keys or bad 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,8 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
             w = float(weight) if weight else 1.0
         except ValueError:
             raise ConfigError(f"loss: weight of {name!r} must be a number, got {weight!r}") from None
-        if w < 0:
-            raise ConfigError(f"loss: weight of {name!r} must be >= 0, got {w}")
+        if not math.isfinite(w) or w < 0:
+            raise ConfigError(f"loss: weight of {name!r} must be a finite number >= 0, got {weight.strip()}")
         terms.append((name, w))
     if not terms or sum(w for _, w in terms) <= 0:
         raise ConfigError(f"loss: {spec!r} has no positive term; e.g. 'ce:1,dice:1'")
@@ -168,6 +169,8 @@ _NON_NEGATIVE = (
 def validate(cfg: TrainConfig) -> None:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{f.name}: {value!r} is not valid; valid: {', '.join(choices)}")

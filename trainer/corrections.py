@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .correction_history import Entry, HistoryTree
-from .corrections_db import CARRIED_UP_TO, CorrectionsError, connect, open_schema, transaction
-from .dataset import Dataset
+from .corrections_db import CARRIED_UP_TO, CorrectionsError, connect, db_key, key_of, open_schema, transaction
+from .dataset import Dataset, FileWarning
 from .store_location import (
     dataset_hash,
     default_store_path,
@@ -87,18 +88,37 @@ class CorrectionStore(HistoryTree):
         if len(self.keys) != n + n_pool or len(set(self.keys)) != len(self.keys):
             raise ValueError(f"expected {n + n_pool} distinct image keys, got {len(set(self.keys))}")
         self.misfits: set[str] = set()  # images whose saved mask no longer fits them
+        way_out = (
+            f"nothing in it was changed; to go on without these corrections, move the folder "
+            f"{self.path.parent} aside (or give --no-corrections to a command)"
+        )
+        empty = self.path.is_file() and self.path.stat().st_size == 0
         try:
             self.db = connect(self.path, readonly)
             self._legacy = open_schema(self.db, self.path, self.keys, by_name, content_hash, readonly)
         except sqlite3.Error as exc:
-            raise CorrectionsError(f"{self.path}: cannot open the corrections database ({exc})") from None
+            raise CorrectionsError(
+                f"{self.path}: not a readable corrections database ({exc}): damaged or another kind of "
+                f"file; {way_out}"
+            ) from None
+        except CorrectionsError as exc:
+            if "another dataset" in str(exc) or "newer marsviewer" in str(exc):
+                raise
+            raise CorrectionsError(f"{exc}; {way_out}") from None
+        if empty and not readonly:
+            warnings.warn(
+                f"{self.path}: the corrections database was an empty file (0 bytes): it starts anew "
+                "with no corrections",
+                FileWarning,
+                stacklevel=2,
+            )
         self._load_ids()
 
     def _load_ids(self) -> None:
         if self._legacy:
             self._id_of_key = {k: i for i, k in enumerate(self.keys)}
         else:
-            self._id_of_key = {k: i for i, k in self.db.execute("SELECT id, key FROM images")}
+            self._id_of_key = {key_of(k): i for i, k in self.db.execute("SELECT id, key FROM images")}
         self._known_ids = set(self._id_of_key.values())
         self._row_of_id = {}
         for row, key in enumerate(self.keys):
@@ -153,9 +173,9 @@ class CorrectionStore(HistoryTree):
         key = self.keys[image]
         found = self._id_of_key.get(key)
         if found is None:
-            row = self.db.execute("SELECT id FROM images WHERE key=?", (key,)).fetchone()
+            row = self.db.execute("SELECT id FROM images WHERE key=?", (db_key(key),)).fetchone()
             if row is None and create:
-                row = (self.db.execute("INSERT INTO images (key) VALUES (?)", (key,)).lastrowid,)
+                row = (self.db.execute("INSERT INTO images (key) VALUES (?)", (db_key(key),)).lastrowid,)
             if row is not None:
                 found = self._id_of_key[key] = row[0]
                 self._row_of_id[found] = image
@@ -267,7 +287,7 @@ class CorrectionStore(HistoryTree):
             "WHERE cursors.entry IS NOT NULL ORDER BY images.key"
         ).fetchall()
         known = set(self.keys)
-        return [k for (k,) in rows if k not in known]
+        return [key_of(k) for (k,) in rows if key_of(k) not in known]
 
     def pool_labels(self) -> dict[int, np.ndarray]:
         """Unlabelled image j -> its saved mask, for those that have one now."""

@@ -40,6 +40,28 @@ def only_carried(db: sqlite3.Connection) -> bool:
     return marked is not None and marked[0] == str(last)
 
 
+# A file name that is not valid UTF-8 (bytes Python keeps as surrogates) cannot be
+# stored as SQLite text; it is stored as its bytes in hex after a NUL, which no file
+# name holds, and read back to the same name.
+_BYTES_KEY = "\0bytes:"
+
+
+def db_key(key: str) -> str:
+    """An image key as the database stores it."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return _BYTES_KEY + key.encode("utf-8", "surrogateescape").hex()
+
+
+def key_of(stored: str) -> str:
+    """The image key a stored one stands for (the inverse of :func:`db_key`)."""
+    if stored.startswith(_BYTES_KEY):
+        return bytes.fromhex(stored[len(_BYTES_KEY) :]).decode("utf-8", "surrogateescape")
+    return stored
+
+
 class CorrectionsError(RuntimeError):
     """The store cannot be opened or does not belong to this dataset."""
 
@@ -132,7 +154,9 @@ def _migrate_v1(db: sqlite3.Connection, path: Path, keys: list[str], mode: str) 
         bad = sorted(i for i in used if not 0 <= i < len(keys))
         if bad:
             raise CorrectionsError(f"{path}: rows {bad[:3]} are outside this dataset; not migrated")
-        db.executemany("INSERT INTO images (id, key) VALUES (?, ?)", [(i, keys[i]) for i in sorted(used)])
+        db.executemany(
+            "INSERT INTO images (id, key) VALUES (?, ?)", [(i, db_key(keys[i])) for i in sorted(used)]
+        )
         db.executemany(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)",
             [("schema_version", str(SCHEMA_VERSION)), ("keyed_by", mode), ("migrated", str(time.time()))],

@@ -14,6 +14,11 @@ class DatasetError(ValueError):
     file, what was expected and what was found."""
 
 
+class FileWarning(UserWarning):
+    """Something about a person's file they should know, said as one plain line (the
+    CLI prints it as ``warning: ...``; napari shows it as a notification)."""
+
+
 def not_a_regular_file(path) -> str | None:
     """Why ``path`` cannot be read as a file (None: it can). A device such as /dev/zero
     would be read until memory runs out, and a pipe would wait forever."""

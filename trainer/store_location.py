@@ -111,10 +111,37 @@ def _candidate_folders(source: str, key: str) -> tuple[Path | None, Path]:
     return beside, Path(user_data_dir("marsviewer")) / "corrections" / key
 
 
+def _check_readable_folder(folder: Path | None) -> None:
+    """Refuse a dataset's corrections folder that is there but cannot be used: going on
+    would start a new, empty store elsewhere and leave the person's corrections behind."""
+    import os
+
+    from .corrections_db import CorrectionsError
+
+    if folder is None or not (folder.exists() or folder.is_symlink()):
+        return
+    problem = None
+    if not folder.is_dir():
+        problem = "is not a folder"
+    elif not os.access(folder, os.R_OK | os.X_OK):
+        problem = "cannot be read (no permission)"
+    else:
+        try:
+            next(folder.iterdir(), None)
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or exc})"
+    if problem:
+        raise CorrectionsError(
+            f"{folder}: the corrections folder of this dataset {problem}; fix it, or move it aside to "
+            "start without its corrections (--no-corrections ignores it)"
+        )
+
+
 def existing_store_path(source: str, content_hash: str | None) -> Path | None:
     """Where this dataset's corrections already are, if anywhere (creates nothing). A
     named dataset's store may also be where an older version put it, by content hash."""
     beside, fallback = _candidate_folders(source, location_key(source, content_hash))
+    _check_readable_folder(beside)
     candidates = [beside, fallback]
     if content_hash is not None:
         candidates.append(_candidate_folders(source, content_hash)[1])

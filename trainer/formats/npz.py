@@ -45,7 +45,7 @@ def _check_values(chunk: np.ndarray, path: Path, what: str, hi: int, first_index
             i = first_bad(fractional)
             value = chunk[fractional][0]
             raise DatasetError(
-                f"{path}: {what} of image {i} has the value {value!r}, which is not a whole "
+                f"{path}: {what} of image {i} has the value {float(value):g}, which is not a whole "
                 f"number; expected whole numbers 0..{hi}"
             )
     lo_found, hi_found = chunk.min(), chunk.max()

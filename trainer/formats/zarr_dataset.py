@@ -165,12 +165,13 @@ def open_zarr(path: str | Path) -> StoredDataset:
     import zarr
 
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such dataset")
     if Path(str(path) + ".partial").exists() and not (path / "zarr.json").exists():
         raise DatasetError(
-            f"{path}: conversion did not finish (only {path.name}.partial exists); convert again"
+            f"{path}: the conversion that was writing it did not finish (only {path.name}.partial "
+            "exists); run convert again"
         )
+    if not path.exists():
+        raise DatasetError(f"{path}: no such dataset")
     store = _ChunkCheckedStore(path)
     try:
         group = zarr.open_group(store=store, mode="r")
