@@ -476,13 +476,14 @@ def test_export_format_follows_the_file_name(trained, tmp_path, capsys, monkeypa
         ["export-model", "--checkpoint", ckpt, "--out", tmp_path / "x", "--format", "onnx"], capsys
     )
     assert code == 0
-    assert wrote == [
-        ("onnx", "m.onnx"),
-        ("onnx", "m.ONNX"),
-        ("torchscript", "m.pt"),
-        ("torchscript", "model"),
-        ("onnx", "x"),
+    assert wrote == [  # each written under its partial name, renamed when complete
+        ("onnx", "m.onnx.partial"),
+        ("onnx", "m.ONNX.partial"),
+        ("torchscript", "m.pt.partial"),
+        ("torchscript", "model.partial"),
+        ("onnx", "x.partial"),
     ]
+    assert all((tmp_path / name).is_file() for name in ("m.onnx", "m.ONNX", "m.pt", "model", "x"))
     for name, fmt, hint in (("m.onnx", "torchscript", "m.pt"), ("m.pth", "onnx", "m.onnx")):
         code, _, err = run(
             ["export-model", "--checkpoint", ckpt, "--out", tmp_path / name, "--format", fmt], capsys
