@@ -52,15 +52,56 @@ def dataset_layer_data(dataset) -> list[tuple]:
     return _layer_tuples(dataset, images, masks, dataset.names, dataset.test_names, n_test)
 
 
+class ShownFrames:
+    """The frames of a dataset read from disk as the viewer reads them: a frame that
+    cannot be read (a damaged chunk) is an error notification naming the frame and its
+    file, once, and shows as an empty frame, so the viewer stays usable; the frame is
+    never taken as data (training, prediction and export read the dataset itself)."""
+
+    def __init__(self, frames, notify=None) -> None:
+        self._frames = frames
+        self._notify = notify or _show_error
+        self._said: set[str] = set()
+
+    def __getattr__(self, attr):
+        return getattr(self._frames, attr)
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[...], dtype=dtype)
+
+    def __getitem__(self, key):
+        try:
+            return self._frames[key]
+        except DatasetError as exc:
+            if str(exc) not in self._said:
+                self._said.add(str(exc))
+                self._notify(str(exc))
+            shape = np.broadcast_to(np.zeros((), self._frames.dtype), self._frames.shape)[key].shape
+            return np.zeros(shape, self._frames.dtype)
+
+
+def _show_error(text: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(text)
+
+
 def _stored_layer_data(stored: StoredDataset) -> list[tuple]:
     if not len(stored.names):
         raise DatasetError(f"{stored.source}: no images")
     masks = FrameStack(
-        stored.images.shape, base=stored.masks, sizes=stored.sizes, class_pixels=stored.class_pixels
+        stored.images.shape,
+        base=ShownFrames(stored.masks),
+        sizes=stored.sizes,
+        class_pixels=stored.class_pixels,
     )
     return _layer_tuples(
-        stored, stored.images, masks, stored.labelled_names, stored.test_names, stored.n_unlabelled, lazy=True
-    )
+        stored, ShownFrames(stored.images), masks, stored.labelled_names, stored.test_names,
+        stored.n_unlabelled, lazy=True,
+    )  # fmt: skip
 
 
 def _layer_tuples(dataset, images, masks, names, test_names, n_test: int, lazy: bool = False) -> list[tuple]:

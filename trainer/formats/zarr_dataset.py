@@ -363,7 +363,9 @@ class CheckedFrames:
         per = _rows_per_file(self._array)
         first = key[0] if isinstance(key, tuple) and key else key
         if isinstance(exc, DamagedChunk):
-            row = int(exc.key.partition("/c/")[2].split("/")[0]) * per
+            start = int(exc.key.partition("/c/")[2].split("/")[0]) * per
+            asked = [r for r in (self._rows(key) or []) if start <= r < start + per]
+            row = asked[0] if asked else start  # the first frame asked for that the file holds
             what = f"its chunk file {ds.path / exc.key} is missing"
         else:
             row = first if isinstance(first, int | np.integer) else self._first_bad(first, per)
