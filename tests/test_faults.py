@@ -676,3 +676,17 @@ def test_napari_shows_a_damaged_frame_as_a_notification_once_and_stays_usable(co
         assert frame.shape == (64, 128) and not frame.any()
     assert shown[130:132, :4].shape == (2, 4, 128)
     assert len(said) == 1 and "frame 130 (130)" in said[0] and "images/c/1/0/0 is missing" in said[0]
+
+
+def test_training_into_a_full_disk_stops_with_the_reason(work, capsys, small_disk):
+    code, _, err = run(
+        ["train", work["npz"], "--run-dir", small_disk / "run", "--preset", "tiny", "--epochs", "1"], capsys
+    )
+    assert code in (1, 2) and "Traceback" not in err, err
+    assert "disk is full" in err and str(small_disk / "run") in err, err
+    assert not list(small_disk.rglob("*.tmp")) and not list(small_disk.rglob("*.partial"))
+
+
+def test_a_dataset_given_to_predict_into_a_folder_is_named(work, capsys):
+    refused(["predict", work["npz"], "--checkpoint", work["ckpt"], "--out", work["tmp"] / "o"], capsys,
+            work["npz"], "not an image file", "--out NAME.npz")  # fmt: skip

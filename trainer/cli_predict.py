@@ -89,6 +89,14 @@ def _frames(args):
         if not len(rows):
             raise CliError(f"{args.inputs[0]}: has no unlabelled frames to predict; use --split all")
         return [(Path(stored.names[i]), lambda i=i: stored.image(i)) for i in rows]
+    from .images import IMAGE_SUFFIXES
+
+    for given in map(Path, args.inputs):
+        if given.is_file() and given.suffix.lower() not in IMAGE_SUFFIXES:
+            raise CliError(
+                f"{given}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); a dataset is predicted "
+                "into an .npz (--out NAME.npz)"
+            )
     try:
         files = image_files(args.inputs)
     except DatasetError as exc:

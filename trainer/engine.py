@@ -283,8 +283,9 @@ def fit(
                     break
     except (FloatingPointError, TrainingFailure) as exc:
         hint = " Try a lower --lr." if "finite" in str(exc) or "nan" in str(exc).lower() else ""
-        message = f"{exc}; training stopped.{hint} The last good checkpoint is kept."
-        yield run.emit(ev.Failed(message, run.state.epoch, run.state.step, run.last_good()))
+        kept = run.last_good()
+        message = f"{exc}; training stopped.{hint}" + (" The last good checkpoint is kept." if kept else "")
+        yield run.emit(ev.Failed(message, run.state.epoch, run.state.step, kept))
         return
     except torch.cuda.OutOfMemoryError as exc:
         yield run.emit(

@@ -16,6 +16,7 @@ from . import events as ev
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .cuda_graph import plain_state_dict
+from .device import TrainingFailure
 from .inference import confusion_on, predict_batch
 from .tiling import frames_confusion
 
@@ -207,6 +208,18 @@ class EpochEnd:
             return
         st = self.state
         path = self.runs.best if which == "best" else self.runs.last
+        try:
+            self._save_checkpoint(path, miou)
+        except OSError as exc:
+            from .outputs import why_not_written
+
+            raise TrainingFailure(
+                f"{path}: the {which} checkpoint could not be written ({why_not_written(exc)})"
+            ) from None
+        yield self.emit(ev.Checkpoint(st.epoch, st.step, str(path), which, miou))
+
+    def _save_checkpoint(self, path, miou: float | None) -> None:
+        st = self.state
         save_checkpoint(
             path, model=self.model, config=self.cfg, optimizer=plain_state_dict(self.optimizer),
             epoch=st.epoch, step=st.step, best_miou=st.best,
@@ -215,7 +228,6 @@ class EpochEnd:
             resume=self._resume_point(), rng_state=torch.get_rng_state(),
             train_indices=[int(i) for i in self.base_train_idx], val_indices=[int(i) for i in self.base_val_idx],
         )  # fmt: skip
-        yield self.emit(ev.Checkpoint(st.epoch, st.step, str(path), which, miou))
 
     def _resume_point(self) -> dict:
         st = self.state

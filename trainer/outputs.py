@@ -103,16 +103,22 @@ def _remove(path: Path) -> None:
             pass
 
 
-def could_not_write(out: str | Path, exc: OSError) -> OutputError:
-    """The one-line error for an output that the operating system refused."""
-    why = {
+def why_not_written(exc: OSError) -> str:
+    """What a person should read for an operating system's refusal to write."""
+    return {
         errno.ENOSPC: "the disk is full",
         errno.EDQUOT: "the disk quota is used up",
         errno.EROFS: "the location is read-only",
         errno.EACCES: "no permission to write there",
         errno.EPERM: "no permission to write there",
     }.get(exc.errno or 0, exc.strerror or str(exc))
-    return OutputError(f"{out}: could not be written ({why}); nothing was left under its name")
+
+
+def could_not_write(out: str | Path, exc: OSError) -> OutputError:
+    """The one-line error for an output that the operating system refused."""
+    return OutputError(
+        f"{out}: could not be written ({why_not_written(exc)}); nothing was left under its name"
+    )
 
 
 def replace_into(tmp: Path, out: Path) -> None:

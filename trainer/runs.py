@@ -125,11 +125,32 @@ class RunDir:
         return self.path / "checkpoints" / f"{CHECKPOINTS[1]}.pt"
 
     def write_start(self, cfg: TrainConfig, train_idx, val_idx) -> None:
-        (self.path / "config.toml").write_text(to_toml(cfg))
         split = {"train": [int(i) for i in train_idx], "val": [int(i) for i in val_idx]}
-        _atomic_write(self.path / "split.json", json.dumps(split))
+        try:
+            _atomic_write(self.path / "config.toml", to_toml(cfg))
+            _atomic_write(self.path / "split.json", json.dumps(split))
+        except OSError as exc:
+            from .outputs import why_not_written
+
+            raise RunDirError(
+                f"{self.path}: cannot write the run directory ({why_not_written(exc)})"
+            ) from None
 
     def write_event(self, event: Event) -> None:
+        """Record ``event``; a run directory that can no longer be written (a full disk)
+        is a :class:`RunDirError` naming it, not a traceback."""
+        try:
+            self._write_event(event)
+        except OSError as exc:
+            if isinstance(exc, RunDirError):
+                raise
+            from .outputs import why_not_written
+
+            raise RunDirError(
+                f"{self.path}: cannot write the run directory ({why_not_written(exc)}); training stopped"
+            ) from None
+
+    def _write_event(self, event: Event) -> None:
         if self._events is None:
             self._events = open(self.path / "events.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open
         self._events.write(json.dumps(event.to_json()) + "\n")
@@ -199,5 +220,9 @@ class RunDir:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
