@@ -690,3 +690,19 @@ def test_training_into_a_full_disk_stops_with_the_reason(work, capsys, small_dis
 def test_a_dataset_given_to_predict_into_a_folder_is_named(work, capsys):
     refused(["predict", work["npz"], "--checkpoint", work["ckpt"], "--out", work["tmp"] / "o"], capsys,
             work["npz"], "not an image file", "--out NAME.npz")  # fmt: skip
+
+
+def test_a_masks_folder_that_cannot_be_listed_is_an_error_not_unlabelled_images(work, capsys, monkeypatch):
+    """(As root every folder can be listed: the refusal is what a person without the
+    permission gets.)"""
+    folder = work["folder"]
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "masks":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    refused(["stats", folder], capsys, folder / "masks", "cannot be read", "permissions")
+    refused(["train", folder, "--run-dir", work["tmp"] / "r", "--preset", "tiny"], capsys, folder / "masks")

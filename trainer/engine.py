@@ -283,9 +283,10 @@ def fit(
                     break
     except (FloatingPointError, TrainingFailure) as exc:
         hint = " Try a lower --lr." if "finite" in str(exc) or "nan" in str(exc).lower() else ""
-        kept = run.last_good()
-        message = f"{exc}; training stopped.{hint}" + (" The last good checkpoint is kept." if kept else "")
-        yield run.emit(ev.Failed(message, run.state.epoch, run.state.step, kept))
+        # The message is the same on every rank; which checkpoint is kept (rank 0 writes
+        # them) is the event's own field, said by the CLI and napari where there is one.
+        message = f"{exc}; training stopped.{hint}"
+        yield run.emit(ev.Failed(message, run.state.epoch, run.state.step, run.last_good()))
         return
     except torch.cuda.OutOfMemoryError as exc:
         yield run.emit(

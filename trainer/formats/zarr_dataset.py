@@ -125,8 +125,9 @@ class StoredDataset:
     def _frame(self, key: str, array, i: int) -> np.ndarray:
         """Frame ``i`` of ``array`` at its own size."""
         i = int(i)
-        if not 0 <= i < len(array):
-            raise IndexError(f"{self.path}: frame {i} of {key} out of range 0..{len(array) - 1}")
+        n = len(self.names) if key == "images" else self.n_labelled
+        if not 0 <= i < n:
+            raise IndexError(f"{self.path}: frame {i} of {key} out of range 0..{n - 1}")
         h, w = (int(v) for v in self.sizes[i])
         rows = int(array.chunks[0])
         if rows == 1:
