@@ -284,13 +284,17 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
     elif how == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "bit flipped":  # one bit: zstd alone decodes this one silently wrong
+        data = bytearray(path.read_bytes())
+        data[len(data) * 3 // 4] ^= 0x10
+        path.write_bytes(bytes(data))
     else:
         path.write_bytes(
             np.random.default_rng(0).integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes()
         )
 
 
-@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage"])
+@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage", "bit flipped"])
 def test_a_damaged_chunk_is_an_error_for_every_command(converted, tmp_path, capsys, how):
     import shutil
 
@@ -363,6 +367,9 @@ def test_large_frames_a_shard_each_missing_or_truncated(tmp_path, capsys):
     del meta["attributes"]["every_chunk_written"]  # as an older version wrote it
     (data / "zarr.json").write_text(json.dumps(meta))
     assert not open_zarr(data).mask(1).any()  # zarr left such shards out then
+    (data / "masks" / "c" / "0" / "0" / "0").unlink()  # but a labelled mask's shard: damage
+    with pytest.raises(DatasetError, match=r"frame 0 \(images/f0\).*masks/c/0/0/0 is missing"):
+        open_zarr(data).mask(0)
     _damage(data / "masks" / "c" / "2" / "0" / "0", "truncated")
     with pytest.raises(DatasetError, match=r"frame 2 \(images/f2\).*masks/c/2/0/0 is damaged"):
         open_zarr(data).mask(2)
