@@ -713,3 +713,21 @@ def test_a_masks_folder_that_cannot_be_listed_is_an_error_not_unlabelled_images(
     monkeypatch.setattr(os, "scandir", scandir)
     refused(["stats", folder], capsys, folder / "masks", "cannot be read", "permissions")
     refused(["train", folder, "--run-dir", work["tmp"] / "r", "--preset", "tiny"], capsys, folder / "masks")
+
+
+@pytest.mark.parametrize("table", ["sizes", "class_pixels", "class_cells"])
+def test_a_missing_table_chunk_is_damage_not_zeros(converted, tmp_path, table):
+    import shutil
+
+    from trainer.dataset import DatasetError
+    from trainer.formats import open_zarr
+
+    src, _ = converted
+    data = tmp_path / "L.zarr"
+    shutil.copytree(src, data)
+    chunk = next((data / table / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    with pytest.raises(DatasetError, match=f"{table}/c/.* is missing"):
+        open_zarr(data).class_cells()

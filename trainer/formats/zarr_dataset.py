@@ -142,7 +142,16 @@ class StoredDataset:
     def class_cells(self) -> np.ndarray:
         import zarr
 
-        return np.asarray(zarr.open_array(self.path / "class_cells", mode="r")[:])
+        store = _ChunkCheckedStore(self.path)
+        try:
+            cells = np.asarray(zarr.open_array(store=store, path="class_cells", mode="r")[:])
+        except Exception as exc:
+            _drain_zarr()
+            raise DatasetError(
+                f"{self.path}: its class_cells table is damaged ({_why(exc)}); convert the dataset again"
+            ) from None
+        _refuse_missing(self.path, store)
+        return cells
 
     def to_memory(self) -> Dataset:
         """The whole store as an in-memory :class:`Dataset` (frames of one size only)."""
@@ -204,6 +213,7 @@ def open_zarr(path: str | Path) -> StoredDataset:
         raise DatasetError(
             f"{path}: damaged dataset ({_why(exc)}); convert it again from its source"
         ) from None
+    _refuse_missing(path, store)  # the tables of sizes and class counts
     # Datasets written before every chunk was stored and checksummed may lack the chunks
     # of masks that hold no labelled pixel (zarr leaves out chunks of fill values).
     store.every_chunk = bool(attrs.get("every_chunk_written"))
@@ -222,6 +232,15 @@ def open_zarr(path: str | Path) -> StoredDataset:
     stored.images = CheckedFrames(images, stored, "images")
     stored.masks = CheckedFrames(masks, stored, "masks")
     return stored
+
+
+def _refuse_missing(path: Path, store) -> None:
+    """A table read whole (sizes, class counts) whose chunk file is missing: damage."""
+    if store.missing:
+        key = sorted(store.missing)[0]
+        raise DatasetError(
+            f"{path}: its chunk file {path / key} is missing; convert the dataset again from its source"
+        )
 
 
 def n_rows(table: np.ndarray) -> int:
