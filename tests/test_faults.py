@@ -731,3 +731,15 @@ def test_a_missing_table_chunk_is_damage_not_zeros(converted, tmp_path, table):
     chunk.unlink()
     with pytest.raises(DatasetError, match=f"{table}/c/.* is missing"):
         open_zarr(data).class_cells()
+
+
+def test_a_corrections_folder_without_permission_is_refused_not_replaced(work, capsys, monkeypatch):
+    """(As root every folder can be read: the refusal is what a person without the
+    permission gets; a new, empty store elsewhere would leave their corrections behind.)"""
+    beside = work["tmp"] / "mars_for_students.marsviewer"
+    beside.mkdir()
+    (beside / "corrections.sqlite").write_bytes(b"")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == beside else real(p, mode, **kw))
+    refused(["stats", work["npz"]], capsys, beside, "cannot be read (no permission)", "--no-corrections")
+    refused(["train", work["npz"], "--run-dir", work["tmp"] / "r", "--preset", "tiny"], capsys, beside)
