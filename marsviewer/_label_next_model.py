@@ -174,6 +174,17 @@ class LabelNextModel:
             if job.finished:
                 self.seed = None
 
+    def dataset_changed(self) -> None:
+        """Another dataset is open: a ranking or a start from prediction still running
+        was computed for the one before, and its rows mean other images here."""
+        running = self.job is not None or self.seed is not None
+        self.shutdown()
+        self.entries, self.rows = [], np.zeros(0, np.int64)
+        self.queue_changed.emit()
+        if running:
+            self.progress.emit("Ranking stopped: another dataset was opened.")
+            self.done.emit(False)
+
     def jobs(self) -> list:
         return [j for j in (self.job,) if j is not None and j.running]
 

@@ -143,7 +143,7 @@ def ensure_layer(viewer, name: str, data, kind: str, keep_selected=None, **kwarg
     """The layer called ``name`` showing ``data``: added if missing, given ``data`` if it
     shows another array (a new dataset). ``kind`` is "labels" or "image"; ``kwargs``
     apply when the layer is made. The layer ``keep_selected`` (the user's masks) stays the
-    selected one, so paint tools keep acting on it."""
+    selected one and on top, so paint tools keep acting on it and its paint is seen."""
     layers = viewer.layers
     if name in layers and layers[name].data is not data:
         if layers[name].data.shape == np.shape(data):
@@ -153,6 +153,8 @@ def ensure_layer(viewer, name: str, data, kind: str, keep_selected=None, **kwarg
     if name not in layers:
         getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
         if keep_selected is not None and keep_selected in layers:
+            # below the user's masks: the layer being painted is never hidden under another
+            layers.move(layers.index(name), layers.index(keep_selected))
             layers.selection.active = keep_selected
     return layers[name]
 

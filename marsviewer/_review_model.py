@@ -147,11 +147,18 @@ class ReviewModel(ReviewQueue):
             )
 
     def detach(self) -> None:
+        """Let go of the dataset: its store, its queue, and a ranking still running for it
+        (its result would land on the next dataset's queue)."""
+        if self.auditor is not None:
+            self.auditor.kill()
+            self.audit_progress.emit("Ranking stopped: another dataset was opened.")
+            self._end_audit(False)
         if self.store is not None:
             self.store.close()
         self.store = None
         self.masks = self.original_masks = None
         self.queue = []
+        self.audit_masks = self.disagreement = self.changed = None
 
     @property
     def active(self) -> bool:
@@ -201,6 +208,13 @@ class ReviewModel(ReviewQueue):
         if mask.max(initial=0) > 4:
             self.notify.emit(
                 f"Image {i}: label {int(mask.max())} is not a class (0..4); fix it before saving.", "error"
+            )
+            return False
+        if i >= self.n_labelled and not mask.any():
+            self.notify.emit(
+                f"Image {i} is not saved: no pixel of it is labelled, and saved it would become a "
+                "training image that teaches nothing. Paint at least one class first.",
+                "error",
             )
             return False
         if is_stack(self.masks):

@@ -63,6 +63,7 @@ class Session:
         last ``n_test`` rows are unlabelled images (all background until labelled).
         ``keys``: how the corrections store finds each row again (the images' names)."""
         self.images = images
+        self.label_next.dataset_changed()  # its jobs and queue were the last dataset's
         self.browser.set_dataset(masks, names, source, n_test)
         if images is not None and np.shape(images) == np.shape(masks):
             self.review.attach(images, masks, source, len(masks) - n_test, keys)
@@ -72,6 +73,7 @@ class Session:
         self.dataset_changed.emit()
 
     def clear(self) -> None:
+        self.label_next.dataset_changed()
         self.review.detach()
         self.images = None
         self.browser.clear()

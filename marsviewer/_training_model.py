@@ -71,6 +71,8 @@ class TrainingModel(Predictions):
         self.follower: RunFollower | None = None
         self.predictor = None
         self.layer_job: tuple | None = None  # (layer name, its PredictionProcess, one 2-D image?)
+        # Each dataset opened is a new generation; a run shows previews only on its own.
+        self.generation = self.run_generation = 0
         self.record = RunRecord()
         self.prediction: np.ndarray | None = None  # (N, H, W) uint8, shown as a Labels layer
         self.entropy: np.ndarray | None = None  # (N, H, W) float32, shown as an Image layer
@@ -87,8 +89,23 @@ class TrainingModel(Predictions):
     # -- the dataset -------------------------------------------------------------------
     def set_frames(self, masks) -> None:
         """A dataset with these (N, H, W) masks is open (None: none): fresh prediction
-        arrays of its shape (frame stacks for a dataset read from disk)."""
+        arrays of its shape (frame stacks for a dataset read from disk). What was computed
+        for the dataset open before never lands on this one: a prediction of it is
+        stopped, and a training run on it goes on but shows no preview here."""
+        self.generation += 1
+        if self.predictor is not None:
+            self.predictor.kill()
+            self.predictor = None
+            self.status.emit("Prediction stopped: another dataset was opened.", False)
+            self.busy_changed.emit()
+        if self.running and self.run_generation != self.generation:
+            self.notify.emit(
+                "Training goes on with the dataset it started on; its previews are not shown on this "
+                "one (its curves stay in the Train tab).",
+                "info",
+            )
         self.worst_order = self.image_miou = self.confusion = None
+        self.prediction = self.entropy = None  # never the last dataset's, even of the same shape
         if masks is None:
             self.prediction = self.entropy = None
         elif (
@@ -130,6 +147,7 @@ class TrainingModel(Predictions):
             )
             return None
         self._reset(str(run_dir))
+        self.run_generation = self.generation
         self.record.state = "starting"
         self._start_time = time.perf_counter()
         self.process = TrainingProcess(
@@ -202,7 +220,7 @@ class TrainingModel(Predictions):
             text = notice(e) if self.process is not None else None  # a run started here, now
             if text:
                 self.notify.emit(f"Training: {text}", "info")
-            if isinstance(e, ev.Preview):
+            if isinstance(e, ev.Preview) and self.run_generation == self.generation:
                 self.show_preview(e.indices, e.masks, e.entropy)
         if self.follower is not None and any(d.get("kind") == "preview" for d in events):
             latest = self.follower.latest_preview()
@@ -230,6 +248,8 @@ class TrainingModel(Predictions):
     def _send_preview_request(self) -> None:
         """The image on screen, at most every PREVIEW_THROTTLE_S while the person browses."""
         if not self._preview_wanted or self.process is None or not self.process.running:
+            return
+        if self.run_generation != self.generation:  # the index is of another dataset
             return
         now = time.perf_counter()
         if now - self._last_preview_request >= PREVIEW_THROTTLE_S:

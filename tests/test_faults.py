@@ -740,6 +740,8 @@ def test_a_corrections_folder_without_permission_is_refused_not_replaced(work, c
     beside.mkdir()
     (beside / "corrections.sqlite").write_bytes(b"")
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == beside else real(p, mode, **kw))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if Path(p) == beside else real(p, mode, **kw)
+    )
     refused(["stats", work["npz"]], capsys, beside, "cannot be read (no permission)", "--no-corrections")
     refused(["train", work["npz"], "--run-dir", work["tmp"] / "r", "--preset", "tiny"], capsys, beside)

@@ -263,6 +263,19 @@ def test_unlabelled_images_are_browsed_labelled_and_trained_on(pool_session, sma
     assert isinstance(review.store, CorrectionStore) and review.store.n_pool == 6
 
 
+def test_an_unlabelled_image_with_no_labelled_pixel_is_not_saved(pool_session):
+    """A start from prediction that kept no pixel, saved, made an empty training image."""
+    s, b, review = pool_session, pool_session.browser, pool_session.review
+    notes = Recorder(s.notify)
+    b.set_show("unlabelled")
+    assert b.index == 20 and not b.masks[20].any()
+    assert review.save() is False
+    assert "no pixel of it is labelled" in notes.calls[-1][0] and notes.calls[-1][1] == "error"
+    assert review.store.state(20)[0] is None and b.pool_labelled == set() and b.stats.images == 20
+    b.masks[20][:2, :2] = 3  # one class painted: now it is a label
+    assert review.save() and b.pool_labelled == {20}
+
+
 def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     from trainer.cli import main
 

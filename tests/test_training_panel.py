@@ -45,6 +45,9 @@ def test_train_shows_live_prediction_iou_and_predicts_all(widget, qtbot):
     assert pred.features["class"].tolist()[3] == "Sand"  # the status bar names classes
     assert panel.start_button.isEnabled() and panel.predict_button.isEnabled()
     assert widget.viewer.layers.selection.active is widget.masks_layer  # paint tools stay on the masks
+    layers = widget.viewer.layers
+    on_top = layers.index(widget.masks_layer)
+    assert layers.index(PREDICTION) < on_top and layers.index(UNCERTAINTY) < on_top  # paint is seen
     done = []
     model.predicted.connect(lambda: done.append(1))
     panel.predict_button.click()

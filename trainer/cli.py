@@ -17,14 +17,41 @@ COMMAND_MODULES = ("cli_data", "cli_train", "cli_evaluate", "cli_predict", "cli_
 adding it to one of them (or a new module here)."""
 
 
+class ShortUsageParser(argparse.ArgumentParser):
+    """A usage error says the one thing that is wrong under a one-line usage (what is
+    required, then ``[options]``), not the whole list of options (``train`` has forty)."""
+
+    def short_usage(self) -> str:
+        parts = []
+        for action in self._actions:
+            if not action.option_strings:
+                if isinstance(action, argparse._SubParsersAction):
+                    parts.append("COMMAND")
+                else:
+                    parts.append(
+                        (action.metavar or action.dest.upper()) + (" ..." if action.nargs == "+" else "")
+                    )
+            elif action.required:
+                parts.append(f"{action.option_strings[0]} {action.metavar or action.dest.upper()}")
+        return f"usage: {self.prog} {' '.join(parts)} [options]"
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(
+            2,
+            f"{self.short_usage()}\n{self.prog}: error: {message}\n({self.prog} --help lists every option)\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = ShortUsageParser(
         prog="mars-trainer",
         description="Headless Mars terrain segmentation: datasets, statistics and training.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=ShortUsageParser
+    )
     for name in COMMAND_MODULES:
         importlib.import_module(f".{name}", __package__).register(sub)
     return parser

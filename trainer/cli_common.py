@@ -189,7 +189,12 @@ def inference_parser(sub, name: str, help: str, splits: tuple, default: str, inp
     q = sub.add_parser(name, help=help)
     add_dataset_args(q, inputs=inputs)
     add_checkpoint_arg(q)
-    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    q.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to predict (default: auto, a GPU when there is one)",
+    )
     q.add_argument(
         "--precision",
         default="auto",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .cli_common import CliError, add_dataset_args, add_overwrite_arg, load_dataset, say_replaced_store
 from .outputs import check_output, write_bytes
-from .synth import COMPETITION_IMAGES
+from .synth import COMPETITION_IMAGES, COMPETITION_TEST_IMAGES
 
 
 def _output(text: str, suffix: str) -> Path:
@@ -32,6 +32,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from .synth import generate
 
     out = _output(args.out, ".npz")
+    if args.test is None:
+        args.test = round(args.train * COMPETITION_TEST_IMAGES / COMPETITION_IMAGES)
+    if args.train < 1 or args.test < 0:
+        raise CliError(f"--train must be at least 1 and --test at least 0, got {args.train} and {args.test}")
     check_output(out, overwrite=args.overwrite)
     check_output(truth_path(out), overwrite=args.overwrite)
     if args.train < 10 and not args.no_problems:
@@ -138,8 +142,13 @@ def register(sub) -> None:
         default=COMPETITION_IMAGES,
         help=f"training images (default {COMPETITION_IMAGES})",
     )
-    p.add_argument("--test", type=int, default=0, help="unlabelled test images (default 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--test",
+        type=int,
+        help=f"unlabelled test images (default: as many per training image as the competition's file, "
+        f"{COMPETITION_TEST_IMAGES} for {COMPETITION_IMAGES}; 0 for none)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the same seed makes the same dataset (default 0)")
     p.add_argument(
         "--dtype",
         choices=["float64", "float32", "uint8"],

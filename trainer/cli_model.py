@@ -213,7 +213,12 @@ def register(sub) -> None:
         action="store_true",
         help="rank every unlabelled image, those labelled since or excluded too (by default they are left out)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to score (default: auto, a GPU when there is one)",
+    )
     p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser(

@@ -236,7 +236,9 @@ def register(sub) -> None:
         type=int,
         help="train each out-of-fold model for N epochs instead of --minutes: the same ranking on every run",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="folds and training: the same seed, the same ranking (default 0)"
+    )
     p.add_argument("--corrections", help="corrections database (default: the dataset's own)")
     add_overwrite_arg(p)
     p.set_defaults(func=cmd_audit)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from .cli_common import CliError, add_dataset_args, checkpoint_arg, iou_table, load_dataset
 from .config import PRESETS, TrainConfig, build
@@ -109,13 +110,35 @@ class Progress:
         self.stream.flush()
 
 
+def _default_run_dir(dataset: str) -> str:
+    """``runs/NAME-TIME``, new, in the current folder, said on the first line. Under
+    torchrun every rank must write to one directory, so there it must be given."""
+    from .runs import new_run_dir
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CliError("under torchrun give --run-dir (every process must write to the same one)")
+    name = Path(dataset).stem if not str(dataset).startswith("synthetic") else "synthetic"
+    try:
+        path = new_run_dir("runs", f"{name or 'run'}-")
+    except OSError as exc:
+        raise CliError(
+            f"runs: cannot create a run directory here ({exc.strerror or exc}); give --run-dir"
+        ) from None
+    print(f"run directory: {path}", file=sys.stderr)
+    return str(path)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import TrainControl
     from .outputs import dataset_inputs, refuse_inputs
 
     cfg = config_from_args(args)
-    refuse_inputs(args.run_dir, dataset_inputs(args.dataset), what="--run-dir")
+    if args.run_dir is not None:
+        refuse_inputs(args.run_dir, dataset_inputs(args.dataset), what="--run-dir")
     dataset = load_dataset(args, lazy=True)
+    if args.run_dir is None:  # made only once the dataset has been read
+        args.run_dir = _default_run_dir(args.dataset)
+        refuse_inputs(args.run_dir, dataset_inputs(args.dataset), what="--run-dir")
     # Under torchrun only rank 0 talks; the others train silently.
     quiet = int(os.environ.get("RANK", "0")) != 0
     progress = Progress()
@@ -212,7 +235,10 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a U-Net; writes a run directory with events and checkpoints")
     add_dataset_args(p)
-    p.add_argument("--run-dir", required=True, help="where the config, events and checkpoints go")
+    p.add_argument(
+        "--run-dir",
+        help="where the config, events and checkpoints go (default: a new runs/DATASET-TIME in the current folder)",
+    )
     p.add_argument(
         "--no-corrections",
         action="store_true",

@@ -31,6 +31,7 @@ from .dataset import Dataset
 # not depend on how many images were asked for.
 BATCH = 64
 COMPETITION_IMAGES = 2615  # labelled images of the Mars competition's file
+COMPETITION_TEST_IMAGES = 10022  # and its unlabelled test_set
 BIG_ROCK_IMAGE_RATE = 0.03  # real data: 62 of 2615 images hold a big rock
 OUTLIER_RATE = 110 / COMPETITION_IMAGES
 CORRUPT_RATE = 0.04
