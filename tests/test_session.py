@@ -314,8 +314,11 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     wait(s, lambda: nxt.seed is None, timeout=120)
     kept = b.masks[row] > 0
     assert (b.masks[row][kept] == first[kept]).all() and kept.sum() < first.size  # only the sure pixels
-    assert s.review.save()
-    assert b.pool_labelled == {row}
+    if kept.any():
+        assert s.review.save() and b.pool_labelled == {row}
+    else:  # no pixel sure enough: not saved as a training image that teaches nothing
+        assert not s.review.save() and b.pool_labelled == set()
+        assert "no pixel of it is labelled" in notes.calls[-1][0]
 
 
 def test_label_next_ranks_against_the_labelled_images_left_in(pool_session, monkeypatch):
