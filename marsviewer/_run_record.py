@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.events import Event
+from trainer.events import Event, cpu_share_text
 
 
 def _as_dict(event) -> dict:
@@ -45,6 +45,7 @@ class RunRecord:
     progress: float = 0.0
     images_per_s: float = 0.0
     eta_s: float | None = None
+    cpu_note: str = ""  # "training gets 0.2 of a core: other programs are busy", or ""
     device: str = ""
     state: str = "idle"  # idle, starting, running, stopping, finished, stopped, failed
     message: str = ""
@@ -90,6 +91,7 @@ class RunRecord:
             self.progress = e.get("progress") or 0.0
             self.images_per_s = e.get("images_per_s") or 0.0
             self.eta_s = e.get("eta_s")
+            self.cpu_note = cpu_share_text(e.get("cpu_cores"), e.get("threads"))
         elif kind == "validation":
             iou = [math.nan if v is None else float(v) for v in e["iou"]]
             self.val_steps.append(e["step"])
@@ -115,7 +117,7 @@ class RunRecord:
                 f"Finished ({e.get('reason', 'completed')}): best mIoU {best:.3f}"
                 if best is not None
                 else "Finished"
-            )
+            ) + (f"\n{e['note'][0].upper()}{e['note'][1:]}." if e.get("note") else "")
             self.best_checkpoint = self._in_run(e.get("best_checkpoint")) or self.best_checkpoint
         elif kind == "stopped":
             self.state = "stopped"
@@ -160,7 +162,10 @@ class RunRecord:
         )
         if self.activity:
             return f"epoch {self.epoch + 1} · {self.activity}{fixes} · {self.device}"
-        return f"epoch {self.epoch + 1} · {self.images_per_s:.1f} img/s · ETA {eta}{fixes} · {self.device}"
+        busy = f" · {self.cpu_note}" if self.cpu_note else ""
+        return (
+            f"epoch {self.epoch + 1} · {self.images_per_s:.1f} img/s · ETA {eta}{fixes} · {self.device}{busy}"
+        )
 
 
 def _clock(seconds: float) -> str:

@@ -114,6 +114,7 @@ class Session:
         """The person browsed, painted or moved the view: hold every child job until the
         viewer has been quiet for ``QUIET_S``."""
         self.quiet_at = self.clock() + QUIET_S
+        self.training.last_hold = self.training.clock()
         for job in self.jobs():
             job.hold(QUIET_S)
             if job not in self.held:

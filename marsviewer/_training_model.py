@@ -8,6 +8,7 @@ as layers and refreshes on ``prediction_changed``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,9 @@ at once after each browse step). Drawing one costs the viewer ~50 ms of CPU unde
 taken from the training on the same cores: every 4 s that is about 1% of a core."""
 PREVIEW_THROTTLE_S = 0.15  # at most one preview request per this while the person browses
 ENDED = ("finished", "stopped", "failed")
+# A step interval in which the session held the job for the person (browsing, painting)
+# shows little CPU for that reason, not because other programs are busy.
+HELD_RECENTLY_S = 5.0
 
 
 def default_runs_root() -> Path:
@@ -73,6 +77,8 @@ class TrainingModel(Predictions):
         self.layer_job: tuple | None = None  # (layer name, its PredictionProcess, one 2-D image?)
         # Each dataset opened is a new generation; a run shows previews only on its own.
         self.generation = self.run_generation = 0
+        self.clock = time.monotonic
+        self.last_hold = -math.inf  # when the session last held the jobs for the person
         self.record = RunRecord()
         self.prediction: np.ndarray | None = None  # (N, H, W) uint8, shown as a Labels layer
         self.entropy: np.ndarray | None = None  # (N, H, W) float32, shown as an Image layer
@@ -217,6 +223,8 @@ class TrainingModel(Predictions):
             events = self.follower.new_events()
         for e in events:
             self.record.apply(e)
+            if self.clock() - self.last_hold < HELD_RECENTLY_S:
+                self.record.cpu_note = ""  # the job was held for the person, not starved by others
             text = notice(e) if self.process is not None else None  # a run started here, now
             if text:
                 self.notify.emit(f"Training: {text}", "info")

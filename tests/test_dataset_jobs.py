@@ -137,5 +137,7 @@ def test_another_dataset_of_the_same_shape_starts_with_no_prediction(session, tm
     t.prediction[:] = 3  # a prediction of the first dataset
     ds = small_sample.dataset
     (tmp_path / "c.npz").write_bytes(b"")
-    session.set_dataset(ds.images[30:56].copy(), ds.masks[30:56].copy(), None, str(tmp_path / "c.npz"), n_test=6)
+    session.set_dataset(
+        ds.images[30:56].copy(), ds.masks[30:56].copy(), None, str(tmp_path / "c.npz"), n_test=6
+    )
     assert t.prediction.shape == (26, 64, 128) and not t.prediction.any()

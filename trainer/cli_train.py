@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .cli_common import CliError, add_dataset_args, checkpoint_arg, iou_table, load_dataset
 from .config import PRESETS, TrainConfig, build
+from .events import cpu_share_text
 
 _CONTROLLED = {"epochs", "minutes", "device", "seed"}  # shown in the main group
 
@@ -78,6 +79,7 @@ class Progress:
         self.last = 0.0
         self.miou = float("nan")
         self.epoch = 0
+        self.said_busy = ""  # the last word on the CPU the run gets, said once until it changes
 
     def step(self, e) -> None:
         eta = "?" if e.eta_s is None else time.strftime("%H:%M:%S", time.gmtime(e.eta_s))
@@ -201,6 +203,10 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
                 progress.line(f"data: {event.data}")
         elif kind == "step":
             progress.step(event)
+            busy = cpu_share_text(event.cpu_cores, event.threads)
+            if busy and busy != progress.said_busy:
+                progress.note(busy)
+            progress.said_busy = busy
         elif kind == "progress" and not event.total:  # something to know, not a count
             progress.line(event.text)
         elif kind == "progress":  # a long validation of frames read from disk
@@ -223,6 +229,8 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
                     else "no best checkpoint (no validation has finished)"
                 )
             )
+            if event.note:
+                progress.line(f"note: {event.note}")
         elif kind == "stopped":
             progress.line(f"stopped at epoch {event.epoch + 1}; checkpoint {event.checkpoint}")
         elif kind == "failed":

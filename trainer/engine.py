@@ -134,6 +134,8 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         self.step_clock = 0.0  # the budget's clock at the step's start, agreed by the ranks
         self.step_s = 0.0  # the last step's length on that clock, start to start
         self.t0 = time.perf_counter() - self.state.elapsed_s
+        # What this process itself did: steps and CPU, for a run that ends having barely begun
+        self.start_step, self.cpu0, self.wall0 = self.state.step, time.process_time(), time.perf_counter()
         self.paused_s = 0.0  # time held by control.pause: neither run time nor budget
         self.clock0 = control.clock() if control.clock is not None else 0.0
         self.last_preview = -math.inf

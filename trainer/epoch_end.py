@@ -288,4 +288,19 @@ class EpochEnd:
                     "best_checkpoint": best_path,
                 }
             )
-        return ev.Finished(st.epoch, st.step, st.best, best_path, seconds, reason)
+        return ev.Finished(st.epoch, st.step, st.best, best_path, seconds, reason, self.ending_note(reason))
+
+    def ending_note(self, reason: str) -> str:
+        """For a budget that ended the run before it could learn: how many steps it made
+        and why (the CPU it got, when other programs took most of it)."""
+        steps = self.state.step - self.start_step
+        if reason != "time budget" or steps >= ev.LEARNING_STEPS:
+            return ""
+        wall = max(time.perf_counter() - self.wall0 - self.paused_s, 1e-9)
+        cores = (time.process_time() - self.cpu0) / wall if self.device.type == "cpu" else None
+        busy = ev.cpu_share_text(cores, torch.get_num_threads() if cores is not None else None)
+        why = f" ({busy})" if busy else ""
+        return (
+            f"only {steps} training step{'s' if steps != 1 else ''} in the time budget{why}: too few to learn much; "
+            "give more minutes" + (" or close other programs" if busy else "")
+        )

@@ -135,6 +135,7 @@ class EpochSteps:
         cfg, st, control = self.cfg, self.state, self.control
         self.train_model.train()
         loss_sum, loss_n, t_log, n_log = torch.zeros((), device=self.device), 0, time.perf_counter(), 0
+        cpu_log = time.process_time()
         previous = None  # the last step's start on the budget's clock, in this epoch
         while st.batch < self.steps_per_epoch:
             if control.poll is not None:
@@ -174,9 +175,14 @@ class EpochSteps:
                 rate = n_log / max(now - t_log, 1e-9)
                 done = min(self._progress(), 1.0)
                 eta = (now - self.t0) * (1 - done) / done if done > 0 else None
-                yield self.emit(ev.Step(st.epoch, st.step, mean_loss, self.lr, rate, done, eta))
+                cpu_now = time.process_time()
+                cores = (cpu_now - cpu_log) / max(now - t_log, 1e-9) if self.device.type == "cpu" else None
+                threads = torch.get_num_threads() if cores is not None else None
+                yield self.emit(
+                    ev.Step(st.epoch, st.step, mean_loss, self.lr, rate, done, eta, cores, threads)
+                )
                 loss_sum.zero_()
-                loss_n, t_log, n_log = 0, now, 0
+                loss_n, t_log, n_log, cpu_log = 0, now, 0, cpu_now
             if self.preview_due():
                 yield self.emit(self.preview())
             if self.budget_s and self.peers.agree(None, self.out_of_time()):  # every rank alike

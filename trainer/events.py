@@ -55,6 +55,10 @@ class Step(Event):
     images_per_s: float
     progress: float  # 0..1 of the planned run
     eta_s: float | None
+    # CPU the training process used since the last Step, in cores (2.0: two cores busy),
+    # against the threads it computes with; None on a GPU. Far below: other programs are busy.
+    cpu_cores: float | None = None
+    threads: int | None = None
     kind = "step"
 
 
@@ -115,6 +119,7 @@ class Finished(Event):
     best_checkpoint: str | None
     seconds: float
     reason: str = "completed"  # completed, time budget, early stopping
+    note: str = ""  # what the person should know of how it ended (a budget too short to learn in)
     kind = "finished"
 
 
@@ -190,3 +195,14 @@ TERMINAL = (Finished, Stopped, Failed)
 """The events that end a training run."""
 JOB_END = (*TERMINAL, Predicted, PredictedOnDisk, Ranked, Suggested)
 """The events that end any child job."""
+
+
+LEARNING_STEPS = 100  # a run of fewer optimiser steps has barely begun to learn
+
+
+def cpu_share_text(cores: float | None, threads: int | None) -> str:
+    """ "training gets 0.2 of a core: other programs are busy" when the process used less
+    than half the cores it computes with, else ""."""
+    if cores is None or not threads or cores >= 0.5 * threads:
+        return ""
+    return f"training gets {cores:.1f} of {'a core' if threads == 1 else f'its {threads} cores'}: other programs are busy"
