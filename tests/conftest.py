@@ -8,6 +8,11 @@ import pytest
 from trainer.formats import write_npz
 from trainer.synth import generate
 
+# How long a test waits for a child job that does a fixed amount of work (epochs, steps,
+# a budget of compute) before calling it hung: generous, so that a busy machine makes the
+# suite slower, never red.
+JOB_WAIT_S = 600
+
 
 @pytest.fixture(autouse=True)
 def _private_user_data(tmp_path_factory, monkeypatch):

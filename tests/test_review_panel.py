@@ -9,6 +9,7 @@ import pytest
 from app_model.types import KeyBinding
 
 from marsviewer._review_model import CHANGED, DISAGREEMENT
+from tests.conftest import JOB_WAIT_S
 from trainer.formats import read_npz
 
 
@@ -75,7 +76,7 @@ def test_audit_from_the_panel_ranks_and_shows_disagreement(widget, qtbot):
     widget.session.review.audit_done.connect(done.append)
     assert panel.start_audit(minutes=0.2, folds=2) is not None
     assert not panel.audit_button.isEnabled()
-    qtbot.waitUntil(lambda: bool(done), timeout=120_000)
+    qtbot.waitUntil(lambda: bool(done), timeout=JOB_WAIT_S * 1000)
     assert done == [True] and panel.audit_button.isEnabled() and panel.queue.count() > 0
     assert "pink = the model disagrees" in panel.audit_status.text()
     item = panel.queue.item(panel.queue.count() - 1)
@@ -104,7 +105,7 @@ def test_audit_of_a_dataset_read_from_disk_from_the_panel(
     done = []
     model.audit_done.connect(done.append)
     assert panel.start_audit(minutes=0.03, folds=2)  # duplicates rank first at any budget is not None
-    qtbot.waitUntil(lambda: bool(done), timeout=120_000)
+    qtbot.waitUntil(lambda: bool(done), timeout=JOB_WAIT_S * 1000)
     assert done == [True] and panel.queue.count() > 0 and "pink" in panel.audit_status.text()
     listed = [panel.queue.item(k).data(256).index for k in range(panel.queue.count())]
     group = small_sample.truth["outlier_group"]

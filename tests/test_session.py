@@ -12,6 +12,7 @@ import pytest
 
 from marsviewer._review_model import CHANGED, DISAGREEMENT, QueueEntry
 from marsviewer._session import QUIET_S, Session
+from tests.conftest import JOB_WAIT_S
 from trainer.audit import move_mask
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.config import preset
@@ -37,7 +38,7 @@ def session(tmp_path, small_sample):
     s.shutdown()
 
 
-def wait(session: Session, predicate, timeout: float = 90.0) -> None:
+def wait(session: Session, predicate, timeout: float = JOB_WAIT_S) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         session.poll()
@@ -189,13 +190,13 @@ def test_train_preview_predict_and_worst_first(session):
     session.browser.set_index(3)
     assert t.start(preset("tiny").replace(epochs=2)) is not None
     assert t.running
-    wait(session, lambda: ended.calls, timeout=120)
+    wait(session, lambda: ended.calls)
     assert ended.calls == [("finished",)] and not t.running
     assert t.record.val_miou and t.checkpoint.endswith("best.pt")
     assert t.prediction[3].any() and t.first_preview_s is not None  # the image on screen was previewed
     predicted = Recorder(t.predicted)
     assert t.predict_all() is not None
-    wait(session, lambda: predicted.calls, timeout=60)
+    wait(session, lambda: predicted.calls)
     assert t.worst_order is not None and len(t.worst_order) == len(session.browser.masks)
     assert "rank 1 of" in t.next_worst()
     assert session.browser.index == int(np.nanargmin(t.image_miou))
@@ -205,7 +206,7 @@ def test_train_preview_predict_and_worst_first(session):
 def test_a_held_training_makes_no_steps_and_goes_on_by_itself(session):
     t = session.training
     t.start(preset("tiny").replace(epochs=200))
-    wait(session, lambda: len(t.record.steps) >= 1, timeout=60)
+    wait(session, lambda: len(t.record.steps) >= 1)
     session.user_active()
     job = t.process
     assert job.suspended
@@ -215,10 +216,10 @@ def test_a_held_training_makes_no_steps_and_goes_on_by_itself(session):
     time.sleep(0.6)
     t.poll()
     assert len(t.record.steps) == seen  # nothing moved while held (no session.poll: never quiet)
-    wait(session, lambda: len(t.record.steps) > seen, timeout=30)
+    wait(session, lambda: len(t.record.steps) > seen)
     assert not job.suspended
     t.stop()
-    wait(session, lambda: not t.running, timeout=30)
+    wait(session, lambda: not t.running)
     assert t.record.state == "stopped"
 
 
@@ -292,7 +293,7 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     s.review.store.exclude(25)  # excluded elsewhere (the command line): not ranked
     done = Recorder(nxt.done)
     assert nxt.start() is not None
-    wait(s, lambda: done.calls, timeout=120)
+    wait(s, lambda: done.calls)
     assert done.calls == [(True,)]
     rows = [e.row for e in nxt.entries]
     assert sorted(rows) == list(range(20, 25))  # every unlabelled image left, each once
@@ -305,13 +306,13 @@ def test_label_next_queue_and_start_from_prediction(pool_session, tmp_path):
     assert row == rows[0] and b.show == "unlabelled"  # Next and Prev stay among the unlabelled
     nxt.confidence = 0.0  # keep every pixel: the whole prediction becomes the mask
     assert nxt.start_from_prediction() is not None
-    wait(s, lambda: nxt.seed is None, timeout=120)
+    wait(s, lambda: nxt.seed is None)
     assert b.masks[row].min() >= 1 and s.review.has_unsaved_edits(row)  # unsaved until checked
     first = b.masks[row].copy()
     s.review.restore()  # back to the empty mask
     nxt.confidence = 0.99
     nxt.start_from_prediction()
-    wait(s, lambda: nxt.seed is None, timeout=120)
+    wait(s, lambda: nxt.seed is None)
     kept = b.masks[row] > 0
     assert (b.masks[row][kept] == first[kept]).all() and kept.sum() < first.size  # only the sure pixels
     if kept.any():
@@ -468,13 +469,13 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert s.training.prediction[b.index].shape == (40, 56)
     done = Recorder(s.label_next.done)  # the pool still unlabelled, ranked from disk
     assert s.label_next.start() is not None
-    wait(s, lambda: done.calls, timeout=120)
+    wait(s, lambda: done.calls)
     assert done.calls == [(True,)] and [e.row for e in s.label_next.entries] == [4]
     assert b.own_name(4) == "images/f4"  # the queue's line names the file
     assert s.label_next.entries[0].line(b.own_name(4)).startswith("image     4 (images/f4) · ")
     predicted = Recorder(s.training.predicted)  # Predict all: into a zarr beside the runs, read by frame
     assert s.training.predict_all() is not None
-    wait(s, lambda: predicted.calls, timeout=60)
+    wait(s, lambda: predicted.calls)
     t = s.training
     assert t.prediction.written == {} and t.prediction.n_base == 5  # the live preview gave way
     run = Path(t.checkpoint).parent.parent.name
@@ -499,7 +500,7 @@ def test_a_zarr_dataset_on_disk_is_browsed_corrected_and_trained_lazily(tmp_path
     assert t.confusion.sum() == sum(int(np.prod(b.masks.sizes[r])) for r in range(4))
     assert "rank 1 of 4" in t.next_worst() and b.index == int(np.nanargmin(t.image_miou))
     assert t.predict_all() is not None  # again: a folder of its own, the one before removed
-    wait(s, lambda: len(predicted.calls) == 2, timeout=60)
+    wait(s, lambda: len(predicted.calls) == 2)
     t.removing.join(timeout=60)  # removed in a thread of its own
     (second,) = folder.iterdir()  # the earlier ones, of any run, removed
     assert second.name != first[0].name and second.name.startswith(f"{run}-")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from marsviewer._widget import PREDICTION, UNCERTAINTY
+from tests.conftest import JOB_WAIT_S
 from trainer.cli import main as cli_main
 
 
@@ -34,7 +35,7 @@ def test_train_shows_live_prediction_iou_and_predicts_all(widget, qtbot):
     panel.start_button.click()
     assert model.running and not panel.start_button.isEnabled() and panel.stop_button.isEnabled()
     assert not panel.config_box.isVisible()
-    qtbot.waitUntil(lambda: bool(seen), timeout=90_000)
+    qtbot.waitUntil(lambda: bool(seen), timeout=JOB_WAIT_S * 1000)
     assert seen == ["finished"]
     assert panel.iou_table.item(5, 0).text() not in ("", "–")  # mIoU row filled
     keras = panel.iou_table.item(6, 0).text()  # the Keras figure, never above the headline
@@ -51,7 +52,7 @@ def test_train_shows_live_prediction_iou_and_predicts_all(widget, qtbot):
     done = []
     model.predicted.connect(lambda: done.append(1))
     panel.predict_button.click()
-    qtbot.waitUntil(lambda: bool(done), timeout=60_000)
+    qtbot.waitUntil(lambda: bool(done), timeout=JOB_WAIT_S * 1000)
     assert panel.worst_button.isEnabled()
     panel.worst_button.click()
     assert widget.browser.index == int(np.nanargmin(model.image_miou))
@@ -64,9 +65,9 @@ def test_stop_saves_a_checkpoint(widget, qtbot):
     panel.form.editors["epochs"].value = 200
     seen = ended(widget)
     panel.start()
-    qtbot.waitUntil(lambda: len(model.record.losses) >= 2, timeout=60_000)
+    qtbot.waitUntil(lambda: len(model.record.losses) >= 2, timeout=JOB_WAIT_S * 1000)
     panel.stop_button.click()
-    qtbot.waitUntil(lambda: bool(seen), timeout=60_000)
+    qtbot.waitUntil(lambda: bool(seen), timeout=JOB_WAIT_S * 1000)
     assert seen == ["stopped"]
     assert model.record.last_checkpoint and "last.pt" in model.record.last_checkpoint
     assert panel.start_button.isEnabled()
@@ -81,7 +82,7 @@ def test_killed_training_process_is_reported_and_viewer_stays_usable(widget, qtb
     panel.form.editors["epochs"].value = 200
     seen = ended(widget)
     panel.start()
-    qtbot.waitUntil(lambda: len(model.record.losses) >= 1, timeout=60_000)
+    qtbot.waitUntil(lambda: len(model.record.losses) >= 1, timeout=JOB_WAIT_S * 1000)
     model.process.kill()
     qtbot.waitUntil(lambda: bool(seen), timeout=30_000)
     assert seen == ["failed"]
@@ -155,7 +156,7 @@ def test_predict_any_image_layer(widget, npz_path, tmp_path, qtbot):
     seen = []
     model.layer_predicted.connect(lambda name, masks: seen.append(name))
     widget.training.predict_layer_button.click()
-    qtbot.waitUntil(lambda: bool(seen), timeout=60_000)
+    qtbot.waitUntil(lambda: bool(seen), timeout=JOB_WAIT_S * 1000)
     layer = widget.viewer.layers["my frame prediction"]
     assert layer.data.shape == (45, 77) and 1 <= layer.data.min() and layer.data.max() <= 4
     assert layer.features["class"].tolist()[2] == "Bedrock"
