@@ -155,6 +155,7 @@ class TrainingModel(Predictions):
         self._reset(str(run_dir))
         self.run_generation = self.generation
         self.record.state = "starting"
+        self.record_changed.emit()  # the bar says "starting" with the status line, not "idle"
         self._start_time = time.perf_counter()
         self.process = TrainingProcess(
             spec, config, str(run_dir), resume=resume,

@@ -141,3 +141,12 @@ def test_another_dataset_of_the_same_shape_starts_with_no_prediction(session, tm
         ds.images[30:56].copy(), ds.masks[30:56].copy(), None, str(tmp_path / "c.npz"), n_test=6
     )
     assert t.prediction.shape == (26, 64, 128) and not t.prediction.any()
+
+
+def test_the_progress_bar_says_starting_as_the_status_line_does(session):
+    t = session.training
+    states, said = [], []
+    t.record_changed.connect(lambda: states.append(t.record.state))
+    t.status.connect(lambda text, _error: said.append(text))
+    t.start(preset("tiny"))
+    assert said[-1].startswith("Starting") and states[-1] == "starting"
