@@ -86,6 +86,7 @@ class ReviewModel(ReviewQueue):
         ``keys`` (one per row: the images' names) let a folder or zarr dataset's store
         find its images again after images were added; without them rows are positions."""
         self.detach()
+        self._attached = (images, masks, source, n_labelled, keys)
         self.images, self.masks = images, masks
         self.n_labelled = n = len(masks) if n_labelled is None else n_labelled
         self.changed = self.disagreement = self.audit_masks = None
@@ -123,8 +124,13 @@ class ReviewModel(ReviewQueue):
         self._shown = self.browser.index
         self._emit_state(self.browser.index)
         if edited or excluded:
+            earlier = (
+                " The sample keeps what was saved in earlier sessions; Review > Start afresh sets it aside."
+                if source.startswith("synthetic")
+                else ""
+            )
             self.notify.emit(
-                f"Applied {len(edited)} saved correction(s); {len(excluded)} image(s) excluded ({path}).",
+                f"Applied {len(edited)} saved correction(s); {len(excluded)} image(s) excluded ({path}).{earlier}",
                 "info",
             )
         self._report_lost()
@@ -145,6 +151,32 @@ class ReviewModel(ReviewQueue):
                 f"({', '.join(misfits[:3])}); their original masks are shown.",
                 "error",
             )
+
+    @property
+    def is_sample(self) -> bool:
+        """The built-in synthetic sample is open (the only dataset that can start afresh
+        from the panel: a person's own corrections are set aside by hand, on purpose)."""
+        attached = getattr(self, "_attached", None)
+        return self.active and attached is not None and str(attached[2]).startswith("synthetic")
+
+    def start_afresh(self) -> str | None:
+        """The sample only: set its corrections aside (their folder renamed ``.replaced-TIME``,
+        nothing deleted) and show its original masks with a new, empty store. Returns where
+        the corrections went (None: nothing to set aside)."""
+        from trainer.store_location import set_aside
+
+        if not self.active or not self.is_sample:
+            return None
+        attached, original, folder = self._attached, self.original_masks, self.store.path.parent
+        self.detach()
+        moved = set_aside(folder)
+        attached[1][...] = original  # the file's masks again, in the array the viewer shows
+        self.attach(*attached)
+        self.browser.set_pool_labelled([])
+        self.browser.refresh_stats()
+        self.masks_changed.emit(list(range(len(self.masks))))
+        self.notify.emit(f"Started afresh: the corrections saved before are kept in {moved}.", "info")
+        return moved
 
     def detach(self) -> None:
         """Let go of the dataset: its store, its queue, and a ranking still running for it

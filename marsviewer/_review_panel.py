@@ -66,6 +66,11 @@ class ReviewPanel(QWidget):
         lay.addLayout(row)
         row = QHBoxLayout()
         self.exclude_button = _button(row, "Exclude from training", m.toggle_exclude)
+        self.afresh_button = _button(row, "Start afresh", m.start_afresh)
+        self.afresh_button.setToolTip(
+            "The synthetic sample keeps its corrections between sessions: set them aside "
+            "(their folder is renamed, nothing is deleted) and start from its original masks"
+        )
         self.autosave = QCheckBox("autosave when moving")
         self.autosave.toggled.connect(lambda on: setattr(m, "autosave", on))
         row.addWidget(self.autosave)
@@ -153,6 +158,7 @@ class ReviewPanel(QWidget):
     def _show_availability(self) -> None:
         """The hint for this dataset (one read from disk ranks duplicates with the audit)."""
         self.audit_button.setEnabled(self.model.auditor is None)
+        self.afresh_button.setVisible(self.model.is_sample)
         if self.audit_status.text() in (AUDIT_HINT, AUDIT_HINT_DISK):
             self.audit_status.setText(AUDIT_HINT_DISK if self.model.reads_from_disk() else AUDIT_HINT)
 

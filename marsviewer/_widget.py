@@ -130,15 +130,10 @@ class MarsViewerWidget(QWidget):
         )
 
     def load_sample(self):
-        """Generate the built-in synthetic Mars sample (200 images, a second or two)."""
-        from trainer.synth import generate
+        """Generate the built-in synthetic Mars sample (260 images, a second or two)."""
+        from ._sample import sample_dataset
 
-        from ._sample import SAMPLE_IMAGES, SAMPLE_SEED
-
-        return self._start_load(
-            "Generating the synthetic Mars sample…",
-            lambda: generate(SAMPLE_IMAGES, 0, seed=SAMPLE_SEED).dataset,
-        )
+        return self._start_load("Generating the synthetic Mars sample…", sample_dataset)
 
     def _start_load(self, text: str, func, *args, **kwargs):
         self.dataset_panel.set_loading(text)

@@ -106,5 +106,6 @@ def test_writer_npz_png_and_refuses_original(tmp_path, npz_path):
 def test_sample_is_labelled_synthetic_mars():
     (img, _, t1), (msk, kw, t2) = synthetic_mars()
     assert (t1, t2) == ("image", "labels")
-    assert img.shape == msk.shape == (200, 64, 128) and msk.max() <= 4
+    assert img.shape == msk.shape == (260, 64, 128) and msk.max() <= 4
+    assert not msk[200:].any()  # 60 unlabelled images to label next, as the competition file has
     assert kw["metadata"]["marsviewer"]["role"] == "masks"

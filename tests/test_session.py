@@ -566,3 +566,42 @@ def test_a_duplicate_group_is_visited_from_its_first_member_then_in_order():
         b.visit_group([9, 3, 7])
         seen.append(b.index)
     assert seen == [3, 7, 9, 3]
+
+
+def test_the_sample_says_it_keeps_earlier_corrections_and_starts_afresh(tmp_path):
+    from marsviewer._sample import sample_dataset
+
+    def open_sample():
+        ds = sample_dataset()
+        images, masks = ds.stacked()
+        s = Session(runs_root=tmp_path / "runs")
+        notes = Recorder(s.notify)
+        s.set_dataset(images, masks, None, ds.source, n_test=len(ds.test_images))
+        return s, notes, ds
+
+    s, notes, ds = open_sample()
+    assert s.browser.n_labelled == 200 and len(s.browser) == 260  # a pool: Label next works at once
+    assert s.review.is_sample
+    s.browser.masks[5] = 1
+    assert s.review.save(5)
+    folder = s.review.store.path.parent
+    s.shutdown()
+    s, notes, ds = open_sample()  # another session
+    assert "earlier sessions" in notes.calls[-1][0] and (s.browser.masks[5] == 1).all()
+    moved = s.review.start_afresh()
+    np.testing.assert_array_equal(s.browser.masks[5], ds.masks[5])  # the original mask again
+    assert s.review.store.edited() == set() and s.review.active
+    assert (
+        Path(moved).name.startswith(folder.name + ".replaced-")
+        and (Path(moved) / "corrections.sqlite").exists()
+    )
+    assert "kept in" in notes.calls[-1][0]
+    s.shutdown()
+    s, notes, _ = open_sample()
+    assert not any("earlier sessions" in c[0] for c in notes.calls)  # fresh now
+    s.shutdown()
+
+
+def test_only_the_sample_starts_afresh_from_the_panel(session):
+    assert not session.review.is_sample and session.review.start_afresh() is None
+    assert session.review.active

@@ -204,6 +204,12 @@ def move_aside_store(dataset: str | Path) -> str | None:
     if holds_only_carried(store):
         shutil.rmtree(folder)
         return None
+    return set_aside(folder)
+
+
+def set_aside(folder: Path) -> str:
+    """Rename a corrections folder to a name of its own (``NAME.replaced-TIME``), whole:
+    nothing in it is deleted, and no store finds it by its old name. Returns the new name."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target, k = folder.with_name(f"{folder.name}.replaced-{stamp}"), 1
     while target.exists():
