@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,29 @@ def test_pause_holds_training_between_steps_but_answers_previews(tmp_path):
     assert steps and steps[0] - paused_at[0] >= 1.0  # no step before the pause ran out
     assert previews and previews[0] < steps[0]  # the preview was answered while paused
     assert kinds[-1][1] == "finished"
+
+
+def _say_hello(conn) -> None:
+    conn.send("hello")
+    conn.close()
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_a_child_job(tmp_path):
+    """napari scripts are often written without ``if __name__ == "__main__":``; a child
+    job started from one must not run the script again."""
+    script = tmp_path / "my_script.py"
+    script.write_text(
+        "print('script ran', flush=True)\n"
+        "from trainer.process import _Spawned\n"
+        "from tests.test_process import _say_hello\n"
+        "job = _Spawned(_say_hello)\n"
+        "print(job.conn.recv(), flush=True)\n"
+        "job.process.join(60)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)}, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["script ran", "hello"]

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,25 @@ def _serve(conn, job, args: tuple, preview: dict) -> None:
         conn.close()
 
 
+@contextmanager
+def _main_script_hidden():
+    """A spawned child imports the parent's ``__main__`` again (as ``__mp_main__``): a
+    person's napari script without ``if __name__ == "__main__":`` would run once more in
+    every child job. The children run functions of this package and need nothing of the
+    script, so while one starts the script's name is hidden from ``multiprocessing``."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
 class _Spawned:
     """A spawned child with one end of a pipe; never blocks the caller."""
 
@@ -119,7 +139,8 @@ class _Spawned:
         saved = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
-            self.process.start()
+            with _main_script_hidden():
+                self.process.start()
         finally:
             if saved is None:
                 os.environ.pop("OMP_WAIT_POLICY", None)
