@@ -120,6 +120,18 @@ class DatasetBrowser:
             name, number = name.removeprefix("unlabelled "), row - self.n_labelled
         return "" if name in ("", str(number), str(row)) else name
 
+    def image_title(self, row: int) -> str:
+        """ "Image 88", with its file name where it has one of its own ("Image 3 (site_a/f3)")."""
+        own = self.own_name(row)
+        return f"Image {row}" + (f" ({own})" if own else "")
+
+    def count_text(self) -> str:
+        """Beside the image number: the last number, and how many images the show choice
+        and the class filter let through when that is not all of them."""
+        n = len(self)
+        shown = len(self.matching_indices())
+        return f"of {n - 1}" + (f" · {shown} shown" if shown != n else "")
+
     def labelled_rows(self) -> np.ndarray:
         """The labelled images and the unlabelled ones labelled since."""
         return np.concatenate(

@@ -41,6 +41,7 @@ class DatasetPanel(QWidget):
         browser.dataset_changed.connect(self._on_dataset_changed)
         browser.index_changed.connect(self.show_index)
         browser.show_changed.connect(self._on_show_changed)
+        browser.filter_changed.connect(lambda _c: self._show_count())
         self._on_dataset_changed()
 
     def _build(self, open_file, open_folder, open_sample) -> None:
@@ -188,7 +189,7 @@ class DatasetPanel(QWidget):
         self.index_spin.setRange(0, n - 1)
         self.index_spin.setValue(b.index)
         self.index_spin.blockSignals(False)
-        self.count_label.setText(f"of {n - 1}")
+        self._show_count()
         self.filter_combo.addItem("any class", None)
         for c in CLASSES:
             self.filter_combo.addItem(f"{c.name} ({int(b.presence[:, c.id].sum())})", c.id)
@@ -219,6 +220,7 @@ class DatasetPanel(QWidget):
         self.show_combo.blockSignals(True)
         self.show_combo.setCurrentIndex(self.show_combo.findData(show))
         self.show_combo.blockSignals(False)
+        self._show_count()
 
     def show_index(self, index: int) -> None:
         b = self.browser
@@ -229,14 +231,18 @@ class DatasetPanel(QWidget):
         self.index_spin.blockSignals(False)
         comp = b.composition(index)
         self.composition_bars.set_values(comp, [percent(v) for v in comp])
-        name = b.names[index] if index < len(b.names) else str(index)
         group = b.group_of(index)
         extra = f" · shares its mask with {len(group) - 1} other image(s)" if group else ""
         if b.is_unlabelled(index):
             extra = " · unlabelled: paint its classes (or start from the prediction) and save to train on it"
         elif index >= b.n_labelled:
             extra = " · labelled here (was unlabelled)"
-        self.image_label.setText(f"Image {index} ({name}){extra}")
+        self.image_label.setText(f"{b.image_title(index)}{extra}")
+        self._show_count()
+
+    def _show_count(self) -> None:
+        if self.browser.loaded:
+            self.count_label.setText(self.browser.count_text())
 
 
 def source_title(source: str) -> str:

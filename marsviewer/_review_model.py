@@ -221,11 +221,17 @@ class ReviewModel(ReviewQueue):
 
     def state_of(self, i: int) -> ImageReview:
         mask, excluded = self.store.state(i)
+        entries = self.store.history(i)
         history = tuple(
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.time))}  {e.action}"
             f"{'  ' + e.note if e.note else ''}{'  ◀' if e.current else ''}"
-            for e in self.store.history(i)
+            for e in entries
         )
+        if entries:  # where Undo leads back to: the file's mask, marked when it is what is in effect
+            start = (
+                "unlabelled (as in the file)" if i >= self.n_labelled else "original mask (as in the file)"
+            )
+            history = (start + ("" if any(e.current for e in entries) else "  ◀"), *history)
         if mask is None and self._shows_effective(i):  # the original itself: browsing reads one mask
             changed = 0
         else:

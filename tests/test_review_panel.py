@@ -34,7 +34,7 @@ def test_buttons_edit_the_layer_and_the_store(widget, npz_path):
     panel.redo_button.click()
     panel.restore_button.click()
     np.testing.assert_array_equal(layer.data[4], original)
-    assert panel.history_list.count() == 2 and panel.history_list.item(1).text().endswith("◀")
+    assert panel.history_list.count() == 3 and panel.history_list.item(2).text().endswith("◀")
     panel.exclude_button.click()
     assert "EXCLUDED" in panel.state_label.text() and panel.exclude_button.text() == "Include in training"
     np.testing.assert_array_equal(read_npz(npz_path).masks[4], original)  # the file is untouched

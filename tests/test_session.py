@@ -63,11 +63,14 @@ def test_save_undo_redo_restore_and_exclude(session):
     review.undo()
     np.testing.assert_array_equal(masks[4], original)
     assert rewritten.calls[-1] == ([4],)
+    history = states.calls[-1][0].history  # undone: the file's mask is what is in effect, marked
+    assert history[0] == "original mask (as in the file)  ◀" and not history[1].endswith("◀")
     review.redo()
     np.testing.assert_array_equal(masks[4], edited)
     review.restore()
     np.testing.assert_array_equal(masks[4], original)
-    assert len(states.calls[-1][0].history) == 2 and states.calls[-1][0].history[1].endswith("◀")
+    history = states.calls[-1][0].history
+    assert len(history) == 3 and history[0] == "original mask (as in the file)" and history[2].endswith("◀")
     review.toggle_exclude()
     assert review.store.is_excluded(4) and states.calls[-1][0].excluded
 
@@ -605,3 +608,16 @@ def test_the_sample_says_it_keeps_earlier_corrections_and_starts_afresh(tmp_path
 def test_only_the_sample_starts_afresh_from_the_panel(session):
     assert not session.review.is_sample and session.review.start_afresh() is None
     assert session.review.active
+
+
+def test_the_image_title_and_the_counter_say_each_thing_once(pool_session):
+    b = pool_session.browser
+    assert b.image_title(3) == "Image 3"  # an npz's name is its number: not "Image 3 (3)"
+    b.names = [*b.names[:3], "site_a/f3", *b.names[4:]]
+    assert b.image_title(3) == "Image 3 (site_a/f3)"
+    assert b.count_text() == "of 25 · 20 shown"  # the labelled images of 26
+    b.set_show("all")
+    assert b.count_text() == "of 25"
+    b.set_filter(4)
+    shown = len(b.matching_indices())
+    assert 0 < shown < 26 and b.count_text() == f"of 25 · {shown} shown"
