@@ -48,10 +48,10 @@ class CurvePlot(QWidget):
         p = QPainter(self)
         p.setRenderHint(QPainter.Antialiasing, True)
         fg = self.palette().color(self.foregroundRole())
-        left, top, right, bottom = 34, 18, 8, 16
+        left, top, right, bottom = 34, 26, 8, 16  # the top tick label sits below the title
         plot = QRectF(left, top, self.width() - left - right, self.height() - top - bottom)
         p.setPen(fg)
-        p.drawText(QRectF(0, 0, self.width(), top), Qt.AlignLeft | Qt.AlignVCenter, self.title)
+        p.drawText(QRectF(0, 0, self.width(), top - 10), Qt.AlignLeft | Qt.AlignVCenter, self.title)
         grid = QColor(fg)
         grid.setAlpha(60)
         p.setPen(QPen(grid, 1))

@@ -151,6 +151,11 @@ class RunRecord:
         i = self._best_index()
         return math.nan if i is None else self.val_miou_keras[i]
 
+    def progress_text(self) -> str:
+        """What fits in the progress bar: how far, and how long to go."""
+        eta = "?" if self.eta_s is None else _clock(self.eta_s)
+        return f"{100 * min(max(self.progress, 0.0), 1.0):.0f}% · epoch {self.epoch + 1} · ETA {eta}"
+
     def status_line(self) -> str:
         if self.state not in ("running", "stopping"):
             return self.message

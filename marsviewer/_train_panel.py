@@ -8,13 +8,14 @@ import math
 import time
 
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
@@ -29,6 +30,8 @@ from trainer.classes import CLASSES, METRIC_CLASSES
 from ._curves import CurvePlot
 from ._form import ConfigForm
 from ._training_model import ENDED, TrainingModel
+
+SHORT_NAMES = {"Background": "Bg", "Bedrock": "Bedr.", "Big Rock": "Rock"}  # the matrix's columns
 
 # Curves and tables are redrawn at most this often while a run goes on: every redraw is
 # time taken from the training that shares the machine's cores (a repaint of the dock
@@ -136,9 +139,22 @@ class TrainingPanel(QWidget):
         lay.addLayout(row)
         names = [c.name for c in CLASSES]
         table = self.confusion_table = QTableWidget(len(CLASSES), len(CLASSES))
-        table.setHorizontalHeaderLabels([f"→{n}" for n in names])
+        table.setHorizontalHeaderLabels(["→" + SHORT_NAMES.get(n, n) for n in names])
         table.setVerticalHeaderLabels(names)
-        table.setMaximumHeight(170)
+        for i, n in enumerate(names):
+            table.horizontalHeaderItem(i).setToolTip(f"predicted {n}")
+        # The whole matrix in view, its columns sharing the dock's width: no scroll bars
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        table.horizontalHeader().setMinimumSectionSize(24)
+        rows = table.verticalHeader()
+        rows.setSectionResizeMode(QHeaderView.Fixed)
+        table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        table.setFixedHeight(
+            table.horizontalHeader().sizeHint().height()
+            + len(CLASSES) * rows.defaultSectionSize()
+            + 2 * table.frameWidth()
+        )
         table.setToolTip("rows: labelled class, columns: predicted class (% of the row)")
         lay.addWidget(table)
         return box
@@ -191,7 +207,10 @@ class TrainingPanel(QWidget):
         h = self.model.record
         self.progress.setValue(int(1000 * min(max(h.progress, 0.0), 1.0)))
         running = h.state in ("running", "stopping")
-        self.progress.setFormat(h.status_line().split("\n")[0][:90] if running else h.state)
+        # The bar holds what fits in it; the whole line goes to the status text below it.
+        self.progress.setFormat(h.progress_text() if running else h.state)
+        if running:
+            self._show_message(h.status_line(), False)
         self.loss_plot.set_series([("loss", (230, 230, 230), h.steps, h.losses)])
         series = [
             (CLASSES[c].name, CLASSES[c].color, h.val_steps, [v[c] for v in h.val_iou])

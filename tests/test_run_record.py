@@ -126,3 +126,13 @@ def test_worst_first_puts_images_with_nothing_to_score_last():
 
     miou = np.array([0.9, np.nan, 0.1, 0.5, np.nan])
     assert worst_first(miou).tolist() == [2, 3, 0, 1, 4]
+
+
+def test_the_progress_bar_holds_what_fits_and_the_status_line_the_rest():
+    h = RunRecord()
+    h.apply({"kind": "started", "device": "cpu"})
+    h.apply({"kind": "step", "epoch": 2, "step": 30, "loss": 1.0, "lr": 1e-3, "images_per_s": 106.2,
+             "progress": 0.42, "eta_s": 83.0, "cpu_cores": 0.2, "threads": 2})  # fmt: skip
+    h.state = "running"
+    assert h.progress_text() == "42% · epoch 3 · ETA 01:23"
+    assert "106.2 img/s" in h.status_line() and "other programs are busy" in h.status_line()
