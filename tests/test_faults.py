@@ -745,3 +745,12 @@ def test_a_corrections_folder_without_permission_is_refused_not_replaced(work, c
     )
     refused(["stats", work["npz"]], capsys, beside, "cannot be read (no permission)", "--no-corrections")
     refused(["train", work["npz"], "--run-dir", work["tmp"] / "r", "--preset", "tiny"], capsys, beside)
+
+
+def test_a_corrections_database_named_but_missing_is_refused_not_skipped(work, capsys):
+    missing = work["tmp"] / "nope.sqlite"
+    for argv in (["export", work["npz"], "--out", work["tmp"] / "e.npz", "--corrections", missing],
+                 ["audit", work["npz"], "--checkpoint", work["ckpt"], "--out", work["tmp"] / "a.json",
+                  "--corrections", missing]):  # fmt: skip
+        refused(argv, capsys, missing, "no such corrections database")
+    assert not (work["tmp"] / "e.npz").exists() and not (work["tmp"] / "a.json").exists()

@@ -73,6 +73,9 @@ def open_store(dataset, path: str | None = None):
     """The dataset's corrections store, or None when it has none yet."""
     from .corrections import CorrectionStore
 
+    if path is not None and not Path(path).is_file():
+        # named on purpose: going on without it would write the uncorrected masks silently
+        raise CliError(f"{path}: no such corrections database (--corrections)")
     return CorrectionStore.existing(dataset, path)
 
 
