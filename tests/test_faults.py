@@ -754,3 +754,10 @@ def test_a_corrections_database_named_but_missing_is_refused_not_skipped(work, c
                   "--corrections", missing]):  # fmt: skip
         refused(argv, capsys, missing, "no such corrections database")
     assert not (work["tmp"] / "e.npz").exists() and not (work["tmp"] / "a.json").exists()
+
+
+def test_an_npz_larger_than_the_memory_there_is_says_so_before_allocating(work, capsys, monkeypatch):
+    import trainer.dataset
+
+    monkeypatch.setattr(trainer.dataset, "_available_memory", lambda: 1000)
+    refused(["stats", work["npz"]], capsys, work["npz"], "GB of memory available", "mars-trainer convert")

@@ -19,6 +19,29 @@ class FileWarning(UserWarning):
     CLI prints it as ``warning: ...``; napari shows it as a notification)."""
 
 
+def _available_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this system
+        return None
+
+
+def check_fits_in_memory(source, frames: int, size, instead: str = "") -> None:
+    """Refuse, before allocating, ``frames`` uint8 frames of ``size`` that would not fit
+    in the memory there is (a MemoryError says only "out of memory"). ``instead``: what
+    else the person can do, before the way that always works (converting)."""
+    need = int(frames) * int(size[0]) * int(size[1])
+    free = _available_memory()
+    if free is not None and need > free:
+        raise DatasetError(
+            f"{source}: {frames} frames at {size[0]}x{size[1]} take {need / 1e9:.1f} GB, more than the "
+            f"{free / 1e9:.1f} GB of memory available; {instead}convert it (mars-trainer convert) to read "
+            "it from disk"
+        )
+
+
 def not_a_regular_file(path) -> str | None:
     """Why ``path`` cannot be read as a file (None: it can). A device such as /dev/zero
     would be read until memory runs out, and a pipe would wait forever."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import Dataset, DatasetError, FileWarning
+from ..dataset import Dataset, DatasetError, FileWarning, check_fits_in_memory
 from ..images import IMAGE_SUFFIXES, open_picture, read_image, upright_size
 from ..mask_mapping import PRESETS, MaskMapping
 
@@ -236,26 +236,6 @@ def resize(arr: np.ndarray, size: tuple[int, int], *, is_mask: bool) -> np.ndarr
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _available_memory() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this system
-        return None
-
-
-def _check_fits_in_memory(root: Path, frames: int, size: tuple[int, int]) -> None:
-    """Refuse, before allocating, a folder whose frames at ``size`` would not fit in the
-    memory there is (a MemoryError says only "out of memory")."""
-    need = frames * size[0] * size[1]
-    free = _available_memory()
-    if free is not None and need > free:
-        raise DatasetError(
-            f"{root}: {frames} frames at {size[0]}x{size[1]} take {need / 1e9:.1f} GB, more than the "
-            f"{free / 1e9:.1f} GB of memory available; give a smaller --size, or convert the folder "
-            "(mars-trainer convert) to read it from disk"
-        )
-
-
 def read_folder(
     root: str | Path,
     mask_mapping: str | MaskMapping = "identity",
@@ -281,7 +261,7 @@ def read_folder(
     pool = [read_image(item.image) for item in index.unlabelled]
     if size is None:
         size = Counter(a.shape for a in images + pool).most_common(1)[0][0]
-    _check_fits_in_memory(index.root, len(images) * 2 + len(pool), size)
+    check_fits_in_memory(index.root, len(images) * 2 + len(pool), size, "give a smaller --size, or ")
 
     def stack(arrays: list[np.ndarray], is_mask: bool) -> np.ndarray:
         return (

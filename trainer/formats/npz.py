@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import NUM_CLASSES
-from ..dataset import Dataset, DatasetError, not_a_regular_file
+from ..dataset import Dataset, DatasetError, check_fits_in_memory, not_a_regular_file
 
 TRAIN_KEY = "training_set"
 TEST_KEY = "test_set"
@@ -217,6 +217,7 @@ def read_npz(path: str | Path) -> Dataset:
     """
     with stream_npz(path) as npz:
         n = npz.n_train
+        check_fits_in_memory(path, 2 * n + npz.n_test, npz.shape)
         images = np.empty((n + npz.n_test, *npz.shape), np.uint8)
         masks = np.empty((n, *npz.shape), np.uint8)
         for start, img, msk in npz.chunks:
