@@ -43,8 +43,8 @@ screenshot: sysdeps $(VENV)/.installed
 	$(XVFB) $(PY) docs/screenshot.py docs/review.png review 3
 	$(XVFB) $(PY) docs/screenshot.py docs/label_next.png label-next 60
 
-# Every figure in the README comes from here: bench/out/*.json (machine and date inside,
-# and this run's start, so that the README can say that one run measured them all).
+# Every figure in docs/figures.md comes from here: bench/out/*.json (machine and date inside,
+# and this run's start, so that the page can say that one run measured them all).
 bench: export MARS_BENCH_RUN := $(shell date -u +%Y-%m-%dT%H:%MZ)
 bench: sysdeps $(VENV)/.installed
 	mkdir -p bench/out

@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: print the figures and keep them as JSON, stamped with
-the machine and the moment they were measured (``run``), so that the README can say
+the machine and the moment they were measured (``run``), so that the figures page can say
 where each figure comes from."""
 
 from __future__ import annotations

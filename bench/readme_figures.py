@@ -1,11 +1,11 @@
-"""Write the README's figures from ``bench/out/*.json``: no figure is typed by hand.
+"""Write the figures (``docs/figures.md``) from ``bench/out/*.json``: no figure is typed by hand.
 
-The README holds the block between ``<!-- figures:start -->`` and ``<!-- figures:end -->``;
+The page holds the block between ``<!-- figures:start -->`` and ``<!-- figures:end -->``;
 this script renders it from the benchmark outputs that exist (a benchmark not run yet
 says so instead of showing an old number).
 
     python bench/readme_figures.py           # rewrite the block
-    python bench/readme_figures.py --check   # exit 1 if the README is out of date
+    python bench/readme_figures.py --check   # exit 1 if the page is out of date
 """
 
 from __future__ import annotations
@@ -587,17 +587,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true")
     args = p.parse_args()
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "figures.md"
     text = readme.read_text()
     if START not in text or END not in text:
-        print(f"README.md has no {START} ... {END} block", file=sys.stderr)
+        print(f"docs/figures.md has no {START} ... {END} block", file=sys.stderr)
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{START}\n{render()}\n{END}{tail}"
     if args.check:
         if new != text:
-            print("README.md figures are out of date: run python bench/readme_figures.py", file=sys.stderr)
+            print("docs/figures.md is out of date: run python bench/readme_figures.py", file=sys.stderr)
             return 1
         return 0
     readme.write_text(new)

@@ -521,14 +521,14 @@ def test_a_run_directory_stands_for_its_checkpoint(trained, tmp_path, capsys):
 
 
 def test_label_confidence_default_is_the_measured_one():
-    """The default is the one the README's figure (written from bench/label_confidence.py's
+    """The default is the one the figures page (written from bench/label_confidence.py's
     output by bench/readme_figures.py) reports."""
     from pathlib import Path
 
     from trainer.inference import LABEL_CONFIDENCE
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    line = next(x for x in readme.splitlines() if x.startswith("Predictions as starting labels"))
+    figures = (Path(__file__).parent.parent / "docs" / "figures.md").read_text()
+    line = next(x for x in figures.splitlines() if x.startswith("Predictions as starting labels"))
     assert f"**{LABEL_CONFIDENCE}**" in line
 
 

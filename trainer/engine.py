@@ -1,6 +1,6 @@
 """The training loop: ``fit()`` is a generator of events, shared by the CLI and the GUI.
 
-Design (see the README for measured figures):
+Design (docs/figures.md has the measured figures):
 
 * The whole dataset lives on the training device as uint8; batches are gathered with an
   index tensor on that device. No DataLoader, no worker processes, no host copies.

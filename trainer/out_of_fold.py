@@ -96,7 +96,7 @@ def audit_config(minutes_per_fold: float, seed: int = 0, epochs: int = 0) -> Tra
 
     A base width of 8 with batches of 16 at lr 5e-3 makes several times the steps of the
     ``cpu`` preset (width 16, batches of 32) in the same minute and predicts held-out
-    images about as well: ``bench/audit_models.py`` measures both, and the README quotes
+    images about as well: ``bench/audit_models.py`` measures both, and docs/figures.md quotes
     its output. The final weights are used (a cosine schedule ends at its best point), so
     validation runs once, at the end.
     """
