@@ -252,6 +252,12 @@ class TrainingPanel(QWidget):
                 item = QTableWidgetItem(f"{pct[r, c]:.0f}%")
                 item.setToolTip(f"{int(cm[r, c]):,} pixels")
                 self.confusion_table.setItem(r, c, item)
+        # Its rows as the style draws them (taller than Qt's default under napari's theme):
+        # the whole matrix in view, the last row too.
+        table = self.confusion_table
+        table.setFixedHeight(
+            table.horizontalHeader().height() + table.verticalHeader().length() + 2 * table.frameWidth()
+        )
 
     def _show_message(self, text: str, error: bool = False) -> None:
         # Training repeats its message with every batch of events: a style sheet set again
