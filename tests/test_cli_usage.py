@@ -70,3 +70,19 @@ def test_synth_makes_a_test_set_in_the_competitions_proportion(tmp_path, capsys)
     assert main(["synth", str(tmp_path / "t.npz"), "--train", "30", "--test", "0", "--no-problems"]) == 0
     with np.load(tmp_path / "t.npz") as z:
         assert "test_set" not in z
+
+
+def test_a_default_run_directory_inside_the_dataset_is_refused_before_anything_is_made(
+    tmp_path, capsys, monkeypatch
+):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 9 * i, np.uint8)).save(tmp_path / "images" / f"f{i}.png")
+        Image.fromarray(np.full((8, 8), 1 + i % 4, np.uint8)).save(tmp_path / "masks" / f"f{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", ".", "--preset", "tiny", "--epochs", "1"]) == 2
+    assert "lies inside an input" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

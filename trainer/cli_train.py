@@ -119,7 +119,11 @@ def _default_run_dir(dataset: str) -> str:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CliError("under torchrun give --run-dir (every process must write to the same one)")
+    from .outputs import dataset_inputs, refuse_inputs
+
     name = Path(dataset).stem if not str(dataset).startswith("synthetic") else "synthetic"
+    # refused before anything is made: runs/ must not lie inside the dataset's folder
+    refuse_inputs("runs", dataset_inputs(dataset), what="--run-dir (runs/ here is inside the dataset)")
     try:
         path = new_run_dir("runs", f"{name or 'run'}-")
     except OSError as exc:
@@ -140,7 +144,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = load_dataset(args, lazy=True)
     if args.run_dir is None:  # made only once the dataset has been read
         args.run_dir = _default_run_dir(args.dataset)
-        refuse_inputs(args.run_dir, dataset_inputs(args.dataset), what="--run-dir")
     # Under torchrun only rank 0 talks; the others train silently.
     quiet = int(os.environ.get("RANK", "0")) != 0
     progress = Progress()
