@@ -250,13 +250,13 @@ def test_convert_overwrite_moves_the_replaced_datasets_corrections_aside(tmp_pat
 
 def test_disk_full_during_export_leaves_nothing(tmp_path, monkeypatch):
     _, data, *_ = _npz_with_corrections(tmp_path)
-    from trainer.formats import zarr_dataset
+    from trainer.formats import zarr_writer
 
     def full(self, row, image, mask):
         if row == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(zarr_dataset.ZarrWriter, "add", full)
+    monkeypatch.setattr(zarr_writer.ZarrWriter, "add", full)
     with pytest.raises(DatasetError, match=r"e\.zarr: could not be written \(the disk is full\)"):
         export_zarr(data, None, tmp_path / "e.zarr")
     assert not list(tmp_path.glob("e.zarr*"))

@@ -159,12 +159,12 @@ def test_npz_is_converted_a_chunk_at_a_time(tmp_path, npz_path, monkeypatch):
             yield item
 
     monkeypatch.setattr(npz_format, "_stream_member", spy)
-    from trainer.formats import zarr_dataset
+    from trainer.formats import zarr_writer
 
     read_when_written = []
-    add = zarr_dataset.ZarrWriter.add
+    add = zarr_writer.ZarrWriter.add
     monkeypatch.setattr(
-        zarr_dataset.ZarrWriter, "add", lambda w, *a: (read_when_written.append(len(seen)), add(w, *a))[1]
+        zarr_writer.ZarrWriter, "add", lambda w, *a: (read_when_written.append(len(seen)), add(w, *a))[1]
     )
     convert(npz_path, tmp_path / "n.zarr")
     assert seen == [5] * 12 + [8]  # 60 images with masks 5 at a time, then the 8 test images
@@ -208,13 +208,13 @@ def test_mask_of_another_size_names_the_file(tmp_path):
 
 def test_disk_full_during_convert_leaves_nothing(tmp_path, monkeypatch):
     mixed_folder(tmp_path / "src")
-    from trainer.formats import zarr_dataset
+    from trainer.formats import zarr_writer
 
     def full(self, row, image, mask):
         if row == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(zarr_dataset.ZarrWriter, "add", full)
+    monkeypatch.setattr(zarr_writer.ZarrWriter, "add", full)
     with pytest.raises(
         DatasetError, match=r"d\.zarr: could not be written \(the disk is full\).*nothing was left"
     ):

@@ -18,7 +18,8 @@ from pathlib import Path
 from .carry import Carried, carry_corrections
 from .dataset import DatasetError
 from .formats.folder import FolderIndex, FolderItem, frame_size, index_folder, load_item
-from .formats.zarr_dataset import ZarrWriter, is_zarr
+from .formats.zarr_dataset import is_zarr
+from .formats.zarr_writer import ZarrWriter
 from .mask_mapping import MaskMapping
 from .outputs import check_output, dataset_inputs
 from .store_location import DatasetHasher, content_identity, identity, move_aside_store

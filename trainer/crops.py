@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .classes import NUM_CLASSES
-from .formats.zarr_dataset import CELL, _cell_counts
+from .formats.zarr_dataset import CELL
+from .formats.zarr_writer import cell_counts
 from .losses import IGNORE_INDEX
 
 CLASS_AWARE_SHARE = 0.5
@@ -67,7 +68,7 @@ class MemoryFrames:
         self.sizes = np.tile(np.array([h, w], np.int32), (n, 1))
         labelled = masks[:n_labelled]
         self.class_pixels = np.stack([np.bincount(m.ravel(), minlength=NUM_CLASSES) for m in labelled])
-        self._cells = np.stack([_cell_counts(m, (h, w)) for m in labelled])
+        self._cells = np.stack([cell_counts(m, (h, w)) for m in labelled])
 
     def class_cells(self) -> np.ndarray:
         return self._cells
@@ -103,7 +104,7 @@ class CropSource:
     # -- which crops
     def _cells_of(self, row: int) -> np.ndarray:
         if row in self.overrides:
-            return _cell_counts(self.overrides[row], tuple(self.sizes[row]))
+            return cell_counts(self.overrides[row], tuple(self.sizes[row]))
         return self.cells[row]
 
     def plan(self, epoch: int, batch: int) -> list[tuple[int, int, int]]:

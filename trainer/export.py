@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import DatasetError
-from .formats.zarr_dataset import ZarrWriter
+from .formats.zarr_writer import ZarrWriter
 from .store_location import move_aside_store, row_keys
 
 
