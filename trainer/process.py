@@ -17,49 +17,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import sys
 import traceback
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from . import events as ev
+from .child_os import SUSPENDABLE, lower_priority, spawning, wake_when_parent_dies
 from .config import TrainConfig
 from .jobs import KNOWN_ERRORS, DatasetSpec, audit_job, predict_job, stored_audit_job, suggest_job, train_job
-
-NICE = 5  # CFS gives a nice-5 job a quarter of a core beside a busy nice-0 program
-
-
-SUSPENDABLE = sys.platform.startswith("linux")
-"""Children may be suspended (SIGSTOP) only where the kernel wakes them when the parent
-dies (PR_SET_PDEATHSIG), so that a GUI killed mid-browse leaves no frozen orphan."""
-
-
-def _wake_when_parent_dies() -> None:
-    """Linux: SIGCONT when the parent dies, so a suspended child resumes, sees its parent
-    gone and stops gracefully (saving a checkpoint) instead of staying frozen."""
-    if not SUSPENDABLE:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGCONT))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _lower_priority() -> None:
-    """Make the child give way to the GUI but compete with other programs: an ordinary
-    raised nice value. Not SCHED_IDLE, which runs a job only on cores nothing else wants:
-    beside a browser or a build it starved a 1.5-minute training run to 20 steps, with no
-    word why. The person at the screen is served by suspending jobs while they interact
-    (:meth:`ChildJob.hold`)."""
-    try:
-        os.nice(NICE)
-    except (AttributeError, OSError):  # Windows, or not permitted: run at normal priority
-        pass
 
 
 def _commands(conn, control) -> None:
@@ -86,8 +52,8 @@ def _serve(conn, job, args: tuple, preview: dict) -> None:
     ``emit`` that sends its events, and turn any exception into a ``Failed`` event with a
     message for people."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the GUI's terminal is the GUI's
-    _wake_when_parent_dies()
-    _lower_priority()
+    wake_when_parent_dies()
+    lower_priority()
     try:
         from .control import TrainControl
 
@@ -108,25 +74,6 @@ def _serve(conn, job, args: tuple, preview: dict) -> None:
         conn.close()
 
 
-@contextmanager
-def _main_script_hidden():
-    """A spawned child imports the parent's ``__main__`` again (as ``__mp_main__``): a
-    person's napari script without ``if __name__ == "__main__":`` would run once more in
-    every child job. The children run functions of this package and need nothing of the
-    script, so while one starts the script's name is hidden from ``multiprocessing``."""
-    main = sys.modules.get("__main__")
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
-    try:
-        if main is not None:
-            main.__dict__.pop("__file__", None)
-            main.__dict__["__spec__"] = None
-        yield
-    finally:
-        if main is not None:
-            main.__dict__.pop("__spec__", None)
-            main.__dict__.update(saved)
-
-
 class _Spawned:
     """A spawned child with one end of a pipe; never blocks the caller."""
 
@@ -134,18 +81,8 @@ class _Spawned:
         ctx = mp.get_context("spawn")  # fork is unsafe with Qt and CUDA
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=target, args=(child_conn, *args), daemon=True)
-        # OpenMP threads that spin while waiting would take CPU from the GUI even at the
-        # lowest priority; the child inherits the environment at spawn.
-        saved = os.environ.get("OMP_WAIT_POLICY")
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        try:
-            with _main_script_hidden():
-                self.process.start()
-        finally:
-            if saved is None:
-                os.environ.pop("OMP_WAIT_POLICY", None)
-            else:
-                os.environ["OMP_WAIT_POLICY"] = saved
+        with spawning():
+            self.process.start()
         child_conn.close()
         self.closed = False
 
