@@ -62,3 +62,19 @@ def npz_widget(make_napari_viewer, qtbot, npz_path, tmp_path):
     w.session.training.runs_root = tmp_path / "runs"
     yield w
     w.session.shutdown()
+
+
+@pytest.fixture
+def pool_session(tmp_path, small_sample):
+    """A Qt-free napari session on the sample's first 20 images, labelled, and 6 more as
+    unlabelled rows after them."""
+    from marsviewer._session import Session
+
+    ds = small_sample.dataset
+    s = Session(runs_root=tmp_path / "runs")
+    images = ds.images[:26].copy()
+    masks = np.concatenate([ds.masks[:20], np.zeros_like(ds.masks[20:26])])
+    (tmp_path / "pool.npz").write_bytes(b"")
+    s.set_dataset(images, masks, None, str(tmp_path / "pool.npz"), n_test=6)
+    yield s
+    s.shutdown()

@@ -55,18 +55,12 @@ class FakeJob:
 
 
 @pytest.fixture
-def session(tmp_path, small_sample, monkeypatch):
+def session(pool_session, monkeypatch):
+    """The pool session (conftest), its child jobs stood in for by fakes."""
     for name in ("AuditProcess", "SuggestProcess", "PredictionProcess", "TrainingProcess"):
         monkeypatch.setattr(trainer.process, name, FakeJob)
     FakeJob.made = []
-    ds = small_sample.dataset
-    s = Session(runs_root=tmp_path / "runs")
-    images = ds.images[:26].copy()
-    masks = np.concatenate([ds.masks[:20], np.zeros_like(ds.masks[20:26])])
-    (tmp_path / "a.npz").write_bytes(b"")
-    s.set_dataset(images, masks, None, str(tmp_path / "a.npz"), n_test=6)
-    yield s
-    s.shutdown()
+    return pool_session
 
 
 def _open_other(s: Session, tmp_path, small_sample) -> None:

@@ -136,20 +136,6 @@ def test_a_missing_test_set_and_an_unknown_export_format_are_clear_errors(tmp_pa
 # -- the napari session (Qt-free)
 
 
-@pytest.fixture
-def pool_session(tmp_path, small_sample):
-    from marsviewer._session import Session
-
-    ds = small_sample.dataset
-    s = Session(runs_root=tmp_path / "runs")
-    images = ds.images[:26].copy()
-    masks = np.concatenate([ds.masks[:20], np.zeros_like(ds.masks[20:26])])
-    (tmp_path / "pool.npz").write_bytes(b"")
-    s.set_dataset(images, masks, None, str(tmp_path / "pool.npz"), n_test=6)
-    yield s
-    s.shutdown()
-
-
 def test_training_gets_the_labelled_masks_only(pool_session, small_sample):
     """Bug: the session hands training the (blank) masks of the unlabelled rows too."""
     ds = small_sample.dataset

@@ -226,19 +226,6 @@ def test_a_held_training_makes_no_steps_and_goes_on_by_itself(session):
     assert t.record.state == "stopped"
 
 
-@pytest.fixture
-def pool_session(tmp_path, small_sample):
-    """The sample's first 20 images labelled, 6 more as unlabelled rows after them."""
-    ds = small_sample.dataset
-    s = Session(runs_root=tmp_path / "runs")
-    images = ds.images[:26].copy()
-    masks = np.concatenate([ds.masks[:20], np.zeros_like(ds.masks[20:26])])
-    (tmp_path / "pool.npz").write_bytes(b"")
-    s.set_dataset(images, masks, None, str(tmp_path / "pool.npz"), n_test=6)
-    yield s
-    s.shutdown()
-
-
 def test_unlabelled_images_are_browsed_labelled_and_trained_on(pool_session, small_sample):
     s, b, review = pool_session, pool_session.browser, pool_session.review
     notes = Recorder(s.notify)

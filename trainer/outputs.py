@@ -135,6 +135,20 @@ def replace_into(tmp: Path, out: Path) -> None:
 
 
 @contextmanager
+def _removed_on_failure(tmp: Path, out: Path) -> Iterator[None]:
+    """Any failure in the block removes the partial ``tmp``; an :class:`OSError` becomes
+    an :class:`OutputError` naming ``out``."""
+    try:
+        yield
+    except OSError as exc:
+        _remove(tmp)
+        raise could_not_write(out, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
 def written(
     out: str | Path,
     inputs: Iterable[str | Path | None] = (),
@@ -157,17 +171,11 @@ def written(
     except OSError as exc:
         _remove(tmp)
         raise could_not_write(out, exc) from None
-    try:
+    with _removed_on_failure(tmp, out):
         yield tmp
         if not tmp.exists():
             raise OutputError(f"{out}: nothing was written")
         replace_into(tmp, out)
-    except OSError as exc:
-        _remove(tmp)
-        raise could_not_write(out, exc) from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def write_bytes(out: str | Path, data: bytes | str, **kwargs) -> Path:
@@ -216,7 +224,7 @@ def written_files(
     except OSError as exc:
         _remove(tmp)
         raise could_not_write(folder, exc) from None
-    try:
+    with _removed_on_failure(tmp, folder):
         yield tmp
         for name in names:
             if not (tmp / name).exists():
@@ -224,9 +232,3 @@ def written_files(
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / name, folder / name)
         _remove(tmp)
-    except OSError as exc:
-        _remove(tmp)
-        raise could_not_write(folder, exc) from None
-    except BaseException:
-        _remove(tmp)
-        raise
