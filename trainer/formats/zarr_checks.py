@@ -30,6 +30,12 @@ def refuse_missing(path: Path, store) -> None:
         )
 
 
+def chunk_index(key: str) -> int:
+    """The first index of a chunk file's key (``images/c/3/0/0`` -> 3): the frame for a
+    shard, the block of ``rows_per_file`` frames for a chunk of many."""
+    return int(key.partition("/c/")[2].split("/")[0])
+
+
 def rows_per_file(array) -> int:
     """Frames stored in one chunk file (a shard holds one frame)."""
     shards = getattr(array, "shards", None)
@@ -58,7 +64,7 @@ def chunk_checked_store(path: Path):
 
     class ChunkCheckedStore(LocalStore):
         every_chunk = True  # until the attributes say otherwise
-        unlabelled_rows: object = ()
+        unlabelled_rows: frozenset = frozenset()
         rows_per_file: dict = {}  # noqa: RUF012 (set per instance)
 
         def __init__(self, *args, **kwargs) -> None:
@@ -78,9 +84,8 @@ def chunk_checked_store(path: Path):
             if self.every_chunk or name != "masks":
                 return False
             per = self.rows_per_file.get(name, 1)
-            first = int(rest.split("/")[0]) * per
-            rows = set(range(first, first + per))
-            return rows <= set(int(r) for r in self.unlabelled_rows) or not rows
+            first = chunk_index(key) * per
+            return set(range(first, first + per)) <= self.unlabelled_rows
 
     return ChunkCheckedStore(path, read_only=True)
 
@@ -130,11 +135,11 @@ class CheckedFrames:
         if missing:
             per = rows_per_file(self._array)
             asked = self._rows(key)
+            files = None if asked is None else {r // per for r in asked}
             mine = sorted(
                 k
                 for k in missing
-                if k.startswith(self._name + "/c/")
-                and (asked is None or int(k.partition("/c/")[2].split("/")[0]) in {r // per for r in asked})
+                if k.startswith(self._name + "/c/") and (files is None or chunk_index(k) in files)
             )
             if mine:
                 raise DatasetError(self._describe(key, DamagedChunk(mine[0])))
@@ -166,7 +171,7 @@ class CheckedFrames:
         per = rows_per_file(self._array)
         first = key[0] if isinstance(key, tuple) and key else key
         if isinstance(exc, DamagedChunk):
-            start = int(exc.key.partition("/c/")[2].split("/")[0]) * per
+            start = chunk_index(exc.key) * per
             asked = [r for r in (self._rows(key) or []) if start <= r < start + per]
             row = asked[0] if asked else start  # the first frame asked for that the file holds
             what = f"its chunk file {ds.path / exc.key} is missing"

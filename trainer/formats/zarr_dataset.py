@@ -218,9 +218,8 @@ def open_zarr(path: str | Path) -> StoredDataset:
     # Datasets written before every chunk was stored and checksummed may lack the chunks
     # of masks that hold no labelled pixel (zarr leaves out chunks of fill values).
     store.every_chunk = bool(attrs.get("every_chunk_written"))
-    store.unlabelled_rows = (
-        np.flatnonzero(class_pixels[:, 1:].sum(axis=1) == 0) if class_pixels.ndim == 2 else []
-    )
+    if class_pixels.ndim == 2:
+        store.unlabelled_rows = frozenset(np.flatnonzero(class_pixels[:, 1:].sum(axis=1) == 0).tolist())
     names = list(attrs.get("names", []))
     n = int(attrs.get("n_labelled", 0))
     if len(names) != images.shape[0] or masks.shape[0] != n or len(sizes) != len(names):
