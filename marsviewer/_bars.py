@@ -25,6 +25,7 @@ class ClassBars(QWidget):
     def __init__(self, title: str = "", parent=None) -> None:
         super().__init__(parent)
         self.title = title
+        self.classes = CLASSES  # the rows: the dataset's class table
         self.values: list[float] = [0.0] * len(CLASSES)
         self.texts: list[str] = [""] * len(CLASSES)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
@@ -32,13 +33,21 @@ class ClassBars(QWidget):
         self.setMinimumHeight(self.sizeHint().height())
 
     def sizeHint(self) -> QSize:
-        return QSize(300, self._top() + ROW_HEIGHT * len(CLASSES) + 4)
+        return QSize(300, self._top() + ROW_HEIGHT * len(self.classes) + 4)
 
     def minimumSizeHint(self) -> QSize:
         return self.sizeHint()
 
     def _top(self) -> int:
         return ROW_HEIGHT if self.title else 2
+
+    def set_classes(self, classes) -> None:
+        """One row per class of ``classes`` (a dataset's table) from now on."""
+        if tuple(classes) != tuple(self.classes):
+            self.classes = classes
+            self.setMinimumHeight(self.sizeHint().height())
+            self.updateGeometry()
+            self.update()
 
     def set_values(self, values: Sequence[float], texts: Sequence[str]) -> None:
         self.values = [float(v) for v in values]
@@ -56,7 +65,7 @@ class ClassBars(QWidget):
         bar_x = 16 + NAME_WIDTH
         bar_w = max(self.width() - bar_x - VALUE_WIDTH, 20)
         peak = max(max(self.values, default=0.0), 1e-12)
-        for row, cls in enumerate(CLASSES):
+        for row, cls in enumerate(self.classes):
             y = top + row * ROW_HEIGHT
             color = QColor(*cls.color)
             p.setPen(QPen(fg, 1) if cls.id == 0 else Qt.NoPen)

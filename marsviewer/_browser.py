@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 from psygnal import Signal
 
-from trainer.classes import CLASSES, NUM_CLASSES
+from trainer.classes import CLASSES, NUM_CLASSES, ClassTable
 from trainer.stats import DatasetStats, class_pixel_counts, class_presence, counts_stats, mask_stats
 
 from ._stack import is_stack
@@ -49,6 +49,7 @@ class DatasetBrowser:
         self.source = ""
         self.n_test = 0
         self.stats: DatasetStats | None = None
+        self.classes: ClassTable = CLASSES  # the dataset's class table
         self.presence = np.zeros((0, NUM_CLASSES), bool)
         self.index = 0
         self.class_filter: int | None = None
@@ -57,11 +58,20 @@ class DatasetBrowser:
         self.show = "labelled"
 
     # -- loading ---------------------------------------------------------------
-    def set_dataset(self, masks: np.ndarray, names=None, source: str = "", n_test: int = 0) -> None:
+    def set_dataset(
+        self,
+        masks: np.ndarray,
+        names=None,
+        source: str = "",
+        n_test: int = 0,
+        classes: ClassTable | None = None,
+    ) -> None:
         """``masks``: an array, or a :class:`~marsviewer._stack.FrameStack` of a dataset
-        read from disk (statistics then come from its class table, never its frames)."""
+        read from disk (statistics then come from its class table, never its frames).
+        ``classes``: the dataset's class table (default: the competition's)."""
         masks = masks if is_stack(masks) else np.asarray(masks)
         self.masks = masks
+        self.classes = classes if classes is not None else CLASSES
         self.names = list(names) if names else [str(i) for i in range(len(masks))]
         self.source = source
         self.n_test = n_test
@@ -79,6 +89,7 @@ class DatasetBrowser:
         """No dataset any more (its masks layer was removed)."""
         self.masks, self.stats, self.names, self.n_test = None, None, [], 0
         self.n_labelled, self.pool_labelled = 0, set()
+        self.classes = CLASSES
         self.presence = np.zeros((0, NUM_CLASSES), bool)
         self.index = 0
         self.dataset_changed.emit()
@@ -93,7 +104,7 @@ class DatasetBrowser:
     def _presence(self) -> np.ndarray:
         if is_stack(self.masks):
             return self.masks.class_pixels > 0
-        return class_presence(self.masks)
+        return class_presence(self.masks, len(self.classes))
 
     def _labelled_stats(self) -> DatasetStats:
         """Statistics of the labelled rows, duplicate groups given as row indices (not
@@ -101,8 +112,8 @@ class DatasetBrowser:
         rows = self.labelled_rows()
         if is_stack(self.masks):
             pixels = self.masks.class_pixels[rows]
-            return counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(rows))
-        stats = mask_stats(np.asarray(self.masks)[rows])
+            return counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(rows), classes=self.classes)
+        stats = mask_stats(np.asarray(self.masks)[rows], self.classes)
         groups = tuple(tuple(int(rows[i]) for i in g) for g in stats.duplicate_mask_groups)
         return dataclasses.replace(stats, duplicate_mask_groups=groups)
 
@@ -205,12 +216,12 @@ class DatasetBrowser:
     def composition(self, index: int | None = None) -> np.ndarray:
         """Pixel share of each class in one image (defaults to the current one)."""
         if not self.loaded:
-            return np.zeros(NUM_CLASSES)
+            return np.zeros(len(self.classes))
         i = self.index if index is None else index
         if is_stack(self.masks):  # counted inside the frame's own size, kept up to date
             counts = self.masks.class_pixels[i]
         else:
-            counts = class_pixel_counts(np.asarray(self.masks[i]))
+            counts = class_pixel_counts(np.asarray(self.masks[i]), n_classes=len(self.classes))
         return counts / max(counts.sum(), 1)
 
     def visit_group(self, members) -> None:
@@ -235,12 +246,12 @@ class DatasetBrowser:
         pool = [i for i in range(self.n_labelled, len(masks)) if i not in self.pool_labelled]
         if not pool or self.stats is None:
             return ""
-        predicted = class_pixel_counts(masks[pool])
+        predicted = class_pixel_counts(masks[pool], n_classes=len(self.classes))
         labelled = np.array([c.pixels for c in self.stats.classes], float)
         parts = [
             f"{c.name} {100 * predicted[c.id] / max(predicted[1:].sum(), 1):.0f}% "
             f"({100 * labelled[c.id] / max(labelled[1:].sum(), 1):.0f}%)"
-            for c in CLASSES[1:]
+            for c in self.classes[1:]
         ]
         return (
             f"\nPredicted for the {len(pool)} unlabelled images (labelled terrain in brackets): "

@@ -21,8 +21,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from trainer.classes import CLASSES
-
 from ._bars import ClassBars
 from ._browser import DatasetBrowser
 from ._stack import is_stack
@@ -191,8 +189,10 @@ class DatasetPanel(QWidget):
         self.index_spin.blockSignals(False)
         self._show_count()
         self.filter_combo.addItem("any class", None)
-        for c in CLASSES:
+        for c in b.classes:
             self.filter_combo.addItem(f"{c.name} ({int(b.presence[:, c.id].sum())})", c.id)
+        for bars in (self.share_bars, self.presence_bars, self.composition_bars):
+            bars.set_classes(b.classes)
         self.filter_combo.blockSignals(False)
         classes = b.stats.classes
         self.share_bars.set_values([c.share for c in classes], [percent(c.share) for c in classes])

@@ -129,7 +129,12 @@ class LabelNextModel:
         if not checkpoint:
             return None
         image = np.asarray(self.review.images[row], dtype=np.uint8)[None]
-        spec = DatasetSpec(images=image, masks=np.zeros_like(image), source="label next")
+        spec = DatasetSpec(
+            images=image,
+            masks=np.zeros_like(image),
+            source="label next",
+            classes=self.browser.classes.records(),
+        )
         self.seed = (row, PredictionProcess(spec, checkpoint, batch_size=1, confidence=True))
         self.progress.emit(f"Predicting image {row}…")
         return self.seed[1]

@@ -18,13 +18,24 @@ META_KEY = "marsviewer"
 AXIS_LABELS = ("image", "y", "x")  # a dataset's layers: one frame per image
 
 
-def class_colormap() -> DirectLabelColormap:
-    """Fixed class colours. Background (0) stays transparent, napari's convention for 0,
-    so the image shows through where nothing is labelled as terrain."""
-    colors: dict = {c.id: c.rgba for c in CLASSES if c.id != 0}
+def class_colormap(classes=CLASSES) -> DirectLabelColormap:
+    """The colours of the dataset's class table. 0 ("not labelled") stays transparent,
+    napari's convention for 0, so the image shows through where nothing is labelled."""
+    colors: dict = {c.id: c.rgba for c in classes if c.id != 0}
     colors[0] = (0.0, 0.0, 0.0, 0.0)
     colors[None] = (0.0, 0.0, 0.0, 0.0)
     return DirectLabelColormap(color_dict=colors)
+
+
+def layer_classes(info: dict):
+    """The class table a dataset layer's metadata carries (the competition's for a layer
+    without one, or one whose table cannot be read)."""
+    from trainer.classes import ClassTable, ClassTableError
+
+    try:
+        return ClassTable.from_records(info["classes"]) if info.get("classes") else CLASSES
+    except ClassTableError:
+        return CLASSES
 
 
 def dataset_label(dataset) -> str:
@@ -108,7 +119,8 @@ def _layer_tuples(dataset, images, masks, names, test_names, n_test: int, lazy: 
     label = dataset_label(dataset)
     shown = list(names) + [f"unlabelled {name}" for name in test_names]
     keys = row_keys(names, test_names)  # how corrections find each image
-    meta = {"source": dataset.source, "names": shown, "keys": keys, "lazy": lazy}
+    meta = {"source": dataset.source, "names": shown, "keys": keys, "lazy": lazy,
+            "classes": dataset.classes.records()}  # fmt: skip
     axes = {"axis_labels": AXIS_LABELS}  # the slider says "image", not napari's "-3"
     images = (
         images,
@@ -125,7 +137,8 @@ def _layer_tuples(dataset, images, masks, names, test_names, n_test: int, lazy: 
         {
             "name": f"{label} masks",
             "metadata": {META_KEY: {**meta, "role": "masks"}},
-            "colormap": class_colormap(),
+            "colormap": class_colormap(dataset.classes),
+            "features": class_features(dataset.classes),
             "opacity": 0.45,
             **axes,
         },
@@ -159,7 +172,7 @@ def ensure_layer(viewer, name: str, data, kind: str, keep_selected=None, **kwarg
     return layers[name]
 
 
-def class_features() -> dict:
-    """Labels-layer features naming each class, so napari's status bar under the cursor
-    says "sand", not "3"."""
-    return {"index": [c.id for c in CLASSES], "class": [c.name for c in CLASSES]}
+def class_features(classes=CLASSES) -> dict:
+    """Labels-layer features naming each class of the dataset's table, so napari's status
+    bar under the cursor says "sand", not "3"."""
+    return {"index": [c.id for c in classes], "class": [c.name for c in classes]}

@@ -56,6 +56,8 @@ class RunRecord:
     excluded: int = 0
     newly_labelled: int = 0
     background_weight: float = 0.0
+    classes: list = field(default_factory=list)  # the run's class table (records), from Started
+    absent: list = field(default_factory=list)  # ids not in the training labels: never predicted
     activity: str = ""  # what the run does between steps (a long validation), said by Progress
 
     def _in_run(self, path: str | None) -> str | None:
@@ -76,6 +78,8 @@ class RunRecord:
             self.state = "running"
             self.background_weight = float((e.get("config") or {}).get("background_weight", 0.0))
             self.device = e.get("device_name") or e.get("device", "")
+            self.classes = list(e.get("classes") or [])
+            self.absent = [int(c) for c in e.get("absent_classes") or []]
             precision = e.get("precision")
             self.message = (
                 f"Training on {self.device}: {e.get('train_images')} training, "
@@ -102,9 +106,13 @@ class RunRecord:
             best = e.get("best_miou")
             self.best_miou = math.nan if best is None else float(best)
             self.latest_confusion = e.get("confusion")
+            if "absent" in e:
+                self.absent = [int(c) for c in e.get("absent") or []]
         elif kind == "data_update":
             self.corrected, self.excluded = e.get("corrected", 0), e.get("excluded", 0)
             self.newly_labelled = e.get("newly_labelled", 0)
+            if e.get("absent_classes") is not None:
+                self.absent = [int(c) for c in e["absent_classes"]]
         elif kind == "checkpoint":
             if e.get("which") == "best":
                 self.best_checkpoint = self._in_run(e["path"])
@@ -133,7 +141,11 @@ class RunRecord:
 
     @property
     def latest_iou(self) -> list[float]:
-        return self.val_iou[-1] if self.val_iou else [math.nan] * 5
+        return self.val_iou[-1] if self.val_iou else [math.nan] * self.n_classes
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes) or 5
 
     def _best_index(self) -> int | None:
         if not self.val_iou:
@@ -143,7 +155,7 @@ class RunRecord:
     @property
     def best_iou(self) -> list[float]:
         i = self._best_index()
-        return [math.nan] * 5 if i is None else self.val_iou[i]
+        return [math.nan] * self.n_classes if i is None else self.val_iou[i]
 
     @property
     def best_miou_keras(self) -> float:

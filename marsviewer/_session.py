@@ -57,14 +57,17 @@ class Session:
             model.notify.connect(self.notify.emit)
 
     # -- the dataset ---------------------------------------------------------------------
-    def set_dataset(self, images, masks, names=None, source: str = "", n_test: int = 0, keys=None) -> None:
+    def set_dataset(
+        self, images, masks, names=None, source: str = "", n_test: int = 0, keys=None, classes=None
+    ) -> None:
         """Browse these arrays. ``masks`` is the array the viewer shows and paints into:
         saved corrections are written into it, and edits in it are what gets saved. Its
         last ``n_test`` rows are unlabelled images (all background until labelled).
-        ``keys``: how the corrections store finds each row again (the images' names)."""
+        ``keys``: how the corrections store finds each row again (the images' names).
+        ``classes``: the dataset's class table (default: the competition's)."""
         self.images = images
         self.label_next.dataset_changed()  # its jobs and queue were the last dataset's
-        self.browser.set_dataset(masks, names, source, n_test)
+        self.browser.set_dataset(masks, names, source, n_test, classes)
         if images is not None and np.shape(images) == np.shape(masks):
             self.review.attach(images, masks, source, len(masks) - n_test, keys)
             if self.review.active and self.review.store.edited():
@@ -97,14 +100,16 @@ class Session:
             )  # fmt: skip
         images = np.asarray(self.images, dtype=np.uint8)
         pool = images[n:] if len(images) > n else None
+        classes = self.browser.classes.records()
         if review.active:
             return DatasetSpec(
                 images=images[:n], masks=review.original_masks[:n], pool=pool, source=self.browser.source,
-                corrections_path=str(review.store.path), corrections_keys=review.store.keys,
+                corrections_path=str(review.store.path), corrections_keys=review.store.keys, classes=classes,
             )  # fmt: skip
         return DatasetSpec(
-            images=images[:n], masks=np.asarray(self.browser.masks[:n], np.uint8), source=self.browser.source
-        )
+            images=images[:n], masks=np.asarray(self.browser.masks[:n], np.uint8), source=self.browser.source,
+            classes=classes,
+        )  # fmt: skip
 
     # -- child jobs and the person at the screen --------------------------------------------
     def jobs(self) -> list:

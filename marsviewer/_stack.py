@@ -39,7 +39,12 @@ class FrameStack:
         )
         self.written: dict[int, np.ndarray] = {}
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._pixels = np.zeros((self.shape[0], NUM_CLASSES), np.int64)
+        k = (
+            np.shape(class_pixels)[1]
+            if class_pixels is not None and np.ndim(class_pixels) == 2
+            else NUM_CLASSES
+        )
+        self._pixels = np.zeros((self.shape[0], k), np.int64)
         if class_pixels is not None:
             self._pixels[: len(class_pixels)] = class_pixels
         self._dirty: set[int] = set()
@@ -206,7 +211,8 @@ class FrameStack:
             if data is None:
                 data = self.frame(i)
             h, w = self.sizes[i]
-            self._pixels[i] = np.bincount(data[:h, :w].ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+            k = self._pixels.shape[1]
+            self._pixels[i] = np.bincount(data[:h, :w].ravel(), minlength=k)[:k]
         self._dirty.clear()
         return self._pixels
 

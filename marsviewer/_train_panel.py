@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from trainer.classes import CLASSES, METRIC_CLASSES
+from trainer.classes import CLASSES, ClassTable, ClassTableError
 
 from ._curves import CurvePlot
 from ._form import ConfigForm
@@ -43,10 +43,12 @@ class TrainingPanel(QWidget):
     def __init__(self, model: TrainingModel, parent=None) -> None:
         super().__init__(parent)
         self.model = model
+        self._classes = None  # the class table the tables show
         self._build()
         self._last_redraw = -math.inf
         self._shown_message: tuple[str, bool] | None = None
         self._shown_confusion: np.ndarray | None = None
+        self._show_classes(self.classes())
         self._redraw_timer = QTimer(self)
         self._redraw_timer.setSingleShot(True)
         self._redraw_timer.timeout.connect(self._redraw)
@@ -99,15 +101,52 @@ class TrainingPanel(QWidget):
     def _build_iou_table(self) -> QTableWidget:
         table = self.iou_table = QTableWidget(len(CLASSES) + 2, 2)
         table.setHorizontalHeaderLabels(["latest IoU", "at best mIoU"])
-        table.setVerticalHeaderLabels([c.name for c in CLASSES] + ["mIoU (1-4)", "mIoU as Keras"])
-        table.verticalHeaderItem(len(CLASSES) + 1).setToolTip(
-            "What Keras MeanIoU(num_classes=5, ignore_class=0) prints in course notebooks: "
-            "it also averages background (IoU 0) when terrain is predicted as background"
-        )
-        # Every row visible without scrolling inside the table: 7 rows and the header.
         table.verticalHeader().setDefaultSectionSize(26)
-        table.setFixedHeight(26 * (table.rowCount() + 1) + 10)
         return table
+
+    def classes(self) -> ClassTable:
+        """The run's class table while it has one, else the open dataset's."""
+        h = self.model.record
+        if h.classes:
+            try:
+                return ClassTable.from_records(h.classes)
+            except ClassTableError:
+                pass
+        return getattr(self.model.browser, "classes", CLASSES)
+
+    def _show_classes(self, classes) -> None:
+        """The IoU table's and the confusion matrix's rows and columns: one per class of
+        ``classes`` (the run's table, else the open dataset's)."""
+        if self._classes is not None and tuple(classes) == tuple(self._classes):
+            return
+        self._classes = classes
+        n = len(classes)
+        table = self.iou_table
+        table.clearContents()
+        table.setRowCount(n + 2)
+        miou = classes.miou_label() if hasattr(classes, "miou_label") else "mIoU"
+        table.setVerticalHeaderLabels([c.name for c in classes] + [miou, "mIoU as Keras"])
+        table.verticalHeaderItem(n + 1).setToolTip(
+            f"What Keras MeanIoU(num_classes={n}, ignore_class=0) prints in course notebooks: "
+            "it also averages class 0 (IoU 0) when a labelled pixel is predicted as 0"
+        )
+        # Every row visible without scrolling inside the table: the rows and the header.
+        table.setFixedHeight(26 * (table.rowCount() + 1) + 10)
+        names = [c.name for c in classes]
+        table = self.confusion_table
+        table.clearContents()
+        table.setRowCount(n)
+        table.setColumnCount(n)
+        table.setHorizontalHeaderLabels(["→" + SHORT_NAMES.get(m, m[:5]) for m in names])
+        table.setVerticalHeaderLabels(names)
+        for i, m in enumerate(names):
+            table.horizontalHeaderItem(i).setToolTip(f"predicted {m}")
+        table.setFixedHeight(
+            table.horizontalHeader().sizeHint().height()
+            + n * table.verticalHeader().defaultSectionSize()
+            + 2 * table.frameWidth()
+        )
+        self._shown_confusion = None
 
     def _build_after_training(self) -> QGroupBox:
         box = QGroupBox("After training")
@@ -137,12 +176,7 @@ class TrainingPanel(QWidget):
         row.addWidget(self.layer_combo, 1)
         row.addWidget(self.predict_layer_button)
         lay.addLayout(row)
-        names = [c.name for c in CLASSES]
         table = self.confusion_table = QTableWidget(len(CLASSES), len(CLASSES))
-        table.setHorizontalHeaderLabels(["→" + SHORT_NAMES.get(n, n) for n in names])
-        table.setVerticalHeaderLabels(names)
-        for i, n in enumerate(names):
-            table.horizontalHeaderItem(i).setToolTip(f"predicted {n}")
         # The whole matrix in view, its columns sharing the dock's width: no scroll bars
         table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         table.horizontalHeader().setMinimumSectionSize(24)
@@ -150,11 +184,6 @@ class TrainingPanel(QWidget):
         rows.setSectionResizeMode(QHeaderView.Fixed)
         table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        table.setFixedHeight(
-            table.horizontalHeader().sizeHint().height()
-            + len(CLASSES) * rows.defaultSectionSize()
-            + 2 * table.frameWidth()
-        )
         table.setToolTip("rows: labelled class, columns: predicted class (% of the row)")
         lay.addWidget(table)
         return box
@@ -212,9 +241,12 @@ class TrainingPanel(QWidget):
         if running:
             self._show_message(h.status_line(), False)
         self.loss_plot.set_series([("loss", (230, 230, 230), h.steps, h.losses)])
+        classes = self.classes()
+        self._show_classes(classes)
         series = [
-            (CLASSES[c].name, CLASSES[c].color, h.val_steps, [v[c] for v in h.val_iou])
-            for c in METRIC_CLASSES
+            (classes[c].name, classes[c].color, h.val_steps, [v[c] for v in h.val_iou])
+            for c in classes.scored
+            if c not in h.absent
         ]
         series.append(("mIoU", (255, 255, 255), h.val_steps, h.val_miou))
         self.iou_plot.set_series(series)
@@ -232,6 +264,8 @@ class TrainingPanel(QWidget):
                 text = "–" if v is None or math.isnan(v) else f"{v:.3f}"
                 if r == 0 and h.background_weight == 0 and h.val_iou:
                     text = "not trained"  # background has loss weight 0, as the metric ignores it
+                elif r in h.absent and r < len(rows) - 2 and (v is None or math.isnan(v)):
+                    text = "not in this dataset"  # never labelled for training: never predicted
                 item = self.iou_table.item(r, c)
                 if item is None or item.text() != text:  # unchanged cells cost no relayout
                     self.iou_table.setItem(r, c, QTableWidgetItem(text))
@@ -244,6 +278,8 @@ class TrainingPanel(QWidget):
 
     def _show_confusion(self, cm: np.ndarray) -> None:
         if self._shown_confusion is not None and np.array_equal(self._shown_confusion, cm):
+            return
+        if cm.shape[0] != self.confusion_table.rowCount():  # of another class table
             return
         self._shown_confusion = np.array(cm)
         pct = 100 * cm / cm.sum(axis=1, keepdims=True).clip(1, None)

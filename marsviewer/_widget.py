@@ -13,12 +13,19 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
-from trainer.classes import CLASSES
 from trainer.dataset import DatasetError
 
 from ._dataset_panel import DatasetPanel
 from ._label_next_panel import LabelNextPanel
-from ._layers import META_KEY, class_colormap, class_features, dataset_layer_data, ensure_layer, role_of
+from ._layers import (
+    META_KEY,
+    class_colormap,
+    class_features,
+    dataset_layer_data,
+    ensure_layer,
+    layer_classes,
+    role_of,
+)
 from ._review_model import CHANGED, DISAGREEMENT
 from ._review_panel import ReviewPanel
 from ._session import Session
@@ -198,9 +205,10 @@ class MarsViewerWidget(QWidget):
         return self.session.training.predict_image(name, layer.data, rgb=bool(layer.rgb))
 
     def _show_layer_prediction(self, name: str, masks) -> None:
+        t = self.session.browser
         layer = ensure_layer(
             self.viewer, f"{name} prediction", masks, "labels",
-            colormap=class_colormap(), opacity=0.6, features=class_features(),
+            colormap=class_colormap(t.classes), opacity=0.6, features=class_features(t.classes),
         )  # fmt: skip
         if name in self.viewer.layers:
             source = self.viewer.layers[name]
@@ -223,12 +231,14 @@ class MarsViewerWidget(QWidget):
             info = layer.metadata[META_KEY]
             images = self.images_layer
             n_test = images.metadata[META_KEY].get("n_test", 0) if images is not None else 0
-            layer.features = class_features()
+            classes = layer_classes(info)
+            layer.features = class_features(classes)
+            layer.colormap = class_colormap(classes)
             # napari emits "paint" just before it writes the stroke: look once it has.
             layer.events.paint.connect(lambda _e=None: self._on_paint())
             self.session.set_dataset(
                 images.data if images is not None else None, layer.data, info.get("names"),
-                info.get("source", ""), n_test, info.get("keys"),
+                info.get("source", ""), n_test, info.get("keys"), classes,
             )  # fmt: skip
             settle_garbage_collector()
 
@@ -257,13 +267,14 @@ class MarsViewerWidget(QWidget):
         t = self.session.training
         if t.prediction is None or self.masks_layer is None:
             return
+        classes = self.session.browser.classes
         ensure_layer(
             self.viewer, PREDICTION, t.prediction, "labels", keep_selected=self.masks_layer,
-            colormap=class_colormap(), opacity=0.6, features=class_features(),
+            colormap=class_colormap(classes), opacity=0.6, features=class_features(classes),
         )  # fmt: skip
         ensure_layer(
             self.viewer, UNCERTAINTY, t.entropy, "image", keep_selected=self.masks_layer,
-            colormap="magma", contrast_limits=(0.0, math.log(len(CLASSES))), blending="additive",
+            colormap="magma", contrast_limits=(0.0, math.log(len(classes))), blending="additive",
             visible=self.training.uncertainty_check.isChecked(),
         )  # fmt: skip
 

@@ -61,7 +61,11 @@ def test_evaluate_json(trained, capsys):
     code, out, _ = run(["evaluate", data, "--checkpoint", run_dir / "checkpoints/best.pt", "--json"], capsys)
     assert code == 0
     js = json.loads(out)
-    assert set(js) == {"iou", "miou", "miou_keras", "pixel_accuracy", "confusion", "images"}
+    assert set(js) == {
+        "iou", "miou", "miou_keras", "pixel_accuracy", "confusion", "images", "scored", "left_out", "absent"
+    }  # fmt: skip
+    assert js["scored"] == [c for c in (1, 2, 3, 4) if js["iou"][c] is not None]
+    assert "not labelled" in js["left_out"]["0"] and js["absent"] == []
     assert js["images"] == len(json.loads((run_dir / "split.json").read_text())["val"])
     assert js["miou_keras"] <= js["miou"] + 1e-9  # Keras can only add class 0 to the average
     assert len(js["iou"]) == 5 and np.asarray(js["confusion"]).shape == (5, 5)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .classes import CLASSES
+from .classes import COMPETITION, ClassTable, ClassTableError, both_tables
 from .config import ConfigError, TrainConfig, from_dict
 from .dataset import not_a_regular_file
 from .model import UNet, build_model
@@ -31,9 +31,17 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, not a checkpoint, unsafe or incompatible."""
 
 
-def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: TrainConfig, **state: Any) -> Path:
-    """Atomically write a checkpoint: weights, config, class table and any extra state
-    (optimizer, epoch, step, split, best mIoU...)."""
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    config: TrainConfig,
+    classes: ClassTable = COMPETITION,
+    **state: Any,
+) -> Path:
+    """Atomically write a checkpoint: weights, config, class table (with the classes the
+    model leaves out: not in its training labels) and any extra state (optimizer, epoch,
+    step, split, best mIoU...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = model.module if hasattr(model, "module") else model
@@ -41,7 +49,8 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: TrainCo
         "format": FORMAT,
         "version": VERSION,
         "config": config.to_dict(),
-        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in CLASSES],
+        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes],
+        "absent_classes": module.absent() if hasattr(module, "absent") else [],
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         **state,
     }
@@ -113,6 +122,14 @@ def load_checkpoint(path: str | Path) -> dict:
         data["config_obj"] = from_dict(data["config"], where=f"{path} config")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
+    try:
+        data["class_table"] = (
+            ClassTable.from_records(data["classes"], f"{path}: its class table")
+            if "classes" in data
+            else COMPETITION
+        )
+    except ClassTableError as exc:
+        raise CheckpointError(str(exc)) from None
     weights = data.get("model")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path}: holds no model weights (a damaged or foreign checkpoint)")
@@ -129,9 +146,33 @@ def load_checkpoint(path: str | Path) -> dict:
     return data
 
 
-def model_from_checkpoint(data: dict, path: str | Path = "checkpoint") -> tuple[UNet, TrainConfig]:
+def check_classes(
+    data: dict, classes: ClassTable | None, path: str | Path, dataset: str = "the dataset"
+) -> None:
+    """Refuse a checkpoint whose class table is not ``classes`` (a dataset's), naming both:
+    its ids would mean other classes there."""
+    if classes is None:
+        return
+    theirs = data.get("class_table", COMPETITION)
+    if not theirs.same_classes(classes):
+        raise CheckpointError(
+            f"{path}: a model of other classes than {dataset}'s: "
+            + both_tables(theirs, classes, "the checkpoint's", f"{dataset}'s")
+            + "; use a checkpoint trained on data of this class table"
+        )
+
+
+def model_from_checkpoint(
+    data: dict,
+    path: str | Path = "checkpoint",
+    classes: ClassTable | None = None,
+    dataset: str = "the dataset",
+) -> tuple[UNet, TrainConfig]:
+    """The checkpoint's model (in training mode, on the CPU) and config; with ``classes``
+    (the table of the data it is to be applied to) a checkpoint of another table is refused."""
+    check_classes(data, classes, path, dataset)
     cfg = data["config_obj"]
-    model = build_model(cfg)
+    model = build_model(cfg, len(data.get("class_table", COMPETITION)))
     try:
         model.load_state_dict(data["model"])
     except RuntimeError as exc:

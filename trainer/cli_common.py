@@ -85,7 +85,6 @@ def corrected_stats(dataset, store):
     labelled, excluded images still counted (they are in the dataset)."""
     import numpy as np
 
-    from .classes import NUM_CLASSES
     from .formats import StoredDataset
     from .stats import counts_stats, dataset_stats
 
@@ -96,16 +95,17 @@ def corrected_stats(dataset, store):
         applied, _ = store.apply(dataset)
         return dataset_stats(applied), pool - (len(applied) - len(dataset))
     n = dataset.n_labelled  # from its class table; duplicates not searched
+    k = dataset.num_classes
     pixels = [dataset.class_pixels[i] for i in range(n)]
     edited = store.snapshot()[0] if store is not None else {}
     for i, mask in sorted(edited.items()):
-        counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        counts = np.bincount(mask.ravel(), minlength=k)[:k]
         if i < n:
             pixels[i] = counts
         else:
             pixels.append(counts)
-    pixels = np.array(pixels, np.int64).reshape(-1, NUM_CLASSES)
-    stats = counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(pixels))
+    pixels = np.array(pixels, np.int64).reshape(-1, k)
+    stats = counts_stats((pixels > 0).sum(axis=0), pixels.sum(axis=0), len(pixels), classes=dataset.classes)
     return stats, dataset.n_unlabelled - (len(pixels) - n)
 
 
@@ -118,14 +118,19 @@ def say_replaced_store(out, moved_to: str | None) -> None:
         )
 
 
-def load_model(args):
-    """(checkpoint dict, model ready to predict, device, distributed context, precision)."""
+def load_model(args, dataset=None):
+    """(checkpoint dict, model ready to predict, device, distributed context, precision).
+    With ``dataset`` (what the model is to be applied to), a checkpoint of another class
+    table is refused, naming both."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .device import init_distributed, resolve_device, resolve_precision
     from .inference import prepare_model
 
     data = load_checkpoint(args.checkpoint)
-    model, cfg = model_from_checkpoint(data, args.checkpoint)
+    classes = getattr(dataset, "classes", None)
+    model, cfg = model_from_checkpoint(
+        data, args.checkpoint, classes, f"{getattr(dataset, 'source', '')}" or "the dataset"
+    )
     dist = init_distributed(args.device)
     device = resolve_device(args.device, dist.local_rank)
     precision = resolve_precision(args.precision, device)
@@ -234,10 +239,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def iou_table(iou: list, miou: float) -> str:
+def iou_table(iou: list, miou: float, classes=CLASSES, absent=()) -> str:
+    """Per-class IoU under the class names; a class in ``absent`` (not in the training
+    labels, so never predicted) reads "absent" rather than a number."""
+
     def fmt(v):
         return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.3f}"
 
-    names = " ".join(f"{c.name:>9}" for c in CLASSES)
-    values = " ".join(f"{fmt(v):>9}" for v in iou)
-    return f"  IoU {names}      mIoU(1-4)\n      {values}   {fmt(miou)}"
+    width = max(9, *(len(c.name) for c in classes))
+    names = " ".join(f"{c.name:>{width}}" for c in classes)
+    values = " ".join(f"{'absent' if c in absent else fmt(v):>{width}}" for c, v in enumerate(iou))
+    label = classes.miou_label() if hasattr(classes, "miou_label") else "mIoU(1-4)"
+    return f"  IoU {names}   {label}\n      {values}   {fmt(miou)}"

@@ -42,7 +42,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print("note: fewer than 10 images: no label problems are planted", file=sys.stderr)
     sample = generate(args.train, args.test, seed=args.seed, plant_problems=not args.no_problems)
     ds = sample.dataset
-    write_npz(out, ds.images, ds.masks, ds.test_images, dtype=args.dtype, overwrite=args.overwrite)
+    write_npz(
+        out,
+        ds.images,
+        ds.masks,
+        ds.test_images,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        classes=ds.classes,
+    )
     truth = write_bytes(truth_path(out), json.dumps(sample.truth, indent=1), overwrite=True)
     print(
         f"wrote {out} ({len(ds)} training, {args.test} test images, {args.dtype}) "

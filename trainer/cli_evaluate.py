@@ -59,7 +59,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .tiling import frames_confusion
 
     dataset = load_dataset(args, lazy=True)
-    data, model, device, dist, precision = load_model(args)
+    data, model, device, dist, precision = load_model(args, dataset)
     idx, edited = _evaluated(args, dataset, data, say=dist.is_main)  # said once under torchrun
     if not len(idx):
         raise CliError(
@@ -90,7 +90,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(nan_to_none(result)))
     else:
         print(f"{args.split} split: {len(idx)} images")
-        print(iou_table(result["iou"], result["miou"]))
+        print(iou_table(result["iou"], result["miou"], data["class_table"], result["absent"]))
+        for c, why in sorted(result["left_out"].items()):
+            if c:
+                print(f"  {data['class_table'][c].name}: not scored, {why}")
         print(f"  mIoU as Keras MeanIoU(ignore_class=0) prints it: {result['miou_keras']:.4f}")
         print(f"  pixel accuracy (background ignored): {result['pixel_accuracy']:.4f}")
     return 0

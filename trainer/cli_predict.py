@@ -53,7 +53,7 @@ def _predict_dataset(args: argparse.Namespace) -> int:
     inputs = [*dataset_inputs(args.dataset), args.checkpoint]
     out = check_output(args.out, inputs, args.overwrite)
     dataset = load_dataset(args)
-    data, model, device, _, precision = load_model(args)
+    data, model, device, _, precision = load_model(args, dataset)
     images = _predict_images(args, dataset, data)
     result = predict_arrays(
         model,
@@ -76,7 +76,8 @@ def _predict_dataset(args: argparse.Namespace) -> int:
 
 def _frames(args):
     """(name to write, image loader) for each input: image files and folders of them, or
-    the frames of one zarr dataset (``--split test``: its unlabelled frames; else all)."""
+    the frames of one zarr dataset (``--split test``: its unlabelled frames; else all);
+    and the dataset (None for image files)."""
     from .dataset import DatasetError
     from .formats import is_zarr, open_zarr
     from .images import image_files, read_image
@@ -88,7 +89,7 @@ def _frames(args):
         )
         if not len(rows):
             raise CliError(f"{args.inputs[0]}: has no unlabelled frames to predict; use --split all")
-        return [(Path(stored.names[i]), lambda i=i: stored.image(i)) for i in rows]
+        return [(Path(stored.names[i]), lambda i=i: stored.image(i)) for i in rows], stored
     from .images import IMAGE_SUFFIXES
 
     for given in map(Path, args.inputs):
@@ -101,7 +102,7 @@ def _frames(args):
         files = image_files(args.inputs)
     except DatasetError as exc:
         raise CliError(str(exc)) from None
-    return [(rel, lambda path=path: read_image(path)) for path, rel in files]
+    return [(rel, lambda path=path: read_image(path)) for path, rel in files], None
 
 
 def _predict_files(args: argparse.Namespace) -> int:
@@ -117,11 +118,11 @@ def _predict_files(args: argparse.Namespace) -> int:
     out = Path(args.out)
     inputs = [*dataset_inputs(*args.inputs), args.checkpoint]
     check_output(out, inputs, overwrite=True, what="output folder")
-    frames = _frames(args)
+    frames, stored = _frames(args)
     names = [rel.with_suffix(".png") for rel, _ in frames]
     if args.probs:
         names += [n.with_name(n.stem + "_probs.npy") for n in names]
-    _, model, device, _, precision = load_model(args)
+    _, model, device, _, precision = load_model(args, stored)
     failed, show = [], progress_printer("predicting")
     with written_files(out, names, inputs, args.overwrite) as tmp:
         for k, (rel, load) in enumerate(frames):
@@ -155,8 +156,10 @@ def submission_lines(masks: np.ndarray):
     """Yield the competition CSV: ``id,0,...,H*W-1`` then one row per mask (row-major)."""
     n, h, w = masks.shape
     yield "id," + ",".join(map(str, range(h * w))) + "\n"
-    if masks.max(initial=0) > 9:
-        raise ValueError("class ids above 9 cannot use the fast single-digit writer")
+    if masks.max(initial=0) > 9:  # a table of more than ten classes: ids of two digits
+        for i in range(n):
+            yield f"{i}," + ",".join(map(str, masks[i].reshape(-1).tolist())) + "\n"
+        return
     row = np.full(2 * h * w, ord(","), np.uint8)
     for i in range(n):
         row[1::2] = masks[i].reshape(-1) + ord("0")
@@ -171,7 +174,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     dataset = load_dataset(args)
     if dataset.test_images is None:
         raise CliError(f"{args.dataset}: has no test_set; a submission predicts the test images")
-    _, model, device, _, precision = load_model(args)
+    _, model, device, _, precision = load_model(args, dataset)
     result = predict_arrays(
         model,
         dataset.test_images,

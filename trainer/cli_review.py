@@ -142,7 +142,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         dtype=np.int64,
     )
     # The real file is float64; keep the dtype people's notebooks expect unless asked.
-    write_npz(out, images[keep], masks[keep], dataset.test_images, args.dtype, args.overwrite, inputs)
+    write_npz(
+        out,
+        images[keep],
+        masks[keep],
+        dataset.test_images,
+        args.dtype,
+        args.overwrite,
+        inputs,
+        dataset.classes,
+    )
     log = {
         "source": dataset.source,
         "corrections": str(store.path) if store is not None else None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .carry import Carried, carry_corrections
 from .dataset import DatasetError
-from .formats.folder import FolderIndex, FolderItem, frame_size, index_folder, load_item
+from .formats.folder import FolderIndex, FolderItem, folder_mapping, frame_size, index_folder, load_item
 from .formats.zarr_dataset import is_zarr
 from .formats.zarr_writer import ZarrWriter
 from .mask_mapping import MaskMapping
@@ -71,7 +71,11 @@ def convert(
     if workers is not None and workers < 1:
         raise DatasetError(f"--workers must be at least 1 (decoding threads), got {workers}")
     workers = workers or min(8, os.cpu_count() or 1)
-    mapping = MaskMapping.parse(mask_mapping)
+    mapping = (
+        folder_mapping(src, mask_mapping)
+        if src.is_dir() and not is_zarr(src)
+        else MaskMapping.parse(mask_mapping)
+    )
     check_output(out, dataset_inputs(src), overwrite)
     if (str(src).startswith("synthetic") and not src.exists()) or (src.is_file() and not is_zarr(src)):
         report, ident = _convert_arrays(src, out, progress)
@@ -117,9 +121,8 @@ def _convert_folder(index: FolderIndex, out: Path, mapping, workers, skip_bad, p
         raise DatasetError(f"{index.root}: no readable images")
     frame = (max(h for h, _ in sizes.values()), max(w for _, w in sizes.values()))
     n_planned = sum(1 for it in items if it.mask is not None)
-    writer = ZarrWriter(
-        out, n_planned, len(items), frame, {"source": str(index.root), "mask_mapping": mapping.spec}
-    )
+    attrs = {"source": str(index.root), "mask_mapping": mapping.spec}
+    writer = ZarrWriter(out, n_planned, len(items), frame, attrs, mapping.classes)
 
     def fill(w: ZarrWriter):
         names, row, n_labelled = [], 0, 0
@@ -154,7 +157,8 @@ def _convert_arrays(src: Path, out: Path, progress) -> tuple[ConvertReport, dict
     ds = open_dataset(src)  # the synthetic sample: made in memory anyway
     images, masks = ds.stacked()
     n = len(ds)
-    writer = ZarrWriter(out, n, len(images), ds.image_shape, {"source": str(src), "mask_mapping": "identity"})
+    attrs = {"source": str(src), "mask_mapping": "identity"}
+    writer = ZarrWriter(out, n, len(images), ds.image_shape, attrs, ds.classes)
 
     def fill(w: ZarrWriter):
         for i in range(len(images)):
@@ -176,7 +180,8 @@ def _convert_npz(src: Path, out: Path, progress) -> tuple[ConvertReport, dict]:
     with stream_npz(src) as npz:
         n, total = npz.n_train, npz.n_train + npz.n_test
         names, test_names = [str(i) for i in range(n)], [str(j) for j in range(npz.n_test)]
-        writer = ZarrWriter(out, n, total, npz.shape, {"source": str(src), "mask_mapping": "identity"})
+        attrs = {"source": str(src), "mask_mapping": "identity"}
+        writer = ZarrWriter(out, n, total, npz.shape, attrs, npz.classes)
         hasher = DatasetHasher((n, *npz.shape))
 
         def fill(w: ZarrWriter):

@@ -27,7 +27,7 @@ CLASS_AWARE_SHARE = 0.5
 DISK_TILE = 256  # crop size for datasets trained from disk when --tile is not given
 
 
-def crop_source(cfg, stored, images, masks, n_labelled: int, rows, rank: int):
+def crop_source(cfg, stored, images, masks, n_labelled: int, rows, rank: int, n_classes: int = NUM_CLASSES):
     """(the run's CropSource or None, what it trains on in words): crops when ``tile`` is
     set or the dataset stays on disk (``stored``), else whole images from memory.
     ``images`` is the trainer's image tensor, ``masks`` its masks as an array."""
@@ -42,7 +42,7 @@ def crop_source(cfg, stored, images, masks, n_labelled: int, rows, rank: int):
             f"({len(stored.names)} frames, {stored.nbytes / 1e6:,.0f} MB)"
         )
     else:
-        frames = MemoryFrames(masks, images.cpu().numpy(), n_labelled)
+        frames = MemoryFrames(masks, images.cpu().numpy(), n_labelled, n_classes)
         mode = f"{size} crops of images held in memory"
     return CropSource(frames, rows, tile, cfg.batch_size, cfg.seed, rank, cfg.data_workers), mode
 
@@ -62,13 +62,17 @@ class MemoryFrames:
     """In-memory frames of one size seen as a stored dataset: rows ``n_labelled`` on are
     unlabelled (their masks, all 0, are never read: only corrections label them)."""
 
-    def __init__(self, masks: np.ndarray, images: np.ndarray, n_labelled: int) -> None:
+    def __init__(
+        self, masks: np.ndarray, images: np.ndarray, n_labelled: int, n_classes: int = NUM_CLASSES
+    ) -> None:
         self.images, self.masks, self.n_labelled = images, masks, n_labelled
         n, h, w = images.shape
         self.sizes = np.tile(np.array([h, w], np.int32), (n, 1))
         labelled = masks[:n_labelled]
-        self.class_pixels = np.stack([np.bincount(m.ravel(), minlength=NUM_CLASSES) for m in labelled])
-        self._cells = np.stack([cell_counts(m, (h, w)) for m in labelled])
+        self.class_pixels = np.stack(
+            [np.bincount(m.ravel(), minlength=n_classes)[:n_classes] for m in labelled]
+        )
+        self._cells = np.stack([cell_counts(m, (h, w), n_classes) for m in labelled])
 
     def class_cells(self) -> np.ndarray:
         return self._cells
@@ -94,17 +98,18 @@ class CropSource:
         """The training rows and, per row, class pixel counts (default: the stored ones)."""
         self.rows = np.asarray(rows, np.int64)
         counts = pixels if pixels is not None else self.frames.class_pixels
-        held = counts[self.rows[self.rows < len(counts)]] if len(counts) else np.zeros((0, NUM_CLASSES))
+        k = np.shape(counts)[1] if np.ndim(counts) == 2 else NUM_CLASSES
+        held = counts[self.rows[self.rows < len(counts)]] if len(counts) else np.zeros((0, k))
         self.by_class = {
             c: self.rows[self.rows < len(counts)][held[:, c] > 0]
-            for c in range(1, NUM_CLASSES)
+            for c in range(1, k)
             if (held[:, c] > 0).any()
         }
 
     # -- which crops
     def _cells_of(self, row: int) -> np.ndarray:
         if row in self.overrides:
-            return cell_counts(self.overrides[row], tuple(self.sizes[row]))
+            return cell_counts(self.overrides[row], tuple(self.sizes[row]), self.cells.shape[1])
         return self.cells[row]
 
     def plan(self, epoch: int, batch: int) -> list[tuple[int, int, int]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .classes import CLASSES, NUM_CLASSES, TerrainClass
+from .classes import COMPETITION, ClassTable
 
 
 class DatasetError(ValueError):
@@ -81,6 +81,9 @@ class Dataset:
         One name per training image (file stems for folders, indices otherwise).
     test_names : list of str
         One name per unlabelled image, likewise.
+    classes : ClassTable
+        The ids the masks use, with their names and colours (the competition's five by
+        default; a dataset may declare its own).
     """
 
     images: np.ndarray
@@ -89,7 +92,7 @@ class Dataset:
     source: str = ""
     names: list[str] = field(default_factory=list)
     test_names: list[str] = field(default_factory=list)
-    classes: tuple[TerrainClass, ...] = CLASSES
+    classes: ClassTable = COMPETITION
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.masks.dtype != np.uint8:
@@ -102,6 +105,8 @@ class Dataset:
             raise ValueError(
                 f"test images are {self.test_images.shape[1:]}, training images {self.images.shape[1:]}"
             )
+        if not isinstance(self.classes, ClassTable):
+            self.classes = ClassTable(self.classes)
         if not self.names:
             self.names = [str(i) for i in range(len(self.images))]
         if not self.test_names and self.test_images is not None:
@@ -127,4 +132,4 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES
+        return len(self.classes)

@@ -33,7 +33,7 @@ import torch
 from . import events as ev
 from .allocator import keep_freed_memory
 from .augment import oversampling_weights
-from .checkpoint import adopt_best, check_compatible, load_checkpoint
+from .checkpoint import adopt_best, check_classes, check_compatible, load_checkpoint
 from .config import TrainConfig, parse_loss_spec
 from .control import RunState, TrainControl
 from .crops import crop_source
@@ -85,7 +85,12 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         self.runs = self._open_run_dir(run_dir, resume)
         self.resumed_from = str(resume) if resume else None
         self.stored = dataset if isinstance(dataset, StoredDataset) else None
-        self.presence = dataset.class_pixels > 0 if self.stored is not None else class_presence(dataset.masks)
+        self.classes = dataset.classes
+        self.presence = (
+            dataset.class_pixels > 0
+            if self.stored is not None
+            else class_presence(dataset.masks, len(self.classes))
+        )
         data = load_checkpoint(resume) if resume else None
         self._split(data)
         self.n_labelled = len(dataset)
@@ -107,6 +112,7 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
             self.n_labelled,
             self.train_idx,
             self.dist.rank,
+            len(self.classes),
         )
         if self.crops is None:
             self.data_mode += f" on {device.type}"
@@ -122,6 +128,7 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         # The store's first reading, before the epoch is sized: an epoch is as many steps as
         # the images it trains on make (not counting the excluded; counting those labelled since).
         self.first_update = self.reload_corrections()
+        self.leave_out_absent()
         self.per_step = cfg.batch_size * self.dist.world
         self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -164,6 +171,7 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         """The checkpoint's split when resuming, else a new stratified one."""
         if data is not None:
             check_compatible(data, self.cfg, self.resumed_from)
+            check_classes(data, self.classes, self.resumed_from, self.dataset.source)
             train_idx, val_idx = np.asarray(data["train_indices"]), np.asarray(data["val_indices"])
             if max(train_idx.max(), val_idx.max()) >= len(self.dataset):
                 raise DatasetError(
@@ -182,13 +190,13 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         pixels = (
             self.stored.class_pixels[self.train_idx].sum(axis=0)
             if self.stored is not None
-            else class_pixel_counts(self.dataset.masks, self.train_idx)
+            else class_pixel_counts(self.dataset.masks, self.train_idx, len(self.classes))
         )
         weights = frequency_class_weights(pixels, cfg.background_weight, cfg.class_weighting)
         self.criterion = SegmentationLoss(parse_loss_spec(cfg.loss), weights, LossParams.from_config(cfg)).to(
             device
         )
-        self.model = prepare_model(build_model(cfg), device)
+        self.model = prepare_model(build_model(cfg, len(self.classes)), device)
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.state = RunState()
         if data is not None:
@@ -224,17 +232,29 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         """Whether another step and then the final validation would end past the budget."""
         return bool(self.budget_s) and self.used() + self.step_s + self.validation_s > self.budget_s
 
+    def leave_out_absent(self) -> bool:
+        """Leave the classes the training images do not hold (after exclusions and
+        corrections) out of the model's predictions; True when that changed the set."""
+        held = self.presence[self.train_idx].any(axis=0) if len(self.train_idx) else np.zeros(0, bool)
+        absent = [c for c in range(1, len(self.classes)) if c >= len(held) or not held[c]]
+        changed = absent != self.model.absent()
+        if changed:
+            self.model.set_absent(absent)
+        return changed
+
     def _sample_weights(self) -> torch.Tensor:
         return torch.as_tensor(oversampling_weights(self.presence[self.train_idx], self.cfg.oversample))
 
     def started(self) -> ev.Started:
         if self.runs is not None:
-            self.runs.write_start(self.cfg, self.base_train_idx, self.base_val_idx)  # the split itself
+            self.runs.write_start(  # the split itself, and the classes
+                self.cfg, self.base_train_idx, self.base_val_idx, self.classes, self.model.absent()
+            )
         return ev.Started(
             self.cfg.to_dict(), str(self.device), device_name(self.device), len(self.train_idx),
             len(self.val_idx), count_parameters(self.model), self.dist.world, self.resumed_from,
             self.state.epoch, self.precision.name, self.precision.reason, uses_channels_last(self.device),
-            self.data_mode,
+            self.data_mode, self.classes.records(), self.model.absent(),
         )  # fmt: skip
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from . import events as ev
-from .classes import NUM_CLASSES
 from .dataset import DatasetError
 from .stats import class_presence
 
@@ -38,20 +37,21 @@ class EpochCorrections:
         self.seen_version = version
         n_rows = len(self.base_masks) if self.stored is None else len(self.stored.names)
         edited = {i: m for i, m in edited.items() if i < n_rows}
+        k = len(self.classes)
         if self.stored is None:
             effective = self.base_masks.copy()
             for i, m in edited.items():
                 effective[i] = m
             self.masks.copy_(torch.from_numpy(effective))
-            self.presence = class_presence(effective)
+            self.presence = class_presence(effective, k)
             pixels = None
             if self.crops is not None:  # crops drawn from memory: by the corrected classes
-                pixels = np.stack([np.bincount(m.ravel(), minlength=NUM_CLASSES) for m in effective])
+                pixels = np.stack([np.bincount(m.ravel(), minlength=k)[:k] for m in effective])
         else:  # frames on disk: corrected masks ride along with the crops, the rest stay there
-            pixels = np.zeros((n_rows, NUM_CLASSES), np.int64)
+            pixels = np.zeros((n_rows, k), np.int64)
             pixels[: self.n_labelled] = self.stored.class_pixels
             for i, m in edited.items():
-                pixels[i] = np.bincount(m.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+                pixels[i] = np.bincount(m.ravel(), minlength=k)[:k]
             self.presence = pixels > 0
         drop = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
         new_labels = np.array(sorted(i for i in edited if i >= self.n_labelled), np.int64)
@@ -64,4 +64,7 @@ class EpochCorrections:
             self.crops.set_rows(self.train_idx, pixels)
         self.sample_weights = self._sample_weights()
         corrected = sum(1 for i in edited if i < self.n_labelled)
-        return ev.DataUpdate(self.state.epoch, corrected, len(excluded), len(self.train_idx), len(new_labels))
+        absent = self.model.absent() if self.leave_out_absent() else None
+        return ev.DataUpdate(
+            self.state.epoch, corrected, len(excluded), len(self.train_idx), len(new_labels), absent
+        )

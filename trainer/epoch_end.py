@@ -95,6 +95,7 @@ class EpochEnd:
             ev.Validation(
                 st.epoch, st.step, result["iou"], miou, result["pixel_accuracy"], result["confusion"],
                 st.best, result["miou_keras"], len(self.val_idx), train_loss, self.lr, self.elapsed(),
+                result["scored"], result["absent"], result["left_out"],
             )
         )  # fmt: skip
         if improved:
@@ -221,7 +222,8 @@ class EpochEnd:
     def _save_checkpoint(self, path, miou: float | None) -> None:
         st = self.state
         save_checkpoint(
-            path, model=self.model, config=self.cfg, optimizer=plain_state_dict(self.optimizer),
+            path, model=self.model, config=self.cfg, classes=self.dataset.classes,
+            optimizer=plain_state_dict(self.optimizer),
             epoch=st.epoch, step=st.step, best_miou=st.best,
             miou=miou if miou is not None and not math.isnan(miou) else -1.0,
             plateau_factor=st.plateau_factor, stale=st.stale, elapsed_s=self.elapsed(),

@@ -43,6 +43,8 @@ class Started(Event):
     data: str = (
         ""  # how batches are made: "whole images held in memory ...", "256x256 crops read from disk ..."
     )
+    classes: list = field(default_factory=list)  # the dataset's class table: [{"id", "name", "color"}]
+    absent_classes: list = field(default_factory=list)  # ids not in the training labels: never predicted
     kind = "started"
 
 
@@ -66,7 +68,7 @@ class Step(Event):
 class Validation(Event):
     epoch: int
     step: int
-    iou: list  # 5 values by class id (NaN where a class is absent)
+    iou: list  # one value per class id (NaN where a class is neither labelled nor predicted)
     miou: float
     pixel_accuracy: float
     confusion: list
@@ -76,6 +78,9 @@ class Validation(Event):
     train_loss: float | None = None  # mean training loss since the previous validation
     lr: float | None = None
     seconds: float = 0.0  # since the run (or this resumed part of it) started
+    scored: list = field(default_factory=list)  # the ids the mIoU averages
+    absent: list = field(default_factory=list)  # ids not in the training labels: never predicted
+    left_out: dict = field(default_factory=dict)  # id -> why it is not in the mean
     kind = "validation"
 
 
@@ -108,6 +113,7 @@ class DataUpdate(Event):
     excluded: int
     train_images: int
     newly_labelled: int = 0  # unlabelled images given a label, now training images
+    absent_classes: list | None = None  # the classes now left out of predictions, when that changed
     kind = "data_update"
 
 

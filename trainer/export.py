@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .classes import COMPETITION, ClassTable
 from .dataset import DatasetError
 from .formats.zarr_writer import ZarrWriter
 from .store_location import move_aside_store, row_keys
@@ -40,6 +41,7 @@ class Frames:
     mask: Callable[[int], np.ndarray]  # labelled rows only
     shape: Callable[[int], tuple[int, int]]
     source: str
+    classes: ClassTable = COMPETITION
 
     @classmethod
     def of(cls, dataset) -> Frames:
@@ -52,6 +54,7 @@ class Frames:
                 mask=dataset.mask,
                 shape=lambda i: (int(sizes[i][0]), int(sizes[i][1])),
                 source=dataset.source,
+                classes=dataset.classes,
             )
         n, pool = len(dataset), dataset.test_images
 
@@ -65,6 +68,7 @@ class Frames:
             mask=lambda i: dataset.masks[i],
             shape=lambda i: tuple(dataset.image_shape),
             source=dataset.source,
+            classes=dataset.classes,
         )
 
     def __len__(self) -> int:
@@ -76,8 +80,7 @@ class Frames:
         own (a frame at a time; sizes from the files' headers). Other sources, and a
         folder of one size, are returned as they are."""
         from .formats import is_zarr
-        from .formats.folder import frame_size, index_folder, load_item
-        from .mask_mapping import MaskMapping
+        from .formats.folder import folder_mapping, frame_size, index_folder, load_item
 
         root = Path(self.source)
         if not root.is_dir() or is_zarr(root):
@@ -89,14 +92,20 @@ class Frames:
         sizes = [frame_size(it.image) for it in items]
         if all(sizes[i] == self.shape(i) for i in range(len(items))):
             return self
-        mapping = MaskMapping.parse(mask_mapping)
+        mapping = folder_mapping(root, mask_mapping)
         load = functools.lru_cache(maxsize=1)(lambda i: load_item(items[i], mapping))
 
         def pick(memory: Callable[[int], np.ndarray], part: int) -> Callable[[int], np.ndarray]:
             return lambda i: memory(i) if sizes[i] == self.shape(i) else load(i)[part]
 
         return Frames(
-            self.n, self.keys, pick(self.image, 0), pick(self.mask, 1), sizes.__getitem__, self.source
+            self.n,
+            self.keys,
+            pick(self.image, 0),
+            pick(self.mask, 1),
+            sizes.__getitem__,
+            self.source,
+            self.classes,
         )
 
 
@@ -186,7 +195,7 @@ def export_zarr(
                 progress(row + 1, len(rows))
         return [frames.keys[i] for i in rows], plan.n_labelled
 
-    path = write_store(out, ZarrWriter(out, plan.n_labelled, len(rows), frame, attrs), fill)
+    path = write_store(out, ZarrWriter(out, plan.n_labelled, len(rows), frame, attrs, frames.classes), fill)
     replaced = move_aside_store(path)
     carried = [frames.keys[i] for i in rows if i in plan.excluded]
     carried_to = _exclude_in_export(path, carried, frames.source) if carried else None

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .classes import NUM_CLASSES
 from .config import GPU_PREDICT_BATCH, PREDICT_BATCH
 from .device import DistContext, Precision, resolve_precision, uses_channels_last
 from .metrics import ConfusionMatrix
@@ -71,6 +72,13 @@ def inference_model(model: torch.nn.Module, device: torch.device | str) -> torch
     return prepare_model(fold_batch_norm(prepare_model(model, device)), device)
 
 
+def confusion_for(model: torch.nn.Module, device) -> ConfusionMatrix:
+    """An empty confusion matrix of ``model``'s classes, knowing which it leaves out."""
+    from .model import absent_classes, output_classes
+
+    return ConfusionMatrix(output_classes(model) or NUM_CLASSES, device, absent_classes(model))
+
+
 def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, H, W) uint8 -> (B, 1, H, W) float in [0, 1], in the model's memory layout."""
     x = images_u8.unsqueeze(1).float().div_(255.0)
@@ -119,7 +127,7 @@ def confusion_on(
     device = images.device
     precision = precision or resolve_precision("auto", device)
     net = inference_model(model, device)
-    cm = ConfusionMatrix(device=device)
+    cm = confusion_for(model, device)
     mine = np.asarray(indices)[dist.rank :: dist.world]
     for chunk in batches(mine, batch_size):
         idx = torch.as_tensor(chunk, device=device)

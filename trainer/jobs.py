@@ -26,6 +26,7 @@ class DatasetSpec:
     corrections_path: str | None = None  # a CorrectionStore the training re-reads every epoch
     corrections_keys: list[str] | None = None  # the store's key of each image (default: from the dataset)
     lazy: bool = False  # a large zarr dataset stays on disk (trained on by crops)
+    classes: list | None = None  # the arrays' class table as records (None: the competition's)
 
     def open_corrections(self, dataset):
         if not self.corrections_path:
@@ -42,9 +43,13 @@ class DatasetSpec:
         from .formats import open_dataset
 
         if self.images is not None:
+            from .classes import COMPETITION, ClassTable
+
+            classes = ClassTable.from_records(self.classes) if self.classes else COMPETITION
             return Dataset(
-                images=self.images, masks=self.masks, test_images=self.pool, source=self.source or "arrays"
-            )
+                images=self.images, masks=self.masks, test_images=self.pool, source=self.source or "arrays",
+                classes=classes,
+            )  # fmt: skip
         return open_dataset(self.path, mask_mapping=self.mask_mapping, size=self.size, lazy=self.lazy)
 
 
@@ -102,8 +107,10 @@ def predict_job(
     from .inference import predict_arrays
 
     dev = resolve_device(device)
-    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     dataset = spec.load()
+    # Arrays without a declared table (an image layer to predict) take the model's classes.
+    classes = dataset.classes if spec.path or spec.classes else None
+    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint, classes, dataset.source)
 
     def progress(done: int, total: int) -> None:
         emit(ev.Progress(f"predicting {done}/{total}", done, total))

@@ -10,7 +10,21 @@ dialog:
 * colour pairs ``"#000000:1,#ff0000:4"`` for masks drawn in colours and saved as RGB,
   as public rock datasets are;
 * the path of a TOML file whose table (top level or ``[mask_mapping]``) lists the same
-  pairs: ``"#ff0000" = "big rock"``, ``0 = 1`` written ``"0" = 1``.
+  pairs: ``"#ff0000" = "big rock"``, ``0 = 1`` written ``"0" = 1``. Its ``[classes]``
+  table, if any, declares the dataset's own classes (id 0 is "not labelled"), which the
+  pairs then name::
+
+      [classes]
+      0 = "no label"
+      1 = { name = "Rock", color = "#dc323c" }
+      2 = "Ground"
+
+      [mask_mapping]
+      "255" = "no label"
+      "0" = "Ground"
+      "1" = "Rock"
+
+  With ``[classes]`` and no pairs, the file's values are the ids themselves.
 
 A value (or colour) that the mapping does not list is an error naming the file and the
 value: a mask with an unexpected palette is found, not trained on.
@@ -22,22 +36,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import CLASSES, NUM_CLASSES
+from .classes import COMPETITION, ClassTable, ClassTableError
 from .dataset import DatasetError
 
 PRESETS = ("identity", "ai4mars")
 _UNMAPPED = 255
 
 
-def _class_id(target, spec: str) -> int:
-    text = str(target).strip()
-    if text.isdigit() and int(text) < NUM_CLASSES:
-        return int(text)
-    for c in CLASSES:
-        if c.name.lower() == text.lower():
-            return c.id
-    valid = ", ".join(f"{c.id}={c.name}" for c in CLASSES)
-    raise DatasetError(f"mask mapping {spec!r}: {text!r} is not a class; valid: {valid}")
+def _class_id(target, spec: str, classes: ClassTable = COMPETITION) -> int:
+    found = classes.find(target)
+    if found is None:
+        raise DatasetError(
+            f"mask mapping {spec!r}: {str(target).strip()!r} is not a class; valid: {classes.describe()}"
+        )
+    return found
 
 
 def _colour(text: str, spec: str) -> int:
@@ -52,9 +64,16 @@ class MaskMapping:
     """Raw mask values (or RGB colours) -> class ids. ``MaskMapping.parse(text)``."""
 
     def __init__(
-        self, spec: str, values: dict[int, int] | None = None, colours: dict[int, int] | None = None
+        self,
+        spec: str,
+        values: dict[int, int] | None = None,
+        colours: dict[int, int] | None = None,
+        classes: ClassTable = COMPETITION,
     ):
         self.spec = spec
+        self.classes = (
+            classes  # the table the ids belong to (a TOML file's [classes], else the competition's)
+        )
         self.colours = colours
         self.lut = np.full(65536, _UNMAPPED, np.uint8)
         for value, cls in (values or {}).items():
@@ -66,7 +85,7 @@ class MaskMapping:
             return spec
         spec = (spec or "identity").strip()
         if spec == "identity":
-            return cls(spec, {v: v for v in range(NUM_CLASSES)})
+            return cls(spec, {v: v for v in range(len(COMPETITION))})
         if spec == "ai4mars":
             return cls(spec, {0: 1, 1: 2, 2: 3, 3: 4, 255: 0})
         if spec.lower().endswith(".toml") or (":" not in spec and Path(spec).is_file()):
@@ -102,13 +121,23 @@ class MaskMapping:
             raise DatasetError(f"{path}: no such mask mapping file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
             raise DatasetError(f"{path}: not a readable TOML file ({exc})") from None
+        classes = COMPETITION
+        if "classes" in table:
+            try:
+                classes = ClassTable.from_records(table.pop("classes"), f"{path}: its [classes] table")
+            except ClassTableError as exc:
+                raise DatasetError(str(exc)) from None
+            if "mask_mapping" not in table and not table:  # the file's values are the ids
+                return cls(str(path), {v: v for v in range(len(classes))}, classes=classes)
         table = table.get("mask_mapping", table)
         if not isinstance(table, dict) or not table:
             raise DatasetError(f"{path}: expected a table of VALUE = CLASS pairs (or a [mask_mapping] table)")
-        return cls._from_pairs(str(path), [(str(k), v) for k, v in table.items()])
+        return cls._from_pairs(str(path), [(str(k), v) for k, v in table.items()], classes)
 
     @classmethod
-    def _from_pairs(cls, spec: str, pairs: list[tuple[str, object]]) -> MaskMapping:
+    def _from_pairs(
+        cls, spec: str, pairs: list[tuple[str, object]], classes: ClassTable = COMPETITION
+    ) -> MaskMapping:
         if not pairs:
             raise DatasetError(f"mask mapping {spec!r} lists no pairs")
         is_colour = [k.startswith("#") for k, _ in pairs]
@@ -117,26 +146,26 @@ class MaskMapping:
         if all(is_colour):
             colours: dict[int, int] = {}
             for key, target in pairs:
-                colour, cls_id = _colour(key, spec), _class_id(target, spec)
+                colour, cls_id = _colour(key, spec), _class_id(target, spec, classes)
                 if colour in colours and colours[colour] != cls_id:
                     raise DatasetError(
                         f"mask mapping {spec!r}: {key} is given twice, as class {colours[colour]} and "
                         f"as class {cls_id}; give each colour once"
                     )
                 colours[colour] = cls_id
-            return cls(spec, colours=colours)
+            return cls(spec, colours=colours, classes=classes)
         values = {}
         for key, target in pairs:
             if not key.isdigit() or int(key) > 65535:
                 raise DatasetError(f"mask mapping {spec!r}: {key!r} is not a mask value 0..65535")
-            cls_id = _class_id(target, spec)
+            cls_id = _class_id(target, spec, classes)
             if int(key) in values and values[int(key)] != cls_id:
                 raise DatasetError(
                     f"mask mapping {spec!r}: value {int(key)} is given twice, as class {values[int(key)]} "
                     f"and as class {cls_id}; give each value once"
                 )
             values[int(key)] = cls_id
-        return cls(spec, values)
+        return cls(spec, values, classes=classes)
 
     @property
     def is_colour(self) -> bool:

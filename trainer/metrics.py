@@ -9,6 +9,11 @@ The background IoU itself is reported (computed the ordinary way) but never aver
 Course notebooks print Keras' number, which differs in one case: Keras still averages
 class 0 (with IoU 0) whenever a terrain pixel is predicted background, dividing by one
 more class. ``miou_keras`` is that number; ``miou`` stays the headline.
+
+Every result says which classes entered the mean (``scored``) and why each other one was
+left out (``left_out``): id 0 is "not labelled"; a class neither labelled nor predicted in
+the images has no IoU; a class the training labels never held is never predicted (the
+model leaves it out), and is scored only where these images label it.
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ import warnings
 import numpy as np
 import torch
 
-from .classes import METRIC_CLASSES, NUM_CLASSES
+from .classes import NUM_CLASSES
 from .losses import IGNORE_INDEX
 
 
 class ConfusionMatrix:
     """``matrix[t, p]`` counts pixels of true class t predicted as p (int64, on any device)."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, device: str | torch.device = "cpu") -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, device: str | torch.device = "cpu", absent=()) -> None:
         self.num_classes = num_classes
+        self.absent = tuple(absent)  # classes the model leaves out (not in its training labels)
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -54,12 +60,19 @@ class ConfusionMatrix:
         self.matrix.zero_()
 
     def compute(self) -> dict:
-        return metrics_from_confusion(self.matrix.cpu().tolist())
+        return metrics_from_confusion(self.matrix.cpu().tolist(), self.absent)
 
 
-def metrics_from_confusion(confusion: list[list[int]]) -> dict:
+NOT_LABELLED = 'id 0 is "not labelled": its pixels are left out, as the competition\'s metric does'
+NOT_IN_TRAINING = "not in the training labels: never predicted"
+NOT_IN_IMAGES = "neither labelled nor predicted in these images"
+
+
+def metrics_from_confusion(confusion: list[list[int]], absent=()) -> dict:
     """Per-class IoU (NaN for classes absent from labels and predictions), mIoU over
-    classes 1-4 with background pixels ignored, and pixel accuracy over those pixels."""
+    classes 1..K-1 with pixels labelled 0 ignored, and pixel accuracy over those pixels;
+    ``scored`` (the ids in the mean) and ``left_out`` (id -> why). ``absent``: the
+    classes the model leaves out (not in its training labels)."""
     n = len(confusion)
     cm = torch.tensor(confusion, dtype=torch.float64)
     iou = []
@@ -71,7 +84,12 @@ def metrics_from_confusion(confusion: list[list[int]]) -> dict:
         fp = cm[rows, c].sum() - tp
         denom = tp + fp + fn
         iou.append(float(tp / denom) if denom > 0 else math.nan)
-    scored = [iou[c] for c in METRIC_CLASSES if c < n and not math.isnan(iou[c])]
+    scored_ids = [c for c in range(1, n) if not math.isnan(iou[c])]
+    left_out = {0: NOT_LABELLED} if n else {}
+    for c in range(1, n):
+        if math.isnan(iou[c]):
+            left_out[c] = NOT_IN_TRAINING if c in absent else NOT_IN_IMAGES
+    scored = [iou[c] for c in scored_ids]
     miou = sum(scored) / len(scored) if scored else math.nan
     # Keras MeanIoU(num_classes, ignore_class=0) drops the pixels labelled 0 but keeps
     # class 0 in the average: terrain predicted as background gives it IoU 0 (no true
@@ -88,6 +106,9 @@ def metrics_from_confusion(confusion: list[list[int]]) -> dict:
         "miou_keras": miou_keras,
         "pixel_accuracy": accuracy,
         "confusion": [[int(x) for x in row] for row in confusion],
+        "scored": scored_ids,
+        "left_out": left_out,
+        "absent": sorted(int(c) for c in absent),
     }
 
 

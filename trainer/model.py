@@ -113,8 +113,29 @@ def _upsample(x: torch.Tensor, size) -> torch.Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+# Added to the logit of a class the training labels never held: its probability is 0 (to
+# float32's precision) and it is never the arg-max, in training, validation, prediction and
+# every exported model alike. Finite, so a loss over such logits stays finite; within
+# float16's and bfloat16's range.
+ABSENT_LOGIT = -1.0e4
+
+
+def _default_class_offset(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before classes could be left out hold no ``class_offset``:
+    their models predicted every class."""
+    key = prefix + "class_offset"
+    if key not in state_dict and isinstance(getattr(module, "class_offset", None), torch.Tensor):
+        state_dict[key] = torch.zeros_like(module.class_offset)
+
+
 class UNet(nn.Module):
-    """U-Net mapping (B, 1, H, W) images in [0, 1] to (B, classes, H, W) logits."""
+    """U-Net mapping (B, 1, H, W) images in [0, 1] to (B, classes, H, W) logits.
+
+    Classes the training labels never held are left out of its predictions: their logits
+    are offset by :data:`ABSENT_LOGIT` (:meth:`set_absent`), a buffer saved with the
+    weights, so every copy of the model (a checkpoint, a TorchScript or ONNX export)
+    leaves them out too.
+    """
 
     def __init__(
         self,
@@ -141,6 +162,25 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList(block(2 * widths[i], widths[i]) for i in range(depth))
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.register_buffer("class_offset", torch.zeros(num_classes, 1, 1))
+        self.register_load_state_dict_pre_hook(_default_class_offset)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_channels
+
+    def set_absent(self, absent) -> None:
+        """Leave the classes ``absent`` (ids) out of every prediction from now on; in place,
+        so a step replayed as a CUDA graph sees it. Class 0 ("not labelled") is never left out."""
+        offset = torch.zeros_like(self.class_offset)
+        for c in absent:
+            if 0 < int(c) < self.num_classes:
+                offset[int(c)] = ABSENT_LOGIT
+        self.class_offset.copy_(offset)
+
+    def absent(self) -> list[int]:
+        """The ids left out of predictions (not in the training labels)."""
+        return [int(c) for c in torch.nonzero(self.class_offset.reshape(-1) < 0).reshape(-1)]
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's output at each level, finest first, for an input whose size is a
@@ -174,14 +214,28 @@ class UNet(nn.Module):
                 skip = self.gates[i](skip, x)
             x = self.decoders[i](_cat_channels(skip, x))
         x = self.head(self.dropout(x))
+        x = x + self.class_offset.to(x.dtype)
         return x[..., :h, :w]
 
 
 MODEL_KEYS = ("depth", "base_width", "norm", "residual", "squeeze_excitation", "attention_gates", "dropout")
 
 
-def build_model(cfg: TrainConfig) -> UNet:
-    return UNet(**{k: getattr(cfg, k) for k in MODEL_KEYS})
+def build_model(cfg: TrainConfig, num_classes: int = NUM_CLASSES) -> UNet:
+    return UNet(**{k: getattr(cfg, k) for k in MODEL_KEYS}, num_classes=num_classes)
+
+
+def absent_classes(model: nn.Module) -> list[int]:
+    """The class ids ``model`` leaves out of its predictions (none for a model that is not
+    a :class:`UNet`, such as a loaded TorchScript file)."""
+    module = getattr(model, "module", model)  # DistributedDataParallel
+    return module.absent() if isinstance(module, UNet) else []
+
+
+def output_classes(model: nn.Module) -> int | None:
+    """How many classes ``model`` scores (None when it cannot say)."""
+    module = getattr(model, "module", model)
+    return module.num_classes if isinstance(module, UNet) else None
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:

@@ -25,15 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import CLASSES
+from .classes import CLASSES, ClassTable
 from .config import TrainConfig, to_toml
 from .events import Event, Preview, Step, Validation
 
-METRICS_COLUMNS = (
-    ["epoch", "step", "seconds", "train_loss", "lr"]
-    + [f"iou_{c.name.lower().replace(' ', '_')}" for c in CLASSES]
-    + ["miou", "miou_keras", "pixel_accuracy", "images"]
-)
+
+def metrics_columns(classes: ClassTable = CLASSES) -> list[str]:
+    """metrics.csv's header: one IoU column per class of the run's table."""
+    return (
+        ["epoch", "step", "seconds", "train_loss", "lr"]
+        + [f"iou_{c.name.lower().replace(' ', '_')}" for c in classes]
+        + ["miou", "miou_keras", "pixel_accuracy", "images"]
+    )
+
+
+METRICS_COLUMNS = metrics_columns()
 
 
 def _tensorboard_writer(path: Path):
@@ -115,6 +121,7 @@ class RunDir:
             ) from None
         self._events = None
         self._tensorboard = None
+        self.classes: ClassTable = CLASSES  # the run's table, from write_start
 
     @property
     def best(self) -> Path:
@@ -124,11 +131,18 @@ class RunDir:
     def last(self) -> Path:
         return self.path / "checkpoints" / f"{CHECKPOINTS[1]}.pt"
 
-    def write_start(self, cfg: TrainConfig, train_idx, val_idx) -> None:
+    def write_start(
+        self, cfg: TrainConfig, train_idx, val_idx, classes: ClassTable = CLASSES, absent=()
+    ) -> None:
+        """The run's config, split and class table (``classes.json``: the table, and the
+        classes left out of predictions as the training labels never hold them)."""
         split = {"train": [int(i) for i in train_idx], "val": [int(i) for i in val_idx]}
+        self.classes = classes
+        table = {"classes": classes.records(), "absent": [int(c) for c in absent]}
         try:
             _atomic_write(self.path / "config.toml", to_toml(cfg))
             _atomic_write(self.path / "split.json", json.dumps(split))
+            _atomic_write(self.path / "classes.json", json.dumps(table, indent=1))
         except OSError as exc:
             from .outputs import why_not_written
 
@@ -180,7 +194,7 @@ class RunDir:
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(METRICS_COLUMNS)
+                writer.writerow(metrics_columns(self.classes))
             # Empty cells (not "nan") for missing values: spreadsheets and pandas read them as blank/NaN.
             writer.writerow(
                 ["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in values]
@@ -197,7 +211,7 @@ class RunDir:
             tb.add_scalar("train/lr", e.lr, e.step)
             tb.add_scalar("train/images_per_s", e.images_per_s, e.step)
             return
-        for c, v in zip(CLASSES, e.iou, strict=True):
+        for c, v in zip(self.classes, e.iou, strict=True):
             if not math.isnan(v):
                 tb.add_scalar(f"val_iou/{c.name}", v, e.step)
         for name in ("miou", "miou_keras", "pixel_accuracy"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .classes import CLASSES, NUM_CLASSES
+from .classes import COMPETITION, NUM_CLASSES, ClassTable
 from .dataset import Dataset
 
 
@@ -44,35 +44,37 @@ class DatasetStats:
 CHUNK_PIXELS = 1 << 22
 
 
-def class_pixel_counts(masks: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+def class_pixel_counts(
+    masks: np.ndarray, rows: np.ndarray | None = None, n_classes: int = NUM_CLASSES
+) -> np.ndarray:
     """Pixels of each class over all masks (or those of ``rows``): an int64 array of length
-    ``NUM_CLASSES`` (values outside the classes, such as 255, are not counted). Memory
+    ``n_classes`` (values outside the classes, such as 255, are not counted). Memory
     stays bounded: about :data:`CHUNK_PIXELS` at a time, ``rows`` included (no copy of
     the masks they pick)."""
-    counts = np.zeros(NUM_CLASSES, np.int64)
+    counts = np.zeros(n_classes, np.int64)
     if rows is not None:
         rows = np.asarray(rows)
         step = max(1, CHUNK_PIXELS // max(int(np.prod(masks.shape[1:])), 1))
         for start in range(0, len(rows), step):
-            counts += class_pixel_counts(masks[rows[start : start + step]])
+            counts += class_pixel_counts(masks[rows[start : start + step]], n_classes=n_classes)
         return counts
     flat = masks.reshape(-1)
     for start in range(0, flat.size, CHUNK_PIXELS):
-        counts += np.bincount(flat[start : start + CHUNK_PIXELS], minlength=NUM_CLASSES)[:NUM_CLASSES]
+        counts += np.bincount(flat[start : start + CHUNK_PIXELS], minlength=n_classes)[:n_classes]
     return counts
 
 
-def class_presence(masks: np.ndarray) -> np.ndarray:
-    """(N, NUM_CLASSES) bool: does image i contain class c. A few images (about
+def class_presence(masks: np.ndarray, n_classes: int = NUM_CLASSES) -> np.ndarray:
+    """(N, n_classes) bool: does image i contain class c. A few images (about
     :data:`CHUNK_PIXELS` pixels) at a time, one comparison per class: 300 masks of 768x768
     took 3.7 s and a 1.4 GB temporary as one bincount over (image, class) keys, 0.04 s so."""
     n = len(masks)
     flat = masks.reshape(n, int(np.prod(masks.shape[1:])))  # -1 cannot be inferred with no images
-    out = np.zeros((n, NUM_CLASSES), bool)
+    out = np.zeros((n, n_classes), bool)
     rows = max(1, CHUNK_PIXELS // max(flat.shape[1], 1))
     for start in range(0, n, rows):
         part = flat[start : start + rows]
-        for c in range(NUM_CLASSES):
+        for c in range(n_classes):
             out[start : start + rows, c] = (part == c).any(axis=1)
     return out
 
@@ -103,21 +105,24 @@ def duplicate_mask_groups(masks: np.ndarray) -> list[tuple[int, ...]]:
 
 def dataset_stats(dataset: Dataset) -> DatasetStats:
     """Per-class pixels, shares and image counts, and duplicate-mask groups."""
-    return mask_stats(dataset.masks)
+    return mask_stats(dataset.masks, dataset.classes)
 
 
-def mask_stats(masks: np.ndarray) -> DatasetStats:
+def mask_stats(masks: np.ndarray, classes: ClassTable = COMPETITION) -> DatasetStats:
     """:func:`dataset_stats` for a bare (N, H, W) stack of masks."""
-    return counts_stats(class_presence(masks).sum(axis=0), class_pixel_counts(masks), len(masks),
-                        tuple(duplicate_mask_groups(masks)))  # fmt: skip
+    k = len(classes)
+    return counts_stats(class_presence(masks, k).sum(axis=0), class_pixel_counts(masks, n_classes=k), len(masks),
+                        tuple(duplicate_mask_groups(masks)), classes)  # fmt: skip
 
 
-def counts_stats(presence: np.ndarray, pixels: np.ndarray, n: int, groups: tuple = ()) -> DatasetStats:
+def counts_stats(
+    presence: np.ndarray, pixels: np.ndarray, n: int, groups: tuple = (), classes: ClassTable = COMPETITION
+) -> DatasetStats:
     """Stats from per-class image counts and pixel counts (a stored dataset's table)."""
     total = max(int(pixels.sum()), 1)
     classes = tuple(
         ClassStats(c.id, c.name, int(pixels[c.id]), float(pixels[c.id] / total), int(presence[c.id]))
-        for c in CLASSES
+        for c in classes
     )
     return DatasetStats(n, classes, groups)
 

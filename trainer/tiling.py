@@ -169,12 +169,12 @@ def frames_confusion(model, stored, rows, device, precision=None, dist=None, red
     time: yields (frames done, frames) of this process's share after each, so that a
     caller can say how far it is, and returns the matrix."""
     from .device import DistContext
-    from .metrics import ConfusionMatrix
+    from .inference import confusion_for
 
     dist = dist or DistContext()
     device = torch.device(device)
     net = inference_model(model, device)  # folded once, not once per frame
-    cm = ConfusionMatrix(device=device)
+    cm = confusion_for(model, device)
     precision = precision or resolve_precision("auto", device)
     mine = list(rows)[dist.rank :: dist.world]
     for done, i in enumerate(mine, 1):

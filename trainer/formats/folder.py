@@ -16,6 +16,9 @@ Images and masks are matched by file stem; images without a mask are the unlabel
 16-bit and float stretched from their minimum to their maximum onto 0..255); masks go
 through a :class:`~trainer.mask_mapping.MaskMapping` (values, colours, or a preset).
 
+A folder declares its own classes in ``classes.toml`` at its top (a mapping file with a
+``[classes]`` table, :mod:`trainer.mask_mapping`): read when no other mapping is given.
+
 ``read_folder`` reads everything into memory at one size (for small datasets);
 ``mars-trainer convert`` reads the same :class:`FolderIndex` item by item into a zarr
 store at each frame's own size.
@@ -40,6 +43,18 @@ MASK_DIRS = {"masks", "mask", "labels", "label", "gt", "annotations"}
 MASK_STEM_SUFFIXES = ("_mask", "_masks", "_label", "_labels", "_gt", "_merged")
 IGNORE_DIRS = ("mxy", "rng")  # AI4Mars rover masks and range masks (rng-30m)
 MASK_MAPPINGS = PRESETS
+CLASSES_FILE = "classes.toml"
+
+
+def folder_mapping(root: str | Path, spec: str | MaskMapping | None) -> MaskMapping:
+    """The mapping a folder is read with: ``spec``, or when none is given (or the default
+    ``identity``) the folder's own ``classes.toml`` if it has one."""
+    if isinstance(spec, MaskMapping):
+        return spec
+    own = Path(root) / CLASSES_FILE
+    if (spec is None or str(spec).strip() in ("", "identity")) and own.is_file():
+        return MaskMapping.parse(str(own))
+    return MaskMapping.parse(spec)
 
 
 def _mask_key(path: Path) -> str:
@@ -253,7 +268,7 @@ def read_folder(
     size : (H, W), optional
         Resize everything to this size; by default the most common image size.
     """
-    mapping = MaskMapping.parse(mask_mapping)
+    mapping = folder_mapping(root, mask_mapping)
     index = index_folder(root)
     loaded = [load_item(item, mapping) for item in index.labelled]
     images = [image for image, _ in loaded]
@@ -277,4 +292,5 @@ def read_folder(
         source=str(index.root),
         names=[index.name(i) for i in index.labelled],
         test_names=[index.name(i) for i in index.unlabelled],
+        classes=mapping.classes,
     )

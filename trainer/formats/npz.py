@@ -1,7 +1,9 @@
 """The competition ``.npz`` format.
 
 ``training_set``: (N, 2, H, W), ``[:, 0]`` the image (0..255) and ``[:, 1]`` the mask
-(0..4); ``test_set`` (optional): (M, H, W) images. The real file stores float64 and is
+(0..4); ``test_set`` (optional): (M, H, W) images; ``classes`` (optional): the dataset's
+own class table, a JSON string (``[{"id": 0, "name": "no label"}, {"id": 1, "name":
+"Rock", "color": "#dc323c"}]``) beside the arrays; without it, the competition's table. The real file stores float64 and is
 about 1 GB, so members are streamed out of the zip a few thousand images at a time and
 converted to uint8 as they come: no float64 copy of the whole array is ever held.
 """
@@ -17,17 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import NUM_CLASSES
+from ..classes import COMPETITION, ClassTable, ClassTableError
 from ..dataset import Dataset, DatasetError, check_fits_in_memory, not_a_regular_file
 
 TRAIN_KEY = "training_set"
 TEST_KEY = "test_set"
+CLASSES_KEY = "classes"
 # About 32 MB of source values per chunk: big enough to be fast, small enough to be cheap.
 _CHUNK_BYTES = 32 * 1024 * 1024
 
 
-def _check_values(chunk: np.ndarray, path: Path, what: str, hi: int, first_index: int) -> None:
-    """Refuse NaN, fractional or out-of-range values, naming the first bad image."""
+def _check_values(
+    chunk: np.ndarray, path: Path, what: str, hi: int, first_index: int, classes: ClassTable | None = None
+) -> None:
+    """Refuse NaN, fractional or out-of-range values, naming the first bad image (and, for
+    masks, the class table they are read with)."""
 
     def first_bad(bad: np.ndarray) -> int:
         per_image = bad.reshape(len(bad), -1).any(axis=1)
@@ -54,8 +60,9 @@ def _check_values(chunk: np.ndarray, path: Path, what: str, hi: int, first_index
         i = first_bad(bad)
         value = chunk[bad][0]
         value = value.item() if hasattr(value, "item") else value
+        table = f" (the class ids of {classes.describe()})" if classes is not None else ""
         raise DatasetError(
-            f"{path}: {what} of image {i} has the value {value:g}; expected whole numbers 0..{hi}"
+            f"{path}: {what} of image {i} has the value {value:g}; expected whole numbers 0..{hi}{table}"
         )
 
 
@@ -67,7 +74,7 @@ def _size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def _read_header(f, path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _read_header(f, path: Path, key: str, kinds: str = "biuf") -> tuple[tuple[int, ...], bool, np.dtype]:
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -76,7 +83,9 @@ def _read_header(f, path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dty
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     except ValueError as exc:
         raise DatasetError(f"{path}: member {key!r} is not a numpy array ({exc})") from None
-    if dtype.kind not in "biuf":
+    if dtype.kind not in kinds:
+        if kinds == "U":
+            raise DatasetError(f"{path}: {key!r} has dtype {dtype}; expected a JSON string (the class table)")
         raise DatasetError(f"{path}: {key!r} has dtype {dtype}; expected a numeric (integer or float) array")
     return tuple(shape), fortran, dtype
 
@@ -138,6 +147,22 @@ class NpzStream:
     n_test: int
     shape: tuple[int, int]
     chunks: Iterator[tuple[int, np.ndarray, np.ndarray | None]]
+    classes: ClassTable = COMPETITION
+
+
+def _read_classes(zf: zipfile.ZipFile, path: Path) -> ClassTable:
+    """The table declared in the ``classes`` member: a JSON string (a 0-d or 1-element
+    string array, as ``np.savez(..., classes=json.dumps(table))`` writes it)."""
+    where = f"{path}: its {CLASSES_KEY!r} array"
+    with zf.open(CLASSES_KEY + ".npy") as f:
+        shape, fortran, dtype = _read_header(f, path, CLASSES_KEY, kinds="U")
+        if int(np.prod(shape)) != 1 or dtype.itemsize > 4 * 1_000_000:
+            raise DatasetError(f"{where} should be one JSON string (the class table); it has shape {shape}")
+        text = str(np.frombuffer(f.read(dtype.itemsize), dtype=dtype)[0])
+    try:
+        return ClassTable.from_json(text, where)
+    except ClassTableError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _check_file(path: Path) -> None:
@@ -178,6 +203,7 @@ def stream_npz(path: str | Path):
                 f"{path}: missing key {TRAIN_KEY!r}; expected {TRAIN_KEY!r} "
                 f"(N, 2, H, W) and optionally {TEST_KEY!r} (M, H, W), found: {found}"
             )
+        classes = _read_classes(zf, path) if CLASSES_KEY in members else COMPETITION
         train = _stream_member(zf, path, TRAIN_KEY, 4, "(N, 2, H, W): image and mask")
         shape = next(train)
         test, tshape = None, (0,)
@@ -195,13 +221,13 @@ def stream_npz(path: str | Path):
                 for start, chunk in train:
                     img, msk = chunk[:, 0], chunk[:, 1]
                     _check_values(img, path, f"{TRAIN_KEY} image", 255, start)
-                    _check_values(msk, path, f"{TRAIN_KEY} mask", NUM_CLASSES - 1, start)
+                    _check_values(msk, path, f"{TRAIN_KEY} mask", len(classes) - 1, start, classes)
                     yield start, img.astype(np.uint8), msk.astype(np.uint8)
                 for start, chunk in test or ():
                     _check_values(chunk, path, f"{TEST_KEY} image", 255, start)
                     yield shape[0] + start, chunk.astype(np.uint8), None
 
-        yield NpzStream(path, shape[0], tshape[0], tuple(shape[2:]), chunks())
+        yield NpzStream(path, shape[0], tshape[0], tuple(shape[2:]), chunks(), classes)
 
 
 def read_npz(path: str | Path) -> Dataset:
@@ -225,7 +251,9 @@ def read_npz(path: str | Path) -> Dataset:
             if msk is not None:
                 masks[start : start + len(msk)] = msk
     test = images[n:] if npz.n_test else None
-    return Dataset(images=images[:n], masks=masks, test_images=test, source=str(npz.path))
+    return Dataset(
+        images=images[:n], masks=masks, test_images=test, source=str(npz.path), classes=npz.classes
+    )
 
 
 def write_npz(
@@ -236,15 +264,19 @@ def write_npz(
     dtype: str = "float64",
     overwrite: bool = True,
     inputs: tuple = (),
+    classes: ClassTable | None = None,
 ) -> None:
     """Write the competition format. ``dtype`` float64 mimics the real file. Written as
     every output is (:mod:`trainer.outputs`): under a partial name, renamed when complete;
-    an existing file replaced only with ``overwrite``, never one of ``inputs``."""
+    an existing file replaced only with ``overwrite``, never one of ``inputs``. A table of
+    ``classes`` other than the competition's is written beside the arrays."""
     from ..outputs import written
 
     training = np.stack([images, masks], axis=1).astype(dtype)
     arrays = {TRAIN_KEY: training}
     if test_images is not None:
         arrays[TEST_KEY] = test_images.astype(dtype)
+    if classes is not None and classes != COMPETITION:
+        arrays[CLASSES_KEY] = np.array(classes.to_json())
     with written(path, inputs, overwrite) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)

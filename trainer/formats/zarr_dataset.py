@@ -25,10 +25,12 @@ chunk damaged later is an error when read (:mod:`.zarr_checks`), never zeros. Wr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from ..classes import COMPETITION, ClassTable, ClassTableError
 from ..dataset import Dataset, DatasetError
 from .zarr_checks import CheckedFrames, chunk_checked_store, drain_zarr, refuse_missing, rows_per_file, why
 
@@ -84,6 +86,15 @@ class StoredDataset:
     @property
     def source(self) -> str:
         return str(self.path)
+
+    @cached_property
+    def classes(self) -> ClassTable:
+        """The dataset's class table (its ``classes`` attribute; checked when opened)."""
+        return stored_classes(self.attrs, self.path)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     @property
     def id(self) -> str:
@@ -171,7 +182,19 @@ class StoredDataset:
             source=str(self.path),
             names=self.names[:n],
             test_names=self.names[n:],
+            classes=self.classes,
         )
+
+
+def stored_classes(attrs: dict, path) -> ClassTable:
+    """The table in a store's attributes (``[[id, name, "#rrggbb"], ...]``); a store
+    written before tables were declared holds the competition's."""
+    if "classes" not in attrs:
+        return COMPETITION
+    try:
+        return ClassTable.from_records(attrs["classes"], f"{path}: its class table")
+    except ClassTableError as exc:
+        raise DatasetError(f"{exc}; convert the dataset again") from None
 
 
 def open_zarr(path: str | Path) -> StoredDataset:
@@ -218,6 +241,11 @@ def open_zarr(path: str | Path) -> StoredDataset:
     # Datasets written before every chunk was stored and checksummed may lack the chunks
     # of masks that hold no labelled pixel (zarr leaves out chunks of fill values).
     store.every_chunk = bool(attrs.get("every_chunk_written"))
+    classes = stored_classes(attrs, path)
+    if class_pixels.ndim != 2 or class_pixels.shape[1] != len(classes):
+        raise DatasetError(
+            f"{path}: its class counts ({class_pixels.shape}) do not fit its {len(classes)} classes; convert again"
+        )
     if class_pixels.ndim == 2:
         store.unlabelled_rows = frozenset(np.flatnonzero(class_pixels[:, 1:].sum(axis=1) == 0).tolist())
     names = list(attrs.get("names", []))

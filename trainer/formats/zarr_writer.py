@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import CLASSES, NUM_CLASSES
+from ..classes import COMPETITION, ClassTable
 from .zarr_dataset import CELL, FORMAT, IMAGE_RULE, VERSION, chunk_layout
 
 
@@ -18,7 +18,15 @@ class ZarrWriter:
     whole chunks or shards, so each block is one write and nothing larger than a block is
     held."""
 
-    def __init__(self, out: Path, n_labelled: int, n_total: int, frame: tuple[int, int], attrs: dict):
+    def __init__(
+        self,
+        out: Path,
+        n_labelled: int,
+        n_total: int,
+        frame: tuple[int, int],
+        attrs: dict,
+        classes: ClassTable = COMPETITION,
+    ):
         import zarr
 
         self.out, self.tmp = out, out.with_name(out.name + ".partial")
@@ -50,13 +58,12 @@ class ZarrWriter:
         self.images = array("images", (n_total, h, w), "uint8", chunks, shards)
         self.masks = array("masks", (n_labelled, h, w), "uint8", chunks, shards)
         self.sizes = np.zeros((n_total, 2), np.int32)
-        self.class_pixels = np.zeros((n_labelled, NUM_CLASSES), np.int64)
-        self.class_cells = array(
-            "class_cells", (n_labelled, NUM_CLASSES, gh, gw), "uint16", (256, NUM_CLASSES, gh, gw)
-        )
+        self.n_classes = k = len(classes)
+        self.class_pixels = np.zeros((n_labelled, k), np.int64)
+        self.class_cells = array("class_cells", (n_labelled, k, gh, gw), "uint16", (256, k, gh, gw))
         self.attrs = {
             "format": FORMAT, "version": VERSION, "complete": False, "id": uuid.uuid4().hex,
-            "image_rule": IMAGE_RULE, "classes": [[c.id, c.name, c.hex] for c in CLASSES],
+            "image_rule": IMAGE_RULE, "classes": [[c.id, c.name, c.hex] for c in classes],
             "every_chunk_written": True, **attrs,
         }  # fmt: skip
         self.group.attrs.update(self.attrs)
@@ -68,7 +75,7 @@ class ZarrWriter:
         h, w = image.shape
         self.sizes[row] = (h, w)
         if mask is not None:
-            self.class_pixels[row] = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+            self.class_pixels[row] = np.bincount(mask.ravel(), minlength=self.n_classes)[: self.n_classes]
         self._block.append((row, image, mask))
         if len(self._block) == self.block_frames:
             self._flush()
@@ -92,7 +99,9 @@ class ZarrWriter:
             for r, m in labelled:
                 mblock[r - mlo, : m.shape[0], : m.shape[1]] = m
             self.masks[mlo:mhi] = mblock
-            self.class_cells[mlo:mhi] = np.stack([cell_counts(m, self.frame) for _, m in labelled])
+            self.class_cells[mlo:mhi] = np.stack(
+                [cell_counts(m, self.frame, self.n_classes) for _, m in labelled]
+            )
         self._block = []
 
     def finish(self, names: list[str], n_labelled: int) -> Path:
@@ -119,10 +128,10 @@ class ZarrWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def cell_counts(mask: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
+def cell_counts(mask: np.ndarray, frame: tuple[int, int], n_classes: int) -> np.ndarray:
     """(C, ceil(H/64), ceil(W/64)) pixel counts of each class per 64x64 cell of the frame."""
     gh, gw = -(-frame[0] // CELL), -(-frame[1] // CELL)
     padded = np.full((gh * CELL, gw * CELL), 255, np.uint8)
     padded[: mask.shape[0], : mask.shape[1]] = mask
     blocks = padded.reshape(gh, CELL, gw, CELL).transpose(0, 2, 1, 3).reshape(gh, gw, -1)
-    return np.stack([(blocks == c).sum(-1) for c in range(NUM_CLASSES)]).astype(np.uint16)
+    return np.stack([(blocks == c).sum(-1) for c in range(n_classes)]).astype(np.uint16)
