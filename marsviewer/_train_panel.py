@@ -49,6 +49,8 @@ class TrainingPanel(QWidget):
         self._shown_message: tuple[str, bool] | None = None
         self._shown_confusion: np.ndarray | None = None
         self._show_classes(self.classes())
+        if hasattr(model.browser, "dataset_changed"):  # another dataset: its classes, until a run says
+            model.browser.dataset_changed.connect(lambda: self._show_classes(self.classes()))
         self._redraw_timer = QTimer(self)
         self._redraw_timer.setSingleShot(True)
         self._redraw_timer.timeout.connect(self._redraw)
@@ -102,6 +104,7 @@ class TrainingPanel(QWidget):
         table = self.iou_table = QTableWidget(len(CLASSES) + 2, 2)
         table.setHorizontalHeaderLabels(["latest IoU", "at best mIoU"])
         table.verticalHeader().setDefaultSectionSize(26)
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)  # "not in this dataset" whole
         return table
 
     def classes(self) -> ClassTable:
@@ -267,6 +270,14 @@ class TrainingPanel(QWidget):
                 elif r in h.absent and r < len(rows) - 2 and (v is None or math.isnan(v)):
                     text = "not in this dataset"  # never labelled for training: never predicted
                 item = self.iou_table.item(r, c)
+                if text == "not in this dataset" and (item is None or item.text() != text):
+                    item = QTableWidgetItem(text)
+                    item.setToolTip(
+                        "the training labels hold no pixel of this class, so the model never predicts "
+                        "it and the mIoU leaves it out"
+                    )
+                    self.iou_table.setItem(r, c, item)
+                    continue
                 if item is None or item.text() != text:  # unchanged cells cost no relayout
                     self.iou_table.setItem(r, c, QTableWidgetItem(text))
 

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_common import CliError, add_dataset_args, add_overwrite_arg, load_dataset, say_replaced_store
+from .cli_common import CliError, _size, add_dataset_args, add_overwrite_arg, load_dataset, say_replaced_store
 from .outputs import check_output, write_bytes
-from .synth import COMPETITION_IMAGES, COMPETITION_TEST_IMAGES
+from .synth import COMPETITION_IMAGES, COMPETITION_TEST_IMAGES, LABEL_SETS
 
 
 def _output(text: str, suffix: str) -> Path:
@@ -40,7 +40,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     check_output(truth_path(out), overwrite=args.overwrite)
     if args.train < 10 and not args.no_problems:
         print("note: fewer than 10 images: no label problems are planted", file=sys.stderr)
-    sample = generate(args.train, args.test, seed=args.seed, plant_problems=not args.no_problems)
+    sample = generate(
+        args.train, args.test, seed=args.seed, plant_problems=not args.no_problems, shape=args.size,
+        labels=args.labels,
+    )  # fmt: skip
     ds = sample.dataset
     write_npz(
         out,
@@ -164,6 +167,21 @@ def register(sub) -> None:
         help="stored dtype; the real file uses float64 (default)",
     )
     p.add_argument("--no-problems", action="store_true", help="plant no outliers or corrupted masks")
+    p.add_argument(
+        "--size",
+        type=_size,
+        default=(64, 128),
+        metavar="HxW",
+        help="frame size (default 64x128, the competition's; 512x512 for frames such as a rover camera's)",
+    )
+    p.add_argument(
+        "--labels",
+        choices=LABEL_SETS,
+        default="competition",
+        help="competition: the five classes (default); soil-rock: only soil and big rocks labelled, as "
+        "rover frames labelled rock against soil are; rocks: a class table of its own (ground, rock), "
+        "written beside the arrays",
+    )
     add_overwrite_arg(p, "replace an existing OUT and its OUT.truth.json")
     p.set_defaults(func=cmd_synth)
 

@@ -182,6 +182,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return status
 
 
+def absent_line(classes, absent) -> str:
+    """What the person is told of the classes left out of predictions."""
+    if not absent:
+        return "every class is in the training labels: all are predicted"
+    names = ", ".join(classes[c].name for c in absent)
+    return f"not in the training labels, so never predicted and not scored unless labelled in validation: {names}"
+
+
 def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> int:
     from .engine import fit
 
@@ -204,6 +212,8 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
             )
             if event.data:
                 progress.line(f"data: {event.data}")
+            if event.absent_classes:
+                progress.line(absent_line(dataset.classes, event.absent_classes))
         elif kind == "step":
             progress.step(event)
             busy = cpu_share_text(event.cpu_cores, event.threads)
@@ -219,10 +229,12 @@ def _run_training(dataset, cfg, args, control, progress, quiet, store=None) -> i
                 f"epoch {event.epoch + 1}: training on {event.corrected} corrected masks and "
                 f"{event.newly_labelled} newly labelled images, {event.excluded} excluded images"
             )
+            if event.absent_classes is not None:
+                progress.line(absent_line(dataset.classes, event.absent_classes))
         elif kind == "validation":
             progress.miou = event.miou
             progress.line(f"epoch {event.epoch + 1}: validation (best mIoU {event.best_miou:.3f})")
-            progress.line(iou_table(event.iou, event.miou))
+            progress.line(iou_table(event.iou, event.miou, dataset.classes, event.absent))
         elif kind == "finished":
             progress.line(
                 f"finished ({event.reason}) in {event.seconds:.0f} s: best mIoU {event.best_miou:.3f}; "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .classes import COMPETITION, ClassTable, TerrainClass
 from .dataset import Dataset
 
 # Images are rendered in fixed batches of this many (the last one cut), so image i does
@@ -246,6 +247,28 @@ def _corrupt(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, st
     return bad, "band"
 
 
+# The label sets ``generate`` can write: the competition's five classes; the competition's
+# table with only soil and big rocks labelled (bedrock and sand labelled soil), as rover
+# frames labelled rock against soil are; a table of its own, ground against rock.
+LABEL_SETS = ("competition", "soil-rock", "rocks")
+ROCKS_TABLE = ClassTable(
+    (TerrainClass(0, "no label", (40, 40, 48)), TerrainClass(1, "Ground", (214, 140, 69)),
+     TerrainClass(2, "Rock", (220, 50, 60)))
+)  # fmt: skip
+
+
+def relabel(masks: np.ndarray, labels: str) -> tuple[np.ndarray, ClassTable]:
+    """Masks of the competition's classes in the label set ``labels`` (:data:`LABEL_SETS`),
+    with its table."""
+    if labels == "competition":
+        return masks, COMPETITION
+    if labels == "soil-rock":
+        return np.array([0, 1, 1, 1, 4], np.uint8)[masks], COMPETITION
+    if labels == "rocks":
+        return np.array([0, 1, 1, 1, 2], np.uint8)[masks], ROCKS_TABLE
+    raise ValueError(f"unknown label set {labels!r}; valid: {', '.join(LABEL_SETS)}")
+
+
 def generate(
     n_train: int = COMPETITION_IMAGES,
     n_test: int = 0,
@@ -253,6 +276,7 @@ def generate(
     shape: tuple[int, int] = (64, 128),
     plant_problems: bool = True,
     site: Site = DEFAULT_SITE,
+    labels: str = "competition",
 ) -> SyntheticSample:
     """Generate a synthetic Mars dataset.
 
@@ -268,7 +292,11 @@ def generate(
         Plant an outlier group and corrupted masks (recorded in ``truth``).
     site : Site
         Terrain mix, rock density, lighting and texture scale (default: the sample's).
+    labels : str
+        The label set (:data:`LABEL_SETS`): the competition's five classes, only soil and
+        big rocks of them, or a table of its own (ground and rock).
     """
+    relabel(np.zeros(0, np.uint8), labels)  # an unknown label set is refused before any work
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got {n_train} and {n_test}")
     h, w = shape
@@ -304,10 +332,13 @@ def generate(
             truth["corruption_kinds"][str(int(i))] = kind
         truth["outlier_group"] = outliers.tolist()
         truth["corrupted"] = corrupted.tolist()
+    train_masks, table = relabel(train_masks, labels)
+    clean, _ = relabel(clean, labels)
     dataset = Dataset(
         images=train_images,
         masks=train_masks,
         test_images=images[n_train:].copy() if n_test else None,
         source=f"synthetic:{n_train}:{seed}",
+        classes=table,
     )
     return SyntheticSample(dataset=dataset, clean_masks=clean, truth=truth)
