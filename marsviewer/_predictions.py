@@ -120,8 +120,9 @@ class Predictions:
         rows = self.browser.labelled_rows()
         labels = np.asarray(self.browser.masks)
         image_miou = np.full(len(masks), np.nan)
-        image_miou[rows] = per_image_miou(masks[rows], labels[rows])
-        self._scored(image_miou, confusion_matrix(masks[rows], labels[rows]))
+        k = len(self.browser.classes)
+        image_miou[rows] = per_image_miou(masks[rows], labels[rows], k)
+        self._scored(image_miou, confusion_matrix(masks[rows], labels[rows], k))
         self.status.emit(
             f"Predicted all {len(masks)} images. Mean per-image mIoU {np.nanmean(self.image_miou):.3f}; "
             "'Next worst IoU' visits the images the model disagrees with most."

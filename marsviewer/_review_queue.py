@@ -99,8 +99,9 @@ class ReviewQueue:
             excluded = {i for i in self.excluded() if i < n}
             masks = np.asarray(self.masks[:n], dtype=np.uint8).copy()
             self.auditor = AuditProcess(
-                np.asarray(self.images[:n], dtype=np.uint8), masks, excluded, minutes, folds
-            )
+                np.asarray(self.images[:n], dtype=np.uint8), masks, excluded, minutes, folds,
+                self.browser.classes.records(),
+            )  # fmt: skip
         self.audit_progress.emit(f"Training {folds} out-of-fold models ({minutes:g} min of compute)…")
         return self.auditor
 

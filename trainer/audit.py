@@ -176,7 +176,8 @@ class Evidence:
 
 
 def class_shares(mask: np.ndarray) -> np.ndarray:
-    return np.bincount(mask.ravel(), minlength=5)[:5] / max(mask.size, 1)
+    """The share of each class id in ``mask`` (as many entries as its largest id needs, 5 at least)."""
+    return np.bincount(mask.ravel(), minlength=5) / max(mask.size, 1)
 
 
 def rank(

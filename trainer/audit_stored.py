@@ -241,7 +241,9 @@ def audit_stored(
     evidence = Evidence(n)
     exact = mask_evidence(n, audit.mask, evidence, progress)
     if checkpoint:
-        model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)[0].eval()
+        model = model_from_checkpoint(
+            load_checkpoint(checkpoint), checkpoint, dataset.classes, dataset.source
+        )[0].eval()
         model_of, chunks = (lambda k: model), chunks_of(range(n), audit.shape)
     else:
         # Exact duplicate groups are outliers already found: left out of the models' training.

@@ -25,10 +25,15 @@ from .cli_common import (
 from .outputs import check_output, dataset_inputs, partial_name, write_bytes, written
 
 
-def _checkpoint_model(path: str):
+def _checkpoint_model(path: str, dataset=None):
+    """The checkpoint's model in eval mode; with ``dataset``, one of another class table
+    is refused, naming both."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
 
-    model, _ = model_from_checkpoint(load_checkpoint(path), path)
+    classes = getattr(dataset, "classes", None)
+    model, _ = model_from_checkpoint(
+        load_checkpoint(path), path, classes, getattr(dataset, "source", "the dataset")
+    )
     return model.eval()
 
 
@@ -106,21 +111,23 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             f"{args.dataset}: every unlabelled image has been labelled since or excluded; nothing to rank "
             "(--no-corrections ranks them all)"
         )
-    model = _checkpoint_model(args.checkpoint)
+    model = _checkpoint_model(args.checkpoint, dataset)
     device = resolve_device(args.device)
     scores = score_pool(
         model, pool.images, measure=args.measure, device=device, progress=progress_printer("scoring")
     )
     features = score_pool(model, pool.labelled, device=device).features if len(pool.labelled) else None
-    ranking = rank_pool(scores, args.top, features, args.diversity)
+    ranking = rank_pool(scores, args.top, features, args.diversity, dataset.classes)
     for entry in ranking:
         entry["index"] = pool.js[entry["index"]]
         entry["name"] = dataset.test_names[entry["index"]]
-    _say_ranking(args, ranking, scores.class_share.mean(0), pool)
+    _say_ranking(args, ranking, scores.class_share.mean(0), pool, dataset.classes)
     return 0
 
 
-def _say_ranking(args: argparse.Namespace, ranking: list[dict], pool_share: np.ndarray, pool: _Pool) -> None:
+def _say_ranking(
+    args: argparse.Namespace, ranking: list[dict], pool_share: np.ndarray, pool: _Pool, classes=CLASSES
+) -> None:
     """The ranking as JSON (to ``--out``, else stdout), the predicted class balance of the
     pool against the labelled one, and the first ``--show`` entries with their reasons."""
     from .suggest import describe
@@ -129,7 +136,7 @@ def _say_ranking(args: argparse.Namespace, ranking: list[dict], pool_share: np.n
     balance = "  ".join(
         f"{c.name} {100 * pool_share[c.id]:.1f}%"
         + (f" ({100 * counts[c.id] / max(counts[1:].sum(), 1):.1f}%)" if len(pool.labelled) else "")
-        for c in CLASSES[1:]
+        for c in classes[1:]
     )
     text = json.dumps(ranking, indent=1)
     if args.out:

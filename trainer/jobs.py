@@ -160,7 +160,8 @@ def suggest_job(control, emit, pool, labelled, checkpoint: str, top: int | None)
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .suggest import rank_pool, score_pool
 
-    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    data = load_checkpoint(checkpoint)
+    model, _ = model_from_checkpoint(data, checkpoint)
 
     def progress(done: int, total: int) -> None:
         emit(ev.Progress(f"scoring unlabelled images {done}/{total}", done, total))
@@ -168,7 +169,7 @@ def suggest_job(control, emit, pool, labelled, checkpoint: str, top: int | None)
 
     scores = score_pool(model, pool, progress=progress)
     features = score_pool(model, labelled).features if labelled is not None and len(labelled) else None
-    emit(ev.Suggested(rank_pool(scores, top, features)))
+    emit(ev.Suggested(rank_pool(scores, top, features, classes=data["class_table"])))
 
 
 def stored_audit_job(control, emit, spec: DatasetSpec, minutes: float, folds: int) -> None:
@@ -193,15 +194,18 @@ def stored_audit_job(control, emit, spec: DatasetSpec, minutes: float, folds: in
     emit(ev.Ranked(ranking, kept.masks))
 
 
-def audit_job(control, emit, images, masks, excluded, minutes: float, folds: int) -> None:
+def audit_job(control, emit, images, masks, excluded, minutes: float, folds: int, classes=None) -> None:
     """The review audit with a compute budget: ``minutes`` of this process's CPU time
-    (over its threads), so sharing the CPU with a training does not shrink its models."""
+    (over its threads), so sharing the CPU with a training does not shrink its models.
+    ``classes``: the masks' class table as records (None: the competition's)."""
     from .audit import audit
+    from .classes import COMPETITION, ClassTable
     from .dataset import Dataset
     from .device import compute_clock
 
     control.clock = compute_clock
-    ds = Dataset(images=images, masks=masks, source="review")
+    table = ClassTable.from_records(classes) if classes else COMPETITION
+    ds = Dataset(images=images, masks=masks, source="review", classes=table)
     ranking, pred, _ = audit(
         ds, folds=folds, minutes=minutes, excluded=set(excluded),
         progress=lambda text: emit(ev.Progress(text)), control=control,

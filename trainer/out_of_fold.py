@@ -29,10 +29,15 @@ def out_of_fold_predictions(
     order = rng.permutation(indices)
     parts = np.array_split(order, folds)
     pred = np.zeros((len(dataset), *dataset.image_shape), np.uint8)
-    conf = np.zeros((len(dataset), 5, *dataset.image_shape), np.float16)
+    conf = np.zeros((len(dataset), dataset.num_classes, *dataset.image_shape), np.float16)
     for k, held in enumerate(parts):
         train = np.setdiff1d(order, held)
-        sub = Dataset(images=dataset.images[train], masks=dataset.masks[train], source=dataset.source)
+        sub = Dataset(
+            images=dataset.images[train],
+            masks=dataset.masks[train],
+            source=dataset.source,
+            classes=dataset.classes,
+        )
         model = fold_model(sub, cfg, f"{k + 1}/{folds}", progress, control)
         if k == folds - 1 and extra is not None and len(extra):
             held = np.concatenate([held, extra])
@@ -81,7 +86,7 @@ def fold_model(dataset, cfg: TrainConfig, fold: str, progress=None, control=None
 def predictions_from_checkpoint(dataset: Dataset, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
     from .checkpoint import load_checkpoint, model_from_checkpoint
 
-    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    model, _ = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint, dataset.classes, dataset.source)
     out = audit_predict(model, dataset.images)
     return out["masks"], out["probs"]
 

@@ -63,7 +63,8 @@ def predict_to_disk(
     n = len(dataset.names)
     writer = _BlockWriter(Path(out), n, tuple(dataset.frame_shape))
     miou = np.full(n, np.nan)
-    confusion = np.zeros((5, 5), np.int64)
+    k = dataset.num_classes
+    confusion = np.zeros((k, k), np.int64)
     done = 0
     for rows in chunks_of(range(n), lambda r: tuple(int(v) for v in dataset.sizes[r])):
         images = [dataset.image(r) for r in rows]
@@ -75,8 +76,8 @@ def predict_to_disk(
             writer.add(mask)
             truth = edited.get(r) if r in edited else dataset.mask(r) if r < dataset.n_labelled else None
             if truth is not None:
-                miou[r] = per_image_miou(mask[None], truth[None])[0]
-                confusion += confusion_matrix(mask, truth)
+                miou[r] = per_image_miou(mask[None], truth[None], k)[0]
+                confusion += confusion_matrix(mask, truth, k)
         done += len(rows)
         if progress is not None:
             progress(done, n)

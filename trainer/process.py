@@ -277,9 +277,9 @@ class AuditProcess(ChildJob):
     what = "ranking"
 
     def __init__(
-        self, images: np.ndarray, masks: np.ndarray, excluded, minutes: float, folds: int = 3
+        self, images: np.ndarray, masks: np.ndarray, excluded, minutes: float, folds: int = 3, classes=None
     ) -> None:
-        super().__init__(audit_job, images, masks, sorted(excluded), minutes, folds)
+        super().__init__(audit_job, images, masks, sorted(excluded), minutes, folds, classes)
 
     @classmethod
     def of_stored(cls, spec: DatasetSpec, minutes: float, folds: int = 3) -> AuditProcess:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classes import CLASSES
+from .classes import CLASSES, ClassTable
 
 MEASURES = ("margin", "entropy")
 
@@ -221,8 +221,10 @@ def rank_pool(
     top: int | None = None,
     labelled_features: np.ndarray | None = None,
     diversity: float = 1.0,
+    classes: ClassTable = CLASSES,
 ) -> list[dict]:
-    """The queue: ``[{"index", "score", "reasons"}]``, most useful first.
+    """The queue: ``[{"index", "score", "reasons"}]``, most useful first (the predicted
+    classes named by ``classes``, the dataset's table).
 
     ``diversity`` 0 ranks by uncertainty alone; 1 (default) multiplies each candidate's
     uncertainty by ``min(1, distance / spacing)``, its distance to the nearest image
@@ -248,14 +250,30 @@ def rank_pool(
         i = int(np.argmax(value))
         taken[i] = True
         picked.append(
-            _entry(i, float(value[i]), scores, near[i] / spacing, from_labelled[i] / spacing, len(picked))
+            _entry(
+                i,
+                float(value[i]),
+                scores,
+                near[i] / spacing,
+                from_labelled[i] / spacing,
+                len(picked),
+                classes,
+            )
         )
         d = np.sqrt(np.clip(((feats - feats[i]) ** 2).sum(1), 0, None))
         near = np.minimum(near, d)
     return picked
 
 
-def _entry(i: int, value: float, scores: PoolScores, novelty: float, from_labelled: float, rank: int) -> dict:
+def _entry(
+    i: int,
+    value: float,
+    scores: PoolScores,
+    novelty: float,
+    from_labelled: float,
+    rank: int,
+    classes: ClassTable = CLASSES,
+) -> dict:
     reasons = [
         {
             "kind": "uncertain",
@@ -277,7 +295,9 @@ def _entry(i: int, value: float, scores: PoolScores, novelty: float, from_labell
         {
             "kind": "predicted",
             "classes": {
-                CLASSES[c].name: round(float(shares[c]), 3) for c in np.argsort(-shares) if shares[c] >= 0.01
+                (classes[c].name if c < len(classes) else f"class {c}"): round(float(shares[c]), 3)
+                for c in np.argsort(-shares)
+                if shares[c] >= 0.01
             },
         }
     )
