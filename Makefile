@@ -58,7 +58,18 @@ bench: sysdeps $(VENV)/.installed
 	cd bench && ../$(PY) label_confidence.py --json out/label_confidence.json
 	cd bench && ../$(PY) active_learning.py --json out/active_learning.json
 	cd bench && $(XVFB) ../$(PY) scale.py --json out/scale.json
+	cd bench && ../$(PY) crop_rate.py --json out/crop_rate.json
+	$(MAKE) .venv-peer/.installed
+	cd bench && ../.venv-peer/bin/python peer.py --json out/peer.json
 	$(PY) bench/readme_figures.py
 
+# The peer of bench/peer.py, with marsviewer beside it on the same torch: a venv of its own,
+# since segmentation-models-pytorch brings torchvision, which needs the torch it was built for.
+.venv-peer/.installed: pyproject.toml
+	python3 -m venv .venv-peer
+	.venv-peer/bin/python -m pip install -q --upgrade pip
+	.venv-peer/bin/python -m pip install -q -e ".[peer]"
+	touch $@
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-peer *.egg-info .pytest_cache .ruff_cache

@@ -291,6 +291,63 @@ def scale(r: dict) -> list[str]:
     ]
 
 
+def crop_rate(r: dict) -> list[str]:
+    c = r["cases"]
+    small, crops, crops32 = c["small"], c["crops"], c["crops_32"]
+    return [
+        f"Large frames against small images (`bench/out/crop_rate.json`, {_when(r)}): a folder of "
+        f"{r['frames']} frames of {r['frame'][0]}x{r['frame'][1]} trained on {r['tile']}x{r['tile']} crops "
+        f"with the `cpu` preset, against 3,000 images of 64x128 trained whole; each case in a process of its "
+        f"own, {r['rounds']} alternated rounds, medians. Pixels a second: small images "
+        f"{small['pixels_per_s'] / 1e6:.2f} M; crops as a step now holds them (`{_crops_per_step(crops)}`) "
+        f"{crops['pixels_per_s'] / 1e6:.2f} M, **{r['crops_vs_small']}x** the small images' rate "
+        f"(each round: {', '.join(str(v) for v in r['ratio_each_round'])}), peak memory "
+        f"**{crops['peak_rss_mb']} MB**; 32 crops a step, as before, {crops32['pixels_per_s'] / 1e6:.2f} M "
+        f"({r['crops_32_vs_small']}x), peak memory {crops32['peak_rss_mb']} MB "
+        f"(small images: {small['peak_rss_mb']} MB).",
+    ]
+
+
+def _crops_per_step(case: dict) -> str:
+    data = case.get("data", "")
+    return data.split("(", 1)[1].split(")", 1)[0] if "(" in data else data
+
+
+def peer(r: dict) -> list[str]:
+    """mIoU against minutes of training, marsviewer and the peer, per dataset."""
+    lines = [
+        f"Time to quality against the U-Net people would otherwise write (`bench/out/peer.json`, {_when(r)}; "
+        f"the peer: {r['peer']}; both in one process on {r['threads']} threads, scored alike on held-out "
+        "images: mIoU over classes 1-4, a class predicted but never labelled counting 0):",
+        "",
+        "| data | tool | " + " | ".join(f"{m:g} min" for m in r["budgets"]) + " |",
+        "| --- | --- |" + " ---: |" * len(r["budgets"]),
+    ]
+    for name, d in r["datasets"].items():
+        what = f"{name}: {d['train']} train / {d['test']} test, {d['size'][0]}x{d['size'][1]}"
+        for tool in ("marsviewer", "peer"):
+            cells = []
+            for run in d[tool]:
+                bold = tool == "marsviewer" and d["ahead_at_every_budget"]
+                value = f"{run['miou']:.3f}"
+                cells.append(f"**{value}**" if bold else value)
+            lines.append(f"| {what if tool == 'marsviewer' else ''} | {tool} | " + " | ".join(cells) + " |")
+    ahead = [n for n, d in r["datasets"].items() if d["ahead_at_every_budget"]]
+    behind = [n for n in r["datasets"] if n not in ahead]
+    lines.append("")
+    lines.append(
+        (f"marsviewer is ahead at every budget on {', '.join(ahead)}" if ahead else "")
+        + ("; " if ahead and behind else "")
+        + (f"not at every budget on {', '.join(behind)}" if behind else "")
+        + ". Steps made (marsviewer / peer, at the longest budget): "
+        + "; ".join(
+            f"{n} {d['marsviewer'][-1]['steps']} / {d['peer'][-1]['steps']}" for n, d in r["datasets"].items()
+        )
+        + "."
+    )
+    return lines
+
+
 def gpu(outputs: dict[str, dict]) -> list[str]:
     """The GPU's figures: ``bash bench/gpu.sh`` on a machine with one, apart from ``make
     bench`` (which runs where CI does, without a GPU)."""
@@ -567,6 +624,8 @@ SECTIONS = [
     ("label_confidence", label_confidence),
     ("active_learning", active_learning),
     ("scale", scale),
+    ("crop_rate", crop_rate),
+    ("peer", peer),
 ]
 
 

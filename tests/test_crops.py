@@ -126,7 +126,8 @@ def test_training_from_disk_by_crops(stored, tmp_path, monkeypatch):
     events = list(fit(s, cfg, tmp_path / "run", control=TrainControl(preview_indices=[3, -1, 99])))
     started, last = events[0], events[-1]
     # frames smaller than 256x256: crops of the frames' size (96x160), not padded to 256x256
-    assert started.data.startswith("96x160 crops read from disk") and last.kind == "finished"
+    assert started.data.startswith("96x160 crops (2 a step, the pixels of 4 images of 64x128) read from disk")
+    assert last.kind == "finished"
     # previews of frames from disk: the rows it has, with the entropy prediction gives
     preview = [e for e in events if e.kind == "preview"][-1]
     assert preview.indices == [3] and preview.masks.shape == (1, 96, 160)
@@ -262,3 +263,32 @@ def test_a_budget_estimates_a_validation_of_frames_by_their_pixels(tmp_path, mon
     assert run.validation_s == pytest.approx(whole) and now["t"] == pytest.approx(
         first + s.image(int(run.val_idx[1])).size / 1000
     )
+
+
+def test_a_step_of_crops_holds_the_pixels_of_a_batch_of_small_images():
+    """32 crops of 256x256 held 2.3 GB on a hundred 512x560 frames and ran slower per
+    pixel than small images; a step of crops carries the pixels of batch_size images of
+    64x128 unless crop_batch says otherwise."""
+    from trainer.config import preset
+    from trainer.crops import crop_batch
+
+    cfg = preset("cpu")
+    assert cfg.batch_size == 32
+    assert crop_batch(cfg, (256, 256)) == 4
+    assert crop_batch(cfg, (64, 128)) == 32
+    assert crop_batch(cfg, (1024, 1024)) == 1  # never none
+    assert crop_batch(cfg.replace(crop_batch=12), (256, 256)) == 12
+
+
+def test_frames_larger_than_a_crop_train_by_crops_unless_told_otherwise():
+    from trainer import events as ev
+    from trainer.config import preset
+    from trainer.engine import fit
+    from trainer.synth import generate
+
+    ds = generate(6, 0, seed=1, shape=(264, 300), plant_problems=False).dataset
+    cfg = preset("tiny").replace(epochs=1)
+    started = next(e for e in fit(ds, cfg) if isinstance(e, ev.Started))
+    assert started.data.startswith("256x256 crops (1 a step") and "larger than 256" in started.data
+    small = generate(6, 0, seed=1, shape=(64, 128), plant_problems=False).dataset
+    assert next(iter(fit(small, cfg))).data.startswith("whole images held in memory")

@@ -29,22 +29,46 @@ DISK_TILE = 256  # crop size for datasets trained from disk when --tile is not g
 
 def crop_source(cfg, stored, images, masks, n_labelled: int, rows, rank: int, n_classes: int = NUM_CLASSES):
     """(the run's CropSource or None, what it trains on in words): crops when ``tile`` is
-    set or the dataset stays on disk (``stored``), else whole images from memory.
+    set, the dataset stays on disk (``stored``) or its frames held in memory are larger
+    than :data:`DISK_TILE` on a side (a step of 32 whole 500x560 frames would hold some
+    10 GB), else whole images from memory.
     ``images`` is the trainer's image tensor, ``masks`` its masks as an array."""
-    if not cfg.tile and stored is None:
+    large = stored is None and not cfg.tile and max(masks.shape[1:]) > DISK_TILE
+    if not cfg.tile and stored is None and not large:
         return None, "whole images held in memory"
-    tile = (cfg.tile, cfg.tile) if cfg.tile else disk_tile(stored.sizes, 2**cfg.depth)
+    sizes = stored.sizes if stored is not None else np.array([masks.shape[1:]])
+    tile = (cfg.tile, cfg.tile) if cfg.tile else disk_tile(sizes, 2**cfg.depth)
     size = f"{tile[0]}x{tile[1]}"
+    batch = crop_batch(cfg, tile)
+    per_step = f"{batch} a step" + (
+        "" if cfg.crop_batch else f", the pixels of {cfg.batch_size} images of 64x128"
+    )
     if stored is not None:
         frames = stored
         mode = (
-            f"{size} crops read from disk by {cfg.data_workers} threads "
+            f"{size} crops ({per_step}) read from disk by {cfg.data_workers} threads "
             f"({len(stored.names)} frames, {stored.nbytes / 1e6:,.0f} MB)"
         )
     else:
         frames = MemoryFrames(masks, images.cpu().numpy(), n_labelled, n_classes)
-        mode = f"{size} crops of images held in memory"
-    return CropSource(frames, rows, tile, cfg.batch_size, cfg.seed, rank, cfg.data_workers), mode
+        mode = f"{size} crops ({per_step}) of images held in memory" + (
+            f" (frames larger than {DISK_TILE} train by crops unless --tile says otherwise)" if large else ""
+        )
+    return CropSource(frames, rows, tile, batch, cfg.seed, rank, cfg.data_workers), mode
+
+
+SMALL_IMAGE_PIXELS = 64 * 128  # the competition's images, which batch_size counts
+
+
+def crop_batch(cfg, tile: tuple[int, int]) -> int:
+    """Crops a step: ``crop_batch``, or as many pixels as ``batch_size`` images of 64x128.
+    A step's pixels set its memory and its speed per pixel: 32 crops of 256x256 (eight
+    times the pixels of 32 small images) held 2.3 GB training on a hundred 512x560
+    frames and ran at 0.75 of the small images' pixel rate; 4 such crops held 0.8 GB and
+    ran at about 0.9 of it (bench/crop_rate.py)."""
+    if cfg.crop_batch:
+        return int(cfg.crop_batch)
+    return max(1, round(cfg.batch_size * SMALL_IMAGE_PIXELS / (tile[0] * tile[1])))
 
 
 def disk_tile(sizes: np.ndarray, multiple: int) -> tuple[int, int]:

@@ -129,7 +129,8 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         # the images it trains on make (not counting the excluded; counting those labelled since).
         self.first_update = self.reload_corrections()
         self.leave_out_absent()
-        self.per_step = cfg.batch_size * self.dist.world
+        self.batch = self.crops.batch if self.crops is not None else cfg.batch_size  # images a step
+        self.per_step = self.batch * self.dist.world
         self.steps_per_epoch = max(1, math.ceil(len(self.train_idx) / self.per_step))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.budget_s = cfg.minutes * 60

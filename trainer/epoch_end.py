@@ -195,7 +195,7 @@ class EpochEnd:
         if self.device.type == "cpu":
             return predict_batch(shape)
         trained = int(np.prod(self.crops.tile)) if self.crops is not None else shape[0] * shape[1]
-        return max(1, 2 * self.cfg.batch_size * trained // (shape[0] * shape[1]))
+        return max(1, 2 * self.batch * trained // (shape[0] * shape[1]))
 
     def save(self, which: str, miou: float | None = None) -> Iterator[ev.Event]:
         """Write ``best`` or ``last`` after checking that every tensor is finite; a

@@ -165,7 +165,7 @@ class EpochSteps:
                 self.graphed.notice = None
             loss_sum += loss
             loss_n += 1
-            n_log += cfg.batch_size * self.dist.world  # every batch is full (crops too)
+            n_log += self.batch * self.dist.world  # every batch is full (crops too)
             if st.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch:
                 mean_loss = (loss_sum / loss_n).item()
                 self.check_finite(mean_loss)
