@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
+from trainer.classes import CLASS_NAMES
 from trainer.outputs import OutputError, dataset_inputs, written
 
 from ._layers import META_KEY
@@ -24,7 +26,8 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise ValueError(f"{out}: label values {arr.min()}..{arr.max()} do not fit in 0..255")
     arr = arr.astype(np.uint8)
-    source = (meta.get("metadata") or {}).get(META_KEY, {}).get("source")
+    info = (meta.get("metadata") or {}).get(META_KEY, {})
+    source, classes = info.get("source"), info.get("classes")
     suffix = out.suffix.lower()
     if suffix not in (".npz", ".png", ".tif", ".tiff"):
         raise ValueError(f"{out}: unsupported extension; use .npz, .png or .tif")
@@ -40,8 +43,10 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
             written(out, dataset_inputs(source), overwrite=True, what="file name") as tmp,
             open(tmp, "wb") as f,
         ):
-            if suffix == ".npz":
-                np.savez_compressed(f, masks=arr)
+            if suffix == ".npz":  # with the dataset's class table, when it has one of its own
+                own = classes and [c["name"] for c in classes] != list(CLASS_NAMES)
+                extra = {"classes": np.array(json.dumps(classes))} if own else {}
+                np.savez_compressed(f, masks=arr, **extra)
             else:
                 from PIL import Image
 

@@ -314,3 +314,16 @@ def test_the_viewer_follows_the_dataset_table_and_says_which_classes_it_lacks(
         assert [s[0] for s in w.training.iou_plot.series] == ["Soil", "Big Rock", "mIoU"]
     finally:
         w.session.shutdown()
+
+
+def test_a_class_left_out_weighs_nothing_in_the_loss(soil_rock):
+    """Dice averages its classes by weight: an absent class at the rare-class cap would
+    dilute the loss of the classes there are."""
+    from trainer.engine import _Trainer
+
+    run = _Trainer(soil_rock, preset("tiny"), None, TrainControl(), None, None)
+    weights = run.criterion.class_weights.tolist()
+    assert weights[2] == weights[3] == 0.0 and weights[1] > 0 and weights[4] > 0
+    run.presence[run.train_idx[0], 3] = True  # sand labelled since: weighed again
+    run.leave_out_absent()
+    assert run.criterion.class_weights[3] == run.base_weights[3] > 0 and run.model.absent() == [2]

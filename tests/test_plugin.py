@@ -8,7 +8,7 @@ import pytest
 from marsviewer._reader import get_reader
 from marsviewer._sample import synthetic_mars
 from marsviewer._writer import write_labels
-from trainer.classes import CLASSES
+from trainer.classes import CLASSES, ClassTable
 from trainer.dataset import DatasetError
 
 
@@ -86,6 +86,13 @@ def test_writer_npz_png_and_refuses_original(tmp_path, npz_path):
     out = write_labels(str(tmp_path / "m.npz"), masks, {})
     with np.load(out[0]) as z:
         np.testing.assert_array_equal(z["masks"], masks)
+        assert "classes" not in z  # the competition's table: none written
+    from trainer.synth import ROCKS_TABLE
+
+    own = {"metadata": {"marsviewer": {"classes": ROCKS_TABLE.records()}}}
+    out = write_labels(str(tmp_path / "rocks.npz"), masks % 3, own)
+    with np.load(out[0]) as z:  # masks of a table of their own keep it beside them
+        assert ClassTable.from_json(str(z["classes"])) == ROCKS_TABLE
     from PIL import Image
 
     png = write_labels(str(tmp_path / "one.png"), masks[0], {})

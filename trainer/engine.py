@@ -194,6 +194,9 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
             else class_pixel_counts(self.dataset.masks, self.train_idx, len(self.classes))
         )
         weights = frequency_class_weights(pixels, cfg.background_weight, cfg.class_weighting)
+        # What each class weighs while it is in the training labels: leave_out_absent gives
+        # the absent ones 0 (an overlap term such as Dice would otherwise average them in).
+        self.base_weights = list(weights)
         self.criterion = SegmentationLoss(parse_loss_spec(cfg.loss), weights, LossParams.from_config(cfg)).to(
             device
         )
@@ -241,6 +244,10 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         changed = absent != self.model.absent()
         if changed:
             self.model.set_absent(absent)
+            weights = torch.tensor(self.base_weights, dtype=torch.float32)
+            weights[absent] = 0.0
+            if weights.max() > 0:  # in place: a step replayed as a CUDA graph reads the buffer
+                self.criterion.class_weights.copy_(weights)
         return changed
 
     def _sample_weights(self) -> torch.Tensor:
