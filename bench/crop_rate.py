@@ -5,7 +5,7 @@ against big rock, as rover frames often are) is trained on 256x256 crops, as
 ``mars-trainer train FOLDER --tile 256`` does; the competition's 64x128 images are
 trained whole. Each case runs in its own process (so its peak memory, max RSS, is its
 own), ROUNDS times, the cases alternated; a case's speed is the median of its rounds,
-measured over STEPS steps after WARMUP:
+measured over STEPS steps after WARMUP (training steps: no validation runs among them):
 
 * ``small``: 3,000 synthetic 64x128 images, the ``cpu`` preset (batch 32);
 * ``crops``: the frames by crops of 256x256, the ``cpu`` preset as it is (a step holds
@@ -73,7 +73,9 @@ def measure(case: str, folder: str) -> dict:
     from trainer.formats import open_dataset
     from trainer.synth import generate
 
-    cfg = preset("cpu").replace(log_every=1, minutes=0.0)
+    # Training steps only: no validation inside the measured steps (an epoch of crops is a
+    # few dozen steps; one of 3,000 small images is more than the steps measured).
+    cfg = preset("cpu").replace(log_every=1, minutes=0.0, val_every=1000)
     if case == "small":
         ds, cfg, pixels = (
             generate(3000, 0, seed=1, plant_problems=False).dataset,
