@@ -335,10 +335,11 @@ def peer(r: dict) -> list[str]:
     ahead = [n for n, d in r["datasets"].items() if d["ahead_at_every_budget"]]
     behind = [n for n in r["datasets"] if n not in ahead]
     lines.append("")
+    where = "both datasets" if len(ahead) == 2 == len(r["datasets"]) else " and ".join(ahead)
     lines.append(
-        (f"marsviewer is ahead at every budget on {', '.join(ahead)}" if ahead else "")
+        (f"marsviewer is ahead at every budget on {where}" if ahead else "")
         + ("; " if ahead and behind else "")
-        + (f"not at every budget on {', '.join(behind)}" if behind else "")
+        + (f"not at every budget on {' and '.join(behind)}" if behind else "")
         + ". Steps made (marsviewer / peer, at the longest budget): "
         + "; ".join(
             f"{n} {d['marsviewer'][-1]['steps']} / {d['peer'][-1]['steps']}" for n, d in r["datasets"].items()

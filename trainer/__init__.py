@@ -3,7 +3,7 @@
 Never imports Qt or napari, so it runs on servers, in notebooks and under torchrun.
 """
 
-from .classes import CLASS_NAMES, CLASSES, NUM_CLASSES
+from .classes import CLASS_NAMES, CLASSES, COMPETITION, NUM_CLASSES, ClassTable, ClassTableError, TerrainClass
 from .dataset import Dataset, DatasetError
 from .formats import open_dataset, read_folder, read_npz
 
@@ -11,6 +11,10 @@ __all__ = [
     "CLASSES",
     "CLASS_NAMES",
     "NUM_CLASSES",
+    "COMPETITION",
+    "ClassTable",
+    "ClassTableError",
+    "TerrainClass",
     "Dataset",
     "DatasetError",
     "open_dataset",

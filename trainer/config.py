@@ -88,7 +88,7 @@ class TrainConfig:
         "rare classes, read by background threads (0: whole images up to 256 pixels a side; larger "
         "frames, and a dataset too large for memory, train on crops of 256 unless set)",
     )
-    data_workers: int = _opt(2, "threads that read crops ahead of training (with tile)")
+    data_workers: int = _opt(2, "threads that read crops from disk ahead of training (with tile)")
     crop_batch: int = _opt(
         0,
         "crops per step (with tile; 0: as many pixels as batch_size images of 64x128, such as 4 crops "

@@ -178,7 +178,13 @@ class CropSource:
         return images, masks
 
     def batches(self, epoch: int, start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Batches ``start..stop-1`` of ``epoch`` in order, read ahead by the threads."""
+        """Batches ``start..stop-1`` of ``epoch`` in order, read ahead by the threads from
+        disk; from memory, read when asked (a copy of a few crops: threads waking between
+        the steps' kernels took CPU from them)."""
+        if isinstance(self.frames, MemoryFrames):
+            for k in range(start, stop):
+                yield self.read(self.plan(epoch, k))
+            return
         with ThreadPoolExecutor(self.workers, thread_name_prefix="crops") as pool:
             pending = []
             k = start

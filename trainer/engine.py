@@ -241,13 +241,13 @@ class _Trainer(EpochSteps, EpochEnd, Previews, EpochCorrections):
         corrections) out of the model's predictions; True when that changed the set."""
         held = self.presence[self.train_idx].any(axis=0) if len(self.train_idx) else np.zeros(0, bool)
         absent = [c for c in range(1, len(self.classes)) if c >= len(held) or not held[c]]
-        changed = absent != self.model.absent()
+        changed = absent != self.model.absent()  # a resumed model holds its checkpoint's
         if changed:
             self.model.set_absent(absent)
-            weights = torch.tensor(self.base_weights, dtype=torch.float32)
-            weights[absent] = 0.0
-            if weights.max() > 0:  # in place: a step replayed as a CUDA graph reads the buffer
-                self.criterion.class_weights.copy_(weights)
+        weights = torch.tensor(self.base_weights, dtype=torch.float32)
+        weights[absent] = 0.0
+        if weights.max() > 0:  # in place: a step replayed as a CUDA graph reads the buffer
+            self.criterion.class_weights.copy_(weights)
         return changed
 
     def _sample_weights(self) -> torch.Tensor:
