@@ -124,6 +124,11 @@ def test_a_folder_declares_its_classes_in_classes_toml(tmp_path):
     stored = open_zarr(tmp_path / "rocks.zarr")
     assert stored.classes == ds.classes and stored.class_pixels.shape == (6, 3)
     assert stored.to_memory().classes == ds.classes
+    # exported again (a zarr, an npz), the table goes along
+    assert cli_main(["export", str(tmp_path / "rocks.zarr"), "--out", str(tmp_path / "again.zarr")]) == 0
+    assert open_zarr(tmp_path / "again.zarr").classes == ds.classes
+    assert cli_main(["export", str(root), "--out", str(tmp_path / "again.npz")]) == 0
+    assert read_npz(tmp_path / "again.npz").classes == ds.classes
     # a pair naming a class the table lacks is refused with the table's classes
     (root / "classes.toml").write_text(
         '[classes]\n0 = "no label"\n1 = "Ground"\n\n[mask_mapping]\n"1" = "Rock"\n'
